@@ -1,0 +1,18 @@
+"""HL7 v2 primitives for the ingest hot path: MSH reader, ACK builder/reader, charsets, escapes, fields.
+
+Pure code: no sockets, no Twisted, no SQLAlchemy.
+"""
+from .ack import (AckError, AckInfo, ControlIdGenerator, accept_ack_wanted, ack_code, ack_mode, build_ack,
+                  hl7_timestamp, is_ack, read_ack)
+from .encoding import Decoded, codec_for, decode_message, resolve_charset
+from .errors import TABLE_0357, HL7Error
+from .escape import escape, unescape
+from .fields import FieldPath, get_field, parse_full, parse_path, set_field, split_segments
+from .msh import MSHInfo, read_msh
+
+__all__ = [
+    "AckError", "AckInfo", "ControlIdGenerator", "Decoded", "FieldPath", "HL7Error", "MSHInfo", "TABLE_0357",
+    "accept_ack_wanted", "ack_code", "ack_mode", "build_ack", "codec_for", "decode_message", "escape",
+    "get_field", "hl7_timestamp", "is_ack", "parse_full", "parse_path", "read_ack", "read_msh",
+    "resolve_charset", "set_field", "split_segments", "unescape",
+]
