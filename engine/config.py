@@ -1,0 +1,735 @@
+"""``routes.yaml``: pydantic v2 models and a loader whose errors name the YAML path and line.
+
+    cfg = load_config("routes.yaml")          # or load_config_text(text, source="routes.yaml")
+    cfg.channel("mllp-in").port
+
+Every model forbids unknown keys, so a typo is an error, not a silently ignored setting. All
+problems found are reported at once in a :class:`ConfigError`::
+
+    routes.yaml:23: destinations.ris.queue.max_attempts: Input should be a valid integer
+
+How lines are found: the YAML is *composed* (node tree) with PyYAML's ``SafeLoader``; every
+mapping key and sequence item is recorded as ``path tuple -> line``. Pydantic's error ``loc``
+tuples are then mapped onto those paths (skipping the discriminator tags pydantic inserts for
+tagged unions). A missing key is reported at the line of the mapping that should hold it.
+
+Validation has two phases: the pydantic schema, then (only when the schema passed) the
+cross-reference checks: route ``from`` names a channel, every ``to`` names a destination, route
+names are unique, no two channels bind the same address and port, transform specs are valid
+(type registered, parameters valid), ``ordering: key`` has an ``ordering_key``.
+
+Adding a channel or destination type: write a model with ``type: Literal["newtype"]`` and add it
+to ``CHANNEL_TYPES`` / ``DESTINATION_TYPES`` (tagged unions on ``type``).
+
+Durations are stored as float seconds, sizes as int bytes (see :mod:`engine.durations`). TLS
+paths are kept as written (relative paths are resolved by the caller). ``store_url`` is kept as
+written; the ``MINIPFI_DB_URL`` override is applied by the caller.
+
+Pure: imports pydantic, PyYAML and (lazily, for transform checks) ``engine.transforms``.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import json
+import math
+import random
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from engine.durations import parse_duration, parse_size
+
+__all__ = [
+    "AcceptConfig",
+    "AckConfig",
+    "ChannelConfig",
+    "ClientTLSConfig",
+    "Config",
+    "ConfigError",
+    "DestinationConfig",
+    "DuplicatesConfig",
+    "EncodingConfig",
+    "EngineConfig",
+    "FramingConfig",
+    "MLLPChannelConfig",
+    "MLLPDestinationConfig",
+    "Problem",
+    "QueueConfig",
+    "RetryPolicy",
+    "Route",
+    "RouteFilter",
+    "ServerTLSConfig",
+    "StatusConfig",
+    "ValidationConfig",
+    "config_fingerprint",
+    "is_loopback",
+    "load_config",
+    "load_config_text",
+]
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One configuration problem. ``path`` like ``destinations.ris.queue.max_attempts`` or
+    ``routes[2].to[0]``; ``line`` is 1-based (None when unknown)."""
+
+    path: str
+    line: int | None
+    message: str
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``problems`` lists every problem found; ``str()`` gives one
+    ``source:line: path: message`` per line."""
+
+    def __init__(self, problems: list[Problem], source: str = "routes.yaml"):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        lines = []
+        for p in self.problems:
+            where = self.source if p.line is None else f"{self.source}:{p.line}"
+            lines.append(f"{where}: {p.path}: {p.message}" if p.path else f"{where}: {p.message}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Field types
+# --------------------------------------------------------------------------------------------
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds (float). Accepts numbers or "500ms", "10s", "5m", "2h", "7d"."""
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+"""Bytes (int). Accepts ints or "512KB", "20MB"."""
+
+NAME_RE = r"^[a-z0-9][a-z0-9_-]*$"
+Name = Annotated[str, Field(pattern=NAME_RE, max_length=64)]
+"""Channel and destination names: lowercase letters, digits, '_' and '-'."""
+
+FIELD_PATH_RE = re.compile(r"^[A-Z][A-Z0-9]{2}-\d+(\[\d+\])?(\.\d+){0,2}$")
+SEGMENT_RE = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+_MESSAGE_TYPE_RE = re.compile(r"^(\*|[A-Z0-9*?]{1,3}(\^[A-Z0-9*?_]{1,7})?)$")
+
+Port = Annotated[int, Field(ge=0, le=65535)]  # 0 = ephemeral (tests)
+RemotePort = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _check_field_path(value: str) -> str:
+    if not FIELD_PATH_RE.match(value):
+        raise ValueError(
+            f"invalid field path {value!r}: expected SEG-n, SEG-n.c, SEG-n.c.s or SEG-n[r].c "
+            "(e.g. 'PID-3.1', 'MSH-5')"
+        )
+    return value
+
+
+FieldPath = Annotated[str, BeforeValidator(lambda v: _check_field_path(v) if isinstance(v, str) else v)]
+
+
+def _version_str(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ValueError(
+            f"HL7 version {value!r} must be a quoted string, e.g. \"2.5\" "
+            "(unquoted, YAML reads it as a number)"
+        )
+    return value
+
+
+VersionStr = Annotated[str, BeforeValidator(_version_str), Field(min_length=1)]
+
+
+def _message_type_pattern(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if not _MESSAGE_TYPE_RE.match(value):
+        raise ValueError(
+            f"invalid message type pattern {value!r}: expected '*', 'CODE', 'CODE^*' or "
+            "'CODE^TRIGGER' (e.g. 'ADT^A01', 'ADT^*')"
+        )
+    if "^" not in value and value != "*":
+        value = value + "^*"  # "ADT" means every ADT event
+    return value
+
+
+MessageTypePattern = Annotated[str, BeforeValidator(_message_type_pattern)]
+
+DEFAULT_VERSIONS = ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8"]
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# engine
+# --------------------------------------------------------------------------------------------
+
+
+class StatusConfig(_Model):
+    bind: str = "127.0.0.1"
+    port: Port = 8575
+    token_env: str | None = "MINIPFI_STATUS_TOKEN"
+
+    @field_validator("token_env")
+    @classmethod
+    def _token_when_exposed(cls, v: str | None, info: ValidationInfo) -> str | None:
+        bind = info.data.get("bind", "127.0.0.1")
+        if not v and not is_loopback(bind):
+            raise ValueError(
+                f"status bind {bind!r} is not a loopback address: token_env is required "
+                "(name of the environment variable holding the bearer token)"
+            )
+        return v
+
+
+class DuplicatesConfig(_Model):
+    window: Duration = 7 * 86400.0
+    on_conflict: Literal["reject", "accept"] = "reject"
+
+
+class EngineConfig(_Model):
+    name: str = "mini-pfi"
+    environment: Literal["test", "production"] = "test"
+    store_url: str | None = None
+    status: StatusConfig = StatusConfig()
+    duplicates: DuplicatesConfig = DuplicatesConfig()
+    on_store_unavailable: Literal["nak", "close"] = "nak"
+    shutdown_grace: Duration = 10.0
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+
+# --------------------------------------------------------------------------------------------
+# channels
+# --------------------------------------------------------------------------------------------
+
+
+class ServerTLSConfig(_Model):
+    cert: str
+    key: str
+    ca: str | None = None
+    require_client_cert: bool = False
+
+    @field_validator("require_client_cert")
+    @classmethod
+    def _ca_for_client_certs(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and not info.data.get("ca"):
+            raise ValueError("require_client_cert: true requires ca (the CA bundle client certificates are checked against)")
+        return v
+
+
+class AckConfig(_Model):
+    mode: Literal["auto", "mllp_commit"] = "auto"
+    after: Literal["commit"] = "commit"
+
+
+class FramingConfig(_Model):
+    max_frame_size: Size = 20 * 1024 * 1024
+    lenient_end_block: bool = False
+    idle_timeout: Duration = 600.0
+    frame_timeout: Duration = 30.0
+    max_connections: Annotated[int, Field(ge=1)] = 200
+
+
+class EncodingConfig(_Model):
+    default: str = "UNICODE UTF-8"
+    cp1252_fallback: bool = True
+
+
+class AcceptConfig(_Model):
+    message_types: list[MessageTypePattern] = Field(default_factory=lambda: ["*"], min_length=1)
+    versions: list[VersionStr] = Field(default_factory=lambda: list(DEFAULT_VERSIONS), min_length=1)
+    processing_ids: list[Literal["P", "T", "D"]] = Field(default_factory=lambda: ["P", "T", "D"], min_length=1)
+
+
+class ValidationConfig(_Model):
+    hl7apy: bool = False
+    on_error: Literal["warn", "reject"] = "warn"
+
+
+class MLLPChannelConfig(_Model):
+    type: Literal["mllp"]
+    bind: str = "127.0.0.1"
+    port: Port
+    tls: ServerTLSConfig | None = None
+    ack: AckConfig = AckConfig()
+    framing: FramingConfig = FramingConfig()
+    encoding: EncodingConfig = EncodingConfig()
+    accept: AcceptConfig = AcceptConfig()
+    validation: ValidationConfig = ValidationConfig()
+
+
+CHANNEL_TYPES: tuple[type[_Model], ...] = (MLLPChannelConfig,)
+ChannelConfig = Annotated[Union[CHANNEL_TYPES], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+# --------------------------------------------------------------------------------------------
+# routes
+# --------------------------------------------------------------------------------------------
+
+
+class RouteFilter(_Model):
+    """Empty lists match anything. Applications/facilities match MSH-3/4/5 first component
+    (namespace id) or the whole field."""
+
+    message_types: list[MessageTypePattern] = Field(default_factory=lambda: ["*"], min_length=1)
+    sending_applications: list[str] = Field(default_factory=list)
+    sending_facilities: list[str] = Field(default_factory=list)
+    receiving_applications: list[str] = Field(default_factory=list)
+    versions: list[VersionStr] = Field(default_factory=list)
+
+
+class Route(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    source: str = Field(alias="from")
+    filter: RouteFilter = RouteFilter()
+    transforms: list[dict[str, Any]] = Field(default_factory=list)
+    to: list[str] = Field(min_length=1)
+
+
+# --------------------------------------------------------------------------------------------
+# destinations
+# --------------------------------------------------------------------------------------------
+
+
+class ClientTLSConfig(_Model):
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    verify_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> "ClientTLSConfig":
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("cert and key must be given together (client certificate)")
+        return self
+
+
+class RetryPolicy(_Model):
+    initial_delay: Duration = 1.0
+    max_delay: Duration = 300.0
+    multiplier: Annotated[float, Field(ge=1.0)] = 2.0
+    jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+
+    @model_validator(mode="after")
+    def _order(self) -> "RetryPolicy":
+        if self.max_delay < self.initial_delay:
+            raise ValueError("max_delay must be greater than or equal to initial_delay")
+        return self
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before the next try after ``attempt`` failed attempts (1 = first).
+
+        ``initial_delay * multiplier ** (attempt - 1)``, capped at ``max_delay``, then multiplied
+        by a uniform factor in ``[1 - jitter, 1 + jitter]`` and capped again (never above
+        ``max_delay``, never negative).
+        """
+        n = max(attempt, 1) - 1
+        base = self.initial_delay
+        if base <= 0:
+            return 0.0
+        if n > 0 and self.multiplier > 1.0:
+            # compare in log space so that huge attempt counts never overflow
+            if n * math.log(self.multiplier) >= math.log(self.max_delay / base):
+                base = self.max_delay
+            else:
+                base = min(base * self.multiplier**n, self.max_delay)
+        if self.jitter:
+            base *= 1.0 + rng.uniform(-self.jitter, self.jitter)
+        return max(0.0, min(base, self.max_delay))
+
+
+class QueueConfig(_Model):
+    retry: RetryPolicy = RetryPolicy()
+    max_attempts: Annotated[int, Field(ge=0)] = 20  # 0 = unlimited
+    on_ae: Literal["error", "retry"] = "error"
+    on_ar: Literal["error", "retry"] = "retry"
+    ordering: Literal["destination", "key", "none"] = "destination"
+    ordering_key: FieldPath | None = None
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 1
+
+
+class MLLPDestinationConfig(_Model):
+    type: Literal["mllp"]
+    host: Annotated[str, Field(min_length=1)]
+    port: RemotePort
+    tls: ClientTLSConfig | None = None
+    keep_alive: bool = True
+    connect_timeout: Duration = 10.0
+    ack_timeout: Duration = 30.0
+    enabled: bool = True
+    queue: QueueConfig = QueueConfig()
+
+
+DESTINATION_TYPES: tuple[type[_Model], ...] = (MLLPDestinationConfig,)
+DestinationConfig = Annotated[Union[DESTINATION_TYPES], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+# --------------------------------------------------------------------------------------------
+# root
+# --------------------------------------------------------------------------------------------
+
+
+class Config(_Model):
+    engine: EngineConfig = EngineConfig()
+    channels: dict[Name, ChannelConfig] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+    destinations: dict[Name, DestinationConfig] = Field(default_factory=dict)
+
+    def channel(self, name: str):
+        """The channel named ``name`` (KeyError if none)."""
+        return self.channels[name]
+
+    def destination(self, name: str):
+        """The destination named ``name`` (KeyError if none)."""
+        return self.destinations[name]
+
+    def routes_from(self, channel: str) -> list[Route]:
+        return [r for r in self.routes if r.source == channel]
+
+
+def config_fingerprint(config: Config) -> str:
+    """SHA-256 hex digest of the canonical JSON of the validated configuration (defaults
+    included, keys sorted): equal for two files that only differ by comments, layout or
+    spelled-out defaults."""
+    data = config.model_dump(mode="json", by_alias=True)
+    canon = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML with lines
+# --------------------------------------------------------------------------------------------
+
+PathT = tuple[Union[str, int], ...]
+
+
+class _Lines:
+    """Line numbers of every mapping key and sequence item, by path tuple."""
+
+    def __init__(self) -> None:
+        self.lines: dict[PathT, int] = {(): 1}
+        self.types: dict[PathT, str] = {}  # value of the 'type' key of mappings, by mapping path
+        self.duplicates: list[Problem] = []
+
+    def walk(self, node: yaml.Node, path: PathT) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = key_node.value
+                kpath = path + (key,)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    self.duplicates.append(Problem(_fmt_path(kpath), line, "duplicate key"))
+                    continue
+                seen.add(key)
+                self.lines[kpath] = line
+                if key == "type" and isinstance(value_node, yaml.ScalarNode):
+                    self.types[path] = value_node.value
+                self.walk(value_node, kpath)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                ipath = path + (i,)
+                self.lines[ipath] = item.start_mark.line + 1
+                self.walk(item, ipath)
+
+    def line(self, path: PathT) -> int | None:
+        while path not in self.lines and path:
+            path = path[:-1]
+        return self.lines.get(path)
+
+
+def _fmt_path(path: PathT) -> str:
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out
+
+
+def _compose(text: str, source: str) -> tuple[Any, _Lines]:
+    loader = yaml.SafeLoader(text)
+    lines = _Lines()
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        msg = "YAML syntax error: " + " ".join(x for x in (exc.context, exc.problem) if x)
+        raise ConfigError([Problem("", mark.line + 1 if mark else None, msg)], source) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem("", None, f"YAML error: {exc}")], source) from None
+    finally:
+        loader.dispose()
+    if node is not None:
+        lines.walk(node, ())
+    return data, lines
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping pydantic errors to paths and lines
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _step_type(tp: Any, elem: Any) -> Any:
+    """Type reached from ``tp`` following one pydantic loc element (None if unknown)."""
+    tp = _unwrap(tp)
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        members = [_unwrap(a) for a in typing.get_args(tp) if a is not type(None)]
+        for m in members:
+            if isinstance(m, type) and issubclass(m, BaseModel):
+                t = m.model_fields.get("type")
+                if t is not None and elem in typing.get_args(t.annotation):
+                    return m  # discriminator tag
+        if len(members) == 1:
+            return _step_type(members[0], elem)
+        return None
+    if origin is dict:
+        return typing.get_args(tp)[1]
+    if origin is list:
+        return typing.get_args(tp)[0]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        t = tp.model_fields.get("type")
+        if t is not None and elem in typing.get_args(t.annotation):
+            return tp  # discriminator tag of a one-member tagged union
+        for fname, finfo in tp.model_fields.items():
+            if elem == (finfo.alias or fname):
+                return finfo.annotation
+    return None
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    tp: Any = Config
+    for elem in loc:
+        tp = _step_type(tp, elem)
+        if tp is None:
+            return None
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        members = [_unwrap(a) for a in typing.get_args(tp) if a is not type(None)]
+        tp = members[0] if len(members) == 1 else None
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _loc_to_path(loc: tuple, lines: _Lines) -> tuple[PathT, bool]:
+    """Map a pydantic loc onto the YAML path. Returns (path, exists)."""
+    cur: PathT = ()
+    for i, elem in enumerate(loc):
+        if elem == "[key]":
+            continue
+        cand = cur + (elem,)
+        if cand in lines.lines:
+            cur = cand
+            continue
+        if lines.types.get(cur) == elem:
+            continue  # discriminator tag inserted by pydantic
+        if i == len(loc) - 1 and isinstance(elem, str):
+            return cand, False  # missing key
+        # unknown element (union member name, ...): skip
+    return cur, True
+
+
+def _problem_from_error(err: dict, lines: _Lines) -> Problem:
+    loc = tuple(err.get("loc", ()))
+    etype = err.get("type", "")
+    msg = err.get("msg", "invalid value")
+    path, exists = _loc_to_path(loc, lines)
+    if etype in ("union_tag_invalid", "union_tag_not_found"):
+        ctx = err.get("ctx") or {}
+        path = path + ("type",)
+        if etype == "union_tag_not_found":
+            msg = f"Field required (one of: {ctx.get('expected_tags', '')})"
+        else:
+            msg = f"unknown type {ctx.get('tag')!r} (expected one of: {ctx.get('expected_tags', '')})"
+    elif etype == "extra_forbidden":
+        key = str(loc[-1]) if loc else ""
+        model = _model_at(loc[:-1])
+        msg = f"unknown key {key!r}"
+        if model is not None:
+            allowed = _allowed_keys(model)
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            if close:
+                msg += f" (did you mean {close[0]!r}?)"
+            else:
+                msg += f" (allowed: {', '.join(allowed)})"
+    elif etype == "missing":
+        msg = "Field required"
+    elif etype == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    elif etype == "string_pattern_mismatch" and loc and loc[-1] == "[key]":
+        msg = f"invalid name {loc[-2]!r}: use lowercase letters, digits, '_' and '-', starting with a letter or digit"
+    if not exists:
+        line = lines.line(path[:-1])
+    else:
+        line = lines.line(path)
+    return Problem(_fmt_path(path), line, msg)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-reference checks
+# --------------------------------------------------------------------------------------------
+
+
+def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def add(path: PathT, message: str) -> None:
+        problems.append(Problem(_fmt_path(path), lines.line(path), message))
+
+    # channels: unique bind address + port (port 0 = ephemeral, never conflicts)
+    binds: dict[tuple[str, int], str] = {}
+    for name, ch in cfg.channels.items():
+        port = getattr(ch, "port", None)
+        if port is None or port == 0:
+            continue
+        bind = getattr(ch, "bind", "")
+        wildcard = bind in ("0.0.0.0", "::", "")
+        for (obind, oport), oname in binds.items():
+            owild = obind in ("0.0.0.0", "::", "")
+            if oport == port and (obind == bind or wildcard or owild):
+                add(("channels", name, "port"), f"channel {name!r} binds {bind}:{port}, already bound by channel {oname!r}")
+                break
+        else:
+            binds[(bind, port)] = name
+        if port == cfg.engine.status.port and (bind == cfg.engine.status.bind or wildcard):
+            add(("channels", name, "port"), f"channel {name!r} binds {bind}:{port}, already used by engine.status")
+
+    # routes
+    seen_routes: dict[str, int] = {}
+    for i, route in enumerate(cfg.routes):
+        if route.name in seen_routes:
+            add(("routes", i, "name"), f"duplicate route name {route.name!r} (first used by routes[{seen_routes[route.name]}])")
+        else:
+            seen_routes[route.name] = i
+        if route.source not in cfg.channels:
+            add(("routes", i, "from"), _unknown("channel", route.source, cfg.channels))
+        for j, dest in enumerate(route.to):
+            if dest not in cfg.destinations:
+                add(("routes", i, "to", j), _unknown("destination", dest, cfg.destinations))
+        if route.transforms:
+            problems.extend(_transform_problems(route.transforms, ("routes", i, "transforms"), lines))
+
+    # destinations
+    for name, dest in cfg.destinations.items():
+        q = getattr(dest, "queue", None)
+        if q is None:
+            continue
+        qpath: PathT = ("destinations", name, "queue")
+        if q.ordering == "key" and not q.ordering_key:
+            add(qpath + ("ordering",), "ordering: key requires ordering_key (a field path such as 'PID-3.1')")
+        if q.ordering != "key" and q.ordering_key:
+            add(qpath + ("ordering_key",), f"ordering_key is only used with ordering: key (ordering is {q.ordering!r})")
+        if q.ordering == "destination" and q.concurrency > 1:
+            add(qpath + ("concurrency",), "concurrency > 1 requires ordering: key or none (ordering: destination is one FIFO)")
+    return problems
+
+
+def _unknown(kind: str, name: str, known: dict) -> str:
+    msg = f"unknown {kind} {name!r}"
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if close:
+        return msg + f" (did you mean {close[0]!r}?)"
+    return msg + (f" (defined: {', '.join(known)})" if known else f" (no {kind}s defined)")
+
+
+_SPEC_PATH_RE = re.compile(r"\[(\d+)\]|\.?([^.\[]+)")
+
+
+def _transform_problems(specs: list[dict], base: PathT, lines: _Lines) -> list[Problem]:
+    from engine.transforms import validate_specs  # lazy: keeps config importable on its own
+
+    out = []
+    for sp in validate_specs(specs):
+        rel: list[str | int] = []
+        for m in _SPEC_PATH_RE.finditer(sp.path):
+            rel.append(int(m.group(1)) if m.group(1) is not None else m.group(2))
+        path = base + tuple(rel)
+        line = lines.line(path)
+        out.append(Problem(_fmt_path(path), line, sp.message))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Public loaders
+# --------------------------------------------------------------------------------------------
+
+
+def load_config_text(text: str, source: str = "routes.yaml") -> Config:
+    """Parse and validate ``text``; raise :class:`ConfigError` listing every problem."""
+    data, lines = _compose(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("", 1, "the top level must be a mapping (engine, channels, routes, destinations)")], source)
+    problems = list(lines.duplicates)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_problem_from_error(e, lines) for e in exc.errors())
+        problems.sort(key=lambda p: (p.line or 0))
+        raise ConfigError(problems, source) from None
+    problems.extend(_cross_checks(cfg, lines))
+    if problems:
+        problems.sort(key=lambda p: (p.line or 0))
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the YAML file at ``path``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem("", None, f"cannot read configuration: {exc.strerror or exc}")], str(p)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem("", None, f"configuration is not valid UTF-8: {exc.reason}")], str(p)) from None
+    return load_config_text(text, source=str(p))
