@@ -1,0 +1,337 @@
+"""Parse an IHE PAM France 2.11 ADT into an :class:`IdentityEvent` (pure, no database).
+
+Event families (PAM FR 2.11.2 trigger list, ``shared/notes/french-specs.md`` §1 "Trigger events";
+Ségur imaging: "intégrer l'identité INS … en création, mise à jour et suppression, à partir d'un
+flux IHE PAM", quoted in issue 3):
+
+* ITI-30 identity feed: A28 create, A31 update -> ``upsert``; A29 (delete person) and A23
+  (delete patient record) -> ``delete``; A40 merge (PID = surviving identity, MRG-1 = merged one)
+  -> ``merge``; A47 change of identifier (PID-3 = new identifier, MRG-1 = old one) -> ``change_id``.
+* ITI-31 movements carry the full PID, so they update the identity too -> ``upsert``.
+* Anything else (A24/A37 links, A44/A45 account moves, non-ADT) -> ``passthrough``.
+
+The split-based reader here (rather than python-hl7) keeps repetition/component indexing explicit
+and never guesses: segments are split on CR after normalising CRLF/LF (some ANS examples use LF),
+then fields, repetitions, components and sub-components with the separators of MSH-1/MSH-2, and
+the HL7 escapes \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ are decoded at the leaf (HL7 v2.5 §2.7).
+"""
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, timedelta, timezone
+
+from .model import (
+    INS_KIND_BY_OID,
+    DmpConsent,
+    Identifier,
+    IdentityError,
+    IdentityEvent,
+    IdentityStatus,
+    InsInfo,
+    ObtainedVia,
+    StrictTraits,
+)
+
+UPSERT_TRIGGERS = frozenset(
+    {f"A{n:02d}" for n in range(1, 17)}  # A01..A16 movements (A09/A10 temporary leave)
+    | {"A21", "A22", "A25", "A26", "A27", "A28", "A31", "A32", "A33", "A38",
+       "A52", "A53", "A54", "A55", "Z99"}
+)
+DELETE_TRIGGERS = frozenset({"A29", "A23"})
+MERGE_TRIGGERS = frozenset({"A40"})
+CHANGE_ID_TRIGGERS = frozenset({"A47"})
+
+# PID-32 statuses (RNIV 4 statuses, FR Core CodeSystem fr-core-cs-identity-status) and the
+# attributes that can accompany them (table 0445, FR Core v2-0445): french-specs.md §1 "PID-32".
+RNIV_STATUSES = ("QUAL", "VALI", "RECUP", "PROV")
+STATUS_ATTRIBUTES = frozenset({"DOUT", "FICT"})
+LEGACY_0445 = frozenset({"VIDE", "DOUB", "DESA", "DPOT", "DOUA", "COLP", "COLV", "FILI", "CACH",
+                         "ANOM", "IDVER", "RECD", "IDRA", "USUR", "HOMD", "HOMA", "INVA"})
+
+_TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?$")
+
+
+class _Msg:
+    """Segments of one message with HL7 separators; access by 1-based HL7 positions."""
+
+    def __init__(self, text: str):
+        text = text.replace("\r\n", "\r").replace("\n", "\r")
+        segs = [s for s in text.split("\r") if s.strip()]
+        if not segs or not segs[0].startswith("MSH") or len(segs[0]) < 8:
+            raise IdentityError("100", "MSH", "MSH-FIRST", "message does not start with MSH")
+        msh = segs[0]
+        self.fs = msh[3]
+        enc = msh[4:8]
+        self.cs, self.rs, self.esc, self.ss = enc[0], enc[1], enc[2], enc[3]
+        self.segments: list[tuple[str, list[str]]] = []
+        for s in segs:
+            parts = s.split(self.fs)
+            if parts[0] == "MSH":
+                # MSH-1 is the field separator itself: shift so that index n = MSH-n.
+                parts = ["MSH", self.fs] + parts[1:]
+            self.segments.append((parts[0], parts))
+
+    def segment(self, name: str) -> list[str] | None:
+        for seg_name, parts in self.segments:
+            if seg_name == name:
+                return parts
+        return None
+
+    def field(self, seg: list[str] | None, n: int) -> str:
+        if seg is None or n >= len(seg):
+            return ""
+        return seg[n]
+
+    def reps(self, raw: str) -> list[str]:
+        return raw.split(self.rs) if raw else []
+
+    def comps(self, raw: str) -> list[str]:
+        return raw.split(self.cs)
+
+    def subs(self, raw: str) -> list[str]:
+        return raw.split(self.ss)
+
+    def unescape(self, value: str) -> str:
+        if self.esc not in value:
+            return value
+        table = {"F": self.fs, "S": self.cs, "T": self.ss, "R": self.rs, "E": self.esc}
+        out, i, e = [], 0, self.esc
+        while i < len(value):
+            ch = value[i]
+            if ch == e:
+                j = value.find(e, i + 1)
+                code = value[i + 1:j] if j > 0 else ""
+                if code in table:
+                    out.append(table[code])
+                    i = j + 1
+                    continue
+            out.append(ch)
+            i += 1
+        return "".join(out)
+
+    def comp(self, rep: str, n: int, sub: int | None = None) -> str:
+        """Component n (1-based) of one repetition, optionally sub-component ``sub``."""
+        cs = self.comps(rep)
+        if n > len(cs):
+            return ""
+        value = cs[n - 1]
+        if sub is not None:
+            ss = self.subs(value)
+            value = ss[sub - 1] if sub <= len(ss) else ""
+        return self.unescape(value).strip()
+
+
+def parse_ts(raw: str) -> datetime | None:
+    """HL7 v2.5 TS/DTM (YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]) to a naive datetime.
+
+    With an offset the value is converted to UTC; without one it is kept as sent (sender local
+    time). Returns None for an empty or unreadable value.
+    """
+    m = _TS.match(raw.strip()) if raw else None
+    if not m:
+        return None
+    y, mo, d, h, mi, s, frac, off = m.groups()
+    try:
+        dt = datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0),
+                      int((frac or "0").ljust(6, "0")[:6]))
+    except ValueError:
+        return None
+    if off:
+        sign = 1 if off[0] == "+" else -1
+        delta = timedelta(hours=int(off[1:3]), minutes=int(off[3:5]))
+        dt = (dt.replace(tzinfo=timezone(sign * delta))).astimezone(timezone.utc).replace(tzinfo=None)
+    return dt
+
+
+def parse_date8(raw: str) -> date | None:
+    """A complete calendar date from the first 8 digits (YYYYMMDD) of a DT/TS, else None."""
+    raw = (raw or "").strip()
+    if len(raw) < 8 or not raw[:8].isdigit():
+        return None
+    try:
+        return date(int(raw[:4]), int(raw[4:6]), int(raw[6:8]))
+    except ValueError:
+        return None
+
+
+def _cx(m: _Msg, rep: str, index: int) -> Identifier:
+    hd_type = m.comp(rep, 4, 3)
+    universal = m.comp(rep, 4, 2)
+    return Identifier(
+        value=m.comp(rep, 1),
+        authority_name=m.comp(rep, 4, 1),
+        authority_oid=universal if hd_type.upper() == "ISO" else "",
+        id_type=m.comp(rep, 5),
+        # PAM FR: HD-3 "M" = FINESS of the legal entity, "N" = FINESS of the site.
+        finess=universal if hd_type.upper() in ("M", "N") else "",
+        authority_type=hd_type,
+        effective_date=m.comp(rep, 7),
+        rep=index,
+    )
+
+
+def _traits(m: _Msg, pid: list[str]) -> StrictTraits:
+    birth_name = first_given = used_name = used_given = ""
+    given: tuple[str, ...] = ()
+    name_rep = None
+    for i, rep in enumerate(m.reps(m.field(pid, 5)), start=1):
+        xpn7 = m.comp(rep, 7)
+        # PAM FR 2.11 / INS: XPN-7 "L" = birth name (nom de naissance); XPN-2 first birth given
+        # name; XPN-3 = the list of birth given names, space separated (french-specs.md §1 PID-5).
+        if xpn7 == "L" and name_rep is None:
+            name_rep = i
+            birth_name = m.comp(rep, 1, 1)
+            first_given = m.comp(rep, 2)
+            given = tuple(p for p in m.comp(rep, 3).split(" ") if p)
+        elif xpn7 == "D" and not used_name:
+            # XPN-7 "D" = used name (nom utilisé), with the used given name in XPN-2.
+            used_name = m.comp(rep, 1, 1)
+            used_given = m.comp(rep, 2)
+    raw_birth = m.comp(m.field(pid, 7), 1)
+    cog, bp_rep = "", None
+    for i, rep in enumerate(m.reps(m.field(pid, 11)), start=1):
+        # PAM FR: birth place = the PID-11 repetition with XAD-7 "BDL", XAD-9 = INSEE COG code.
+        if m.comp(rep, 7) == "BDL":
+            cog, bp_rep = m.comp(rep, 9), i
+            break
+    return StrictTraits(
+        birth_name=birth_name,
+        first_given_name=first_given,
+        given_names=given,
+        used_name=used_name,
+        used_given_name=used_given,
+        birth_date=parse_date8(raw_birth) if len(raw_birth) >= 8 else None,
+        birth_date_raw=raw_birth,
+        sex=m.comp(m.field(pid, 8), 1),
+        birth_place_cog=cog,
+        name_rep=name_rep,
+        birth_place_rep=bp_rep,
+    )
+
+
+def _status(m: _Msg, pid: list[str]) -> IdentityStatus:
+    raw = tuple(v for v in (m.comp(r, 1) for r in m.reps(m.field(pid, 32))) if v)
+    upper = [v.upper() for v in raw]
+    code = next((c for c in RNIV_STATUSES if c in upper), "")
+    if not code:
+        code = next((c for c in upper if c not in STATUS_ATTRIBUTES), "")
+    attrs = frozenset(c for c in upper if c in STATUS_ATTRIBUTES)
+    return IdentityStatus(code=code, attributes=attrs, raw=raw)
+
+
+def _consent(m: _Msg) -> DmpConsent | None:
+    zfa = m.segment("ZFA")
+    if zfa is None:
+        return None
+    f = lambda n: m.comp(m.field(zfa, n), 1)  # noqa: E731
+    return DmpConsent(
+        dmp_status=f(1), dmp_status_date=f(2), dmp_closing_date=f(3),
+        feeding_opposition=f(9), feeding_opposition_date=f(10),
+        consultation_consent=f(11), consultation_consent_date=f(12),
+    )
+
+
+def _zfd(m: _Msg) -> ObtainedVia | None:
+    zfd = m.segment("ZFD")
+    if zfd is None:
+        return None
+    f = lambda n: m.comp(m.field(zfd, n), 1)  # noqa: E731
+    # ZFD-1 "date lunaire": kept raw; it may be sent as one date (YYYYMMDD) or as components
+    # (day^month^year) [UNVERIFIED against the PAM FR PDF]; see ins.birth_date_has_zero_part.
+    lunar_raw = m.unescape(m.field(zfd, 1)).strip()
+    insi_raw = f(6)
+    return ObtainedVia(
+        mode=f(5),
+        insi_query_date=parse_date8(insi_raw),
+        insi_query_date_raw=insi_raw,
+        lunar_birth_date=lunar_raw if lunar_raw.strip(m.cs) else "",
+        sms_consent=f(3),
+        corrected_birth_date=f(4),
+        id_document_type=f(7),
+        id_document_expiry=f(8),
+    )
+
+
+def _mrg_identifier(m: _Msg, trigger: str) -> Identifier:
+    mrg = m.segment("MRG")
+    if mrg is None:
+        raise IdentityError("100", "MRG", "MRG-REQUIRED", f"{trigger} requires an MRG segment")
+    reps = m.reps(m.field(mrg, 1))
+    ids = [_cx(m, r, i) for i, r in enumerate(reps, start=1)]
+    ids = [i for i in ids if i.value]
+    if not ids:
+        raise IdentityError("101", "MRG-1", "MRG-IDENTIFIER", "MRG-1 has no identifier")
+    return next((i for i in ids if i.id_type == "PI"), ids[0])
+
+
+def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
+    """Read one ADT. Raises :class:`IdentityError` for structural problems (no PID, no IPP)."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode(codec)
+        except (UnicodeDecodeError, LookupError) as exc:
+            raise IdentityError("102", "MSH-18", "CHARSET", f"message not decodable as {codec}") from exc
+    else:
+        text = raw
+    m = _Msg(text)
+    msh = m.segment("MSH")
+    msg_type = m.comp(m.field(msh, 9), 1)
+    trigger = m.comp(m.field(msh, 9), 2)
+    control_id = m.comp(m.field(msh, 10), 1)
+    evn = m.segment("EVN")
+    # Event ordering time: EVN-2 (recorded date/time), else MSH-7 (issue 3: "use EVN-2/MSH-7").
+    ts_raw = m.comp(m.field(evn, 2), 1) or m.comp(m.field(msh, 7), 1)
+    common = dict(trigger=trigger, message_type=msg_type, control_id=control_id,
+                  event_time=parse_ts(ts_raw), event_time_raw=ts_raw)
+
+    if msg_type != "ADT":
+        return IdentityEvent(kind="passthrough", **common)
+    if trigger in UPSERT_TRIGGERS:
+        kind = "upsert"
+    elif trigger in DELETE_TRIGGERS:
+        kind = "delete"
+    elif trigger in MERGE_TRIGGERS:
+        kind = "merge"
+    elif trigger in CHANGE_ID_TRIGGERS:
+        kind = "change_id"
+    else:
+        return IdentityEvent(kind="passthrough", **common)
+
+    pid = m.segment("PID")
+    if pid is None:
+        raise IdentityError("100", "PID", "PID-REQUIRED", f"ADT^{trigger} has no PID segment")
+    identifiers = tuple(_cx(m, r, i) for i, r in enumerate(m.reps(m.field(pid, 3)), start=1))
+    # PAM FR: the IPP is the PID-3 repetition with CX-5 = PI.
+    ipp = next((i for i in identifiers if i.id_type == "PI" and i.value), None)
+    if ipp is None:
+        raise IdentityError("101", "PID-3", "IPP-REQUIRED", "PID-3 has no identifier of type PI")
+    # PAM FR / CI-SIS: the INS matricule is the PID-3 repetition with CX-5 = INS.
+    ins_ids = [i for i in identifiers if i.id_type == "INS" and i.value]
+    ins = None
+    if ins_ids:
+        first = ins_ids[0]
+        # The OID is CX-4.2 (HD universal id), whatever HD-3 says.
+        oid = m.comp(m.reps(m.field(pid, 3))[first.rep - 1], 4, 2)
+        ins = InsInfo(value=first.value, oid=oid, kind=INS_KIND_BY_OID.get(oid, "UNKNOWN"),
+                      effective_date=first.effective_date, rep=first.rep)
+
+    merge_from = old_ipp = None
+    if kind == "merge":
+        merge_from = _mrg_identifier(m, trigger)
+    elif kind == "change_id":
+        old_ipp = _mrg_identifier(m, trigger)
+
+    return IdentityEvent(
+        kind=kind,
+        ipp=ipp,
+        identifiers=identifiers,
+        ins=ins,
+        ins_count=len(ins_ids),
+        traits=_traits(m, pid),
+        status=_status(m, pid),
+        consent=_consent(m),
+        zfd=_zfd(m),
+        merge_from=merge_from,
+        old_ipp=old_ipp,
+        **common,
+    )

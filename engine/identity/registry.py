@@ -1,0 +1,594 @@
+"""Identity registry (issue 3): current identity state, identifiers and an append-only history.
+
+SQLAlchemy Core tables in their own :data:`identity_metadata`, so that the store's metadata is
+untouched. ``create_tables(engine)`` is for tests; in the engine the lead adds an Alembic
+migration that calls :func:`engine.identity.migration.upgrade_ops` (same tables, written out with
+``op.create_table`` so the migration stays frozen when this module changes).
+
+Every function takes a :class:`sqlalchemy.engine.Connection`; the caller owns the transaction
+(``with engine.begin() as conn: apply_event(conn, ...)``). Parsing and rules are pure
+(:mod:`.pamfr`, :mod:`.ins`); this module only reads and writes the three tables.
+
+These tables hold patient data by design (PHI rule, ``docs/architecture.md``): nothing here logs.
+
+Semantics:
+
+* upsert (A28, A31, movements): PID is a full snapshot; ZFA/ZFD update consent / origin only
+  when the segment is present. An event older than ``last_event_time`` (EVN-2, else MSH-7)
+  never overwrites the state: it is recorded in history as ``ignored_older``.
+* INS: stored only when :func:`engine.identity.ins.ins_decision` accepts it; otherwise the
+  identity is kept without INS and the reason is written in history (and ``ins_rejected_reason``).
+  One INS belongs to one active identity: an INS already held by another active identity is not
+  taken (``INS-COLLISION``, potential duplicate for identity-vigilance).
+* A29/A23: the identity is deactivated; identifiers and history are kept.
+* A40: the MRG-1 identity is folded into PID-3's (``merged_into``, inactive, its INS released);
+  lookups by the old IPP follow ``merged_into`` to the survivor. An unknown MRG-1 gets an inactive
+  stub identity pointing to the survivor, so that the old IPP still resolves.
+* A47: the MRG-1 identifier is replaced by PID-3's on the same identity; the old IPP no longer
+  resolves. Refused (``rejected``) when the new IPP already belongs to another identity.
+* Events for an IPP already merged into another identity are recorded as ``ignored_merged``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .ins import InsPolicy, ins_decision
+from .model import Identifier, IdentityEvent, InsInfo, Violation
+
+identity_metadata = sa.MetaData()
+
+identities = sa.Table(
+    "identities",
+    identity_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ipp", sa.String(64), nullable=False),
+    sa.Column("ipp_authority", sa.String(128), nullable=False, server_default=""),
+    sa.Column("ipp_finess", sa.String(32)),
+    sa.Column("ins_value", sa.String(32)),
+    sa.Column("ins_oid", sa.String(64)),
+    sa.Column("ins_kind", sa.String(16)),
+    sa.Column("ins_rejected_reason", sa.Text),
+    sa.Column("birth_name", sa.String(256)),
+    sa.Column("first_given_name", sa.String(256)),
+    sa.Column("given_names", sa.String(512)),  # space-separated, as in XPN-3
+    sa.Column("used_name", sa.String(256)),
+    sa.Column("used_given_name", sa.String(256)),
+    sa.Column("birth_date", sa.Date),
+    sa.Column("birth_date_raw", sa.String(32)),
+    sa.Column("sex", sa.String(8)),
+    sa.Column("birth_place_cog", sa.String(16)),
+    sa.Column("status_code", sa.String(16)),
+    sa.Column("status_raw", sa.String(128)),  # PID-32 repetitions joined with "~"
+    sa.Column("consent", sa.JSON),
+    sa.Column("obtained_via", sa.String(16)),
+    sa.Column("insi_query_date", sa.Date),
+    sa.Column("zfd", sa.JSON),
+    sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("merged_into", sa.Integer, sa.ForeignKey("identities.id"), nullable=True),
+    sa.Column("last_event_time", sa.DateTime),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.Index("ix_identities_merged_into", "merged_into"),
+)
+
+identity_identifiers = sa.Table(
+    "identity_identifiers",
+    identity_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("identity_id", sa.Integer, sa.ForeignKey("identities.id"), nullable=False),
+    sa.Column("value", sa.String(64), nullable=False),
+    sa.Column("authority", sa.String(128), nullable=False),  # IPP namespace, or the INS OID
+    sa.Column("type", sa.String(16), nullable=False),  # PI, INS
+    sa.UniqueConstraint("authority", "type", "value", name="uq_identity_identifiers_key"),
+    # Lookups by value (IPP without authority, INS without OID) use this index: no scans.
+    sa.Index("ix_identity_identifiers_value_type", "value", "type"),
+    sa.Index("ix_identity_identifiers_identity", "identity_id"),
+)
+
+identity_history = sa.Table(
+    "identity_history",
+    identity_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("identity_id", sa.Integer, sa.ForeignKey("identities.id"), nullable=False),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("event_time", sa.DateTime),
+    sa.Column("trigger", sa.String(8)),
+    sa.Column("control_id", sa.String(199)),
+    sa.Column("message_id", sa.Integer),  # messages.id of the source message (no FK: store-owned)
+    sa.Column("action", sa.String(24), nullable=False),
+    sa.Column("change", sa.JSON),  # {field: [before, after]}
+    sa.Column("note", sa.Text),
+    sa.Index("ix_identity_history_identity", "identity_id", "id"),
+)
+
+MAX_MERGE_HOPS = 32
+
+
+def create_tables(engine: sa.engine.Engine) -> None:
+    """Create the registry tables (tests; production uses the Alembic migration)."""
+    identity_metadata.create_all(engine)
+
+
+class AmbiguousIdentity(LookupError):
+    """A lookup without authority matched several identities."""
+
+
+@dataclass
+class ApplyResult:
+    identity_id: int | None
+    action: str  # created, updated, unchanged, ignored_older, ignored_merged, deactivated,
+    #              merged, id_changed, not_found, rejected, passthrough
+    violations: list[Violation] = field(default_factory=list)
+    ins_taken: bool = False
+    note: str = ""
+
+
+@dataclass
+class IdentityView:
+    id: int
+    ipp: str
+    ipp_authority: str
+    ipp_finess: str | None
+    ins_value: str | None
+    ins_oid: str | None
+    ins_kind: str | None
+    ins_rejected_reason: str | None
+    birth_name: str | None
+    first_given_name: str | None
+    given_names: list[str]
+    used_name: str | None
+    used_given_name: str | None
+    birth_date: date | None
+    birth_date_raw: str | None
+    sex: str | None
+    birth_place_cog: str | None
+    status_code: str | None
+    status_raw: list[str]
+    consent: dict | None
+    obtained_via: str | None
+    insi_query_date: date | None
+    active: bool
+    merged_into: int | None
+    last_event_time: datetime | None
+    identifiers: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    merged_from: list[int] = field(default_factory=list)
+
+    def __repr__(self) -> str:  # PHI: never print patient data by accident
+        return f"<IdentityView id={self.id} (patient data masked)>"
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "ipp": self.ipp,
+            "ipp_authority": self.ipp_authority,
+            "ipp_finess": self.ipp_finess,
+            "ins": ({"value": self.ins_value, "oid": self.ins_oid, "kind": self.ins_kind}
+                    if self.ins_value else None),
+            "ins_rejected_reason": self.ins_rejected_reason,
+            "birth_name": self.birth_name,
+            "first_given_name": self.first_given_name,
+            "given_names": self.given_names,
+            "used_name": self.used_name,
+            "used_given_name": self.used_given_name,
+            "birth_date": self.birth_date.isoformat() if self.birth_date else None,
+            "sex": self.sex,
+            "birth_place_cog": self.birth_place_cog,
+            "status": self.status_code,
+            "status_raw": self.status_raw,
+            "consent": self.consent,
+            "obtained_via": self.obtained_via,
+            "insi_query_date": self.insi_query_date.isoformat() if self.insi_query_date else None,
+            "active": self.active,
+            "merged_from": self.merged_from,
+            "last_event_time": _iso(self.last_event_time),
+            "identifiers": self.identifiers,
+            "history": self.history,
+        }
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _iso(v: Any) -> Any:
+    return v.isoformat() if isinstance(v, (date, datetime)) else v
+
+
+def _n(v: str | None) -> str | None:
+    return v if v else None
+
+
+def ipp_lookup_stmt(value: str, authority: str | None = None) -> sa.Select:
+    """The indexed lookup of an IPP (identity_identifiers type PI)."""
+    ii = identity_identifiers
+    stmt = sa.select(ii.c.identity_id, ii.c.authority).where(ii.c.value == value, ii.c.type == "PI")
+    if authority:
+        stmt = stmt.where(ii.c.authority == authority)
+    return stmt
+
+
+def ins_lookup_stmt(value: str, oid: str | None = None) -> sa.Select:
+    ii = identity_identifiers
+    stmt = sa.select(ii.c.identity_id).where(ii.c.value == value, ii.c.type == "INS")
+    if oid:
+        stmt = stmt.where(ii.c.authority == oid)
+    return stmt
+
+
+def _raw_id(conn: Connection, ident: Identifier) -> int | None:
+    """The identity holding this exact IPP (authority and value), merges not followed."""
+    return conn.execute(ipp_lookup_stmt(ident.value, ident.authority)).scalar()
+
+
+def _row(conn: Connection, identity_id: int):
+    return conn.execute(sa.select(identities).where(identities.c.id == identity_id)).mappings().one()
+
+
+def _follow(conn: Connection, identity_id: int) -> int:
+    seen = {identity_id}
+    current = identity_id
+    for _ in range(MAX_MERGE_HOPS):
+        nxt = conn.execute(sa.select(identities.c.merged_into)
+                           .where(identities.c.id == current)).scalar()
+        if nxt is None or nxt in seen:
+            return current
+        seen.add(nxt)
+        current = nxt
+    return current
+
+
+def _history(conn: Connection, identity_id: int, event: IdentityEvent, action: str, *,
+             message_id: int | None, now: datetime, change: dict | None = None,
+             note: str = "") -> None:
+    conn.execute(identity_history.insert().values(
+        identity_id=identity_id, at=now, event_time=event.event_time, trigger=event.trigger,
+        control_id=event.control_id or None, message_id=message_id, action=action,
+        change=change or {}, note=note or None))
+
+
+def _state(event: IdentityEvent, ins: InsInfo | None, reason: str) -> dict:
+    """Column values taken from the event (PID snapshot; ZFA/ZFD only when present)."""
+    t, st = event.traits, event.status
+    s: dict[str, Any] = {
+        "ipp_finess": _n(event.ipp.finess),
+        "ins_value": ins.value if ins else None,
+        "ins_oid": ins.oid if ins else None,
+        "ins_kind": ins.kind if ins else None,
+        "ins_rejected_reason": _n(reason),
+        "birth_name": _n(t.birth_name),
+        "first_given_name": _n(t.first_given_name),
+        "given_names": _n(" ".join(t.given_names)),
+        "used_name": _n(t.used_name),
+        "used_given_name": _n(t.used_given_name),
+        "birth_date": t.birth_date,
+        "birth_date_raw": _n(t.birth_date_raw),
+        "sex": _n(t.sex),
+        "birth_place_cog": _n(t.birth_place_cog),
+        "status_code": _n(st.code),
+        "status_raw": _n("~".join(st.raw)),
+    }
+    if event.consent is not None:
+        s["consent"] = event.consent.to_json()
+    if event.zfd is not None:
+        z = event.zfd
+        s["obtained_via"] = _n(z.mode)
+        s["insi_query_date"] = z.insi_query_date
+        s["zfd"] = {"mode": z.mode, "insi_query_date": z.insi_query_date_raw,
+                    "lunar_birth_date": z.lunar_birth_date, "sms_consent": z.sms_consent,
+                    "corrected_birth_date": z.corrected_birth_date,
+                    "id_document_type": z.id_document_type,
+                    "id_document_expiry": z.id_document_expiry}
+    return s
+
+
+def _diff(before: dict | None, after: dict) -> dict:
+    out = {}
+    for k, v in after.items():
+        old = before.get(k) if before is not None else None
+        if old != v and not (old is None and v in ("", {}, [])):
+            out[k] = [_iso(old), _iso(v)]
+    return out
+
+
+def _is_older(event: IdentityEvent, last: datetime | None) -> bool:
+    return event.event_time is not None and last is not None and event.event_time < last
+
+
+def _claim_ins(conn: Connection, identity_id: int | None, ins: InsInfo, event: IdentityEvent,
+               *, message_id: int | None, now: datetime) -> Violation | None:
+    """Make sure no other active identity holds this INS. Returns a violation when one does."""
+    ii = identity_identifiers
+    holder = conn.execute(sa.select(ii.c.id, ii.c.identity_id).where(
+        ii.c.value == ins.value, ii.c.type == "INS", ii.c.authority == ins.oid)).first()
+    if holder is None or holder.identity_id == identity_id:
+        return None
+    h = _row(conn, holder.identity_id)
+    if h["active"] and h["merged_into"] is None:
+        return Violation(f"PID-3[{ins.rep}].1", "INS-COLLISION",
+                         "this INS already belongs to another active identity (potential "
+                         "duplicate): INS not taken", "W", "205")
+    # The holder is deactivated or merged: release its INS identifier (its state is kept).
+    conn.execute(ii.delete().where(ii.c.id == holder.id))
+    _history(conn, holder.identity_id, event, "ins_released", message_id=message_id, now=now,
+             note="INS identifier released to another identity")
+    return None
+
+
+def _sync_ins_identifier(conn: Connection, identity_id: int, ins: InsInfo | None) -> None:
+    ii = identity_identifiers
+    rows = conn.execute(sa.select(ii.c.id, ii.c.value, ii.c.authority).where(
+        ii.c.identity_id == identity_id, ii.c.type == "INS")).all()
+    keep = False
+    for r in rows:
+        if ins is not None and r.value == ins.value and r.authority == ins.oid:
+            keep = True
+        else:
+            conn.execute(ii.delete().where(ii.c.id == r.id))
+    if ins is not None and not keep:
+        conn.execute(ii.insert().values(identity_id=identity_id, value=ins.value,
+                                        authority=ins.oid, type="INS"))
+
+
+def _release_ins(conn: Connection, identity_id: int) -> None:
+    ii = identity_identifiers
+    conn.execute(ii.delete().where(ii.c.identity_id == identity_id, ii.c.type == "INS"))
+
+
+@dataclass
+class _Upsert:
+    identity_id: int
+    action: str
+    change: dict
+    ins_taken: bool
+    note: str
+    violations: list[Violation]
+
+
+def _upsert(conn: Connection, event: IdentityEvent, identity_id: int | None,
+            violations: list[Violation], policy: InsPolicy, *, message_id: int | None,
+            now: datetime) -> _Upsert:
+    """Create or update the identity from the event's PID (no history row written here)."""
+    violations = list(violations)
+    decision = ins_decision(event, policy, violations)
+    ins, reason = decision.ins, decision.reason
+    if identity_id is not None:
+        row = _row(conn, identity_id)
+        if _is_older(event, row["last_event_time"]):
+            return _Upsert(identity_id, "ignored_older", {}, False,
+                           "event older than the current state: not applied", violations)
+    if ins is not None:
+        clash = _claim_ins(conn, identity_id, ins, event, message_id=message_id, now=now)
+        if clash is not None:
+            violations.append(clash)
+            reason = f"INS not taken: {clash.field} {clash.rule}"
+            ins = None
+    state = _state(event, ins, reason)
+    if identity_id is None:
+        values = dict(state, ipp=event.ipp.value, ipp_authority=event.ipp.authority, active=True,
+                      last_event_time=event.event_time, created_at=now, updated_at=now)
+        new_id = conn.execute(identities.insert().values(**values)).inserted_primary_key[0]
+        conn.execute(identity_identifiers.insert().values(
+            identity_id=new_id, value=event.ipp.value, authority=event.ipp.authority, type="PI"))
+        if ins is not None:
+            conn.execute(identity_identifiers.insert().values(
+                identity_id=new_id, value=ins.value, authority=ins.oid, type="INS"))
+        return _Upsert(new_id, "created", _diff(None, dict(state, active=True)),
+                       ins is not None, reason, violations)
+    before = dict(row)
+    after = dict(state)
+    if not row["active"]:
+        after["active"] = True
+    change = _diff(before, after)
+    last = row["last_event_time"]
+    upd = dict(after, updated_at=now)
+    if event.event_time is not None and (last is None or event.event_time > last):
+        upd["last_event_time"] = event.event_time
+    conn.execute(identities.update().where(identities.c.id == identity_id).values(**upd))
+    _sync_ins_identifier(conn, identity_id, ins)
+    action = "updated" if change else "unchanged"
+    return _Upsert(identity_id, action, change, ins is not None, reason, violations)
+
+
+# ------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------
+
+def apply_event(conn: Connection, event: IdentityEvent, *, message_id: int | None = None,
+                policy: InsPolicy | None = None, now: datetime | None = None) -> ApplyResult:
+    """Apply one parsed ADT to the registry inside the caller's transaction."""
+    from .ins import check_identity
+
+    policy = policy or InsPolicy()
+    now = now or _utcnow()
+    if event.kind == "passthrough" or event.ipp is None:
+        return ApplyResult(None, "passthrough")
+    violations = check_identity(event, policy)
+    kw = dict(message_id=message_id, now=now)
+
+    if event.kind == "upsert":
+        raw_id = _raw_id(conn, event.ipp)
+        if raw_id is not None and _follow(conn, raw_id) != raw_id:
+            note = "identifier merged into another identity: event not applied"
+            _history(conn, raw_id, event, "ignored_merged", note=note, **kw)
+            return ApplyResult(_follow(conn, raw_id), "ignored_merged", violations, False, note)
+        u = _upsert(conn, event, raw_id, violations, policy, **kw)
+        _history(conn, u.identity_id, event, u.action, change=u.change, note=u.note, **kw)
+        return ApplyResult(u.identity_id, u.action, u.violations, u.ins_taken, u.note)
+
+    if event.kind == "delete":
+        raw_id = _raw_id(conn, event.ipp)
+        if raw_id is None:
+            return ApplyResult(None, "not_found", violations, False, "unknown identifier")
+        row = _row(conn, raw_id)
+        if _is_older(event, row["last_event_time"]):
+            note = "event older than the current state: not applied"
+            _history(conn, raw_id, event, "ignored_older", note=note, **kw)
+            return ApplyResult(raw_id, "ignored_older", violations, False, note)
+        change = {"active": [row["active"], False]} if row["active"] else {}
+        upd: dict[str, Any] = dict(active=False, updated_at=now)
+        if event.event_time is not None:
+            upd["last_event_time"] = max(event.event_time, row["last_event_time"] or event.event_time)
+        conn.execute(identities.update().where(identities.c.id == raw_id).values(**upd))
+        note = "" if row["active"] else "already inactive"
+        _history(conn, raw_id, event, "deactivated", change=change, note=note, **kw)
+        return ApplyResult(raw_id, "deactivated", violations, False, note)
+
+    if event.kind == "merge":
+        return _apply_merge(conn, event, violations, policy, **kw)
+    if event.kind == "change_id":
+        return _apply_change_id(conn, event, violations, policy, **kw)
+    return ApplyResult(None, "passthrough")
+
+
+def _apply_merge(conn, event, violations, policy, *, message_id, now) -> ApplyResult:
+    kw = dict(message_id=message_id, now=now)
+    old = event.merge_from
+    if (old.value, old.authority) == (event.ipp.value, event.ipp.authority):
+        v = Violation("MRG-1", "MERGE-SAME", "MRG-1 names the surviving identifier", "E", "207")
+        return ApplyResult(None, "rejected", violations + [v], False, v.text)
+    merged_id = _raw_id(conn, old)
+    survivor_raw = _raw_id(conn, event.ipp)
+    if survivor_raw is not None and merged_id is not None and _follow(conn, survivor_raw) == merged_id:
+        v = Violation("MRG-1", "MERGE-CYCLE",
+                      "the surviving identity was itself merged into the MRG-1 one", "E", "207")
+        _history(conn, merged_id, event, "rejected", note=v.text, **kw)
+        return ApplyResult(merged_id, "rejected", violations + [v], False, v.text)
+    if merged_id is not None:
+        _release_ins(conn, merged_id)  # one INS per person: the survivor may take it
+    if survivor_raw is not None and _follow(conn, survivor_raw) != survivor_raw:
+        survivor_raw = _follow(conn, survivor_raw)
+    u = _upsert(conn, event, survivor_raw, violations, policy, **kw)
+    survivor = u.identity_id
+    notes = [u.note] if u.note else []
+    if merged_id is None:
+        stub = conn.execute(identities.insert().values(
+            ipp=old.value, ipp_authority=old.authority, ipp_finess=_n(old.finess), active=False,
+            merged_into=survivor, last_event_time=event.event_time, created_at=now,
+            updated_at=now)).inserted_primary_key[0]
+        conn.execute(identity_identifiers.insert().values(
+            identity_id=stub, value=old.value, authority=old.authority, type="PI"))
+        _history(conn, stub, event, "merged", change={"merged_into": [None, survivor]},
+                 note="identifier unknown before the merge: kept as an alias", **kw)
+        merged_id = stub
+    else:
+        mrow = _row(conn, merged_id)
+        conn.execute(identities.update().where(identities.c.id == merged_id).values(
+            active=False, merged_into=survivor, updated_at=now))
+        _history(conn, merged_id, event, "merged",
+                 change={"merged_into": [mrow["merged_into"], survivor],
+                         "active": [mrow["active"], False]},
+                 note="folded into the surviving identity", **kw)
+    change = dict(u.change, absorbed=[None, merged_id])
+    if u.action == "ignored_older":
+        notes.append("traits not updated (older event); merge applied")
+    _history(conn, survivor, event, "merged", change=change, note="; ".join(notes), **kw)
+    return ApplyResult(survivor, "merged", u.violations, u.ins_taken, "; ".join(notes))
+
+
+def _apply_change_id(conn, event, violations, policy, *, message_id, now) -> ApplyResult:
+    kw = dict(message_id=message_id, now=now)
+    old, new = event.old_ipp, event.ipp
+    old_id = _raw_id(conn, old)
+    new_id = _raw_id(conn, new)
+    if old_id is None:
+        u = _upsert(conn, event, new_id, violations, policy, **kw)
+        note = "; ".join(x for x in ("previous identifier unknown", u.note) if x)
+        _history(conn, u.identity_id, event, u.action, change=u.change, note=note, **kw)
+        return ApplyResult(u.identity_id, u.action, u.violations, u.ins_taken, note)
+    if new_id is not None and new_id != old_id:
+        v = Violation("PID-3", "A47-TARGET-IN-USE",
+                      "the new identifier already belongs to another identity (use A40 to merge)",
+                      "E", "205")
+        _history(conn, old_id, event, "rejected", note=v.text, **kw)
+        return ApplyResult(old_id, "rejected", violations + [v], False, v.text)
+    row = _row(conn, old_id)
+    if _is_older(event, row["last_event_time"]):
+        note = "event older than the current state: not applied"
+        _history(conn, old_id, event, "ignored_older", note=note, **kw)
+        return ApplyResult(old_id, "ignored_older", violations, False, note)
+    ii = identity_identifiers
+    conn.execute(ii.update().where(ii.c.identity_id == old_id, ii.c.type == "PI",
+                                   ii.c.value == old.value, ii.c.authority == old.authority)
+                 .values(value=new.value, authority=new.authority))
+    conn.execute(identities.update().where(identities.c.id == old_id).values(
+        ipp=new.value, ipp_authority=new.authority))
+    u = _upsert(conn, event, old_id, violations, policy, **kw)
+    change = dict(u.change)
+    if (row["ipp"], row["ipp_authority"]) != (new.value, new.authority):
+        change["ipp"] = [row["ipp"], new.value]
+        if row["ipp_authority"] != new.authority:
+            change["ipp_authority"] = [row["ipp_authority"], new.authority]
+    _history(conn, old_id, event, "id_changed", change=change, note=u.note, **kw)
+    return ApplyResult(old_id, "id_changed", u.violations, u.ins_taken, u.note)
+
+
+def find_identity(conn: Connection, *, ipp: str | None = None, ipp_authority: str | None = None,
+                  ins: str | None = None, ins_oid: str | None = None) -> IdentityView | None:
+    """The current identity for an IPP (optionally with its authority) or an INS, following
+    merges. Raises :class:`AmbiguousIdentity` when an IPP without authority names several."""
+    if ipp:
+        rows = conn.execute(ipp_lookup_stmt(ipp, ipp_authority)).all()
+    elif ins:
+        rows = conn.execute(ins_lookup_stmt(ins, ins_oid)).all()
+    else:
+        raise ValueError("find_identity needs ipp or ins")
+    ids = {_follow(conn, r.identity_id) for r in rows}
+    if not ids:
+        return None
+    if len(ids) > 1:
+        raise AmbiguousIdentity(f"{len(ids)} identities match; give the assigning authority")
+    return _view(conn, ids.pop())
+
+
+def _view(conn: Connection, identity_id: int) -> IdentityView:
+    row = _row(conn, identity_id)
+    # Identities folded into this one (transitively), for a complete audit trail.
+    merged_from: list[int] = []
+    frontier = [identity_id]
+    for _ in range(MAX_MERGE_HOPS):
+        if not frontier:
+            break
+        kids = conn.execute(sa.select(identities.c.id).where(
+            identities.c.merged_into.in_(frontier))).scalars().all()
+        kids = [k for k in kids if k not in merged_from and k != identity_id]
+        merged_from += kids
+        frontier = kids
+    ii = identity_identifiers
+    idents = conn.execute(sa.select(ii.c.value, ii.c.authority, ii.c.type, ii.c.identity_id)
+                          .where(ii.c.identity_id.in_([identity_id] + merged_from))
+                          .order_by(ii.c.id)).all()
+    h = identity_history
+    hist = conn.execute(sa.select(h).where(h.c.identity_id.in_([identity_id] + merged_from))
+                        .order_by(h.c.id)).mappings().all()
+    return IdentityView(
+        id=row["id"], ipp=row["ipp"], ipp_authority=row["ipp_authority"],
+        ipp_finess=row["ipp_finess"], ins_value=row["ins_value"], ins_oid=row["ins_oid"],
+        ins_kind=row["ins_kind"], ins_rejected_reason=row["ins_rejected_reason"],
+        birth_name=row["birth_name"], first_given_name=row["first_given_name"],
+        given_names=(row["given_names"] or "").split(" ") if row["given_names"] else [],
+        used_name=row["used_name"], used_given_name=row["used_given_name"],
+        birth_date=row["birth_date"], birth_date_raw=row["birth_date_raw"], sex=row["sex"],
+        birth_place_cog=row["birth_place_cog"], status_code=row["status_code"],
+        status_raw=row["status_raw"].split("~") if row["status_raw"] else [],
+        consent=row["consent"], obtained_via=row["obtained_via"],
+        insi_query_date=row["insi_query_date"], active=bool(row["active"]),
+        merged_into=row["merged_into"], last_event_time=row["last_event_time"],
+        identifiers=[{"value": r.value, "authority": r.authority, "type": r.type,
+                      "identity_id": r.identity_id} for r in idents],
+        history=[{"identity_id": r["identity_id"], "at": _iso(r["at"]),
+                  "event_time": _iso(r["event_time"]), "trigger": r["trigger"],
+                  "control_id": r["control_id"], "message_id": r["message_id"],
+                  "action": r["action"], "change": r["change"], "note": r["note"]}
+                 for r in hist],
+        merged_from=merged_from,
+    )
