@@ -1,0 +1,1 @@
+"""CDA R2 header reading and official validation (XSD, CI-SIS schematrons)."""

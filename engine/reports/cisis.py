@@ -1,0 +1,805 @@
+"""Parse CI-SIS "Transmission de documents CDA-R2 en HL7 v2" v2.1 messages into a ``Submission``.
+
+Guide: ``shared/specs/ig/transmission-cda-hl7v2/`` (ANS, CI-SIS), below "the guide":
+
+* ``profils-messages.md`` - ORU^R01^ORU_R01 in HL7 v2.5, MDM^T02/T10/T04^MDM_T02 in HL7 v2.6,
+  MSH-21 ``2.1^CISIS_CDA_HL7_V2``; PID-3 identical to CDA recordTarget/patientRole/id; ORC-1 /
+  OBX-11 / event consistency; document in OBX (ED) with PRT SB/RCT/REPLY; MetaDMPMSS flag OBX;
+* ``meta-dmp-mss.md`` - the MetaDMPMSS table (flag names);
+* ``regles-gestion-mssante.md`` - the MSSanté combination matrix;
+* ``error-codes.md`` - application error codes 900-906 (ERR-5 of the ACK, with ERR-3 = 207).
+
+Pure function, no I/O. Tolerant reading (issue 4, item 3): CR, LF or CRLF segment separators;
+spaces in assigning-authority names (``ASIP-SANTE- PS``); ``ACK_LECTURE`` for ``ACK_LECTURE_MSS``;
+Base64 without its final padding; trailing blanks after a field. Strict output: the ``Submission``
+uses the guide's names only.
+
+The document bytes are never modified: ``sha256`` is computed on the exact bytes decoded from
+OBX-5 and those bytes are what the submission carries.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from dataclasses import dataclass
+
+from lxml import etree
+
+from engine.cda.header import INS_OIDS, RPPS_OID, parse_cda, read_header
+from engine.reports.submission import (
+    FLAG_NAMES,
+    INS,
+    MAIL_BODY_NAMES,
+    REQUIRED_FLAGS,
+    Acks,
+    Document,
+    Issue,
+    PatientTraits,
+    Person,
+    Sender,
+    Submission,
+)
+
+PROFILE_ID = "CISIS_CDA_HL7_V2"
+PROFILE_VERSION = "2.1"
+
+# profils-messages.md, "MSH-9" and "MSH-12": ORU^R01^ORU_R01 in 2.5, MDM^T02|T10|T04^MDM_T02 in 2.6
+SUPPORTED = {
+    ("ORU", "R01"): "2.5",
+    ("MDM", "T02"): "2.6",
+    ("MDM", "T10"): "2.6",
+    ("MDM", "T04"): "2.6",
+}
+# profils-messages.md, "Le segment ORC": NW = intégration, RO = remplacement, CA = suppression
+ORC_ACTION = {"NW": "initial", "RO": "replace", "CA": "delete"}
+# profils-messages.md, OBX-11 of the document OBX (table HL7 0085): F validé, C remplacement,
+# D suppression
+OBX11_ACTION = {"F": "initial", "C": "replace", "D": "delete"}
+# profils-messages.md, "Le segment ORC": for MDM the trigger event must agree (T02/T10/T04)
+EVENT_ACTION = {"T02": "initial", "T10": "replace", "T04": "delete"}
+
+# tolerant reading of flag names (issue 4 item 3; corpus quirk ACK_LECTURE)
+FLAG_ALIASES = {
+    "ACK_LECTURE": "ACK_LECTURE_MSS",
+    "INVISIBLE_REPRESENTANTS_LEGAUX": "INVISIBLE_REP_LEGAUX",
+}
+PATIENT_MAIL_DOMAIN = "@patient.mssante.fr"
+
+# error-codes.md, table applicationErrorCondition
+E_VERSION = "900"  # version du document incorrecte (remplacement/suppression)
+E_AUTHOR = "901"  # auteur non autorisé (needs the store: checked by the channel, not here)
+E_UNKNOWN_PATIENT = "902"  # patient inconnu (needs the identity registry: not here)
+E_INS_ABSENT = "903"  # INS non présent dans le document
+E_INS_MISMATCH = "904"  # INS transmis ne correspond pas
+E_INS_INCOMPLETE = "905"  # INS transmis pas complet (traits)
+E_OTHER = "906"  # erreur « Autre »
+
+# HL7 table 0357 (ERR-3) to pair with the guide code (error-codes.md: messageErrorCondition)
+HL7_SEGMENT_SEQUENCE = "100"
+HL7_REQUIRED_FIELD = "101"
+HL7_DATA_TYPE = "102"
+HL7_TABLE_VALUE = "103"
+HL7_UNSUPPORTED_TYPE = "200"
+HL7_UNSUPPORTED_EVENT = "201"
+HL7_UNSUPPORTED_VERSION = "203"
+HL7_APPLICATION = "207"
+
+
+# ---------------------------------------------------------------------------------------- parsing
+@dataclass
+class Seg:
+    name: str
+    fields: list[bytes]  # fields[0] = segment name; MSH fields shifted so fields[n] == MSH-n
+    index: int
+
+    def f(self, n: int) -> bytes:
+        return self.fields[n] if n < len(self.fields) else b""
+
+
+@dataclass
+class Enc:
+    field: bytes = b"|"
+    comp: bytes = b"^"
+    rep: bytes = b"~"
+    esc: bytes = b"\\"
+    sub: bytes = b"&"
+
+
+def split_segments(raw: bytes) -> list[bytes]:
+    """CR is the HL7 separator; LF and CRLF are accepted (corpus files use LF)."""
+    raw = raw.lstrip(b"\x0b").rstrip(b"\x1c\r\n")
+    return [s for s in re.split(rb"\r\n|\r|\n", raw) if s.strip()]
+
+
+def _parse(raw: bytes) -> tuple[Enc, list[Seg]]:
+    segs = split_segments(raw)
+    if not segs or not segs[0].startswith(b"MSH") or len(segs[0]) < 8:
+        raise ValueError("message does not start with an MSH segment")
+    msh = segs[0]
+    enc = Enc(field=msh[3:4])
+    chars = msh[4:8]
+    enc.comp, enc.rep, enc.esc, enc.sub = (chars[i:i + 1] for i in range(4))
+    out = []
+    for i, s in enumerate(segs):
+        parts = s.split(enc.field)
+        name = parts[0].strip().decode("ascii", "replace")
+        if name == "MSH":
+            parts = [parts[0], enc.field] + parts[1:]
+        out.append(Seg(name, parts, i))
+    return enc, out
+
+
+def comps(value: bytes, enc: Enc) -> list[bytes]:
+    return value.split(enc.comp)
+
+
+def comp(value: bytes, enc: Enc, n: int, sub: int | None = None) -> bytes:
+    c = value.split(enc.comp)
+    v = c[n - 1] if n - 1 < len(c) else b""
+    if sub is not None:
+        s = v.split(enc.sub)
+        v = s[sub - 1] if sub - 1 < len(s) else b""
+    return v
+
+
+def unescape(value: bytes, enc: Enc) -> bytes:
+    """HL7 v2 escape sequences (v2.5 §2.7): \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\Xhh\\ and \\.br\\."""
+    if enc.esc not in value:
+        return value
+    e = re.escape(enc.esc)
+
+    def repl(m: re.Match) -> bytes:
+        body = m.group(1)
+        if body == b"F":
+            return enc.field
+        if body == b"S":
+            return enc.comp
+        if body == b"T":
+            return enc.sub
+        if body == b"R":
+            return enc.rep
+        if body == b"E":
+            return enc.esc
+        if body.startswith(b"X"):
+            try:
+                return bytes.fromhex(body[1:].decode("ascii"))
+            except ValueError:
+                return m.group(0)
+        if body == b".br":
+            return b"\r\n"
+        return m.group(0)
+
+    return re.sub(e + rb"([^" + e + rb"]*)" + e, repl, value)
+
+
+class _Ctx:
+    def __init__(self, codec: str) -> None:
+        self.codec = codec
+        self.errors: list[Issue] = []
+        self.warnings: list[Issue] = []
+
+    def s(self, b: bytes) -> str:
+        return b.decode(self.codec, "replace").strip()
+
+    def error(self, code: str, text: str, location: str | None = None,
+              hl7: str = HL7_APPLICATION) -> None:
+        self.errors.append(Issue(code=code, text=text, location=location, hl7_code=hl7))
+
+    def warn(self, code: str, text: str, location: str | None = None) -> None:
+        self.warnings.append(Issue(code=code, text=text, location=location))
+
+
+# ------------------------------------------------------------------------------- helpers
+def _b64decode_tolerant(data: bytes, ctx: _Ctx, where: str, *, truncated_ok: bool = False
+                        ) -> bytes | None:
+    clean = re.sub(rb"\s+", b"", data)
+    try:
+        return base64.b64decode(clean, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    if re.fullmatch(rb"[A-Za-z0-9+/]*={0,2}", clean):
+        try:
+            out = base64.b64decode(clean.rstrip(b"=") + b"=" * (-len(clean.rstrip(b"=")) % 4))
+            ctx.warn(E_OTHER, "Base64 data without its final padding: padding restored on reading",
+                     where)
+            return out
+        except (binascii.Error, ValueError):
+            pass
+    if truncated_ok and re.fullmatch(rb"[A-Za-z0-9+/]*={0,2}", clean):
+        # corpus quirk (ORU CORPSMAIL_PS): Base64 cut one character short; keep the whole quanta
+        body = clean.rstrip(b"=")
+        body = body[: len(body) - len(body) % 4]
+        ctx.warn(E_OTHER, "truncated Base64 text: the incomplete last characters were dropped",
+                 where)
+        return base64.b64decode(body)
+    ctx.error(E_OTHER, "OBX-5 data is not valid Base64", where, HL7_DATA_TYPE)
+    return None
+
+
+def _yes_no(value: str) -> bool | None:
+    v = value.strip().upper()
+    if v in ("Y", "YES", "O", "OUI"):
+        return True
+    if v in ("N", "NO", "NON"):
+        return False
+    return None
+
+
+def _flag_name(code: str) -> str:
+    n = re.sub(r"\s+", "", code).upper()
+    return FLAG_ALIASES.get(n, n)
+
+
+def _ei_to_id(value: bytes, enc: Enc, ctx: _Ctx) -> str | None:
+    """TXA-12/13 EI to the internal ``root^extension`` / ``root`` form.
+
+    profils-messages.md, TXA-12 note 1: ``extension^^root^ISO`` when the CDA id has an extension,
+    the bare OID otherwise (EI-2 namespace may hold a name, e.g. ``^Organisation-Y``)."""
+    c = comps(value, enc)
+    ent = ctx.s(c[0]) if c else ""
+    uni = ctx.s(c[2]) if len(c) > 2 else ""
+    if not ent:
+        return None
+    return f"{uni}^{ent}" if uni else ent
+
+
+def _xtn_address(value: bytes, enc: Enc, ctx: _Ctx) -> str | None:
+    """PRT-15: XTN-4 holds the mail address (profils-messages.md PRT-15.4); tolerant scan."""
+    for rep in value.split(enc.rep):
+        a = ctx.s(comp(rep, enc, 4))
+        if a:
+            return a
+        for c in comps(rep, enc):
+            t = ctx.s(c)
+            if "@" in t:
+                return t
+    return None
+
+
+def _ins_from_pid3(pid3: bytes, enc: Enc, ctx: _Ctx) -> tuple[INS | None, str | None]:
+    """PID-3 repetitions: CX-5 = ``INS`` gives the INS (value CX-1, OID CX-4.2); CX-5 = ``PI`` the
+    IPP. CI-SIS annexe INS (cited by profils-messages.md « Les données concernant le patient »)."""
+    ins = None
+    ipp = None
+    for rep in pid3.split(enc.rep):
+        idtype = ctx.s(comp(rep, enc, 5)).upper()
+        val = ctx.s(comp(rep, enc, 1))
+        if idtype == "INS" and val and ins is None:
+            oid = ctx.s(comp(rep, enc, 4, 2))
+            ins = INS(value=val, oid=oid)
+        elif idtype == "PI" and val and ipp is None:
+            ipp = val
+    return ins, ipp
+
+
+def _norm_id(ii: dict | None) -> str | None:
+    if not ii or not ii.get("root"):
+        return None
+    return f"{ii['root']}^{ii['extension']}" if ii.get("extension") else ii["root"]
+
+
+def _person_from_header(p: dict | None) -> Person | None:
+    if not p:
+        return None
+    rpps = next((i for i in p.get("ids", []) if i and i.get("root") == RPPS_OID), None)
+    first = rpps or (p["ids"][0] if p.get("ids") else None)
+    return Person(id=(first or {}).get("extension") or (first or {}).get("root"),
+                  id_oid=(first or {}).get("root"), family=p.get("family"), given=p.get("given"),
+                  organization_id=_norm_id(p.get("organization_id")),
+                  organization_name=p.get("organization_name"))
+
+
+# ------------------------------------------------------------------------------- main entry
+@dataclass
+class _DocOBX:
+    seg: Seg
+    set_id: str
+    status: str
+
+
+def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = False
+                 ) -> Submission:
+    """Parse one ORU^R01 / MDM^T02|T10|T04 message of the CI-SIS guide v2.1.
+
+    Never raises on message content: violations become ``errors`` (guide codes 900-906) and
+    doubtful points ``warnings``. ``ValueError`` only when there is no MSH at all.
+
+    ``strict_mss_matrix``: regles-gestion-mssante.md says combinations missing from the matrix
+    "génèrent un message d'erreur". The official corpus itself sends combinations missing from
+    the matrix (MDM examples: PS-only exchange with INVISIBLE_PATIENT=N), so by default only the
+    combinations that break an explicit "Point d'attention" of profils-messages.md are errors and
+    the other unlisted combinations are warnings; ``True`` makes every unlisted combination an
+    error.
+    """
+    ctx = _Ctx(codec)
+    enc, segs = _parse(raw)
+    msh = segs[0]
+    mtype = comps(msh.f(9), enc)
+    code = ctx.s(mtype[0]) if mtype else ""
+    event = ctx.s(mtype[1]) if len(mtype) > 1 else ""
+    version = ctx.s(comp(msh.f(12), enc, 1))
+    control_id = ctx.s(msh.f(10))
+    sub = Submission(message_type="^".join(ctx.s(c) for c in mtype if c) or "",
+                     control_id=control_id, version=version,
+                     sending_application=ctx.s(comp(msh.f(3), enc, 1)) or None,
+                     sending_facility=ctx.s(comp(msh.f(4), enc, 1)) or None)
+
+    # --- MSH (profils-messages.md, segment MSH: MSH-9, MSH-12, MSH-21)
+    expected_version = SUPPORTED.get((code, event))
+    if code not in ("ORU", "MDM"):
+        ctx.error(E_OTHER, f"unsupported message type {code!r}: ORU^R01 or MDM^T02/T10/T04 expected",
+                  "MSH-9", HL7_UNSUPPORTED_TYPE)
+    elif expected_version is None:
+        ctx.error(E_OTHER, f"unsupported trigger event {code}^{event}", "MSH-9",
+                  HL7_UNSUPPORTED_EVENT)
+    elif version != expected_version:
+        ctx.error(E_OTHER, f"{code} must use HL7 v{expected_version}, MSH-12 is {version!r}",
+                  "MSH-12", HL7_UNSUPPORTED_VERSION)
+    msh21 = [ctx.s(r) for r in msh.f(21).split(enc.rep)]
+    prof = next((p for p in msh21 if PROFILE_ID in p.upper().replace(" ", "")), None)
+    if prof is None:
+        ctx.error(E_OTHER, f"MSH-21 must carry {PROFILE_VERSION}^{PROFILE_ID}", "MSH-21",
+                  HL7_REQUIRED_FIELD)
+    else:
+        sub.profile = prof.replace(" ", "")
+        if sub.profile.split("^")[0] != PROFILE_VERSION:
+            ctx.warn(E_OTHER, f"MSH-21 profile version is not {PROFILE_VERSION}", "MSH-21")
+
+    by_name: dict[str, list[Seg]] = {}
+    for s in segs:
+        by_name.setdefault(s.name, []).append(s)
+
+    # --- PID (profils-messages.md « Les données concernant le patient »)
+    pid = (by_name.get("PID") or [None])[0]
+    if pid is None:
+        ctx.error(E_OTHER, "PID segment missing", "PID", HL7_SEGMENT_SEQUENCE)
+    else:
+        sub.ins, sub.ipp = _ins_from_pid3(pid.f(3), enc, ctx)
+        names = pid.f(5).split(enc.rep)
+        legal = next((n for n in names if ctx.s(comp(n, enc, 7)).upper() == "L"), names[0])
+        sub.patient = PatientTraits(
+            birth_name=ctx.s(comp(legal, enc, 1)) or None,
+            first_given_name=ctx.s(comp(legal, enc, 2)) or None,
+            given_names=ctx.s(comp(legal, enc, 3)) or None,
+            birth_date=ctx.s(comp(pid.f(7), enc, 1)) or None,
+            sex=ctx.s(pid.f(8)) or None,
+        )
+        if sub.ins is None:
+            ctx.warn(E_OTHER, "no INS in PID-3 (CX-5 = INS): identity not qualified", "PID-3")
+        else:
+            if sub.ins.oid not in INS_OIDS:
+                ctx.error(E_INS_INCOMPLETE, "PID-3 INS assigning authority is not an INS OID",
+                          "PID-3.4", HL7_TABLE_VALUE)
+            # CI-SIS annexe INS / PAM FR 2.11: an INS is only usable with a qualified identity
+            # (PID-32 = VALI); corpus quirk: PID-32 VALI with an INS is the normal case
+            pid32 = ctx.s(pid.f(32)).upper()
+            if pid32 and pid32 != "VALI":
+                ctx.warn(E_OTHER, f"PID-32 identity reliability is {pid32!r}, not VALI: the INS "
+                                  "must not be used as the patient identifier", "PID-32")
+
+    # --- ORC-1 and event (profils-messages.md « Le segment ORC »)
+    orc = (by_name.get("ORC") or [None])[0]
+    orc1 = ctx.s(orc.f(1)).upper() if orc else ""
+    if orc is None:
+        ctx.error(E_OTHER, "ORC segment missing", "ORC", HL7_SEGMENT_SEQUENCE)
+    elif orc1 not in ORC_ACTION:
+        ctx.error(E_OTHER, f"ORC-1 must be NW, RO or CA (got {orc1!r})", "ORC-1", HL7_TABLE_VALUE)
+    if not by_name.get("OBR"):
+        ctx.error(E_OTHER, "OBR segment missing", "OBR", HL7_SEGMENT_SEQUENCE)
+    txa = (by_name.get("TXA") or [None])[0]
+    if code == "MDM" and txa is None:
+        ctx.error(E_OTHER, "TXA segment missing (required for MDM)", "TXA", HL7_SEGMENT_SEQUENCE)
+
+    # --- OBX: documents, MetaDMPMSS flags, mail bodies; PRT; NTE
+    doc_obx: list[_DocOBX] = []
+    flags: dict[str, bool] = {}
+    flag_seen: dict[str, int] = {}
+    bad_flags: set[str] = set()
+    prts: list[Seg] = []
+    last_flag: str | None = None
+    for s in segs:
+        if s.name == "PRT":
+            prts.append(s)
+            continue
+        if s.name == "NTE":
+            # profils-messages.md « Echange MSSanté Patient »: NTE-4 = FIN -> patient cannot reply
+            if last_flag == "DESTMSSANTEPAT" and ctx.s(comp(s.f(4), enc, 1)).upper() == "FIN":
+                sub.recipients.patient_no_reply = True
+            continue
+        if s.name != "OBX":
+            continue
+        last_flag = None
+        obx3 = s.f(3)
+        system = ctx.s(comp(obx3, enc, 3)).replace(" ", "").upper()
+        ident = ctx.s(comp(obx3, enc, 1))
+        setid = ctx.s(s.f(1))
+        loc = f"OBX-{setid or '?'}"
+        vtype = ctx.s(s.f(2)).upper()
+        if system == "METADMPMSS" or _flag_name(ident) in FLAG_NAMES + MAIL_BODY_NAMES:
+            name = _flag_name(ident)
+            if name in MAIL_BODY_NAMES:
+                body = _read_text_obx(s, enc, ctx, loc)
+                if body is not None:
+                    sub.mail_bodies[name] = body
+                continue
+            if name not in FLAG_NAMES:
+                ctx.warn(E_OTHER, f"unknown MetaDMPMSS code {name!r} ignored", f"{loc}-3")
+                continue
+            # meta-dmp-mss.md + profils-messages.md: OBX-5.1 from HL7 table 0136 (Y/N)
+            val = _yes_no(ctx.s(comp(s.f(5), enc, 1)))
+            if val is None:
+                ctx.error(E_OTHER, f"{name}: OBX-5 must be Y or N", f"{loc}-5", HL7_TABLE_VALUE)
+                bad_flags.add(name)
+                continue
+            if name in flags and flags[name] != val:
+                ctx.error(E_OTHER, f"{name} given twice with different values", loc)
+            flags[name] = val
+            flag_seen[name] = s.index
+            last_flag = name
+            if vtype not in ("CE", "CWE"):
+                ctx.warn(E_OTHER, f"{name}: OBX-2 should be CE (ORU) or CWE (MDM)", f"{loc}-2")
+            # profils-messages.md: « Le champ OBX-11 ... est arbitrairement fixé à F »
+            if ctx.s(s.f(11)).upper() not in ("F", ""):
+                ctx.warn(E_OTHER, f"{name}: OBX-11 should be F", f"{loc}-11")
+            continue
+        if vtype == "ED":
+            doc_obx.append(_DocOBX(s, setid, ctx.s(s.f(11)).upper()))
+        else:
+            ctx.warn(E_OTHER, f"OBX with value type {vtype!r} ignored (documents use ED)", loc)
+
+    # required flags (profils-messages.md « Ces métadonnées sont requises » sauf CORPSMAIL_*;
+    # ACK_RECEPTION / ACK_LECTURE_MSS are « Usage = Optional »)
+    for name in REQUIRED_FLAGS:
+        if name not in flags and name not in bad_flags:
+            ctx.error(E_OTHER, f"required MetaDMPMSS flag {name} missing", "OBX",
+                      HL7_REQUIRED_FIELD)
+    sub.flags = {n: flags.get(n, False) for n in FLAG_NAMES}
+    # the guide asks for the flags in its order; tolerate, but say so
+    order = [flag_seen[n] for n in FLAG_NAMES if n in flag_seen]
+    if order != sorted(order):
+        ctx.warn(E_OTHER, "MetaDMPMSS flag OBX are not in the order of the guide", "OBX")
+
+    # --- documents (profils-messages.md « Les données concernant la demande de traitement »)
+    if not doc_obx:
+        ctx.error(E_OTHER, "no document OBX (value type ED) in the message", "OBX",
+                  HL7_SEGMENT_SEQUENCE)
+    if code == "ORU" and len(doc_obx) > 2:
+        # profils-messages.md: « Le message ORU peut transmettre une ou deux instances »
+        ctx.warn(E_OTHER, "more than two documents in an ORU message", "OBX")
+    headers: list[dict | None] = []
+    for d in doc_obx:
+        doc, header = _read_document(d, enc, ctx)
+        if doc is not None:
+            sub.documents.append(doc)
+            headers.append(header)
+
+    # --- action: ORC-1, OBX-11 and the MDM event must agree (profils-messages.md « Le segment
+    # ORC »: « En cas d'incohérence entre ces champs, le message HL7 sera rejeté par la PFI »)
+    candidates: dict[str, str] = {}
+    if orc1 in ORC_ACTION:
+        candidates["ORC-1"] = ORC_ACTION[orc1]
+    for d in doc_obx:
+        if d.status in OBX11_ACTION:
+            candidates[f"OBX-{d.set_id}-11"] = OBX11_ACTION[d.status]
+        else:
+            ctx.error(E_OTHER, f"document OBX-11 must be F, C or D (got {d.status!r})",
+                      f"OBX-{d.set_id}-11", HL7_TABLE_VALUE)
+    if code == "MDM" and event in EVENT_ACTION:
+        candidates["MSH-9.2"] = EVENT_ACTION[event]
+    if len(set(candidates.values())) > 1:
+        detail = ", ".join(f"{k}={v}" for k, v in candidates.items())
+        ctx.error(E_OTHER, f"inconsistent request: ORC-1, OBX-11 and event disagree ({detail})",
+                  "ORC-1")
+        sub.action = None  # ambiguous request: no action-specific check, message rejected
+    else:
+        sub.action = next(iter(candidates.values()), None)
+
+    # --- replacement / deletion (profils-messages.md TXA-13 « Requis dans le cas d'une demande
+    # de remplacement »; MDM readme: the parent is CDA relatedDocument[@typeCode=RPLC])
+    parent = next((d.replaces for d in sub.documents if d.replaces), None)
+    sub.parent_document_id = parent if sub.action == "replace" else None
+    if sub.action == "replace":
+        if parent is None and any(h for h in headers):
+            ctx.error(E_VERSION, "replacement without relatedDocument[@typeCode='RPLC'] parent id "
+                                 "in the document", "OBX-5")
+        for d in sub.documents:
+            if d.version_number is not None and d.version_number < 2:
+                ctx.error(E_VERSION, "replacement document has versionNumber < 2", "OBX-5")
+            if d.replaces and d.id and d.replaces == d.id:
+                ctx.error(E_VERSION, "document replaces itself (same id as its RPLC parent)",
+                          "OBX-5")
+    if txa is not None:
+        _check_txa(txa, sub, enc, ctx, code, event)
+
+    # --- INS: PID-3 vs CDA recordTarget (profils-messages.md: « Le PID-3 doit être identique aux
+    # identifiants de patient portés par le document CDA »; error-codes.md 903/904/905)
+    for d, h in zip(sub.documents, headers):
+        if h is None:
+            continue
+        _check_ins(sub, d, h, ctx)
+
+    # --- participants (profils-messages.md, PRT SB / RCT / REPLY)
+    _read_prts(prts, sub, enc, ctx)
+
+    # --- destinations, acknowledgements, MSSanté rules
+    f = sub.flags
+    sub.recipients.dmp = f["DESTDMP"]
+    sub.acks = Acks(reception=f["ACK_RECEPTION"], lecture=f["ACK_LECTURE_MSS"])
+    _check_mss_rules(sub, ctx, strict_mss_matrix)
+
+    sub.errors = ctx.errors
+    sub.warnings = ctx.warnings
+    return sub
+
+
+def _read_text_obx(s: Seg, enc: Enc, ctx: _Ctx, loc: str) -> str | None:
+    """CORPSMAIL_PS / CORPSMAIL_PATIENT: ED (``^text^^Base64^…``) or plain text."""
+    v = s.f(5)
+    if ctx.s(s.f(2)).upper() == "ED":
+        parts = v.split(enc.comp, 4)
+        encoding = ctx.s(parts[3]).upper() if len(parts) > 3 else ""
+        data = parts[4] if len(parts) > 4 else b""
+        if encoding == "BASE64":
+            b = _b64decode_tolerant(data, ctx, f"{loc}-5", truncated_ok=True)
+            if b is None:
+                return None
+        else:
+            b = unescape(data, enc)
+    else:
+        b = unescape(v, enc)
+    return b.decode(ctx.codec, "replace")
+
+
+def _read_document(d: _DocOBX, enc: Enc, ctx: _Ctx) -> tuple[Document | None, dict | None]:
+    """OBX-5 ED: ``source^type^subtype^encoding^data`` (profils-messages.md OBX-5.1..5.5).
+
+    Base64 (the guide's form) and plain text (``A``/empty encoding, HL7-escaped) are read; the
+    decoded bytes are kept as they are (sha256 on them)."""
+    loc = f"OBX-{d.set_id or '?'}"
+    parts = d.seg.f(5).split(enc.comp, 4)
+    if len(parts) < 5:
+        ctx.error(E_OTHER, "document OBX-5 is not an ED value (source^type^subtype^encoding^data)",
+                  f"{loc}-5", HL7_DATA_TYPE)
+        return None, None
+    dtype = ctx.s(parts[1]).upper()
+    subtype = ctx.s(parts[2]).upper()
+    encoding = ctx.s(parts[3]).upper()
+    data = parts[4].rstrip(b" \t")
+    if dtype not in ("TEXT", "APPLICATION") or subtype not in ("XML", ""):
+        ctx.warn(E_OTHER, "document OBX-5.2/5.3 should be TEXT|text and XML", f"{loc}-5")
+    if encoding == "BASE64":
+        body = _b64decode_tolerant(data, ctx, f"{loc}-5.5")
+        if body is None:
+            return None, None
+    elif encoding in ("A", "", "NONE"):
+        body = unescape(data, enc)
+    elif encoding == "HEX":
+        try:
+            body = bytes.fromhex(data.decode("ascii"))
+        except ValueError:
+            ctx.error(E_OTHER, "OBX-5 data is not valid hexadecimal", f"{loc}-5.5", HL7_DATA_TYPE)
+            return None, None
+    else:
+        ctx.error(E_OTHER, f"unsupported OBX-5.4 encoding {encoding!r}", f"{loc}-5.4",
+                  HL7_TABLE_VALUE)
+        return None, None
+    obx3 = d.seg.f(3)
+    doc = Document(sha256=hashlib.sha256(body).hexdigest(), size=len(body),
+                   raw_bytes_b64=base64.b64encode(body).decode("ascii"),
+                   type_code=ctx.s(comp(obx3, enc, 1)) or None, obx_set_id=d.set_id,
+                   obx_result_status=d.status)
+    try:
+        header = read_header(parse_cda(body))
+    except (etree.XMLSyntaxError, ValueError) as exc:
+        kind = "not well-formed XML" if isinstance(exc, etree.XMLSyntaxError) else \
+            "not a CDA R2 ClinicalDocument"
+        ctx.error(E_OTHER, f"document in {loc} is {kind}", f"{loc}-5")
+        return doc, None
+    c = header.get("code") or {}
+    obx_type = doc.type_code
+    doc.id = header["id_str"]
+    doc.set_id = header["set_id_str"]
+    doc.version_number = header["version_number"]
+    doc.type_code = c.get("code") or obx_type
+    doc.level = header["level"]
+    doc.body_media_type = header["media_type"]
+    doc.confidentiality_code = (header["confidentiality_code"] or {}).get("code")
+    doc.effective_time = header["effective_time"]
+    doc.title = header["title"]
+    doc.template_ids = [t for t in header["template_ids"] if t]
+    doc.author = _person_from_header(header["author"])
+    doc.legal_authenticator = _person_from_header(header["legal_authenticator"])
+    cust = header["custodian"]
+    if cust:
+        doc.custodian = Person(organization_id=_norm_id(cust["id"]), organization_name=cust["name"])
+    doc.order_id = _norm_id(header["order_id"])
+    doc.accession_number = _norm_id(header["accession_number"])
+    doc.study_instance_uid = header["study_instance_uid"]
+    doc.modality = header["modality"]
+    doc.region = (header["region"] or {}).get("code")
+    doc.practice_setting = (header["practice_setting"] or {}).get("code")
+    doc.facility_type = (header["facility_type"] or {}).get("code")
+    doc.replaces = header["replaces_str"]
+    ins = header["record_target"]["ins"]
+    doc.record_target_ins = INS(**ins) if ins else None
+    if doc.id is None:
+        ctx.error(E_OTHER, f"document in {loc} has no ClinicalDocument/id", f"{loc}-5")
+    # profils-messages.md OBX-3.1 « Code du document »: same code as the CDA
+    if obx_type and c.get("code") and obx_type != c.get("code"):
+        ctx.warn(E_OTHER, "OBX-3.1 differs from the CDA ClinicalDocument/code", f"{loc}-3")
+    return doc, header
+
+
+def _check_txa(txa: Seg, sub: Submission, enc: Enc, ctx: _Ctx, code: str, event: str) -> None:
+    """profils-messages.md « Les métadonnées du document [Uniquement pour le message MDM] »."""
+    txa12 = _ei_to_id(txa.f(12), enc, ctx)
+    txa13 = _ei_to_id(txa.f(13), enc, ctx)
+    if not txa12:
+        ctx.error(E_OTHER, "TXA-12 (unique document number) missing", "TXA-12", HL7_REQUIRED_FIELD)
+    ids = {d.id for d in sub.documents if d.id}
+    if txa12 and ids and txa12 not in ids:
+        ctx.error(E_OTHER, "TXA-12 differs from the CDA ClinicalDocument/id", "TXA-12")
+    if sub.action == "replace":
+        if not txa13:
+            ctx.error(E_VERSION, "TXA-13 (parent document number) missing for a replacement",
+                      "TXA-13", HL7_REQUIRED_FIELD)
+        elif sub.parent_document_id and txa13 != sub.parent_document_id:
+            ctx.error(E_VERSION, "TXA-13 differs from the CDA relatedDocument RPLC parent id",
+                      "TXA-13")
+        elif not sub.parent_document_id:
+            sub.parent_document_id = txa13
+    txa2 = ctx.s(txa.f(2))
+    types = {d.type_code for d in sub.documents if d.type_code}
+    if txa2 and types and txa2 not in types:
+        ctx.warn(E_OTHER, "TXA-2 differs from the document type code", "TXA-2")
+
+
+def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
+    loc = f"OBX-{d.obx_set_id or '?'}"
+    rt = h["record_target"]
+    cda_ins = rt["ins"]
+    if sub.ins is None:
+        return
+    if cda_ins is None:
+        # error-codes.md 903: « le document CDA ... contient une liste d'identifiants de patient
+        # mais pas l'INS »
+        ctx.error(E_INS_ABSENT, "INS not present in the document recordTarget", loc)
+        return
+    if cda_ins["value"] != sub.ins.value or cda_ins["oid"] != sub.ins.oid:
+        # error-codes.md 904 + profils-messages.md « Le PID-3 doit être identique ... »
+        ctx.error(E_INS_MISMATCH, "INS of PID-3 differs from the document recordTarget INS", loc)
+        return
+    t = rt["traits"]
+    # error-codes.md 905: INS present but the INS traits are not all present (nom de naissance,
+    # prénom(s), date de naissance, sexe - CI-SIS annexe INS)
+    missing = [k for k in ("birth_name", "birth_date", "sex") if not t.get(k)]
+    if not (t.get("given_names") or t.get("first_given_name")):
+        missing.append("given_names")
+    if missing:
+        ctx.error(E_INS_INCOMPLETE, "INS traits incomplete in the document: missing "
+                  + ", ".join(missing), loc)
+        return
+    # error-codes.md 904: « les traits ou le matricule ne correspondent pas exactement »
+    p = sub.patient
+    diffs = []
+    if p.birth_name and t.get("birth_name") and p.birth_name.upper() != t["birth_name"].upper():
+        diffs.append("birth name")
+    if p.birth_date and t.get("birth_date") and t["birth_date"][:8] != p.birth_date[:8]:
+        diffs.append("birth date")
+    if p.sex and t.get("sex") and p.sex.upper() != t["sex"].upper():
+        diffs.append("sex")
+    if diffs:
+        ctx.error(E_INS_MISMATCH, "patient traits of PID differ from the document: "
+                  + ", ".join(diffs), loc)
+
+
+def _read_prts(prts: list[Seg], sub: Submission, enc: Enc, ctx: _Ctx) -> None:
+    """PRT-4 SB (sender), RCT (MSSanté recipients, PS/organisation/BAL or patient), REPLY."""
+    mss_ps: list[str] = []
+    patients: list[str] = []
+    for p in prts:
+        role = ctx.s(comp(p.f(4), enc, 1)).upper()
+        loc = f"PRT[{p.index}]"
+        if role == "SB":
+            pers = p.f(5)
+            person = None
+            if ctx.s(comp(pers, enc, 1)):
+                # PRT-5.9 assigning authority: tolerant on the namespace (« ASIP-SANTE- PS »),
+                # the OID in 5.9.2 is what counts
+                person = Person(id=ctx.s(comp(pers, enc, 1)),
+                                id_oid=ctx.s(comp(pers, enc, 9, 2)) or None,
+                                family=ctx.s(comp(pers, enc, 2)) or None,
+                                given=ctx.s(comp(pers, enc, 3)) or None)
+            org = p.f(8)
+            sub.recipients.sender = Sender(
+                person=person,
+                organization_name=ctx.s(comp(org, enc, 1)) or None,
+                organization_id_type=ctx.s(comp(org, enc, 7)) or None,
+                organization_id=ctx.s(comp(org, enc, 10)) or None,
+                device=ctx.s(comp(p.f(10), enc, 1)) or None,
+            )
+            if sub.recipients.sender.organization_id is None:
+                ctx.warn(E_OTHER, "PRT SB without PRT-8.10 organisation identifier", loc)
+        elif role == "RCT":
+            addr = _xtn_address(p.f(15), enc, ctx)
+            if not addr:
+                ctx.error(E_OTHER, "PRT RCT without a mail address in PRT-15.4", loc,
+                          HL7_REQUIRED_FIELD)
+                continue
+            is_patient = (ctx.s(comp(p.f(5), enc, 13)).upper() == "INS"
+                          or addr.lower().endswith(PATIENT_MAIL_DOMAIN))
+            (patients if is_patient else mss_ps).append(addr)
+        elif role == "REPLY":
+            addr = _xtn_address(p.f(15), enc, ctx)
+            if addr:
+                sub.recipients.reply_to = addr
+        else:
+            ctx.warn(E_OTHER, f"PRT-4 role {role!r} ignored", loc)
+    sub.recipients.mss_ps = list(dict.fromkeys(mss_ps))
+    if len(set(patients)) > 1:
+        ctx.warn(E_OTHER, "several patient mailboxes given: the first one is used", "PRT")
+    sub.recipients.mss_patient = patients[0] if patients else None
+    if sub.recipients.mss_patient and sub.ins:
+        if sub.recipients.mss_patient.lower() != f"{sub.ins.value}{PATIENT_MAIL_DOMAIN}":
+            # README of shared/: the patient mailbox is <INS>@patient.mssante.fr
+            ctx.warn(E_OTHER, "patient mailbox does not match the PID-3 INS", "PRT-15")
+
+
+def mss_matrix_row(f: dict[str, bool]) -> int | None:
+    """Row (1-3) of the regles-gestion-mssante.md matrix matching the flags, or None."""
+    ps, pat = f["DESTMSSANTEPS"], f["DESTMSSANTEPAT"]
+    if (not f["MASQUE_PS"] and not f["INVISIBLE_PATIENT"] and not f["INVISIBLE_REP_LEGAUX"]
+            and ps and pat):
+        return 1  # PS + patient
+    if (not f["MASQUE_PS"] and f["INVISIBLE_PATIENT"] and not f["INVISIBLE_REP_LEGAUX"]
+            and ps and not pat):
+        return 2  # PS only
+    if (not f["INVISIBLE_PATIENT"] and not f["CONNEXION_SECRETE"] and not f["DESTDMP"]
+            and not ps and pat):
+        return 3  # patient only
+    return None
+
+
+def _check_mss_rules(sub: Submission, ctx: _Ctx, strict: bool) -> None:
+    f = sub.flags
+    ps, pat = f["DESTMSSANTEPS"], f["DESTMSSANTEPAT"]
+    r = sub.recipients
+    # PRT RCT « requis si le document est échangé via MSSanté » (profils-messages.md)
+    if ps and not r.mss_ps:
+        ctx.error(E_OTHER, "DESTMSSANTEPS=Y but no PRT RCT professional address", "PRT")
+    if pat and not r.mss_patient:
+        ctx.error(E_OTHER, "DESTMSSANTEPAT=Y but no PRT RCT patient mailbox", "PRT")
+    if not ps and r.mss_ps:
+        ctx.warn(E_OTHER, "PRT RCT professional addresses ignored: DESTMSSANTEPS=N", "PRT")
+        r.mss_ps = []
+    if not pat and r.mss_patient:
+        ctx.warn(E_OTHER, "PRT RCT patient mailbox ignored: DESTMSSANTEPAT=N", "PRT")
+        r.mss_patient = None
+    # PRT SB « requis ... dans le cas d'une publication du document sur le DMP » (VIHF)
+    if f["DESTDMP"] and r.sender is None:
+        ctx.error(E_OTHER, "DESTDMP=Y but no PRT SB sender (needed for the VIHF token)", "PRT")
+    if not (ps or pat):
+        return  # no MSSanté exchange: the matrix does not apply
+    explicit = False
+    # profils-messages.md MASQUE_PS « Point d'attention »: a document masked to PS must not be
+    # exchanged between PS over MSSanté (matrix rows 1-2: MASQUE_PS = N)
+    if f["MASQUE_PS"] and ps:
+        explicit = True
+        ctx.error(E_OTHER, "MSSanté rule: MASQUE_PS=Y forbids DESTMSSANTEPS=Y", "OBX")
+    # profils-messages.md INVISIBLE_PATIENT « Point d'attention »: a document hidden from the
+    # patient must not be sent to the patient (matrix rows 1 and 3: INVISIBLE_PATIENT = N)
+    if f["INVISIBLE_PATIENT"] and pat:
+        explicit = True
+        ctx.error(E_OTHER, "MSSanté rule: INVISIBLE_PATIENT=Y forbids DESTMSSANTEPAT=Y", "OBX")
+    if explicit:
+        return
+    if mss_matrix_row(f) is None:
+        # regles-gestion-mssante.md: « Les cas non représentés génèrent un message d'erreur »
+        text = ("MSSanté rule: flag combination not listed in the MSSanté management matrix "
+                "(regles-gestion-mssante.md)")
+        if strict:
+            ctx.error(E_OTHER, text, "OBX")
+        else:
+            ctx.warn(E_OTHER, text, "OBX")
