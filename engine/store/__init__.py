@@ -1,0 +1,32 @@
+"""Durable store of mini-PFI: tables, Alembic migrations, group-commit writer, claims, stats.
+
+See ``engine.store.store`` for the design (writer thread, SQLite/PostgreSQL settings) and
+``engine.store.schema`` for the tables. Times are float epoch seconds (UTC) throughout.
+"""
+from .models import (
+    ClaimedEntry,
+    Duplicate,
+    EntryRow,
+    EntrySpec,
+    IngestRecord,
+    IngestResult,
+    MessageRow,
+    MessageSummary,
+    Stored,
+    UnknownMessage,
+)
+from .store import Store
+
+__all__ = [
+    "ClaimedEntry",
+    "Duplicate",
+    "EntryRow",
+    "EntrySpec",
+    "IngestRecord",
+    "IngestResult",
+    "MessageRow",
+    "MessageSummary",
+    "Store",
+    "Stored",
+    "UnknownMessage",
+]

@@ -1,0 +1,132 @@
+"""Plain data classes exchanged with the store (no SQLAlchemy, no Twisted).
+
+All times are float seconds since the Unix epoch (UTC), see ``engine.store.schema``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+
+@dataclass(slots=True)
+class EntrySpec:
+    destination: str
+    route: str
+    order_key: str = ""          # '' = FIFO per destination; else a hash computed by the caller
+    transforms: str = "[]"       # JSON snapshot of the route's transform list
+
+
+@dataclass(slots=True)
+class IngestRecord:
+    channel: str
+    raw: bytes
+    received_at: float           # epoch seconds UTC (time.time())
+    sending_app: str
+    sending_facility: str
+    receiving_app: str
+    receiving_facility: str
+    message_type: str
+    control_id: str
+    version: str
+    charset: str
+    status: str                  # 'routed' | 'filtered' | 'rejected'
+    ack: bytes
+    ack_code: str
+    error_code: str | None = None
+    flags: str | None = None
+    entries: list[EntrySpec] = field(default_factory=list)
+    dedup: bool = True
+    conflict_ack: Callable[[], bytes] | None = None
+
+
+@dataclass(slots=True)
+class Stored:
+    message_id: int
+
+
+@dataclass(slots=True)
+class Duplicate:
+    original_id: int
+    ack: bytes
+    same_content: bool
+    message_id: int | None
+
+
+IngestResult = Union[Stored, Duplicate]
+
+
+@dataclass(slots=True)
+class ClaimedEntry:
+    id: int
+    message_id: int
+    destination: str
+    route: str
+    order_key: str
+    transforms: str
+    attempts: int
+    raw: bytes
+    control_id: str
+    message_type: str
+    channel: str
+
+
+@dataclass(slots=True)
+class EntryRow:
+    id: int
+    message_id: int
+    destination: str
+    route: str
+    status: str
+    order_key: str
+    transforms: str
+    attempts: int
+    next_attempt_at: float
+    created_at: float
+    updated_at: float
+    lease_owner: str | None
+    lease_until: float | None
+    last_error: str | None
+    response: bytes | None
+    payload: bytes | None
+
+
+@dataclass(slots=True)
+class MessageRow:
+    id: int
+    channel: str
+    received_at: float
+    sending_app: str
+    sending_facility: str
+    receiving_app: str
+    receiving_facility: str
+    message_type: str
+    control_id: str
+    version: str
+    charset: str
+    size: int
+    sha256: str
+    dedup_key: str | None
+    status: str
+    ack_code: str
+    ack: bytes
+    error_code: str | None
+    raw: bytes
+    flags: str | None
+    entries: list[EntryRow] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class MessageSummary:
+    id: int
+    channel: str
+    control_id: str
+    message_type: str
+    received_at: str             # ISO 8601 UTC
+    status: str                  # aggregate, see Store.list_messages
+    sending_app: str
+    sending_facility: str
+    size: int
+
+
+class UnknownMessage(KeyError):
+    """``replay`` (or another call) named a message id that does not exist."""

@@ -1,0 +1,85 @@
+"""SQLAlchemy Core tables of the store (the Alembic migration ``0001_initial`` creates exactly these).
+
+Times are stored as **float seconds since the Unix epoch (UTC)** in every column (``received_at``,
+``next_attempt_at``, ``created_at``, ``updated_at``, ``lease_until``, ``events.at``): cheap to
+compare and index, identical on SQLite and PostgreSQL, no time zone ambiguity. The API takes and
+returns the same floats (``time.time()``); ``list_messages`` renders ISO 8601 UTC strings.
+
+PHI rule: only ``messages.raw``, ``queue_entries.payload`` and ``queue_entries.response`` hold
+message content. ``order_key`` is whatever hash the caller computed; ``events.detail`` and
+``last_error`` carry technical text only.
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+# BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Time = sa.Float(precision=53)  # DOUBLE PRECISION on PostgreSQL, REAL on SQLite
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("channel", sa.String(128), nullable=False),
+    sa.Column("received_at", Time, nullable=False),
+    sa.Column("sending_app", sa.String(255), nullable=False, server_default=""),
+    sa.Column("sending_facility", sa.String(255), nullable=False, server_default=""),
+    sa.Column("receiving_app", sa.String(255), nullable=False, server_default=""),
+    sa.Column("receiving_facility", sa.String(255), nullable=False, server_default=""),
+    sa.Column("message_type", sa.String(64), nullable=False, server_default=""),
+    sa.Column("control_id", sa.String(255), nullable=False, server_default=""),
+    sa.Column("version", sa.String(32), nullable=False, server_default=""),
+    sa.Column("charset", sa.String(64), nullable=False, server_default=""),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("dedup_key", sa.String(800), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("ack_code", sa.String(8), nullable=False, server_default=""),
+    sa.Column("ack", sa.LargeBinary, nullable=False),
+    sa.Column("error_code", sa.String(16), nullable=True),
+    sa.Column("raw", sa.LargeBinary, nullable=False),
+    sa.Column("flags", sa.String(255), nullable=True),
+    sa.Index("ix_messages_dedup", "dedup_key", "received_at"),
+)
+
+queue_entries = sa.Table(
+    "queue_entries",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("message_id", BigId, sa.ForeignKey("messages.id"), nullable=False),
+    sa.Column("destination", sa.String(128), nullable=False),
+    sa.Column("route", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("order_key", sa.String(128), nullable=False, server_default=""),
+    sa.Column("transforms", sa.Text, nullable=False, server_default="[]"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", Time, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Column("lease_owner", sa.String(128), nullable=True),
+    sa.Column("lease_until", Time, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("response", sa.LargeBinary, nullable=True),
+    sa.Column("payload", sa.LargeBinary, nullable=True),
+    sa.Index("ix_queue_dest_status_key_id", "destination", "status", "order_key", "id"),
+    sa.Index("ix_queue_dest_status_next", "destination", "status", "next_attempt_at"),
+    sa.Index("ix_queue_message", "message_id"),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", Time, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("channel", sa.String(128), nullable=True),
+    sa.Column("destination", sa.String(128), nullable=True),
+    sa.Column("message_id", BigId, nullable=True),
+    sa.Column("entry_id", BigId, nullable=True),
+    sa.Column("detail", sa.Text, nullable=False, server_default="{}"),
+    sa.Index("ix_events_kind_channel", "kind", "channel"),
+    sa.Index("ix_events_at", "at"),
+)

@@ -1,0 +1,262 @@
+"""Store writer thread: failure handling, crash durability (SIGKILL), throughput sanity."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from engine.store import EntrySpec, IngestRecord, Store, Stored
+
+from .test_store import ingest, rec, run_op
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def submit_wait(store: Store, records, timeout: float = 30):
+    done = threading.Event()
+    box = []
+    store.submit_ingest(records, lambda r: (box.append(r), done.set()))
+    assert done.wait(timeout), "callback never fired"
+    return box[0]
+
+
+def n_messages(store: Store, control_id: str) -> int:
+    with store.engine.connect() as c:
+        return c.execute(sa.text("SELECT count(*) FROM messages WHERE control_id = :c"),
+                         {"c": control_id}).scalar()
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_writer_survives_locked_sqlite(sqlite_url):
+    s = Store(sqlite_url)
+    s.migrate()
+    s.start()
+    try:
+        assert isinstance(ingest(s, [rec("OK1")])[0], Stored)
+        # shorten the writer connection's busy timeout (reset when it reconnects)
+        run_op(s, lambda c: c.exec_driver_sql("PRAGMA busy_timeout=200"))
+        path = sa.engine.make_url(sqlite_url).database
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            res = submit_wait(s, [rec("FAIL1"), rec("FAIL2")])
+            assert isinstance(res, BaseException)
+            assert s.writer_healthy is False
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert isinstance(ingest(s, [rec("OK2")])[0], Stored)
+        assert s.writer_healthy is True
+        assert n_messages(s, "FAIL1") == 0 and n_messages(s, "FAIL2") == 0
+        assert n_messages(s, "OK2") == 1
+    finally:
+        s.stop()
+        s.dispose()
+
+
+def test_writer_survives_killed_postgresql_connection(pg_url):
+    s = Store(pg_url)
+    s.migrate()
+    s.start()
+    try:
+        assert isinstance(ingest(s, [rec("OK1")])[0], Stored)
+        pid = run_op(s, lambda c: c.exec_driver_sql("SELECT pg_backend_pid()").scalar())
+        with s.engine.connect() as c:
+            assert c.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        time.sleep(0.2)
+        res = submit_wait(s, [rec("FAIL1")])
+        assert isinstance(res, BaseException)
+        assert s.writer_healthy is False
+        assert isinstance(ingest(s, [rec("OK2")])[0], Stored)
+        assert s.writer_healthy is True
+        assert n_messages(s, "FAIL1") == 0 and n_messages(s, "OK2") == 1
+    finally:
+        s.stop()
+        s.dispose()
+
+
+def test_writer_unreachable_database_fails_every_callback():
+    s = Store("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
+    s.start()
+    try:
+        results = []
+        done = threading.Event()
+
+        def cb(r):
+            results.append(r)
+            if len(results) == 3:
+                done.set()
+
+        s.submit_ingest([rec("A")], cb)
+        s.submit(lambda c: 1, cb)
+        s.submit_ingest([rec("B"), rec("C")], cb)
+        assert done.wait(30)
+        assert all(isinstance(r, BaseException) for r in results)
+        assert s.writer_healthy is False
+        # still serving (and still failing) later submissions
+        assert isinstance(submit_wait(s, [rec("D")]), BaseException)
+    finally:
+        s.stop()
+        s.dispose()
+    # after stop, submissions are refused immediately
+    box = []
+    s.submit_ingest([rec("E")], box.append)
+    assert isinstance(box[0], RuntimeError)
+
+
+# --------------------------------------------------------------------------- crash durability
+
+CHILD = textwrap.dedent("""
+    import sys, threading, time
+    from engine.store import Store, IngestRecord, EntrySpec, Stored
+    url = sys.argv[1]
+    s = Store(url)
+    s.migrate()
+    s.start()
+    out_lock = threading.Lock()
+    raw = b"MSH|^~\\\\&|APP|FAC|R|F|20250101||ADT^A01|%s|P|2.5\\rPID|1||X\\r" + b"Z" * 600
+
+    def producer(n):
+        i = 0
+        while True:
+            cid = f"{n}-{i}"
+            r = IngestRecord("ch", raw % cid.encode(), time.time(), "APP", "FAC", "R", "F",
+                             "ADT^A01", cid, "2.5", "UTF-8", "routed", b"ACK " + cid.encode(),
+                             "AA", entries=[EntrySpec("d", "r")])
+            ev = threading.Event()
+
+            def cb(res, ev=ev):
+                if isinstance(res, list) and isinstance(res[0], Stored):
+                    with out_lock:
+                        sys.stdout.write(f"{res[0].message_id}\\n")
+                        sys.stdout.flush()
+                ev.set()
+
+            s.submit_ingest([r], cb)
+            ev.wait()
+            i += 1
+
+    sys.stdout.write("READY\\n")
+    sys.stdout.flush()
+    for n in range(4):
+        threading.Thread(target=producer, args=(n,), daemon=True).start()
+    time.sleep(60)
+""")
+
+
+def crash_run(tmp_path: Path, url: str, want: int = 1500) -> list[int]:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE,
+                            cwd=str(ROOT), env=env)
+    acked: list[int] = []
+    deadline = time.monotonic() + 30
+    try:
+        assert proc.stdout.readline().strip() == b"READY"
+        while len(acked) < want and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line.endswith(b"\n"):
+                break
+            acked.append(int(line))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        rest = proc.stdout.read()
+        proc.wait()
+    # lines fully written before the kill count as acknowledged too
+    for line in rest.split(b"\n")[:-1]:
+        acked.append(int(line))
+    return acked
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_crash_durability_sigkill(backend, tmp_path, request):
+    url = (f"sqlite:///{tmp_path / 'crash.db'}" if backend == "sqlite"
+           else request.getfixturevalue("pg_url"))
+    acked = crash_run(tmp_path, url)
+    assert len(acked) > 100
+    s = Store(url)
+    try:
+        with s.engine.connect() as c:
+            present = set(c.execute(sa.text("SELECT id FROM messages")).scalars())
+            n_entries = c.execute(sa.text("SELECT count(*) FROM queue_entries")).scalar()
+        missing = set(acked) - present
+        assert not missing, f"{len(missing)} acknowledged messages lost"
+        assert n_entries == len(present)       # never a message without its entries
+        print(f"\n[{backend}] acked {len(acked)}, stored {len(present)} after SIGKILL")
+    finally:
+        s.dispose()
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def test_throughput_sanity(store_url):
+    """8 closed-loop producers (each waits for its result before the next); prints records/s."""
+    s = Store(store_url)
+    s.migrate()
+    s.start()
+    raw = (b"MSH|^~\\&|APP|FAC|RAPP|RFAC|20250101120000||ADT^A01^ADT_A01|%s|P|2.5\r"
+           b"EVN|A01|20250101120000\rPID|1||123456^^^HOSP^PI||NAME^GIVEN||19700101|M\r"
+           + b"PV1|1|I|WARD^101^1^HOSP||||1234^DR^X|||||||||||V1||||||||||||||||||||||||20250101\r"
+           * 5)
+    duration = 2.0
+    stop_at = time.monotonic() + duration
+    counts = [0] * 8
+    errors = []
+
+    def producer(n):
+        lock = threading.Lock()
+        box = []
+
+        def cb(res):
+            box.append(res)
+            lock.release()
+
+        i = 0
+        while time.monotonic() < stop_at:
+            cid = f"{n}-{i}"
+            r = IngestRecord("ch", raw % cid.encode(), time.time(), "APP", "FAC", "RAPP", "RFAC",
+                             "ADT^A01", cid, "2.5", "UTF-8", "routed", b"ACK", "AA",
+                             entries=[EntrySpec("dest", "route")])
+            lock.acquire()
+            s.submit_ingest([r], cb)
+            lock.acquire()
+            lock.release()
+            if not isinstance(box.pop(), list):
+                errors.append(cid)
+            i += 1
+        counts[n] = i
+
+    threads = [threading.Thread(target=producer, args=(n,)) for n in range(8)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    total = sum(counts)
+    rate = total / elapsed
+    batch = s.batched_jobs / max(1, s.batches)
+    s.stop()
+    try:
+        with s.engine.connect() as c:
+            stored = c.execute(sa.text("SELECT count(*) FROM messages")).scalar()
+    finally:
+        s.dispose()
+    print(f"\n[{s.dialect}] 8 producers: {rate:.0f} records/s ({total} in {elapsed:.2f}s, "
+          f"mean batch {batch:.1f})")
+    assert not errors
+    assert stored == total
+    assert rate > 500
