@@ -234,3 +234,4 @@ def chain_from_json(transforms_json: str) -> Chain:
 
 # Register the built-in transforms (must stay at the bottom: basic imports `register`).
 from engine.transforms import basic as _basic  # noqa: E402,F401
+from engine.transforms import cda_wrap as _cda_wrap  # noqa: E402,F401  (issue 4: PACS report -> CDA R2 N1)

@@ -1,0 +1,48 @@
+# mini-PFI: two set-up commands (make run, make test); see README.md.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+CONFIG ?= engine/routes.yaml
+DATA_DIR ?= data
+
+.PHONY: install install-test run test test-fast bench bench-quick check clean lock
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python requirements.lock pyproject.toml
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP) requirements-test.lock
+	$(BIN)/pip install --quiet -r requirements-test.lock
+	touch $@
+
+install: $(STAMP)            ## create .venv and install the pinned dependencies and the engine
+
+install-test: $(TEST_STAMP)  ## also install the pinned test extras
+
+run: install                 ## start the engine with the sample routes on SQLite (data/)
+	$(BIN)/minipfi run --config $(CONFIG) --data-dir $(DATA_DIR)
+
+check: install               ## validate the routes file
+	$(BIN)/minipfi check $(CONFIG)
+
+test: install-test           ## the whole suite (SQLite and PostgreSQL)
+	$(BIN)/python -m pytest -q
+
+bench: install-test          ## durable ingest benchmark against python-hl7's MLLP server (about 3 min)
+	$(BIN)/python bench/ingest.py --connections 1,8,32 --backends sqlite,postgresql --peer
+
+bench-quick: install-test
+	$(BIN)/python bench/ingest.py --connections 8 --backends sqlite --peer --seconds 5
+
+lock:                        ## re-pin the dependencies after changing pyproject.toml
+	$(BIN)/pip freeze --exclude-editable | grep -v -i -E '^(pytest|pytest-timeout|iniconfig|pluggy|aiosmtpd|atpublic|saxonche|pygments)==' > requirements.lock
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

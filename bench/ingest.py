@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Durable ingest benchmark: mini-PFI against python-hl7's asyncio MLLP server, in the same run.
+
+Closed loop: N connections, each sends one message, waits for its ACK, checks MSA-2 equals the
+MSH-10 it sent (unique per message), then sends the next. Reports msg/s and ACK latency p50/p99.
+An open-loop mode (``--rate``) offers a fixed message rate and reports the ACK latency at that load.
+
+The server under test runs in its own process pinned to CPU 0, the load generator on CPU 1
+(notes/performance.md method). mini-PFI runs with a route to a disabled destination, so each
+message costs what a real one does at ingest (message row + one queue entry + the stored ACK, one
+group commit) without delivery traffic. python-hl7's server stores nothing (not durable).
+
+    python bench/ingest.py --connections 1,8,32 --backends sqlite,postgresql --peer
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SB, EB = b"\x0b", b"\x1c\x0d"
+PG_URL = os.environ.get("MINIPFI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+TEMPLATE = (
+    "MSH|^~\\&|GAM|CHU-X|DPI|CHU-X|20240306111154||ADT^A01^ADT_A01|{cid}|P|2.5^FRA^2.11|||||FRA|UNICODE UTF-8|FR||2.11^IHE_FRANCE-2.11-PAM\r"
+    "EVN||20240306111154||||20240306111154\r"
+    "PID|1||000003^^^CHU-X&000897406&N^PI~279035121518989^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.10&ISO^INS^^20101207||"
+    "PAT-TROIS^DOMINIQUE^DOMINIQUE^^^^L||19790328|F|||28 Av de Breteuil^^PARIS^^75007^FRA^H~^^^^^^BDL^^63220|||||S||"
+    "24000006^^^CHU-X&000897406&M^AN|||||||1|||||N||VALI|20240306111153\r"
+    "PV1|1|I|^^^CHU-X&000897406&M^O^^||||||||||||||||000897406^^^CHU-X&000897406&M^VN^^20210409||||||||||||||||||||||||||||||||V\r"
+    "ZBE|001^CHU-X^000897406|20240306110000||INSERT|N||Chir V^^^^^CHU-X&000897406&N^UF^^^6268|Chir V^^^^^CHU-X&000897406&N^UF^^^6268|HMS\r"
+    "ZFA|ACTIF|20240306111154|||||||INO|20240306111154|IC|20240306111154\r"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def msa2(ack: bytes) -> str:
+    for seg in ack.replace(b"\n", b"\r").split(b"\r"):
+        if seg.startswith(b"MSA"):
+            parts = seg.split(b"|")
+            return parts[2].decode() if len(parts) > 2 else ""
+    return ""
+
+
+async def _conn_loop(port, prefix, deadline, lat, errors, rate_gap=None):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    i = 0
+    next_at = time.perf_counter()
+    try:
+        while time.perf_counter() < deadline:
+            if rate_gap:
+                now = time.perf_counter()
+                if now < next_at:
+                    await asyncio.sleep(next_at - now)
+                next_at += rate_gap
+            cid = f"{prefix}{i}"
+            i += 1
+            t0 = time.perf_counter()
+            writer.write(SB + TEMPLATE.format(cid=cid).encode() + EB)
+            data = await reader.readuntil(EB)
+            lat.append(time.perf_counter() - t0)
+            if msa2(data[data.find(SB) + 1 : -2]) != cid:
+                errors.append(cid)
+    finally:
+        writer.close()
+
+
+async def _load(port, conns, seconds, rate=None):
+    lat, errors = [], []
+    deadline = time.perf_counter() + seconds
+    tag = f"B{int(time.time() * 1000) % 10**9}"
+    gap = (conns / rate) if rate else None
+    t0 = time.perf_counter()
+    await asyncio.gather(*[_conn_loop(port, f"{tag}c{c}n", deadline, lat, errors, gap) for c in range(conns)])
+    elapsed = time.perf_counter() - t0
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
+    return {"messages": len(lat), "msg_per_s": len(lat) / elapsed, "p50_ms": q(0.50), "p99_ms": q(0.99),
+            "msa2_mismatches": len(errors)}
+
+
+def run_load(port, conns, seconds, rate=None):
+    return asyncio.run(_load(port, conns, seconds, rate))
+
+
+def wait_port(port, timeout=30.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def start_minipfi(backend: str, tmp: Path):
+    port, status_port = free_port(), free_port()
+    cfg = tmp / "bench-routes.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        engine:
+          log_level: warning
+          status: {{bind: 127.0.0.1, port: {status_port}}}
+        channels:
+          bench-in:
+            type: mllp
+            port: {port}
+        routes:
+          - name: all
+            from: bench-in
+            to: [sink]
+        destinations:
+          sink:
+            type: mllp
+            host: 127.0.0.1
+            port: 9
+            enabled: false
+    """))
+    env = dict(os.environ)
+    data = tmp / f"data-{backend}"
+    if backend == "postgresql":
+        import sqlalchemy as sa
+
+        schema = f"bench_{os.getpid()}"
+        eng = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        with eng.connect() as c:
+            c.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            c.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        env["MINIPFI_DB_URL"] = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    else:
+        env.pop("MINIPFI_DB_URL", None)
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--data-dir", str(data)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{backend}.log", "w"))
+    wait_port(port)
+    end = time.time() + 30
+    while time.time() < end:  # wait for /ready
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except Exception:  # noqa: BLE001
+            time.sleep(0.1)
+    return proc, port
+
+
+PEER_SERVER = r"""
+import asyncio, sys, hl7
+from hl7.mllp import start_hl7_server
+async def handle(reader, writer):
+    try:
+        while not writer.is_closing():
+            msg = await reader.readmessage()
+            writer.writemessage(msg.create_ack())
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+async def main(port):
+    async with await start_hl7_server(handle, "127.0.0.1", port, limit=1 << 20) as server:
+        await server.serve_forever()
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def start_peer(tmp: Path):
+    port = free_port()
+    script = tmp / "peer_server.py"
+    script.write_text(PEER_SERVER)
+    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, str(script), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "peer.log", "w"))
+    wait_port(port)
+    return proc, port
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--connections", default="1,8,32")
+    ap.add_argument("--backends", default="sqlite,postgresql")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--peer", action="store_true", help="also measure python-hl7's asyncio MLLP server")
+    ap.add_argument("--rate", type=float, default=1000.0, help="open-loop rate for the latency check (0 = skip)")
+    ap.add_argument("--json", help="write results to this file")
+    args = ap.parse_args()
+    os.sched_setaffinity(0, {1}) if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1 else None
+    conns = [int(c) for c in args.connections.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="minipfi-bench-") as td:
+        tmp = Path(td)
+        servers = [("mini-pfi/" + b, b) for b in args.backends.split(",") if b]
+        if args.peer:
+            servers.append(("python-hl7 (not durable)", "peer"))
+        for label, kind in servers:
+            proc, port = start_peer(tmp) if kind == "peer" else start_minipfi(kind, tmp)
+            try:
+                run_load(port, 4, args.warmup)
+                for n in conns:
+                    r = run_load(port, n, args.seconds)
+                    r.update(server=label, connections=n, mode="closed-loop")
+                    results.append(r)
+                    print(f"{label:<28} {n:>3} conns  {r['msg_per_s']:>8.0f} msg/s  p50 {r['p50_ms']:.2f} ms  "
+                          f"p99 {r['p99_ms']:.2f} ms  mismatches {r['msa2_mismatches']}", flush=True)
+                if args.rate and kind != "peer":
+                    r = run_load(port, 8, args.seconds, rate=args.rate)
+                    r.update(server=label, connections=8, mode=f"open-loop {args.rate:.0f} msg/s")
+                    results.append(r)
+                    print(f"{label:<28} offered {args.rate:.0f} msg/s: got {r['msg_per_s']:.0f} msg/s  "
+                          f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms", flush=True)
+            finally:
+                stop(proc)
+    peer = {r["connections"]: r["msg_per_s"] for r in results if r["server"].startswith("python-hl7")}
+    if peer:
+        print("\nratio to python-hl7's non-durable server (closed loop):")
+        for r in results:
+            if r["mode"] == "closed-loop" and not r["server"].startswith("python-hl7") and r["connections"] in peer:
+                print(f"  {r['server']:<24} {r['connections']:>3} conns: {r['msg_per_s'] / peer[r['connections']]:.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    bad = sum(r["msa2_mismatches"] for r in results)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

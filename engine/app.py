@@ -1,0 +1,271 @@
+"""The running engine: wires store, channels, router, delivery workers and the status endpoint.
+
+Start order matters for "no message lost": migrate the store, start its writer, re-queue entries
+left in flight by a crash, and only then open listeners and start workers (readiness stays false
+until recovery is done). Reload (SIGHUP or ``minipfi reload``) validates the new routes file first;
+an invalid one is refused and the running one kept. A valid one applies without dropping
+established connections: listeners whose address is unchanged keep running, handlers and limits
+are swapped in place. Already routed messages keep their queue entries. SIGTERM stops accepting,
+lets in-flight sends finish within ``shutdown_grace``, releases the rest, flushes the writer and
+exits 0.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from twisted.internet import defer
+
+from engine import __version__, logs
+from engine.channels.mllp import MLLPChannel
+from engine.config import ConfigError, Problem, config_fingerprint, load_config
+from engine.connectors.mllp import MLLPConnector
+from engine.delivery import DestinationWorker, worker_owner
+from engine.hl7.ack import ControlIdGenerator
+from engine.ingest import IngestBatcher
+from engine.router import Router
+from engine.status.http import StatusService, build_site
+from engine.store import Store
+from mllp.protocol import ListenerLimits, MLLPServerFactory
+from mllp.tls import TLSFiles, listen
+
+log = logs.get("engine.app")
+
+PID_FILE = "minipfi.pid"
+
+
+def resolve_store_url(config, data_dir: Path) -> str:
+    """MINIPFI_DB_URL overrides routes.yaml, which overrides the embedded SQLite file."""
+    return os.environ.get("MINIPFI_DB_URL") or config.engine.store_url or Store.default_url(data_dir)
+
+
+def _limits(cfg) -> ListenerLimits:
+    f = cfg.framing
+    return ListenerLimits(max_frame_size=int(f.max_frame_size), lenient_end=f.lenient_end_block,
+                          idle_timeout=float(f.idle_timeout), frame_timeout=float(f.frame_timeout),
+                          max_connections=f.max_connections)
+
+
+def _tls_files(tls) -> TLSFiles | None:
+    if tls is None:
+        return None
+    return TLSFiles(cert=str(tls.cert), key=str(tls.key), ca=str(tls.ca) if tls.ca else None,
+                    require_client_cert=tls.require_client_cert)
+
+
+@dataclass
+class RunningChannel:
+    cfg: object
+    handler: MLLPChannel
+    factory: MLLPServerFactory
+    port: object
+    listening_on: str
+
+
+def make_connector(cfg, reactor):
+    if cfg.type == "mllp":
+        return MLLPConnector(cfg, reactor)
+    raise ValueError(f"destination type {cfg.type!r} has no connector yet")
+
+
+class Engine:
+    version = __version__
+
+    def __init__(self, config_path: str | Path, data_dir: str | Path, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config_path = Path(config_path)
+        self.data_dir = Path(data_dir)
+        self.config = load_config(self.config_path)
+        self.config_fingerprint = config_fingerprint(self.config)
+        self.last_reload: str | None = None
+        self.router = Router(self.config)
+        self.channels: dict[str, RunningChannel] = {}
+        self.workers: dict[str, DestinationWorker] = {}
+        self.recovery_done = False
+        self.stopping = False
+        self.started_at = time.time()
+        self.ack_ids = ControlIdGenerator("PFI")
+        self.owner = worker_owner()
+        self.store: Store | None = None
+        self.status_port = None
+
+    # -- start ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        eng = self.config.engine
+        url = resolve_store_url(self.config, self.data_dir)
+        self.store = Store(url, dedup_window_seconds=float(eng.duplicates.window))
+        self.store.migrate()
+        self.store.start()
+        self.batcher = IngestBatcher(self.store, self.reactor)
+        self._start_status()
+        recovered = self.store.recover_in_flight()
+        self.recovery_done = True
+        log.info("engine.recovered", in_flight_requeued=recovered, store=self.store.dialect)
+        for name, cfg in self.config.destinations.items():
+            self._start_worker(name, cfg)
+        for name, cfg in self.config.channels.items():
+            self._start_channel(name, cfg)
+        self._write_pid()
+        log.info("engine.started", version=self.version, channels=sorted(self.channels),
+                 destinations=sorted(self.workers), data_dir=str(self.data_dir))
+
+    def _start_status(self) -> None:
+        st = self.config.engine.status
+        token = os.environ.get(st.token_env) if st.token_env else None
+        if not _is_loopback(st.bind) and not token:
+            raise ConfigError([Problem("engine.status.token_env", None,
+                                       f"status is bound to {st.bind}: set the bearer token in ${st.token_env}")])
+        site = build_site(StatusService(self), token)
+        self.status_port = self.reactor.listenTCP(st.port, site, interface=st.bind)
+        log.info("status.listening", bind=st.bind, port=self.status_port.getHost().port, token=bool(token))
+
+    def _start_channel(self, name, cfg) -> None:
+        handler = MLLPChannel(name, cfg, self.config.engine, self.router, self.batcher, self.ack_ids,
+                              on_stored=self._wake_destinations)
+        factory = MLLPServerFactory(handler.handle, _limits(cfg), name, on_event=self._framing_event(name))
+        port = listen(self.reactor, factory, cfg.port, cfg.bind, _tls_files(cfg.tls))
+        host = port.getHost()
+        self.channels[name] = RunningChannel(cfg, handler, factory, port, f"{host.host}:{host.port}")
+        log.info("channel.listening", channel=name, bind=host.host, port=host.port, tls=cfg.tls is not None)
+
+    def _framing_event(self, channel):
+        def on_event(kind: str, detail: dict) -> None:
+            log.warning("mllp." + kind, channel=channel, **{k: v for k, v in detail.items() if k != "payload"})
+
+        return on_event
+
+    def _start_worker(self, name, cfg) -> None:
+        connector = make_connector(cfg, self.reactor)
+        worker = DestinationWorker(name, cfg, self.store, connector, self.reactor, owner=self.owner)
+        self.workers[name] = worker
+        worker.start()
+
+    def _wake_destinations(self, names) -> None:
+        for n in names:
+            w = self.workers.get(n)
+            if w is not None:
+                w.wake()
+
+    def _write_pid(self) -> None:
+        (self.data_dir / PID_FILE).write_text(str(os.getpid()))
+
+    # -- reload ---------------------------------------------------------------------------------
+    def reload(self) -> bool:
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            log.error("config.reload_refused", path=str(self.config_path), problems=str(err))
+            return False
+        except Exception as exc:  # noqa: BLE001 - unreadable file and the like
+            log.error("config.reload_refused", path=str(self.config_path), problems=logs.safe(exc, 300))
+            return False
+        try:
+            self._apply(new)
+        except Exception as exc:  # noqa: BLE001 - e.g. a new port already in use: keep what runs
+            log.error("config.reload_failed", error=logs.safe(exc, 300))
+            return False
+        self.last_reload = datetime.now(timezone.utc).isoformat()
+        log.info("config.reloaded", fingerprint=self.config_fingerprint)
+        return True
+
+    def _apply(self, new) -> None:
+        router = Router(new)
+        # channels: keep listeners whose address and TLS are unchanged (connections stay up)
+        for name in list(self.channels):
+            if name not in new.channels:
+                ch = self.channels.pop(name)
+                ch.port.stopListening()  # established connections finish on their own
+                log.info("channel.removed", channel=name)
+        for name, cfg in new.channels.items():
+            ch = self.channels.get(name)
+            if ch is None:
+                self._start_channel(name, cfg)
+                continue
+            if (cfg.bind, cfg.port, cfg.tls) != (ch.cfg.bind, ch.cfg.port, ch.cfg.tls):
+                ch.port.stopListening()
+                port = listen(self.reactor, ch.factory, cfg.port, cfg.bind, _tls_files(cfg.tls))
+                host = port.getHost()
+                ch.port, ch.listening_on = port, f"{host.host}:{host.port}"
+            ch.factory.set_limits(_limits(cfg))
+            ch.handler.reconfigure(cfg, new.engine, router)
+            ch.cfg = cfg
+        for name in list(self.workers):
+            if name not in new.destinations:
+                w = self.workers.pop(name)
+                w.stop(self.config.engine.shutdown_grace)
+                log.info("destination.removed", destination=name, note="its queued entries stay queued")
+        for name, cfg in new.destinations.items():
+            w = self.workers.get(name)
+            if w is None:
+                self._start_worker(name, cfg)
+            elif cfg != w.cfg:
+                w.reconfigure(cfg, make_connector(cfg, self.reactor))
+        self.config, self.router = new, router
+        self.config_fingerprint = config_fingerprint(new)
+        self.batcher  # unchanged: the store URL and data directory are fixed for the process life
+
+    # -- stop -----------------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def shutdown(self):
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("engine.stopping")
+        for ch in self.channels.values():
+            yield defer.maybeDeferred(ch.port.stopListening)
+        grace = float(self.config.engine.shutdown_grace)
+        yield defer.DeferredList([w.stop(grace) for w in self.workers.values()])
+        # let replies for frames already being committed go out, then close connections
+        for ch in self.channels.values():
+            ch.factory.close_all()
+        if self.status_port is not None:
+            yield defer.maybeDeferred(self.status_port.stopListening)
+        self.store.stop(timeout=grace)
+        self.store.dispose()
+        try:
+            (self.data_dir / PID_FILE).unlink()
+        except FileNotFoundError:
+            pass
+        log.info("engine.stopped")
+
+    def install_signal_handlers(self) -> None:
+        def on_term(signum, frame):
+            self.reactor.callFromThread(self._stop_and_exit)
+
+        def on_hup(signum, frame):
+            self.reactor.callFromThread(self.reload)
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _stop_and_exit(self):
+        d = self.shutdown()
+        d.addErrback(lambda f: log.error("engine.stop_failed", error=logs.safe(f.getErrorMessage(), 300)))
+        d.addBoth(lambda _: self.reactor.stop())
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def run(config_path, data_dir) -> int:
+    """``minipfi run``: blocks until SIGTERM/SIGINT; returns the exit code."""
+    from twisted.internet import reactor
+
+    cfg = load_config(config_path)  # raises ConfigError with readable problems
+    logs.configure(cfg.engine.log_level)
+    engine = Engine(config_path, data_dir, reactor)
+    engine.start()
+    engine.install_signal_handlers()
+    reactor.run(installSignalHandlers=False)
+    return 0

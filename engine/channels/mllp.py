@@ -1,0 +1,279 @@
+"""The generic MLLP inbound channel: from one frame to one durable message and its ACK.
+
+Per frame, in the reactor thread and in microseconds: read MSH with the split-based reader, check
+what the channel accepts, pick the destinations from MSH (router cache), build the ACK that will be
+stored with the message, and hand the record to the group-commit batcher. The ACK is written only
+when the store's COMMIT has returned (a positive ACK means durably committed). Bad input is stored
+too (status ``rejected``) and answered AE/AR with an ERR segment: nothing is lost, nothing crashes.
+
+ACK rules: HL7 v2.5 §2.9 (original mode AA/AE/AR when MSH-15 and MSH-16 are empty, enhanced mode
+CA/CE/CR per MSH-15), MLLP release 2 commit acknowledgement (0x06 / 0x15) when configured.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, threads
+
+from engine import logs
+from engine.hl7.ack import AckError, ack_code, accept_ack_wanted, build_ack, is_ack
+from engine.hl7.encoding import codec_for, decode_message
+from engine.hl7.errors import HL7Error
+from engine.hl7.fields import get_field
+from engine.hl7.msh import read_msh
+from engine.store import Duplicate, EntrySpec, IngestRecord, Stored
+from mllp.framing import COMMIT_ACK, COMMIT_NAK
+
+log = logs.get("engine.channel")
+
+# HL7 table 0357 codes that mean "the receiver does not support this" -> reject (AR/CR);
+# the others are content errors -> AE/CE (HL7 v2.5 §2.9.2.2).
+_REJECT_CODES = frozenset({"200", "201", "202", "203", "206", "207"})
+
+NO_REPLY = b""  # enhanced mode with MSH-15 NE/ER/SU: nothing is written, the connection stays open
+
+
+def order_key_hash(raw: bytes, path: str | None) -> str:
+    """The ordering key of a message, hashed: the key (an IPP) is patient data, the hash is not."""
+    if not path:
+        return ""
+    try:
+        value = get_field(raw, path)
+    except Exception:  # noqa: BLE001 - a message without that field is ordered with the others
+        value = None
+    if not value:
+        return "-"
+    return hashlib.sha256(value.encode("utf-8", "replace") if isinstance(value, str) else value).hexdigest()[:16]
+
+
+@dataclass
+class ChannelCounters:
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    store_failures: int = 0
+    by_ack: dict = field(default_factory=dict)
+
+
+class MLLPChannel:
+    """Frame handler for one inbound MLLP channel (``type: mllp`` in routes.yaml)."""
+
+    def __init__(self, name, cfg, engine_cfg, router, store_batcher, ack_ids, *, on_stored=None, clock=time.time):
+        self.name = name
+        self.cfg = cfg
+        self.engine_cfg = engine_cfg
+        self.router = router
+        self.batcher = store_batcher
+        self.ack_ids = ack_ids
+        self.on_stored = on_stored  # callable(destinations) -> wakes the delivery workers
+        self.clock = clock
+        self.counters = ChannelCounters()
+        self.store_ok = True
+
+    # routes.yaml reload: the handler picks up the new objects on the next frame
+    def reconfigure(self, cfg, engine_cfg, router) -> None:
+        self.cfg, self.engine_cfg, self.router = cfg, engine_cfg, router
+
+    def handle(self, payload: bytes, conn) -> defer.Deferred | bytes | None:
+        now = self.clock()
+        self.counters.received += 1
+        msh = None
+        try:
+            msh = read_msh(payload)
+            if is_ack(msh):
+                raise HL7Error("200", "ACK messages are not accepted on an inbound channel", "MSH^1^9")
+            problem = self.router.channel_accepts(self.cfg, msh)
+            if problem is not None:
+                raise HL7Error(*problem)
+            codec = codec_for(msh.charset, self.cfg.encoding.default)
+            decoded = decode_message(payload, msh.charset, default=self.cfg.encoding.default,
+                                     cp1252_fallback=self.cfg.encoding.cp1252_fallback)
+        except HL7Error as err:
+            return self._reject(payload, msh, err, now, conn)
+        flags = ",".join(sorted(decoded.flags)) or None
+        if self.cfg.validation.hl7apy:
+            d = threads.deferToThread(_hl7apy_problem, payload, codec)
+            d.addCallback(self._after_validation, payload, msh, flags, now, conn)
+            return d
+        return self._accept(payload, msh, flags, now, conn)
+
+    def _after_validation(self, problem, payload, msh, flags, now, conn):
+        if problem is None:
+            return self._accept(payload, msh, flags, now, conn)
+        if self.cfg.validation.on_error == "reject":
+            return self._reject(payload, msh, HL7Error("102", problem), now, conn)
+        flags = ",".join(filter(None, [flags, "hl7apy_invalid"]))
+        return self._accept(payload, msh, flags, now, conn)
+
+    # -- accepted message -------------------------------------------------------------------
+    def _accept(self, payload, msh, flags, now, conn):
+        targets = self.router.targets(self.name, msh)
+        entries = [
+            EntrySpec(
+                destination=t.destination,
+                route=t.route,
+                order_key=order_key_hash(payload, t.ordering_key) if t.ordering == "key" else "",
+                transforms=t.transforms_json,
+            )
+            for t in targets
+        ]
+        code = ack_code(msh, "accept")
+        ack = self._ack_bytes(msh, code, now)
+        record = IngestRecord(
+            channel=self.name,
+            raw=payload,
+            received_at=now,
+            sending_app=msh.sending_app,
+            sending_facility=msh.sending_facility,
+            receiving_app=msh.receiving_app,
+            receiving_facility=msh.receiving_facility,
+            message_type=msh.message_type,
+            control_id=msh.control_id,
+            version=msh.version,
+            charset=msh.charset,
+            status="routed" if entries else "filtered",
+            ack=ack,
+            ack_code=code,
+            flags=flags,
+            entries=entries,
+            dedup=bool(msh.control_id),
+            conflict_ack=self._conflict_ack_factory(msh, now),
+        )
+        d = self.batcher.add(record)
+        d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msh, ack, entries, conn),
+                       errbackArgs=(msh, now, conn))
+        return d
+
+    def _stored(self, result, msh, ack, entries, conn):
+        self.store_ok = True
+        if isinstance(result, Stored):
+            self.counters.accepted += 1
+            log.info("message.stored", message_id=result.message_id, channel=self.name,
+                     control_id=logs.safe(msh.control_id), message_type=logs.safe(msh.message_type),
+                     destinations=len(entries), peer=conn.peer)
+            if entries and self.on_stored is not None:
+                self.on_stored({e.destination for e in entries})
+            return self._reply(msh, ack, "accept")
+        if isinstance(result, Duplicate):
+            if result.same_content:
+                self.counters.duplicates += 1
+                log.info("message.duplicate", original_id=result.original_id, channel=self.name,
+                         control_id=logs.safe(msh.control_id), peer=conn.peer)
+            else:
+                self.counters.conflicts += 1
+                log.warning("message.duplicate_conflict", original_id=result.original_id,
+                            message_id=result.message_id, channel=self.name,
+                            control_id=logs.safe(msh.control_id), peer=conn.peer)
+            return result.ack  # the stored ACK, byte for byte
+        raise TypeError(f"unexpected store result {type(result).__name__}")
+
+    def _store_failed(self, failure, msh, now, conn):
+        """Store unavailable: never a positive ACK (AR + ERR 207, or close, per routes.yaml)."""
+        self.store_ok = False
+        self.counters.store_failures += 1
+        log.error("message.store_failed", channel=self.name, control_id=logs.safe(msh.control_id if msh else ""),
+                  error=logs.safe(failure.getErrorMessage(), 200), peer=conn.peer)
+        if self.engine_cfg.on_store_unavailable == "close":
+            return None
+        if self.cfg.ack.mode == "mllp_commit":
+            return COMMIT_NAK
+        err = AckError("207", "Message not stored: the engine's store is unavailable; resend later")
+        return build_ack(msh, ack_code(msh, "reject"), control_id=self.ack_ids.next(),
+                         timestamp=_hl7_ts(now), errors=[err])
+
+    # -- rejected message (stored, not routed) ---------------------------------------------------
+    def _reject(self, payload, msh, err: HL7Error, now, conn):
+        self.counters.rejected += 1
+        outcome = "reject" if err.code in _REJECT_CODES else "error"
+        code = ack_code(msh, outcome)
+        if self.cfg.ack.mode == "mllp_commit":
+            ack = COMMIT_NAK
+        else:
+            ack = build_ack(msh, code, control_id=self.ack_ids.next(), timestamp=_hl7_ts(now),
+                            errors=[AckError(err.code, err.text, err.severity, err.location)])
+        record = IngestRecord(
+            channel=self.name,
+            raw=payload,
+            received_at=now,
+            sending_app=msh.sending_app if msh else "",
+            sending_facility=msh.sending_facility if msh else "",
+            receiving_app=msh.receiving_app if msh else "",
+            receiving_facility=msh.receiving_facility if msh else "",
+            message_type=msh.message_type if msh else "",
+            control_id=msh.control_id if msh else "",
+            version=msh.version if msh else "",
+            charset=msh.charset if msh else "",
+            status="rejected",
+            ack=ack,
+            ack_code=code,
+            error_code=err.code,
+            entries=[],
+            dedup=False,
+        )
+        log.warning("message.rejected", channel=self.name, control_id=logs.safe(msh.control_id if msh else ""),
+                    hl7_error=err.code, reason=logs.safe(err.text, 200), location=err.location, peer=conn.peer)
+        d = self.batcher.add(record)
+        # A rejected message is answered with its NAK whether or not the store took it: the
+        # sender must fix the message, not resend it. A store failure is still logged.
+        d.addCallbacks(lambda _r: ack, self._rejected_store_failed, errbackArgs=(ack,))
+        return d
+
+    def _rejected_store_failed(self, failure, ack):
+        self.store_ok = False
+        self.counters.store_failures += 1
+        log.error("message.store_failed", channel=self.name, error=logs.safe(failure.getErrorMessage(), 200))
+        return ack
+
+    # -- ACK helpers ---------------------------------------------------------------------------
+    def _ack_bytes(self, msh, code, now) -> bytes:
+        if self.cfg.ack.mode == "mllp_commit":
+            return COMMIT_ACK
+        return build_ack(msh, code, control_id=self.ack_ids.next(), timestamp=_hl7_ts(now))
+
+    def _reply(self, msh, ack: bytes, outcome: str):
+        if self.cfg.ack.mode != "mllp_commit" and not accept_ack_wanted(msh, outcome):
+            return NO_REPLY
+        return ack
+
+    def _conflict_ack_factory(self, msh, now):
+        if self.engine_cfg.duplicates.on_conflict != "reject":
+            return None
+        if self.cfg.ack.mode == "mllp_commit":
+            return lambda: COMMIT_NAK
+
+        def conflict_ack() -> bytes:
+            err = AckError("205", "Duplicate key: this MSH-10 was already received from this sender "
+                                  "with a different content; the message was stored but not routed")
+            return build_ack(msh, ack_code(msh, "error"), control_id=self.ack_ids.next(),
+                             timestamp=_hl7_ts(now), errors=[err])
+
+        return conflict_ack
+
+
+_ts_cache = [0, ""]
+
+
+def _hl7_ts(epoch: float) -> str:
+    """HL7 DTM with seconds precision and offset (cached per second: this runs per message)."""
+    sec = int(epoch)
+    if _ts_cache[0] != sec:
+        _ts_cache[0] = sec
+        _ts_cache[1] = time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(sec))
+    return _ts_cache[1]
+
+
+def _hl7apy_problem(payload: bytes, codec: str) -> str | None:
+    """hl7apy strict validation (about 10 ms per message: opt-in, in a thread)."""
+    try:
+        from hl7apy.parser import parse_message
+        from hl7apy.consts import VALIDATION_LEVEL
+
+        text = payload.decode(codec, "replace").replace("\r\n", "\r").replace("\n", "\r")
+        parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any hl7apy complaint is a validation failure
+        return f"hl7apy strict validation failed: {type(exc).__name__}: {logs.safe(exc, 160)}"

@@ -1,0 +1,261 @@
+"""The ``minipfi`` command. Nothing imports this module; it imports everything it needs lazily,
+so that ``minipfi check`` or ``minipfi version`` start fast."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "engine/routes.yaml"
+
+
+def _data_dir(args) -> Path:
+    return Path(getattr(args, "data_dir", None) or os.environ.get("MINIPFI_DATA_DIR") or "data")
+
+
+def _store(args):
+    """Open the store the engine uses: MINIPFI_DB_URL, else routes.yaml's store_url, else SQLite."""
+    from engine.store import Store
+
+    url = os.environ.get("MINIPFI_DB_URL")
+    if not url and getattr(args, "config", None) and Path(args.config).exists():
+        from engine.config import load_config
+
+        url = load_config(args.config).engine.store_url
+    url = url or Store.default_url(_data_dir(args))
+    store = Store(url)
+    store.migrate()
+    return store
+
+
+def cmd_run(args) -> int:
+    from engine.app import run
+    from engine.config import ConfigError
+
+    try:
+        return run(args.config, _data_dir(args))
+    except ConfigError as err:
+        print(f"minipfi: invalid configuration\n{err}", file=sys.stderr)
+        return 2
+
+
+def cmd_check(args) -> int:
+    from engine.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"{args.file}: {err.strerror}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK ({len(cfg.channels)} channels, {len(cfg.routes)} routes, "
+          f"{len(cfg.destinations)} destinations)")
+    return 0
+
+
+def cmd_send(args) -> int:
+    from engine.hl7.ack import read_ack
+    from mllp.blocking import BlockingMLLPClient
+    from mllp.tls import TLSFiles, client_ssl_context
+
+    host, _, port = args.address.rpartition(":")
+    if not host or not port.isdigit():
+        print("minipfi send: address must be HOST:PORT", file=sys.stderr)
+        return 2
+    ctx = None
+    if args.tls_ca or args.tls_cert:
+        ctx = client_ssl_context(TLSFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca))
+    failures = 0
+    with BlockingMLLPClient(host, int(port), ssl_context=ctx, timeout=args.timeout,
+                            server_hostname=args.tls_server_name or host) as client:
+        for name in args.files:
+            payload = Path(name).read_bytes()
+            for message in _split_messages(payload):
+                reply = client.send(message)
+                printable = reply.replace(b"\r", b"\n").decode("utf-8", "replace").rstrip("\n")
+                print(f"# {name}\n{printable}\n")
+                try:
+                    code = read_ack(reply).code
+                except Exception:  # noqa: BLE001 - commit ACK or unreadable reply
+                    code = "CA" if reply == b"\x06" else "??"
+                if code not in ("AA", "CA"):
+                    failures += 1
+    return 1 if failures else 0
+
+
+def _split_messages(payload: bytes) -> list[bytes]:
+    """A file may hold one message or several (each starting with MSH); trailing blank lines go."""
+    text = payload.strip(b"\r\n\x0b\x1c ")
+    starts = [0]
+    for sep in (b"\rMSH|", b"\nMSH|"):
+        i = text.find(sep)
+        while i != -1:
+            starts.append(i + 1)
+            i = text.find(sep, i + 1)
+    starts = sorted(set(starts))
+    parts = [text[a:b].rstrip(b"\r\n") for a, b in zip(starts, starts[1:] + [len(text)])]
+    return [p + b"\r" for p in parts if p]
+
+
+def cmd_messages(args) -> int:
+    store = _store(args)
+    try:
+        if args.action == "list":
+            rows = store.list_messages(limit=args.limit, offset=args.offset, channel=args.channel)
+            for r in rows:
+                d = _row_dict(r)
+                if args.json:
+                    print(json.dumps(d, default=str))
+                else:
+                    print(f"{d['id']:>8}  {d['received_at']}  {d['channel']:<12} {d['message_type']:<10} "
+                          f"{d['control_id']:<22} {d['status']}")
+            return 0
+        if args.action == "show":
+            rc = 0
+            for mid in args.ids:
+                m = store.get_message(int(mid))
+                if m is None:
+                    print(f"minipfi: no message {mid}", file=sys.stderr)
+                    rc = 1
+                    continue
+                d = _row_dict(m)
+                raw = d.pop("raw", b"")
+                ack = d.pop("ack", b"")
+                if args.json:
+                    d["raw"] = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+                    d["ack"] = ack.decode("latin-1") if isinstance(ack, bytes) else ack
+                    print(json.dumps(d, default=_json_default, indent=1))
+                else:
+                    for k, v in d.items():
+                        if k != "entries":
+                            print(f"{k}: {v}")
+                    for e in d.get("entries", []):
+                        print(f"entry: {json.dumps(e, default=_json_default)}")
+                    print("--- raw ---")
+                    print(raw.replace(b"\r", b"\n").decode("utf-8", "replace"))
+                    print("--- ack ---")
+                    print(ack.replace(b"\r", b"\n").decode("utf-8", "replace"))
+            return rc
+        if args.action == "replay":
+            try:
+                result = store.replay([int(i) for i in args.ids])
+            except (KeyError, LookupError, ValueError) as err:
+                print(f"minipfi: {err}", file=sys.stderr)
+                return 1
+            for mid, n in result.items():
+                print(f"message {mid}: {n} entries queued again")
+            return 0
+    finally:
+        store.dispose()
+    return 2
+
+
+def _row_dict(row) -> dict:
+    if hasattr(row, "_asdict"):
+        d = row._asdict()
+    elif hasattr(row, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        d = asdict(row)
+    else:
+        d = dict(row)
+    for k, v in list(d.items()):
+        if hasattr(v, "isoformat"):
+            d[k] = v.isoformat()
+    return d
+
+
+def _json_default(v):
+    if isinstance(v, bytes):
+        return v.decode("latin-1")
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return str(v)
+
+
+def cmd_reload(args) -> int:
+    pid_file = _data_dir(args) / "minipfi.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except FileNotFoundError:
+        print(f"minipfi reload: no running engine ({pid_file} not found)", file=sys.stderr)
+        return 1
+    except (ValueError, ProcessLookupError):
+        print(f"minipfi reload: stale pid file {pid_file}", file=sys.stderr)
+        return 1
+    print(f"reload requested (pid {pid}); the engine logs config.reloaded or config.reload_refused")
+    return 0
+
+
+def cmd_version(args) -> int:
+    from engine import __version__
+
+    print(f"minipfi {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minipfi", description="mini-PFI HL7 v2 / IHE integration engine")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_opts(sp):
+        sp.add_argument("--data-dir", help="data directory (default $MINIPFI_DATA_DIR or ./data)")
+
+    r = sub.add_parser("run", help="run the engine")
+    r.add_argument("--config", default=DEFAULT_CONFIG)
+    data_opts(r)
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("check", help="validate a routes file")
+    c.add_argument("file")
+    c.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("send", help="send HL7 files over MLLP and print each ACK")
+    s.add_argument("address", help="HOST:PORT")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--tls-cert")
+    s.add_argument("--tls-key")
+    s.add_argument("--tls-ca")
+    s.add_argument("--tls-server-name")
+    s.add_argument("--timeout", type=float, default=30.0)
+    s.set_defaults(fn=cmd_send)
+
+    m = sub.add_parser("messages", help="stored messages")
+    msub = m.add_subparsers(dest="action", required=True)
+    ml = msub.add_parser("list")
+    ml.add_argument("--json", action="store_true", help="one JSON object per line")
+    ml.add_argument("--limit", type=int, default=100)
+    ml.add_argument("--offset", type=int, default=0)
+    ml.add_argument("--channel")
+    ms = msub.add_parser("show")
+    ms.add_argument("ids", nargs="+")
+    ms.add_argument("--json", action="store_true")
+    mr = msub.add_parser("replay")
+    mr.add_argument("ids", nargs="+")
+    for sp in (ml, ms, mr):
+        data_opts(sp)
+        sp.add_argument("--config", help="routes file whose engine.store_url to use")
+    m.set_defaults(fn=cmd_messages)
+
+    rl = sub.add_parser("reload", help="ask the running engine to reload its routes file")
+    data_opts(rl)
+    rl.set_defaults(fn=cmd_reload)
+
+    v = sub.add_parser("version")
+    v.set_defaults(fn=cmd_version)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

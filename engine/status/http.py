@@ -1,0 +1,183 @@
+"""Status endpoint for hospital IT: ``/health``, ``/ready``, ``/status`` (JSON).
+
+Authentication happens on the request headers, before any body byte is read or parsed (lesson of
+Mirth CVE-2023-43208, notes/reliability-security-ops.md §3.1): a request without the bearer token is
+answered 401 and its connection closed as soon as its headers are complete. The endpoints are
+read-only GETs; any request body is refused. A token is required whenever one is configured, and
+configuration refuses a non-loopback bind without one.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+from twisted.internet import defer, threads
+from twisted.web import http, resource, server
+
+from engine import logs
+
+log = logs.get("engine.status")
+
+MAX_BODY = 0  # read-only endpoints: no body accepted
+
+
+class _AuthRequest(server.Request):
+    def gotLength(self, length):
+        site = self.channel.site
+        if not site.authorized(self.requestHeaders.getRawHeaders(b"authorization") or []):
+            self._refuse(401, b"Unauthorized", extra=b"WWW-Authenticate: Bearer\r\n")
+            return
+        if length is not None and length > MAX_BODY:
+            self._refuse(413, b"Payload Too Large")
+            return
+        super().gotLength(length)
+
+    def _refuse(self, code: int, phrase: bytes, extra: bytes = b"") -> None:
+        body = json.dumps({"error": phrase.decode()}).encode()
+        self.channel.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s"
+            % (code, phrase, len(body), extra, body)
+        )
+        self.channel.transport.loseConnection()
+        self.channel._refused = True
+
+    def handleContentChunk(self, data):
+        if getattr(self.channel, "_refused", False):
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if getattr(self.channel, "_refused", False):
+            return
+        super().requestReceived(command, path, version)
+
+
+class StatusSite(server.Site):
+    requestFactory = _AuthRequest
+
+    def __init__(self, root, token: str | None):
+        super().__init__(root)
+        self.token = token.encode() if token else None
+        self.displayTracebacks = False
+
+    def authorized(self, headers: list[bytes]) -> bool:
+        if self.token is None:
+            return True
+        for value in headers:
+            if value.startswith(b"Bearer ") and hmac.compare_digest(value[7:].strip(), self.token):
+                return True
+        return False
+
+    def log(self, request):  # access log without query strings or bodies
+        pass
+
+
+class _JSON(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        d = defer.maybeDeferred(self.fn)
+
+        def ok(result):
+            code, body = result
+            request.setResponseCode(code)
+            request.write(json.dumps(body, default=str, indent=1).encode())
+            request.finish()
+
+        def fail(failure):
+            log.error("status.failed", error=logs.safe(failure.getErrorMessage(), 200))
+            request.setResponseCode(500)
+            request.write(b'{"error": "internal error"}')
+            request.finish()
+
+        d.addCallbacks(ok, fail)
+        return server.NOT_DONE_YET
+
+
+class StatusService:
+    """Builds the JSON documents from the running engine (in-memory counters + store aggregates)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._cache = (0.0, None)
+
+    def health(self):
+        return 200, {"status": "alive", "version": self.engine.version}
+
+    @defer.inlineCallbacks
+    def ready(self):
+        eng = self.engine
+        store_ok = yield threads.deferToThread(eng.store.ping)
+        ready = bool(store_ok and eng.recovery_done and eng.store.writer_healthy and not eng.stopping)
+        body = {"ready": ready, "store": bool(store_ok), "writer_healthy": bool(eng.store.writer_healthy),
+                "recovery_done": eng.recovery_done, "stopping": eng.stopping}
+        return (200 if ready else 503), body
+
+    @defer.inlineCallbacks
+    def status(self):
+        eng = self.engine
+        now = time.monotonic()
+        at, stats = self._cache
+        if stats is None or now - at > 1.0:
+            try:
+                stats = yield threads.deferToThread(eng.store.stats)
+                self._cache = (now, stats)
+            except Exception as exc:  # noqa: BLE001
+                stats = {"channels": {}, "destinations": {}, "error": f"store unavailable: {logs.safe(exc, 120)}"}
+        body = {
+            "engine": eng.config.engine.name,
+            "version": eng.version,
+            "uptime_s": round(time.time() - eng.started_at, 1),
+            "ready": bool(eng.recovery_done and eng.store.writer_healthy and not eng.stopping),
+            "config": {"path": str(eng.config_path), "fingerprint": eng.config_fingerprint,
+                       "last_reload": eng.last_reload},
+            "channels": {},
+            "destinations": {},
+        }
+        if "error" in stats:
+            body["store_error"] = stats["error"]
+        for name, ch in eng.channels.items():
+            s = stats.get("channels", {}).get(name, {})
+            body["channels"][name] = {
+                "type": ch.cfg.type,
+                "listening": ch.listening_on,
+                "open_connections": ch.factory.open_connections if ch.factory else 0,
+                "received": s.get("received", 0),
+                "filtered": s.get("filtered", 0),
+                "rejected": s.get("rejected", 0),
+                "duplicates": s.get("duplicates", 0),
+                "conflicts": s.get("conflicts", 0),
+                "since_start": vars(ch.handler.counters) if ch.handler else {},
+                "framing": dict(ch.factory.counters) if ch.factory else {},
+            }
+        names = set(eng.workers) | set(stats.get("destinations", {}))
+        for name in sorted(names):
+            s = stats.get("destinations", {}).get(name, {})
+            w = eng.workers.get(name)
+            body["destinations"][name] = {
+                "configured": w is not None,
+                "queued": s.get("queued", 0),
+                "in_flight": s.get("in_flight", 0),
+                "sent": s.get("sent", 0),
+                "errored": s.get("error", 0),
+                "filtered": s.get("filtered", 0),
+                "queue_depth": s.get("queued", 0) + s.get("in_flight", 0),
+                "oldest_queued_age_s": s.get("oldest_queued_age_s"),
+                "last_error": w.last_error if w else None,
+            }
+        return 200, body
+
+
+def build_site(service: StatusService, token: str | None) -> StatusSite:
+    root = resource.Resource()
+    root.putChild(b"health", _JSON(service.health))
+    root.putChild(b"ready", _JSON(service.ready))
+    root.putChild(b"status", _JSON(service.status))
+    return StatusSite(root, token)
