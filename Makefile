@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= engine/routes.yaml
 DATA_DIR ?= data
+TEST_ONLY := aiosmtpd|atpublic|iniconfig|pluggy|pygments|pypdf|pytest|pytest-timeout
 
 .PHONY: install install-test run test test-fast bench bench-quick check clean lock
 
@@ -15,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 $(TEST_STAMP): $(STAMP) requirements-test.lock
@@ -42,7 +43,10 @@ bench-quick: install-test
 	$(BIN)/python bench/ingest.py --connections 8 --backends sqlite --peer --seconds 5
 
 lock:                        ## re-pin the dependencies after changing pyproject.toml
-	$(BIN)/pip freeze --exclude-editable | grep -v -i -E '^(pytest|pytest-timeout|iniconfig|pluggy|aiosmtpd|atpublic|saxonche|pygments)==' > requirements.lock
+	$(BIN)/pip freeze --exclude-editable > .freeze.tmp
+	grep -v -i -E '^($(TEST_ONLY))==' .freeze.tmp > requirements.lock
+	grep -i -E '^($(TEST_ONLY))==' .freeze.tmp > requirements-test.lock
+	rm -f .freeze.tmp
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -178,6 +178,53 @@ def _json_default(v):
     return str(v)
 
 
+def cmd_identities(args) -> int:
+    """``identities show KEY``: KEY is an IPP (optionally AUTHORITY:IPP) or a 15-character INS."""
+    from engine.identity.registry import AmbiguousIdentity, find_identity
+
+    store = _store(args)
+    try:
+        key = args.key
+        authority = None
+        if ":" in key:
+            authority, key = key.split(":", 1)
+
+        def lookup(conn):
+            view = None
+            if len(key) == 15 and key[:1].isdigit() and authority is None:
+                view = find_identity(conn, ins=key)
+            if view is None:
+                view = find_identity(conn, ipp=key, ipp_authority=authority)
+            return view.to_json() if view is not None else None
+
+        try:
+            found = store.read(lookup)
+        except AmbiguousIdentity as err:
+            print(f"minipfi: {err} (give AUTHORITY:IPP)", file=sys.stderr)
+            return 1
+        if found is None:
+            print(f"minipfi: no identity for {args.key}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(found, default=_json_default, ensure_ascii=False, indent=1))
+            return 0
+        ins = found.get("ins") or {}
+        print(f"IPP        {found.get('ipp')} ({found.get('ipp_authority')})")
+        print(f"INS        {ins.get('value') or '-'} {ins.get('oid') or ''}")
+        print(f"status     {found.get('status')}   active: {found.get('active')}")
+        print(f"birth name {found.get('birth_name')}   used name: {found.get('used_name') or '-'}")
+        print(f"given      {found.get('first_given_name')}  ({' '.join(found.get('given_names') or [])})")
+        print(f"born       {found.get('birth_date')}  sex {found.get('sex')}  COG {found.get('birth_place_cog')}")
+        print(f"consent    {json.dumps(found.get('consent'), ensure_ascii=False)}")
+        print("history:")
+        for h in found.get("history", []):
+            print(f"  {h.get('at')}  {h.get('trigger') or '':<4} {h.get('action'):<14} msg {h.get('message_id')}  "
+                  f"{h.get('note') or ''}")
+        return 0
+    finally:
+        store.dispose()
+
+
 def cmd_reload(args) -> int:
     pid_file = _data_dir(args) / "minipfi.pid"
     try:
@@ -242,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
         data_opts(sp)
         sp.add_argument("--config", help="routes file whose engine.store_url to use")
     m.set_defaults(fn=cmd_messages)
+
+    ids = sub.add_parser("identities", help="the identity registry (IHE PAM France feed)")
+    isub = ids.add_subparsers(dest="action", required=True)
+    ish = isub.add_parser("show", help="current identity, status and history for an IPP or an INS")
+    ish.add_argument("key", help="IPP, AUTHORITY:IPP, or INS")
+    ish.add_argument("--json", action="store_true")
+    data_opts(ish)
+    ish.add_argument("--config", help="routes file whose engine.store_url to use")
+    ids.set_defaults(fn=cmd_identities)
 
     rl = sub.add_parser("reload", help="ask the running engine to reload its routes file")
     data_opts(rl)

@@ -280,6 +280,19 @@ class ValidationConfig(_Model):
     on_error: Literal["warn", "reject"] = "warn"
 
 
+class IdentityFeedConfig(_Model):
+    """IHE PAM France identity feed on a channel (issue 3): ADTs update the identity registry in
+    the same transaction as the message, and the ACK reports the INS rules they break."""
+
+    enabled: bool = False
+    message_types: list[MessageTypePattern] = Field(default_factory=lambda: ["ADT^*"], min_length=1)
+    # None: follow engine.environment (test accepts the test/demo INS OIDs .10/.11, production not)
+    allow_test_ins: bool | None = None
+    vali_counts_as_qualified: bool = True  # ANS PAM FR 2.11 examples send VALI with an INS
+    rule11_answer: Literal["warning", "error"] = "error"  # REF-INS rule 11: 00 as birth day/month
+    route_rejected: bool = False  # an ADT answered AE is stored; route it onward anyway?
+
+
 class MLLPChannelConfig(_Model):
     type: Literal["mllp"]
     bind: str = "127.0.0.1"
@@ -290,6 +303,7 @@ class MLLPChannelConfig(_Model):
     encoding: EncodingConfig = EncodingConfig()
     accept: AcceptConfig = AcceptConfig()
     validation: ValidationConfig = ValidationConfig()
+    identity_feed: IdentityFeedConfig = IdentityFeedConfig()
 
 
 CHANNEL_TYPES: tuple[type[_Model], ...] = (MLLPChannelConfig,)

@@ -28,6 +28,20 @@ class IngestBatcher:
             self._reactor.callLater(0, self._flush)
         return d
 
+    def add_op(self, op) -> defer.Deferred:
+        """A writer-thread op (message insert plus work in the same transaction), one Deferred."""
+        d = defer.Deferred()
+        call_from_thread = self._reactor.callFromThread
+
+        def done(result):  # runs in the writer thread
+            call_from_thread(_fire, d, result)
+
+        try:
+            self._store.submit(op, done)
+        except BaseException as exc:  # noqa: BLE001
+            _fire(d, exc)
+        return d
+
     def _flush(self) -> None:
         self._scheduled = False
         records, deferreds = self._records, self._deferreds
@@ -51,4 +65,11 @@ def _deliver(deferreds, results) -> None:
             d.errback(results)
         return
     for d, result in zip(deferreds, results):
+        d.callback(result)
+
+
+def _fire(d, result) -> None:
+    if isinstance(result, BaseException):
+        d.errback(result)
+    else:
         d.callback(result)

@@ -51,7 +51,7 @@ def configure(level: str = "info", stream=None) -> None:
         processors=[structlog.processors.add_log_level, timestamper, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     try:  # Twisted's own log events go to stdlib logging, hence to the same JSON stream
         from twisted.logger import STDLibLogObserver, globalLogBeginner

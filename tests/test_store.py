@@ -95,7 +95,7 @@ def test_migrate_twice_is_idempotent(store_url):
     insp = sa.inspect(s.engine)
     assert {"messages", "queue_entries", "events", "alembic_version"} <= set(insp.get_table_names())
     with s.engine.connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
     s.dispose()
 
 

@@ -73,10 +73,13 @@ class MLLPChannel:
         self.clock = clock
         self.counters = ChannelCounters()
         self.store_ok = True
+        self.store = None  # set by the engine when a processing step needs writer-thread ops
+        self.identity = _identity_feed(cfg, engine_cfg)
 
     # routes.yaml reload: the handler picks up the new objects on the next frame
     def reconfigure(self, cfg, engine_cfg, router) -> None:
         self.cfg, self.engine_cfg, self.router = cfg, engine_cfg, router
+        self.identity = _identity_feed(cfg, engine_cfg)
 
     def handle(self, payload: bytes, conn) -> defer.Deferred | bytes | None:
         now = self.clock()
@@ -97,20 +100,20 @@ class MLLPChannel:
         flags = ",".join(sorted(decoded.flags)) or None
         if self.cfg.validation.hl7apy:
             d = threads.deferToThread(_hl7apy_problem, payload, codec)
-            d.addCallback(self._after_validation, payload, msh, flags, now, conn)
+            d.addCallback(self._after_validation, payload, msh, flags, now, conn, codec)
             return d
-        return self._accept(payload, msh, flags, now, conn)
+        return self._accept(payload, msh, flags, now, conn, codec)
 
-    def _after_validation(self, problem, payload, msh, flags, now, conn):
+    def _after_validation(self, problem, payload, msh, flags, now, conn, codec="utf-8"):
         if problem is None:
-            return self._accept(payload, msh, flags, now, conn)
+            return self._accept(payload, msh, flags, now, conn, codec)
         if self.cfg.validation.on_error == "reject":
             return self._reject(payload, msh, HL7Error("102", problem), now, conn)
         flags = ",".join(filter(None, [flags, "hl7apy_invalid"]))
-        return self._accept(payload, msh, flags, now, conn)
+        return self._accept(payload, msh, flags, now, conn, codec)
 
     # -- accepted message -------------------------------------------------------------------
-    def _accept(self, payload, msh, flags, now, conn):
+    def _accept(self, payload, msh, flags, now, conn, codec="utf-8"):
         targets = self.router.targets(self.name, msh)
         entries = [
             EntrySpec(
@@ -143,13 +146,43 @@ class MLLPChannel:
             dedup=bool(msh.control_id),
             conflict_ack=self._conflict_ack_factory(msh, now),
         )
-        d = self.batcher.add(record)
+        if self.identity is not None and self.store is not None and self.identity.applies(msh):
+            op = self.identity.make_op(self.store, record, codec, self._answer_factory(msh, now))
+            d = self.batcher.add_op(op)
+            d.addCallback(self._identity_applied, msh, entries, conn)
+        else:
+            d = self.batcher.add(record)
         d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msh, ack, entries, conn),
                        errbackArgs=(msh, now, conn))
         return d
 
+    def _identity_applied(self, feed, msh, entries, conn):
+        """Pass the store result on; an ACK rewritten by the identity rules replaces the AA."""
+        if feed.ack is not None and isinstance(feed.result, Stored):
+            log.info("identity.applied", message_id=feed.result.message_id, channel=self.name,
+                     control_id=logs.safe(msh.control_id), action=feed.action, violations=feed.violations)
+            self.counters.by_ack[feed.action] = self.counters.by_ack.get(feed.action, 0) + 1
+            return _Answered(feed.result, feed.ack, feed.outcome, feed.routed)
+        return feed.result
+
+    def _answer_factory(self, msh, now):
+        def answer(outcome, errors):
+            code = ack_code(msh, outcome)
+            return build_ack(msh, code, control_id=self.ack_ids.next(), timestamp=_hl7_ts(now),
+                             errors=errors), code
+
+        return answer
+
     def _stored(self, result, msh, ack, entries, conn):
         self.store_ok = True
+        if isinstance(result, _Answered):  # identity feed: AE (not routed) or AA with warnings
+            if result.outcome == "error":
+                self.counters.rejected += 1
+            else:
+                self.counters.accepted += 1
+            if entries and result.routed and self.on_stored is not None:
+                self.on_stored({e.destination for e in entries})
+            return self._reply(msh, result.ack, result.outcome)
         if isinstance(result, Stored):
             self.counters.accepted += 1
             log.info("message.stored", message_id=result.message_id, channel=self.name,
@@ -264,6 +297,24 @@ def _hl7_ts(epoch: float) -> str:
         _ts_cache[0] = sec
         _ts_cache[1] = time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(sec))
     return _ts_cache[1]
+
+
+class _Answered:
+    """A stored message whose ACK was decided by a processing step in the same transaction."""
+
+    __slots__ = ("stored", "ack", "outcome", "routed")
+
+    def __init__(self, stored, ack, outcome, routed):
+        self.stored, self.ack, self.outcome, self.routed = stored, ack, outcome, routed
+
+
+def _identity_feed(cfg, engine_cfg):
+    feed_cfg = getattr(cfg, "identity_feed", None)
+    if feed_cfg is None or not feed_cfg.enabled:
+        return None
+    from engine.identity.feed import IdentityFeed
+
+    return IdentityFeed(feed_cfg, engine_cfg.environment)
 
 
 def _hl7apy_problem(payload: bytes, codec: str) -> str | None:

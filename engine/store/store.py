@@ -320,6 +320,21 @@ class Store:
         self._queue.append(_Job(None, op, callback))
         self._wake.set()
 
+    def read(self, fn: Callable[[sa.Connection], T]) -> T:
+        """Run ``fn`` on a read connection (registry lookups, CLI): no writer involved."""
+        with self._read() as conn:
+            return fn(conn)
+
+    def ingest_within(self, conn: sa.Connection, records: list[IngestRecord]) -> list[IngestResult]:
+        """Ingest ``records`` inside the caller's open transaction (a ``submit`` op).
+
+        For channels whose ACK depends on work done in the same transaction as the message
+        insert (the identity feed applies the ADT to the registry before answering): the op
+        calls this, then does its work, and the whole is committed once by the writer.
+        """
+        raw = conn.connection.driver_connection
+        return self._ingest(raw, [_Job(records, None, None)])[0]
+
     def _writer_loop(self) -> None:
         queue = self._queue
         wake = self._wake
