@@ -16,7 +16,7 @@ routing table. A later route can still reach *other* destinations for the same m
 destinations (``enabled: false``) are still targeted: their entries wait in the queue until the
 destination is enabled again (dropping them would lose messages silently).
 
-The result is cached per (channel, MSH-9.1, MSH-9.2, MSH-3, MSH-4, MSH-5, MSH-12.1): a cache hit
+The result is cached per (channel, MSH-9.1, MSH-9.2, MSH-3, MSH-4, MSH-5, MSH-12.1, MSH-21): a cache hit
 is one tuple construction plus one dict lookup, and returns the identical tuple. The cache is
 bounded (:data:`CACHE_SIZE` entries, cleared when full). A Router is built from one immutable
 Config; a reload builds a new Router.
@@ -24,11 +24,14 @@ Config; a reload builds a new Router.
 Filter semantics (``RouteFilter``): message_types are fnmatch patterns on ``CODE^TRIGGER``
 (``"*"``, ``"ADT^*"``, ``"ADT^A0?"``); sending/receiving applications and sending facilities
 match either the first component (namespace id) or the whole raw field; versions match MSH-12.1
-exactly; an empty list matches anything.
+exactly; profiles match MSH-21 (any repetition, whole, or its first or second component, e.g.
+``CISIS_TLR_HL7_V2`` in ``1.0^CISIS_TLR_HL7_V2``; ``""`` matches an empty MSH-21); an empty list
+matches anything.
 
 ``msh`` is an :class:`engine.hl7.msh.MSHInfo` (or any object with the same attributes: raw
 ``sending_app``, ``sending_facility``, ``receiving_app``, ``message_code``, ``trigger``,
-``version``, ``processing_id`` and optionally ``encoding_chars``).
+``version``, ``processing_id`` and optionally ``encoding_chars`` and ``profile`` (MSH-21 raw;
+missing = empty)).
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from typing import Any, NamedTuple
 
 from engine.config import Config, Route
 
-__all__ = ["CACHE_SIZE", "Rejection", "RouteTarget", "Router", "channel_accepts", "message_type_matches"]
+__all__ = ["CACHE_SIZE", "Rejection", "RouteTarget", "Router", "channel_accepts", "message_type_matches",
+           "profile_matches"]
 
 CACHE_SIZE = 10_000
 
@@ -86,6 +90,27 @@ def _matches_app(allowed: list[str], raw: str, sep: str) -> bool:
         return True
     first = raw.split(sep, 1)[0]
     return first in allowed
+
+
+def profile_matches(allowed: list[str], raw: str, comp_sep: str = "^", rep_sep: str = "~") -> bool:
+    """True when ``allowed`` is empty, or when any repetition of the raw MSH-21 value, whole or by
+    its first or second component (blanks stripped), is in ``allowed``; ``""`` in ``allowed``
+    matches an empty MSH-21."""
+    if not allowed:
+        return True
+    raw = (raw or "").strip()
+    if not raw:
+        return "" in allowed
+    for rep in raw.split(rep_sep):
+        comps = [c.strip() for c in rep.split(comp_sep)]
+        whole = comp_sep.join(comps)
+        if whole and whole in allowed:
+            return True
+        if comps[0] and comps[0] in allowed:
+            return True
+        if len(comps) > 1 and comps[1] and comps[1] in allowed:
+            return True
+    return False
 
 
 def channel_accepts(channel_cfg: Any, msh: Any) -> Rejection | None:
@@ -140,6 +165,11 @@ class _CompiledRoute:
             return False
         if not _matches_app(f.receiving_applications, msh.receiving_app or "", sep):
             return False
+        if f.profiles:
+            enc = getattr(msh, "encoding_chars", None) or "^~"
+            rep = enc[1] if len(enc) > 1 else "~"
+            if not profile_matches(f.profiles, getattr(msh, "profile", "") or "", sep, rep):
+                return False
         return True
 
 
@@ -157,7 +187,7 @@ class Router:
 
     def targets(self, channel: str, msh: Any) -> tuple[RouteTarget, ...]:
         key = (channel, msh.message_code, msh.trigger, msh.sending_app, msh.sending_facility,
-               msh.receiving_app, msh.version)
+               msh.receiving_app, msh.version, getattr(msh, "profile", None))
         hit = self._cache.get(key)
         if hit is not None:
             return hit
