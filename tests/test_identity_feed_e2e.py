@@ -255,9 +255,10 @@ def test_rule_violations_are_answered_with_field_and_rule_and_stored(start_engin
         # REF-INS rule 11 (00 day), answered AE per identity_feed.rule11_answer (default error)
         (adt(ipp="910004", ins=NIR_D, dob="19790300", control="R4"), "AE", "PID^1^7", "INS-RULE-11",
          "rule 11", "E"),
-        # an INS with the unqualified status PROV: the feed refuses the INS with a warning ERR
-        (adt(ipp="910005", ins=NIR_E, dob="19790312", status="PROV", control="R5"), "AA", "PID^1^32",
-         "INS-NOT-QUALIFIED", "not qualified", "W"),
+        # an INS with the unqualified status PROV: a rule break (issue 3 item 3), answered AE per
+        # identity_feed.unqualified_ins_answer (default error); the INS is not taken
+        (adt(ipp="910005", ins=NIR_E, dob="19790312", status="PROV", control="R5"), "AE", "PID^1^32",
+         "INS-NOT-QUALIFIED", "not qualified", "E"),
     ]
     acks = send_all(eng, [c[0] for c in cases])
     for (msg, code, loc, rule, words, sev), ack in zip(cases, acks):
@@ -266,8 +267,8 @@ def test_rule_violations_are_answered_with_field_and_rule_and_stored(start_engin
         assert seg(ack, b"MSA")[2] == msg.split(b"|")[9].decode()
     # stored, nothing lost: the rejected ones with status "rejected"
     rows = {r["control_id"]: r for r in eng.messages()}
-    assert {c: rows[c]["status"] for c in ("R1", "R2", "R3", "R4")} == dict.fromkeys(("R1", "R2", "R3", "R4"), "rejected")
-    assert "R5" in rows
+    rejected = ("R1", "R2", "R3", "R4", "R5")
+    assert {c: rows[c]["status"] for c in rejected} == dict.fromkeys(rejected, "rejected")
     # the registry keeps the identity without the refused INS, with the reason
     rule11 = show(eng, "910004")
     assert rule11["ins"] is None and "INS-RULE-11" in rule11["ins_rejected_reason"]

@@ -173,25 +173,33 @@ def test_vali_flag():
     ev = parse_adt(adt(status="VALI"))
     assert usable_ins(ev, TEST_ENV) is not None  # default: VALI + INS accepted (PAM FR 2.11 examples)
     strict = InsPolicy(environment="test", vali_counts_as_qualified=False)
-    assert rules(check_identity(ev, strict)) == {("PID-32", "INS-NOT-QUALIFIED", "W")}
+    assert rules(check_identity(ev, strict)) == {("PID-32", "INS-NOT-QUALIFIED", "E")}
     assert usable_ins(ev, strict) is None
 
 
 @pytest.mark.parametrize("status", ["PROV", "RECUP", "VIDE", "DESA", ""])
 def test_unqualified_status_with_ins(status):
     ev = parse_adt(adt(status=status))
+    # Issue 3 item 3: a rule break, answered AE by default (unqualified_ins_answer="error").
     vs = check_identity(ev, TEST_ENV)
-    assert rules(vs) == {("PID-32", "INS-NOT-QUALIFIED", "W")}
+    assert rules(vs) == {("PID-32", "INS-NOT-QUALIFIED", "E")}
     d = ins_decision(ev, TEST_ENV)
     assert d.ins is None and "INS-NOT-QUALIFIED" in d.reason
+    # Configured as a warning: AA + ERR severity W, the INS is still not taken.
+    warn = InsPolicy(environment="test", unqualified_ins_answer="warning")
+    assert rules(check_identity(ev, warn)) == {("PID-32", "INS-NOT-QUALIFIED", "W")}
+    assert usable_ins(ev, warn) is None
 
 
 @pytest.mark.parametrize("status,attr", [("VALI~DOUT", "DOUT"), ("QUAL~FICT", "FICT"),
                                          ("DOUT~QUAL", "DOUT")])
 def test_doubtful_or_fictitious(status, attr):
     ev = parse_adt(adt(status=status))
-    assert rules(check_identity(ev, TEST_ENV)) == {("PID-32", f"INS-STATUS-{attr}", "W")}
+    assert rules(check_identity(ev, TEST_ENV)) == {("PID-32", f"INS-STATUS-{attr}", "E")}
     assert usable_ins(ev, TEST_ENV) is None
+    warn = InsPolicy(environment="test", unqualified_ins_answer="warning")
+    assert rules(check_identity(ev, warn)) == {("PID-32", f"INS-STATUS-{attr}", "W")}
+    assert usable_ins(ev, warn) is None
 
 
 def test_qual_without_ins_warns():

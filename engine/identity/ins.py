@@ -50,12 +50,18 @@ class InsPolicy:
       "qualified" to ``QUAL``. Set False for senders on PAM FR versions with ``QUAL``.
     * ``rule11_answer``: severity of REF-INS rule 11 (00 day/month): ``"warning"`` (AA, INS not
       taken) or ``"error"`` (AE, INS not taken).
+    * ``unqualified_ins_answer`` (default ``"error"``): severity of an INS sent with an identity
+      that is not qualified (PID-32 ``PROV``, ``RECUP``, ... or attribute ``DOUT``/``FICT``):
+      issue 3 item 3 and its test list ("unqualified status with INS") treat it as a rule break,
+      answered AE; ``"warning"`` answers AA with an ERR of severity W. The INS is not taken
+      either way.
     """
 
     environment: Literal["test", "production"] = "production"
     allow_test_ins: bool = False
     vali_counts_as_qualified: bool = True
     rule11_answer: Literal["warning", "error"] = "warning"
+    unqualified_ins_answer: Literal["warning", "error"] = "error"
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,8 @@ def is_qualified(event: IdentityEvent, policy: InsPolicy) -> bool:
 
 
 def check_status(event: IdentityEvent, policy: InsPolicy) -> list[Violation]:
-    """Status rules for an event that carries an INS (FRCORE, REF-INS [EXI SI 08])."""
+    """Status rules for an event that carries an INS (FRCORE, REF-INS [EXI SI 08]). Severity
+    per ``policy.unqualified_ins_answer`` (E by default: issue 3 item 3); the INS is never taken."""
     st = event.status
     if event.ins is None:
         if st.code == "QUAL":
@@ -203,17 +210,18 @@ def check_status(event: IdentityEvent, policy: InsPolicy) -> list[Violation]:
                               blocks_ins=False)]
         return []
     out: list[Violation] = []
+    sev = "E" if policy.unqualified_ins_answer == "error" else "W"
     for attr in sorted(st.attributes & {"DOUT", "FICT"}):
         word = "doubtful" if attr == "DOUT" else "fictitious"
         out.append(Violation("PID-32", f"INS-STATUS-{attr}",
-                             f"identity flagged {word} ({attr}): INS not usable", "W", "207"))
+                             f"identity flagged {word} ({attr}): INS not usable", sev, "207"))
     if out:
         return out
     if not is_qualified(event, policy):
         code = st.code or "empty"
         out.append(Violation("PID-32", "INS-NOT-QUALIFIED",
                              f"identity status {code} is not qualified: INS not usable",
-                             "W", "207"))
+                             sev, "207"))
     return out
 
 
