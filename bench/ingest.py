@@ -6,7 +6,8 @@ MSH-10 it sent (unique per message), then sends the next. Reports msg/s and ACK 
 An open-loop mode (``--rate``) offers a fixed message rate and reports the ACK latency at that load.
 
 The server under test runs in its own process pinned to CPU 0, the load generator on CPU 1
-(notes/performance.md method). mini-PFI runs with a route to a disabled destination, so each
+(notes/performance.md method). mini-PFI runs at the engine's default log level (``info``: one JSON
+event per stored message) with its logs going to a file, as a user runs it. mini-PFI runs with a route to a disabled destination, so each
 message costs what a real one does at ingest (message row + one queue entry + the stored ACK, one
 group commit) without delivery traffic. python-hl7's server stores nothing (not durable).
 
@@ -111,12 +112,12 @@ def wait_port(port, timeout=30.0):
     raise RuntimeError(f"server on port {port} did not start")
 
 
-def start_minipfi(backend: str, tmp: Path):
+def start_minipfi(backend: str, tmp: Path, log_level: str = "info"):
     port, status_port = free_port(), free_port()
     cfg = tmp / "bench-routes.yaml"
     cfg.write_text(textwrap.dedent(f"""
         engine:
-          log_level: warning
+          log_level: {log_level}
           status: {{bind: 127.0.0.1, port: {status_port}}}
         channels:
           bench-in:
@@ -207,6 +208,8 @@ def main() -> int:
     ap.add_argument("--peer", action="store_true", help="also measure python-hl7's asyncio MLLP server")
     ap.add_argument("--rate", type=float, default=1000.0, help="open-loop rate for the latency check (0 = skip)")
     ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--log-level", default="info", help="mini-PFI log level (default: info, the engine's default)")
+    ap.add_argument("--keep-logs", help="copy the servers' log files into this directory")
     args = ap.parse_args()
     os.sched_setaffinity(0, {1}) if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1 else None
     conns = [int(c) for c in args.connections.split(",")]
@@ -217,7 +220,7 @@ def main() -> int:
         if args.peer:
             servers.append(("python-hl7 (not durable)", "peer"))
         for label, kind in servers:
-            proc, port = start_peer(tmp) if kind == "peer" else start_minipfi(kind, tmp)
+            proc, port = start_peer(tmp) if kind == "peer" else start_minipfi(kind, tmp, args.log_level)
             try:
                 run_load(port, 4, args.warmup)
                 for n in conns:
@@ -234,6 +237,12 @@ def main() -> int:
                           f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms", flush=True)
             finally:
                 stop(proc)
+        if args.keep_logs:
+            import shutil
+
+            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+            for f in tmp.glob("*.log"):
+                shutil.copy(f, Path(args.keep_logs) / f.name)
     peer = {r["connections"]: r["msg_per_s"] for r in results if r["server"].startswith("python-hl7")}
     if peer:
         print("\nratio to python-hl7's non-durable server (closed loop):")

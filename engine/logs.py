@@ -8,12 +8,23 @@ characters, so a CR/LF inside a control id cannot forge a log line.
 Engine events use structlog's native filtering logger (a few microseconds per event, which
 matters at thousands of messages per second); stdlib records (Twisted, ``mllp``) are rendered
 as the same JSON lines through a ``ProcessorFormatter``.
+
+Cost on the hot path (one ``message.stored`` event per message at the default level ``info``):
+a ``write`` system call per line cost about 35 µs on the benchmark VM, more than the rest of the
+event. Lines logged in the reactor thread are therefore buffered and written together once per
+reactor turn (``callLater(0)``: after the turn's I/O and callbacks), i.e. one ``write`` per
+group-commit batch instead of one per message. Lines from other threads, and every stdlib record
+(warnings, errors, Twisted), are written at once, after whatever is buffered. A SIGKILL can lose
+at most the lines of the current reactor turn (never a stored message: the store is the record).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
+import threading
+import time
 
 import structlog
 
@@ -27,17 +38,149 @@ def safe(value: object, limit: int = 64) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+_encode = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":")).encode
+
+
 def _dumps(obj, **kw) -> str:
-    return json.dumps(obj, ensure_ascii=False, default=str, separators=(",", ":"))
+    return _encode(obj)
+
+
+_LEVEL_OF = {"warn": "warning", "exception": "error"}
+_format_exc_info = structlog.processors.format_exc_info
+_ts_cache = (0, "")
+
+
+def _timestamp() -> str:
+    """ISO 8601 UTC with microseconds, as structlog's ``TimeStamper(fmt="iso", utc=True)``
+    writes it; the date-time part is formatted once per second."""
+    global _ts_cache
+    t = time.time()
+    sec = int(t)
+    cached = _ts_cache
+    if cached[0] != sec:
+        cached = _ts_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{int((t - sec) * 1e6):06d}Z"
+
+
+def _render(logger, method_name: str, event_dict) -> str:
+    """add_log_level + TimeStamper + format_exc_info + JSONRenderer in one processor (same
+    keys, same order): a third of the cost of the four-processor chain per event."""
+    if "exc_info" in event_dict:
+        event_dict = _format_exc_info(logger, method_name, event_dict)
+    event_dict["level"] = _LEVEL_OF.get(method_name, method_name)
+    event_dict["timestamp"] = _timestamp()
+    return _encode(event_dict)
+
+
+class _LineSink:
+    """Where rendered lines go: buffered per reactor turn in the reactor thread, else written."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def write_line(self, line: str) -> None:
+        if _in_reactor_thread():
+            with self._lock:
+                self._lines.append(line)
+                if self._scheduled:
+                    return
+                self._scheduled = True
+            try:
+                from twisted.internet import reactor
+
+                reactor.callLater(0, self.flush)
+            except Exception:  # noqa: BLE001 - no reactor: write now
+                self.flush()
+            return
+        with self._lock:
+            lines, self._lines = self._lines, []
+            self._scheduled = False
+            lines.append(line)
+            self._write(lines)
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines = self._lines, []
+            self._scheduled = False
+            if lines:
+                self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except Exception:  # noqa: BLE001 - a log stream error must not break the engine
+            pass
+
+
+def _no_reactor() -> bool:
+    return False
+
+
+def _io_thread_check():
+    # twisted.python.threadable is a deprecation proxy module (slow attribute access): take the
+    # function once. Before reactor.run() registers the I/O thread it compares with None: False.
+    try:
+        from twisted.python.threadable import isInIOThread
+
+        return isInIOThread
+    except Exception:  # noqa: BLE001
+        return _no_reactor
+
+
+_in_reactor_thread = _io_thread_check()
+
+
+class _SinkLogger:
+    """structlog's final logger: every level method hands the rendered line to the sink."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink: _LineSink):
+        self._sink = sink
+
+    def msg(self, message: str) -> None:
+        self._sink.write_line(message)
+
+    log = debug = info = warn = warning = error = err = critical = fatal = exception = failure = msg
+
+
+class _SinkHandler(logging.StreamHandler):
+    """stdlib records: written at once, after the lines buffered before them (order kept)."""
+
+    def __init__(self, sink: _LineSink):
+        super().__init__(sink.stream)
+        self._sink = sink
+
+    def emit(self, record) -> None:
+        self._sink.flush()
+        super().emit(record)
+
+
+_sink: _LineSink | None = None
+
+
+def flush() -> None:
+    """Write the buffered lines now (shutdown, tests)."""
+    if _sink is not None:
+        _sink.flush()
 
 
 def configure(level: str = "info", stream=None) -> None:
     """JSON lines on ``stream`` (stderr by default) for engine and library events."""
+    global _sink
     lvl = getattr(logging, level.upper(), logging.INFO)
     stream = stream or sys.stderr
+    if _sink is not None:
+        _sink.flush()
+    sink = _sink = _LineSink(stream)
+    atexit.register(sink.flush)
     renderer = structlog.processors.JSONRenderer(serializer=_dumps)
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
-    handler = logging.StreamHandler(stream)
+    handler = _SinkHandler(sink)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,
@@ -48,9 +191,9 @@ def configure(level: str = "info", stream=None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(lvl)
     structlog.configure(
-        processors=[structlog.processors.add_log_level, timestamper, structlog.processors.format_exc_info, renderer],
+        processors=[_render],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_args: _SinkLogger(sink),
         cache_logger_on_first_use=True,
     )
     try:  # Twisted's own log events go to stdlib logging, hence to the same JSON stream
