@@ -8,7 +8,7 @@ CONFIG ?= engine/routes.yaml
 DATA_DIR ?= data
 TEST_ONLY := aiosmtpd|atpublic|iniconfig|pluggy|pygments|pypdf|pytest|pytest-timeout
 
-.PHONY: install install-test run test test-fast bench bench-quick check clean lock
+.PHONY: install install-test run test bench bench-quick bench-identity bench-reports check clean lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: install-test           ## the whole suite (SQLite and PostgreSQL)
 
 bench: install-test          ## durable ingest benchmark against python-hl7's MLLP server (about 3 min)
 	$(BIN)/python bench/ingest.py --connections 1,8,32 --backends sqlite,postgresql --peer
+
+bench-identity: install-test ## identity feed ADT/s at 8 connections versus plain ingest
+	$(BIN)/python bench/identity.py
+
+bench-reports: install-test  ## report channel: 286 KB ORU with a 212 KB CDA, and schematron cost
+	$(BIN)/python bench/reports.py
 
 bench-quick: install-test
 	$(BIN)/python bench/ingest.py --connections 8 --backends sqlite --peer --seconds 5

@@ -124,6 +124,9 @@ def cmd_messages(args) -> int:
                     rc = 1
                     continue
                 d = _row_dict(m)
+                sub = _submission_of(store, int(mid))
+                if sub is not None:
+                    d["submission"] = sub
                 raw = d.pop("raw", b"")
                 ack = d.pop("ack", b"")
                 if args.json:
@@ -153,6 +156,21 @@ def cmd_messages(args) -> int:
     finally:
         store.dispose()
     return 2
+
+
+def _submission_of(store, message_id: int) -> dict | None:
+    """The canonical submission stored with a report message (issue 4), if any."""
+    from engine.reports.storage import load
+
+    row = store.read(lambda c: load(c, message_id))
+    if row is None:
+        return None
+    out = {"kind": row["kind"], "action": row["action"], "errors": row["errors"],
+           "submission": json.loads(row["submission"]),
+           "validation": json.loads(row["validation"]) if row["validation"] else None}
+    if row["wrapped"] is not None:
+        out["wrapped"] = bytes(row["wrapped"]).decode("utf-8", "replace")
+    return out
 
 
 def _row_dict(row) -> dict:
@@ -223,6 +241,59 @@ def cmd_identities(args) -> int:
         return 0
     finally:
         store.dispose()
+
+
+def cmd_inspect(args) -> int:
+    """Parse a report message file and print its canonical submission (no store, no network)."""
+    from engine.hl7.encoding import codec_for
+    from engine.hl7.errors import HL7Error
+    from engine.hl7.msh import read_msh
+    from engine.reports.cisis import parse_report
+
+    raw = Path(args.file).read_bytes()
+    try:
+        msh = read_msh(raw)
+        codec = codec_for(msh.charset)
+    except HL7Error as err:
+        print(f"minipfi inspect: {err.code} {err.text}", file=sys.stderr)
+        return 1
+    sub = parse_report(raw, codec, strict_mss_matrix=args.strict_mss_matrix)
+    doc = sub.to_inspect_json()
+    if args.json:
+        print(json.dumps(doc, ensure_ascii=False, indent=1, default=str))
+    else:
+        ins = doc.get("ins") or {}
+        print(f"{doc['message_type']}  control id {doc['control_id']}  action {doc['action']}")
+        print(f"INS        {ins.get('value') or '-'} {ins.get('oid') or ''}")
+        flags = doc.get("flags") or {}
+        print("flags      " + " ".join(f"{k}={'Y' if v else 'N'}" for k, v in flags.items()))
+        r = doc.get("recipients") or {}
+        print(f"recipients DMP={r.get('dmp')} MSS PS={r.get('mss_ps')} patient={r.get('mss_patient')} "
+              f"reply-to={r.get('reply_to')}")
+        for d in doc.get("documents", []):
+            print(f"document   {d.get('id')}  {d.get('type_code')}  {d.get('level')}  sha256 {d.get('sha256')}")
+        for e in doc.get("errors", []):
+            print(f"ERROR {e['code']}: {e['text']}")
+    return 1 if doc.get("errors") else 0
+
+
+def cmd_cda(args) -> int:
+    """``cda validate FILE``: CDA XSD and CI-SIS schematrons (structurationMinimale, IHE)."""
+    from engine.reports.processing import cda_validator
+
+    rep = cda_validator().validate(Path(args.file).read_bytes(), schematron=not args.xsd_only)
+    doc = rep.to_json()
+    if args.json:
+        print(json.dumps(doc, ensure_ascii=False, indent=1, default=str))
+    else:
+        print(f"{args.file}: {'VALID' if rep.valid else 'INVALID'}")
+        for e in doc["xsd_errors"]:
+            print(f"  XSD line {e.get('line')}: {e.get('message')}")
+        for f in doc["schematron_failures"]:
+            print(f"  schematron {f.get('id')}: {f.get('text')} ({f.get('location')})")
+        for w in doc.get("schematron_warnings", []):
+            print(f"  warning {w.get('id')}: {w.get('text')}")
+    return 0 if rep.valid else 1
 
 
 def cmd_reload(args) -> int:
@@ -298,6 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
     data_opts(ish)
     ish.add_argument("--config", help="routes file whose engine.store_url to use")
     ids.set_defaults(fn=cmd_identities)
+
+    ins_p = sub.add_parser("inspect", help="parse a report message file, print its canonical submission")
+    ins_p.add_argument("file")
+    ins_p.add_argument("--json", action="store_true")
+    ins_p.add_argument("--strict-mss-matrix", action="store_true",
+                       help="combinations absent from the MSSanté matrix are errors, not warnings")
+    ins_p.set_defaults(fn=cmd_inspect)
+
+    cda = sub.add_parser("cda", help="CDA documents")
+    csub = cda.add_subparsers(dest="action", required=True)
+    cv = csub.add_parser("validate", help="CDA XSD and CI-SIS schematrons")
+    cv.add_argument("file")
+    cv.add_argument("--json", action="store_true")
+    cv.add_argument("--xsd-only", action="store_true")
+    cda.set_defaults(fn=cmd_cda)
 
     rl = sub.add_parser("reload", help="ask the running engine to reload its routes file")
     data_opts(rl)

@@ -290,7 +290,59 @@ class IdentityFeedConfig(_Model):
     allow_test_ins: bool | None = None
     vali_counts_as_qualified: bool = True  # ANS PAM FR 2.11 examples send VALI with an INS
     rule11_answer: Literal["warning", "error"] = "error"  # REF-INS rule 11: 00 as birth day/month
+    # INS with an unqualified identity (PID-32 PROV/RECUP/..., DOUT/FICT): AE (error) or AA + W;
+    # the INS is not taken either way (issue 3 item 3, "unqualified status with INS")
+    unqualified_ins_answer: Literal["warning", "error"] = "error"
     route_rejected: bool = False  # an ADT answered AE is stored; route it onward anyway?
+
+
+class CdaValidationConfig(_Model):
+    """Official CDA validation of the documents a report message carries (issue 4): the CDA XSD
+    before the ACK (about 1 ms per document), the CI-SIS schematrons (about 200 ms per document)
+    before the ACK only when failures are rejected, else after it, the result attached to the
+    stored submission."""
+
+    xsd: bool = True
+    schematron: bool = False
+    on_failure: Literal["warn", "reject"] = "warn"
+
+
+class ReportsConfig(_Model):
+    """CI-SIS "Transmission de documents CDA en HL7 v2" report messages (ORU^R01, MDM^T02/T04/T10
+    with MSH-21 naming the profile): parsed and checked before the ACK (AE + ERR 207 with the
+    guide's 900-906 code in ERR-5), the canonical submission stored with the message."""
+
+    enabled: bool = False
+    message_types: list[MessageTypePattern] = Field(
+        default_factory=lambda: ["ORU^R01", "MDM^T02", "MDM^T04", "MDM^T10"], min_length=1)
+    profile: str = "CISIS_CDA_HL7_V2"
+    strict_mss_matrix: bool = False
+    validation: CdaValidationConfig = CdaValidationConfig()
+    route_rejected: bool = False
+
+
+class PacsReportsConfig(_Model):
+    """Report messages from a PACS (ORU^R01 with a PDF in OBX ED, or TX/FT text) wrapped into a
+    CDA R2 N1 "compte rendu d'imagerie" at reception; the destinations of such a message receive
+    the CI-SIS ORU^R01 carrying that CDA (transform ``wrapped_report``)."""
+
+    enabled: bool = False
+    message_types: list[MessageTypePattern] = Field(default_factory=lambda: ["ORU^R01"], min_length=1)
+    sending_applications: list[str] = Field(default_factory=list)  # MSH-3 of the PACS; [] = any
+    cda_wrap: dict[str, Any] = Field(default_factory=dict)  # parameters of the cda_wrap transform
+    validation: CdaValidationConfig = CdaValidationConfig()
+    route_rejected: bool = False
+
+    @field_validator("cda_wrap")
+    @classmethod
+    def _cda_wrap_params(cls, v):
+        from engine.transforms import validate_specs
+
+        problems = validate_specs([{"type": "cda_wrap", **v}])
+        if problems:
+            raise ValueError("; ".join(f"{p.path.removeprefix('[0]').lstrip('.') or 'cda_wrap'}: {p.message}"
+                                       for p in problems))
+        return v
 
 
 class MLLPChannelConfig(_Model):
@@ -304,6 +356,8 @@ class MLLPChannelConfig(_Model):
     accept: AcceptConfig = AcceptConfig()
     validation: ValidationConfig = ValidationConfig()
     identity_feed: IdentityFeedConfig = IdentityFeedConfig()
+    reports: ReportsConfig = ReportsConfig()
+    pacs_reports: PacsReportsConfig = PacsReportsConfig()
 
 
 CHANNEL_TYPES: tuple[type[_Model], ...] = (MLLPChannelConfig,)
@@ -315,15 +369,35 @@ ChannelConfig = Annotated[Union[CHANNEL_TYPES], Field(discriminator="type")]  # 
 # --------------------------------------------------------------------------------------------
 
 
+def _check_profiles(value: Any) -> Any:
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, str) and ("~" in v or "|" in v):
+                raise ValueError(
+                    f"invalid message profile {v!r}: give one MSH-21 repetition, its first component or its "
+                    "identifier (e.g. 'CISIS_TLR_HL7_V2'); '~' and '|' are not allowed"
+                )
+    return value
+
+
 class RouteFilter(_Model):
     """Empty lists match anything. Applications/facilities match MSH-3/4/5 first component
-    (namespace id) or the whole field."""
+    (namespace id) or the whole field.
+
+    ``profiles`` (MSH-21, message profile identifier, type EI, repeating): the route matches when
+    any MSH-21 repetition, taken whole (``"1.0^CISIS_TLR_HL7_V2"``), or its first component, or its
+    second component is in the list. The French CI-SIS guides put the profile *version* in the first
+    component and its *name* in the second (``2.1^CISIS_CDA_HL7_V2``, ``1.0^CISIS_TLR_HL7_V2``), so
+    list the name: ``profiles: [CISIS_TLR_HL7_V2]``. Blanks around components are ignored. The
+    empty string ``""`` in the list matches a message with an empty MSH-21 (no profile declared).
+    """
 
     message_types: list[MessageTypePattern] = Field(default_factory=lambda: ["*"], min_length=1)
     sending_applications: list[str] = Field(default_factory=list)
     sending_facilities: list[str] = Field(default_factory=list)
     receiving_applications: list[str] = Field(default_factory=list)
     versions: list[VersionStr] = Field(default_factory=list)
+    profiles: Annotated[list[str], BeforeValidator(_check_profiles)] = Field(default_factory=list)
 
 
 class Route(_Model):

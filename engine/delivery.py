@@ -9,7 +9,6 @@ retry``; AR/CR and no-answer failures retry with exponential backoff and jitter 
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
@@ -177,10 +176,16 @@ class DestinationWorker:
             except Exception:  # noqa: BLE001
                 codec = "utf-8"
             ctx = TransformContext(message_id=entry.message_id, channel=entry.channel,
-                                   destination=self.name, codec=codec)
+                                   destination=self.name, codec=codec, extras=self._extras())
             return chain(entry.raw, ctx).payload
 
         return threads.deferToThread(run)
+
+    def _extras(self) -> dict:
+        """What transforms may read besides the message: registry lookups (run in this thread)."""
+        from engine.identity.lookup import make_identity_lookup
+
+        return {"identity_lookup": make_identity_lookup(self.store), "store": self.store}
 
     @defer.inlineCallbacks
     def _complete(self, entry, status, attempts, *, outcome: Outcome | None = None, detail: str = "",

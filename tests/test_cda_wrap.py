@@ -19,7 +19,7 @@ from engine.cda.pdf import render_text_report_pdf
 from engine.cda.validation import CdaValidator
 from engine.transforms import TransformContext, build_chain
 from engine.transforms.cda_wrap import (
-    CdaWrapError, CdaWrapParams, DEFAULT_NOTICE, wrap_pacs_report,
+    CdaWrapError, DEFAULT_NOTICE, wrap_pacs_report,
 )
 from tests.conftest import ROOT, SHARED
 

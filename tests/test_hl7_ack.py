@@ -10,7 +10,7 @@ import hl7
 import pytest
 
 from engine.hl7 import (TABLE_0357, AckError, ControlIdGenerator, HL7Error, accept_ack_wanted, ack_code,
-                        ack_mode, build_ack, get_field, hl7_timestamp, is_ack, read_ack, read_msh)
+                        ack_mode, build_ack, hl7_timestamp, is_ack, read_ack, read_msh)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ANS = SHARED / "corpus" / "ans-hl7v2"

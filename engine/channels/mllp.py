@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from engine import logs
 from engine.hl7.ack import AckError, ack_code, accept_ack_wanted, build_ack, is_ack
@@ -74,12 +75,13 @@ class MLLPChannel:
         self.counters = ChannelCounters()
         self.store_ok = True
         self.store = None  # set by the engine when a processing step needs writer-thread ops
-        self.identity = _identity_feed(cfg, engine_cfg)
+        self.steps = processing_steps(cfg, engine_cfg)
+        self._wake_pending: set | None = None  # destinations to wake after this reactor turn
 
     # routes.yaml reload: the handler picks up the new objects on the next frame
     def reconfigure(self, cfg, engine_cfg, router) -> None:
         self.cfg, self.engine_cfg, self.router = cfg, engine_cfg, router
-        self.identity = _identity_feed(cfg, engine_cfg)
+        self.steps = processing_steps(cfg, engine_cfg)
 
     def handle(self, payload: bytes, conn) -> defer.Deferred | bytes | None:
         now = self.clock()
@@ -146,24 +148,56 @@ class MLLPChannel:
             dedup=bool(msh.control_id),
             conflict_ack=self._conflict_ack_factory(msh, now),
         )
-        if self.identity is not None and self.store is not None and self.identity.applies(msh):
-            op = self.identity.make_op(self.store, record, codec, self._answer_factory(msh, now))
-            d = self.batcher.add_op(op)
-            d.addCallback(self._identity_applied, msh, entries, conn)
-        else:
-            d = self.batcher.add(record)
-        d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msh, ack, entries, conn),
-                       errbackArgs=(msh, now, conn))
+        step = self._step_for(msh)
+        if step is not None:
+            answer = self._answer_factory(msh, now)
+            if step.prepare is not None:  # parsing/validation in a thread, off the reactor
+                d = threads.deferToThread(step.prepare, payload, codec, self.store)
+                d.addCallback(lambda prepared: self.batcher.add_op(
+                    step.make_op(self.store, record, prepared, codec, answer)))
+            else:
+                d = self.batcher.add_op(step.make_op(self.store, record, None, codec, answer))
+            d.addCallback(self._step_done, step, msh, conn)
+            d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msh, ack, entries, conn),
+                           errbackArgs=(msh, now, conn))
+            return d
+        # hot path: the batcher calls _on_result directly (no Deferred chain per message); the
+        # protocol gets one Deferred fired with the reply
+        d = defer.Deferred()
+        self.batcher.add_call(record, self._on_result, d, msh, ack, entries, conn, now)
         return d
 
-    def _identity_applied(self, feed, msh, entries, conn):
-        """Pass the store result on; an ACK rewritten by the identity rules replaces the AA."""
-        if feed.ack is not None and isinstance(feed.result, Stored):
-            log.info("identity.applied", message_id=feed.result.message_id, channel=self.name,
-                     control_id=logs.safe(msh.control_id), action=feed.action, violations=feed.violations)
-            self.counters.by_ack[feed.action] = self.counters.by_ack.get(feed.action, 0) + 1
-            return _Answered(feed.result, feed.ack, feed.outcome, feed.routed)
-        return feed.result
+    def _on_result(self, result, d, msh, ack, entries, conn, now):
+        if isinstance(result, BaseException):
+            d.callback(self._store_failed(Failure(result), msh, now, conn))
+            return
+        try:
+            reply = self._stored(result, msh, ack, entries, conn)
+        except Exception:  # noqa: BLE001 - the protocol logs it and closes, as with a Deferred
+            d.errback()
+            return
+        d.callback(reply)
+
+    def _step_for(self, msh):
+        if self.store is None:
+            return None
+        for step in self.steps:
+            if step.applies(msh):
+                return step
+        return None
+
+    def _step_done(self, res, step, msh, conn):
+        """Pass the store result on; an ACK rewritten by the step replaces the precomputed AA."""
+        if isinstance(res.result, Stored):
+            after = getattr(step, "after_commit", None)
+            if after is not None:
+                after(res.result.message_id, self.store)
+            if res.ack is not None:
+                log.info(step.name + ".processed", message_id=res.result.message_id, channel=self.name,
+                         control_id=logs.safe(msh.control_id), action=res.action, findings=res.violations,
+                         outcome=res.outcome)
+                return _Answered(res.result, res.ack, res.outcome, res.routed)
+        return res.result
 
     def _answer_factory(self, msh, now):
         def answer(outcome, errors):
@@ -175,7 +209,7 @@ class MLLPChannel:
 
     def _stored(self, result, msh, ack, entries, conn):
         self.store_ok = True
-        if isinstance(result, _Answered):  # identity feed: AE (not routed) or AA with warnings
+        if isinstance(result, _Answered):  # a processing step: AE (not routed) or AA with warnings
             if result.outcome == "error":
                 self.counters.rejected += 1
             else:
@@ -189,7 +223,7 @@ class MLLPChannel:
                      control_id=logs.safe(msh.control_id), message_type=logs.safe(msh.message_type),
                      destinations=len(entries), peer=conn.peer)
             if entries and self.on_stored is not None:
-                self.on_stored({e.destination for e in entries})
+                self._wake_after_turn(entries)
             return self._reply(msh, ack, "accept")
         if isinstance(result, Duplicate):
             if result.same_content:
@@ -203,6 +237,25 @@ class MLLPChannel:
                             control_id=logs.safe(msh.control_id), peer=conn.peer)
             return result.ack  # the stored ACK, byte for byte
         raise TypeError(f"unexpected store result {type(result).__name__}")
+
+    def _wake_after_turn(self, entries) -> None:
+        """Wake the delivery workers once per reactor turn (one batch), not once per message."""
+        pending = self._wake_pending
+        if pending is None:
+            pending = self._wake_pending = set()
+            later = getattr(self.batcher, "later", None)
+            if later is None:
+                self._wake_pending = None
+                self.on_stored({e.destination for e in entries})
+                return
+            later(self._wake_now)
+        for e in entries:
+            pending.add(e.destination)
+
+    def _wake_now(self) -> None:
+        pending, self._wake_pending = self._wake_pending, None
+        if pending and self.on_stored is not None:
+            self.on_stored(pending)
 
     def _store_failed(self, failure, msh, now, conn):
         """Store unavailable: never a positive ACK (AR + ERR 207, or close, per routes.yaml)."""
@@ -308,13 +361,25 @@ class _Answered:
         self.stored, self.ack, self.outcome, self.routed = stored, ack, outcome, routed
 
 
-def _identity_feed(cfg, engine_cfg):
+def processing_steps(cfg, engine_cfg) -> list:
+    """The ACK-deciding steps enabled on a channel, in the order they are tried (first match)."""
+    steps = []
     feed_cfg = getattr(cfg, "identity_feed", None)
-    if feed_cfg is None or not feed_cfg.enabled:
-        return None
-    from engine.identity.feed import IdentityFeed
+    if feed_cfg is not None and feed_cfg.enabled:
+        from engine.identity.feed import IdentityFeed
 
-    return IdentityFeed(feed_cfg, engine_cfg.environment)
+        steps.append(IdentityFeed(feed_cfg, engine_cfg.environment))
+    rep_cfg = getattr(cfg, "reports", None)
+    if rep_cfg is not None and rep_cfg.enabled:
+        from engine.reports.processing import CisisReportStep
+
+        steps.append(CisisReportStep(rep_cfg))
+    pacs_cfg = getattr(cfg, "pacs_reports", None)
+    if pacs_cfg is not None and pacs_cfg.enabled:
+        from engine.reports.processing import PacsReportStep
+
+        steps.append(PacsReportStep(pacs_cfg))
+    return steps
 
 
 def _hl7apy_problem(payload: bytes, codec: str) -> str | None:

@@ -41,6 +41,11 @@ class AckError:
     text: str
     severity: str = "E"
     location: str | None = None
+    # ERR-5 application error code, e.g. the CI-SIS "applicationErrorCondition" 900-906 that go
+    # with ERR-3 207 (guide "Transmission de documents CDA en HL7 v2", error-codes.md)
+    app_code: str | None = None
+    app_text: str | None = None
+    app_system: str = "applicationErrorCondition"
 
     @classmethod
     def from_error(cls, err: HL7Error) -> "AckError":
@@ -212,8 +217,12 @@ def build_ack(msh: MSHInfo | None, code: str, *, control_id: str, timestamp: str
         for err in errors:
             loc = _loc_to_erl(err.location, fs, enc) if err.location else ""
             name = escape(TABLE_0357.get(err.code, ""), fs, enc)
+            app = ""
+            if err.app_code:
+                app = (f"{escape(err.app_code, fs, enc)}{cs}{escape(err.app_text or '', fs, enc)}"
+                       f"{cs}{escape(err.app_system, fs, enc)}")
             segs.append(f"ERR{fs}{fs}{loc}{fs}{escape(err.code, fs, enc)}{cs}{name}{cs}HL70357{fs}"
-                        f"{escape(err.severity or 'E', fs, enc)}{fs}{fs}{fs}{fs}{escape(err.text, fs, enc)}\r")
+                        f"{escape(err.severity or 'E', fs, enc)}{fs}{app}{fs}{fs}{fs}{escape(err.text, fs, enc)}\r")
         out = "".join(segs)
     else:
         out = head + msa

@@ -14,12 +14,11 @@ INS rules in :mod:`engine.identity.ins`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable
 
 import sqlalchemy as sa
 
+from engine.channels.processing import Answer, StepResult, finish
 from engine.hl7.ack import AckError
 from engine.identity.ins import InsPolicy
 from engine.identity.model import IdentityError
@@ -46,23 +45,14 @@ def err_location(field: str | None) -> str | None:
     return "^".join(parts)
 
 
-@dataclass
-class FeedResult:
-    result: object  # Stored | Duplicate
-    ack: bytes | None = None  # the final ACK when it differs from the precomputed one
-    action: str | None = None
-    violations: int = 0
-    outcome: str = "accept"  # accept | error (AE)
-    routed: bool = True      # False: a rejected ADT whose queue entries were removed
-
-
 class IdentityFeed:
     def __init__(self, cfg, environment: str):
         self.cfg = cfg
         allow_test = cfg.allow_test_ins if cfg.allow_test_ins is not None else environment == "test"
         self.policy = InsPolicy(environment=environment, allow_test_ins=allow_test,
                                 vali_counts_as_qualified=cfg.vali_counts_as_qualified,
-                                rule11_answer=cfg.rule11_answer)
+                                rule11_answer=cfg.rule11_answer,
+                                unqualified_ins_answer=cfg.unqualified_ins_answer)
         self.patterns = tuple(p if "^" in p or p == "*" else p + "^*" for p in cfg.message_types)
 
     def applies(self, msh) -> bool:
@@ -71,44 +61,32 @@ class IdentityFeed:
         mt = f"{msh.message_code}^{msh.trigger}"
         return any(fnmatchcase(mt, p) for p in self.patterns)
 
-    def make_op(self, store, record, codec: str, answer: Callable[[str, list[AckError]], tuple[bytes, str]]):
+    name = "identity"
+    prepare = None  # parsing happens in the writer op, next to the registry writes
+
+    def make_op(self, store, record, prepared, codec: str, answer: Answer):
         """The writer-thread op: store the message, apply the ADT, fix the stored ACK."""
         route_rejected = self.cfg.route_rejected
         policy = self.policy
 
-        def op(conn: sa.Connection) -> FeedResult:
+        def op(conn: sa.Connection) -> StepResult:
             result = store.ingest_within(conn, [record])[0]
             if not isinstance(result, Stored):
-                return FeedResult(result)  # duplicate: the stored ACK is replayed, nothing re-applied
+                return StepResult(result)  # duplicate: the stored ACK is replayed, nothing re-applied
             mid = result.message_id
             try:
                 event = parse_adt(record.raw, codec)
             except IdentityError as err:
                 errors = [AckError(err.code, f"{err.rule}: {err.text}" if getattr(err, "rule", None) else err.text,
                                    "E", err_location(getattr(err, "field", None)))]
-                action, n = "unparsable", 1
+                action = "unparsable"
             else:
                 applied = apply_event(conn, event, message_id=mid, policy=policy)
                 errors = [AckError(v.code, f"{v.rule}: {v.text}", v.severity, err_location(v.field))
                           for v in applied.violations]
-                action, n = applied.action, len(applied.violations)
+                action = applied.action
                 if applied.action == "rejected":
                     errors.append(AckError("207", f"identity not applied: {applied.note or 'rejected'}"))
-            outcome = "error" if any(e.severity == "E" for e in errors) else "accept"
-            if not errors:
-                return FeedResult(result, None, action, 0)
-            ack, code = answer(outcome, errors)
-            status = record.status
-            routed = True
-            if outcome == "error" and not route_rejected:
-                routed = False
-                status = "rejected"
-                conn.execute(sa.text("DELETE FROM queue_entries WHERE message_id = :id"), {"id": mid})
-            conn.execute(
-                sa.text("UPDATE messages SET ack = :ack, ack_code = :code, status = :status, "
-                        "error_code = :ec WHERE id = :id"),
-                {"ack": ack, "code": code, "status": status, "id": mid,
-                 "ec": errors[0].code if outcome == "error" else None})
-            return FeedResult(result, ack, action, n, outcome, routed)
+            return finish(conn, record, result, errors, answer, route_rejected=route_rejected, action=action)
 
         return op

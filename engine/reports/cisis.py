@@ -110,7 +110,8 @@ class Enc:
 def split_segments(raw: bytes) -> list[bytes]:
     """CR is the HL7 separator; LF and CRLF are accepted (corpus files use LF)."""
     raw = raw.lstrip(b"\x0b").rstrip(b"\x1c\r\n")
-    return [s for s in re.split(rb"\r\n|\r|\n", raw) if s.strip()]
+    # bytes.replace/split run in C: a regex split cost ~3 ms on a 300 KB report message
+    return [s for s in raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r") if s.strip()]
 
 
 def _parse(raw: bytes) -> tuple[Enc, list[Seg]]:
@@ -194,7 +195,7 @@ class _Ctx:
 # ------------------------------------------------------------------------------- helpers
 def _b64decode_tolerant(data: bytes, ctx: _Ctx, where: str, *, truncated_ok: bool = False
                         ) -> bytes | None:
-    clean = re.sub(rb"\s+", b"", data)
+    clean = data.translate(None, b" \t\r\n\x0b\x0c")  # C speed; a regex took ~2 ms per 200 KB
     try:
         return base64.b64decode(clean, validate=True)
     except (binascii.Error, ValueError):

@@ -13,7 +13,7 @@ import json
 import time
 
 from twisted.internet import defer, threads
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 
 from engine import logs
 

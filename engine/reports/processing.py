@@ -1,0 +1,290 @@
+"""Report channels (issue 4): what happens to a report message between reception and its ACK.
+
+* :class:`CisisReportStep`: an ORU^R01 / MDM^T02/T04/T10 following the CI-SIS guide
+  "Transmission de documents CDA-R2 en HL7 v2" v2.1 (MSH-21 ``2.1^CISIS_CDA_HL7_V2``). It is
+  parsed (:func:`engine.reports.cisis.parse_report`), its documents are validated against the CDA
+  XSD, and the canonical submission is stored with the message in the same transaction. The
+  message itself is relayed **unchanged**: its routes carry no transform, the destinations get
+  the received bytes. Violations are answered AE with ERR-3 ``207`` and ERR-5 the guide's code
+  (900-906, ``error-codes.md``: "La nature de l'erreur applicative est renseignée dans le champ
+  ERR-5"); the message is stored and, by default, not routed.
+* :class:`PacsReportStep`: an ORU^R01 from a PACS (PDF in OBX ED, or text) is wrapped into a CDA
+  R2 N1 imaging report (:mod:`engine.transforms.cda_wrap`, identity from the registry). The
+  CI-SIS ORU^R01 carrying it is stored with the submission; the message's destinations receive it
+  through the ``wrapped_report`` transform.
+
+Schematron validation (about 200 ms per document) runs before the ACK only when the channel
+rejects invalid documents; otherwise it runs after the ACK in a thread and its report is attached
+to the stored submission.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import sqlalchemy as sa
+
+from engine import logs
+from engine.channels.processing import Answer, StepResult, finish
+from engine.hl7.ack import AckError
+from engine.identity.lookup import make_identity_lookup
+from engine.reports.storage import submissions
+from engine.store import Stored
+
+log = logs.get("engine.reports")
+
+# error-codes.md, table "applicationErrorCondition"
+APP_ERROR_LABELS = {
+    "900": "Version du document incorrecte",
+    "901": "Auteur non autorisé à remplacer ou supprimer un document",
+    "902": "Identifiant patient inconnu",
+    "903": "INS non présent dans le document",
+    "904": "INS ne correspondant pas",
+    "905": "INS non complet",
+    "906": "Erreur Autre",
+}
+
+_validator = None
+_validator_lock = threading.Lock()
+
+
+def cda_validator():
+    """One compiled validator per process (the schematrons take about 12 s to compile)."""
+    global _validator
+    with _validator_lock:
+        if _validator is None:
+            import tempfile
+            from pathlib import Path
+
+            from engine.cda.validation import CdaValidator
+
+            cache = Path(tempfile.gettempdir()) / "minipfi-cda-cache"
+            _validator = CdaValidator(cache_dir=cache)
+        return _validator
+
+
+def _patterns(types):
+    return tuple(p if "^" in p or p == "*" else p + "^*" for p in types)
+
+
+def _matches(msh, patterns) -> bool:
+    mt = f"{msh.message_code}^{msh.trigger}"
+    return any(fnmatchcase(mt, p) for p in patterns)
+
+
+def _issue_error(issue) -> AckError:
+    code = issue.code if issue.code in APP_ERROR_LABELS else "906"
+    return AckError(issue.hl7_code or "207", issue.text, "E", _location(issue.location),
+                    app_code=code, app_text=APP_ERROR_LABELS[code])
+
+
+def _location(loc: str | None) -> str | None:
+    """``OBX[3]-5`` style locations become ERL ``OBX^3^5``; anything else is dropped."""
+    if not loc:
+        return None
+    import re
+
+    m = re.match(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+))?", loc)
+    if not m:
+        return None
+    seg, occ, fld = m.groups()
+    return "^".join(x for x in (seg, occ or "1", fld) if x)
+
+
+@dataclass
+class Prepared:
+    submission: object  # engine.reports.submission.Submission
+    errors: list[AckError] = field(default_factory=list)
+    validation: dict | None = None
+    wrapped: bytes | None = None
+    doc_key: str | None = None
+    cda_header: dict | None = None
+    documents: list[bytes] = field(default_factory=list)
+
+
+def _validate(docs: list[bytes], cfg) -> tuple[dict | None, list[AckError]]:
+    """XSD (and schematron when it decides the ACK) of each XML document; ERR on failure."""
+    if not (cfg.xsd or cfg.schematron) or not docs:
+        return None, []
+    schematron_now = cfg.schematron and cfg.on_failure == "reject"
+    v = cda_validator()
+    reports, errors = [], []
+    for i, doc in enumerate(docs):
+        if not cfg.xsd and not schematron_now:
+            break
+        rep = v.validate(doc, schematron=schematron_now)
+        d = _report_dict(rep)
+        reports.append(d)
+        if not rep.valid and cfg.on_failure == "reject":
+            n_x, n_s = len(d["xsd_errors"]), len(d["schematron_failures"])
+            errors.append(AckError("207", f"document {i + 1}: CDA validation failed "
+                                          f"({n_x} XSD errors, {n_s} schematron failures)",
+                                   app_code="906", app_text=APP_ERROR_LABELS["906"]))
+    return {"documents": reports, "schematron": "done" if schematron_now else
+            ("pending" if cfg.schematron else "off")}, errors
+
+
+def _report_dict(rep) -> dict:
+    return {"valid": rep.valid, "xsd_errors": list(rep.xsd_errors)[:50],
+            "schematron_failures": list(rep.schematron_failures)[:50],
+            "timings": dict(getattr(rep, "timings", {}) or {})}
+
+
+def _xml_documents(sub) -> list[bytes]:
+    out = []
+    for d in sub.documents:
+        if (d.media_type or "").endswith("xml"):
+            try:
+                out.append(d.raw_bytes())
+            except Exception:  # noqa: BLE001 - unreadable document already reported by the parser
+                pass
+    return out
+
+
+class _ReportStepBase:
+    cfg = None
+
+    def make_op(self, store, record, prepared: Prepared, codec: str, answer: Answer):
+        cfg = self.cfg
+        kind = self.kind
+
+        def op(conn: sa.Connection) -> StepResult:
+            result = store.ingest_within(conn, [record])[0]
+            if not isinstance(result, Stored):
+                return StepResult(result)
+            sub = prepared.submission
+            conn.execute(submissions.insert().values(
+                message_id=result.message_id, kind=kind, action=getattr(sub, "action", None),
+                documents=len(getattr(sub, "documents", []) or []), errors=len(prepared.errors),
+                submission=sub.model_dump_json() if sub is not None else "{}",
+                validation=json.dumps(prepared.validation) if prepared.validation else None,
+                wrapped=prepared.wrapped, doc_key=prepared.doc_key,
+                cda_header=json.dumps(prepared.cda_header, default=str) if prepared.cda_header else None,
+                created_at=time.time()))
+            return finish(conn, record, result, prepared.errors, answer,
+                          route_rejected=cfg.route_rejected, action=getattr(sub, "action", None) or kind)
+
+        return op
+
+    def after_commit(self, message_id: int, store) -> None:
+        """Schematron after the ACK (warn mode): attach the report to the stored submission."""
+        cfg = self.cfg.validation
+        if not (cfg.schematron and cfg.on_failure != "reject"):
+            return
+        from twisted.internet import threads
+
+        def run():
+            row = store.read(lambda c: c.execute(sa.select(submissions.c.submission, submissions.c.validation)
+                                                 .where(submissions.c.message_id == message_id)).first())
+            if row is None:
+                return
+            from engine.reports.submission import Submission
+
+            sub = Submission.model_validate_json(row[0])
+            v = cda_validator()
+            reports = [_report_dict(v.validate(doc, schematron=True)) for doc in _xml_documents(sub)]
+            validation = {"documents": reports, "schematron": "done"}
+            done = threading.Event()
+            store.submit(lambda c: c.execute(submissions.update().where(submissions.c.message_id == message_id)
+                                             .values(validation=json.dumps(validation))),
+                         lambda _r: done.set())
+            done.wait(30)
+            bad = sum(1 for r in reports if not r["valid"])
+            log.info("report.validated", message_id=message_id, documents=len(reports), invalid=bad)
+
+        d = threads.deferToThread(run)
+        d.addErrback(lambda f: log.error("report.validation_failed", message_id=message_id,
+                                         error=logs.safe(f.getErrorMessage(), 200)))
+
+
+class CisisReportStep(_ReportStepBase):
+    name = "report"
+    kind = "cisis"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.patterns = _patterns(cfg.message_types)
+
+    def applies(self, msh) -> bool:
+        return _matches(msh, self.patterns) and self.cfg.profile in (msh.profile or "")
+
+    def prepare(self, raw: bytes, codec: str, store) -> Prepared:
+        from engine.reports.cisis import parse_report
+
+        sub = parse_report(raw, codec, strict_mss_matrix=self.cfg.strict_mss_matrix)
+        errors = [_issue_error(i) for i in sub.errors]
+        validation, verrors = _validate(_xml_documents(sub), self.cfg.validation)
+        return Prepared(sub, errors + verrors, validation)
+
+
+_WRAP_ERRORS = {  # cda_wrap failure -> error-codes.md applicationErrorCondition
+    "missing_identity": "902",
+    "identity_not_qualified": "903",
+    "ins_mismatch": "904",
+}
+
+
+class PacsReportStep(_ReportStepBase):
+    name = "pacs_report"
+    kind = "pacs"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.patterns = _patterns(cfg.message_types)
+        self.params = dict(cfg.cda_wrap)  # validated by the config (cda_wrap parameters)
+
+    def applies(self, msh) -> bool:
+        if not _matches(msh, self.patterns) or "CISIS_CDA_HL7_V2" in (msh.profile or ""):
+            return False
+        apps = self.cfg.sending_applications
+        return not apps or msh.sending_app in apps or msh.sending_app.split("^")[0] in apps
+
+    def prepare(self, raw: bytes, codec: str, store) -> Prepared:
+        from engine.reports.cisis import parse_report
+        from engine.transforms import TransformError
+        from engine.transforms.cda_wrap import CdaWrapError, build_cisis_oru, wrap_pacs_report
+
+        lookup = make_identity_lookup(store)
+        try:
+            res = wrap_pacs_report(raw, codec, self.params, lookup, previous=_previous_lookup(store))
+        except CdaWrapError as exc:
+            code = _WRAP_ERRORS.get(exc.code, "906")
+            err = AckError("207", f"PACS report not wrapped ({exc.code}): {exc}", app_code=code,
+                           app_text=APP_ERROR_LABELS[code])
+            return Prepared(None, [err])
+        except TransformError as exc:
+            err = AckError("207", f"PACS report not wrapped: {exc}", app_code="906",
+                           app_text=APP_ERROR_LABELS["906"])
+            return Prepared(None, [err])
+        from engine.transforms.cda_wrap import CdaWrapParams
+
+        wrapped = build_cisis_oru(raw, codec, res, CdaWrapParams.model_validate(self.params))
+        sub = parse_report(wrapped, "utf-8")
+        errors = [_issue_error(i) for i in sub.errors]
+        validation, verrors = _validate([res.cda], self.cfg.validation)
+        keys = res.keys or {}
+        doc_key = keys.get("accession_number") or keys.get("order_id")
+        return Prepared(sub, errors + verrors, validation, wrapped=wrapped,
+                        doc_key=str(doc_key) if doc_key else None, cda_header=res.header)
+
+
+def _previous_lookup(store):
+    """The header of the latest CDA wrapped for the same exam (replacement: same setId, version+1)."""
+    def previous(keys: dict):
+        key = keys.get("accession_number") or keys.get("order_id")
+        if not key:
+            return None
+
+        def q(conn):
+            row = conn.execute(sa.select(submissions.c.cda_header)
+                               .where(submissions.c.doc_key == str(key), submissions.c.kind == "pacs",
+                                      submissions.c.errors == 0)
+                               .order_by(submissions.c.message_id.desc()).limit(1)).first()
+            return json.loads(row[0]) if row and row[0] else None
+
+        return store.read(q)
+
+    return previous
