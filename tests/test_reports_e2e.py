@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import pytest
 
@@ -184,3 +185,53 @@ def test_pacs_pdf_report_becomes_a_valid_n1_submission(rig):
 
     report = cda_validator().validate(cda, schematron=True)
     assert report.valid, (report.xsd_errors, report.schematron_failures[:5])
+
+
+def test_schematron_in_warn_mode_runs_after_the_ack_and_is_attached(tmp_path):
+    """on_failure: warn -> the ACK does not wait for the schematrons; the report lands later."""
+    receiver = Receiver()
+    port, status_port = free_port(), free_port()
+    cfg = config(port, status_port, receiver.port).replace(
+        "validation: {xsd: true, schematron: false, on_failure: warn}",
+        "validation: {xsd: true, schematron: true, on_failure: warn}")
+    eng = EngineProcess(tmp_path, cfg, status_port=status_port).start()
+    try:
+        path = TRANS / "MDM" / "Transmission initiale MDM" / "message_MDM_CR_Radio_INIT_N1_Base64.er7"
+        t0 = time.time()
+        with BlockingMLLPClient("127.0.0.1", port, timeout=60) as c:
+            code, errs = ack_fields(c.send(path.read_bytes()))
+        ack_delay = time.time() - t0
+        assert code == "AA", errs
+        row = eng.messages()[0]
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            val = show(eng, row["id"])["submission"]["validation"]
+            if val and val.get("schematron") == "done":
+                break
+            time.sleep(0.5)
+        assert val["schematron"] == "done", val
+        assert len(val["documents"]) == 1 and "schematron_failures" in val["documents"][0]
+        assert ack_delay < 5.0  # the schematron compilation (about 12 s) is not on the ACK path
+    finally:
+        assert eng.stop() == 0
+        receiver.close()
+
+
+def test_cli_inspect_and_cda_validate(tmp_path):
+    eng = EngineProcess(tmp_path, "engine: {}\n")
+    path = TRANS / "MDM" / "Remplacement MDM" / "message_MDM_CR_Radio_RPLC_N1.er7"
+    doc = json.loads(eng.cli("inspect", str(path), "--json").stdout)
+    for key in ("message_type", "control_id", "action", "ins", "flags", "recipients", "documents", "errors"):
+        assert key in doc
+    assert doc["action"] == "replace" and doc["ins"]["oid"] == "1.2.250.1.213.1.4.10"
+    assert doc["recipients"]["dmp"] is True and isinstance(doc["recipients"]["mss_ps"], list)
+    assert set(doc["documents"][0]) >= {"id", "type_code", "level", "sha256"}
+    assert "ACK_LECTURE_MSS" in doc["flags"] and "ACK_LECTURE" not in doc["flags"]
+    good = CORPUS / "cda" / "IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml"
+    r = eng.cli("cda", "validate", str(good), "--json", "--xsd-only")
+    assert json.loads(r.stdout)["valid"] is True
+    broken = tmp_path / "broken.xml"
+    broken.write_bytes(good.read_bytes().replace(b"<recordTarget", b"<recordTargetX", 1)
+                       .replace(b"</recordTarget>", b"</recordTargetX>", 1))
+    r = eng.cli("cda", "validate", str(broken), "--xsd-only", check=False)
+    assert r.returncode == 1 and "INVALID" in r.stdout and "XSD line" in r.stdout
