@@ -162,10 +162,20 @@ def test_corpus_header_fields_reach_submission(parsed):
     assert d.confidentiality_code == "N"
 
 
-def test_lps_profile_is_not_this_channel():
-    lps = next(p for p in VAGUE2.rglob("*.er7") if "LPS" in str(p) and "ack" not in p.name)
+def test_lps_profile_read_with_its_own_rules():
+    """MSH-21 1.1^CISIS_CDA_HL7_LPS is read with the LPS guide's rules (tests/test_reports_lps.py);
+    the v2.1 profile keeps its own: a v2.1 message whose MSH-21 names neither profile is 906."""
+    lps = next(p for p in VAGUE2.rglob("*_Base64.er7") if "LPS" in str(p))
     sub = parse_report(lps.read_bytes())
-    assert any(e.location == "MSH-21" and e.code == "906" for e in sub.errors)
+    assert sub.profile == "1.1^CISIS_CDA_HL7_LPS" and sub.errors == []
+    other = parse_report(BASE.replace("2.1^CISIS_CDA_HL7_V2", "1.1^CISIS_CDA_HL7_XYZ").encode())
+    assert any(e.location == "MSH-21" and e.code == "906" for e in other.errors)
+    # naming the LPS profile next to the v2.1 one does not relax the v2.1 rules (DESTDMP etc.)
+    both = BASE.replace("2.1^CISIS_CDA_HL7_V2", "2.1^CISIS_CDA_HL7_V2~1.1^CISIS_CDA_HL7_LPS")
+    both = re.sub(r"OBX\|\d+\|CWE\|DESTDMP\^[^\n]*\n", "", both)
+    sub = parse_report(both.encode())
+    assert sub.profile == "2.1^CISIS_CDA_HL7_V2"
+    assert any("DESTDMP missing" in e.text for e in sub.errors)
 
 
 # ------------------------------------------------------------------------------- variants

@@ -9,6 +9,18 @@ Guide: ``shared/specs/ig/transmission-cda-hl7v2/`` (ANS, CI-SIS), below "the gui
 * ``regles-gestion-mssante.md`` - the MSSanté combination matrix;
 * ``error-codes.md`` - application error codes 900-906 (ERR-5 of the ACK, with ERR-3 = 207).
 
+Second profile, same entry point: ``shared/specs/ig/lps-cda-mssante/`` (ANS, CI-SIS « Transmission
+au LPS d'un document CDA provenant d'un courriel MSSanté », below "the LPS guide"):
+
+* ``profils-messages.md`` - MDM^T02/T10/T04^MDM_T02 in HL7 v2.6 only, MSH-21
+  ``1.1^CISIS_CDA_HL7_LPS``; OBX 1 = the (single) CDA document followed by PRT SB (required, the
+  mail sender) / RCT (required if known, the mail's initial recipient) / REPLY (optional); OBX 2 =
+  the MSSanté mail (OBX-3.1 Message-ID, OBX-3.2 subject, OBX-5 content in Base64); OBX 3-6 = the
+  MetaDMPMSS flags MASQUE_PS, INVISIBLE_PATIENT, INVISIBLE_REP_LEGAUX, MODIF_CONF_CODE (required,
+  in that order). No DESTDMP/DESTMSSANTE* flags: the MSSanté combination matrix does not apply;
+* ``evenements-declenchants.md`` - T02/OBX-11 F, T04/OBX-11 D, T10/OBX-11 C;
+* ``error-codes.md`` - the same 900-906 codes.
+
 Pure function, no I/O. Tolerant reading (issue 4, item 3): CR, LF or CRLF segment separators;
 spaces in assigning-authority names (``ASIP-SANTE- PS``); ``ACK_LECTURE`` for ``ACK_LECTURE_MSS``;
 Base64 without its final padding; trailing blanks after a field. Strict output: the ``Submission``
@@ -36,6 +48,8 @@ from engine.reports.submission import (
     Acks,
     Document,
     Issue,
+    MssMail,
+    Participant,
     PatientTraits,
     Person,
     Sender,
@@ -44,6 +58,14 @@ from engine.reports.submission import (
 
 PROFILE_ID = "CISIS_CDA_HL7_V2"
 PROFILE_VERSION = "2.1"
+# lps-cda-mssante/profils-messages.md, « Le segment MSH »: MSH-21.1 = 1.1, MSH-21.2 =
+# CISIS_CDA_HL7_LPS; MSH-9 MDM^T02|T10|T04^MDM_T02, MSH-12 = 2.6 (no ORU in this profile)
+LPS_PROFILE_ID = "CISIS_CDA_HL7_LPS"
+LPS_PROFILE_VERSION = "1.1"
+LPS_SUPPORTED = {("MDM", "T02"): "2.6", ("MDM", "T10"): "2.6", ("MDM", "T04"): "2.6"}
+# lps-cda-mssante/profils-messages.md « Groupes OBXNTE portant les métadonnées MSSanté »: « Ces
+# métadonnées sont requises et doivent apparaître dans le message MDM dans l'ordre présenté »
+LPS_REQUIRED_FLAGS = ("MASQUE_PS", "INVISIBLE_PATIENT", "INVISIBLE_REP_LEGAUX", "MODIF_CONF_CODE")
 
 # profils-messages.md, "MSH-9" and "MSH-12": ORU^R01^ORU_R01 in 2.5, MDM^T02|T10|T04^MDM_T02 in 2.6
 SUPPORTED = {
@@ -327,9 +349,20 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
                      sending_application=ctx.s(comp(msh.f(3), enc, 1)) or None,
                      sending_facility=ctx.s(comp(msh.f(4), enc, 1)) or None)
 
+    msh21 = [ctx.s(r) for r in msh.f(21).split(enc.rep)]
+    # the LPS profile (lps-cda-mssante/profils-messages.md, MSH-21) is recognised on MSH-21 only;
+    # everything else keeps the rules of the transmission guide v2.1
+    lps_prof = next((p.replace(" ", "") for p in msh21
+                     if LPS_PROFILE_ID in p.upper().replace(" ", "")), None)
+    # a message that also names the v2.1 profile keeps the v2.1 rules (never relaxed by MSH-21)
+    lps = lps_prof is not None and not any(PROFILE_ID in p.upper().replace(" ", "") for p in msh21)
+
     # --- MSH (profils-messages.md, segment MSH: MSH-9, MSH-12, MSH-21)
-    expected_version = SUPPORTED.get((code, event))
-    if code not in ("ORU", "MDM"):
+    expected_version = (LPS_SUPPORTED if lps else SUPPORTED).get((code, event))
+    if lps and code != "MDM":
+        ctx.error(E_OTHER, f"unsupported message type {code!r}: the LPS profile uses MDM^T02/T10/T04 "
+                           "only", "MSH-9", HL7_UNSUPPORTED_TYPE)
+    elif code not in ("ORU", "MDM"):
         ctx.error(E_OTHER, f"unsupported message type {code!r}: ORU^R01 or MDM^T02/T10/T04 expected",
                   "MSH-9", HL7_UNSUPPORTED_TYPE)
     elif expected_version is None:
@@ -338,9 +371,12 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     elif version != expected_version:
         ctx.error(E_OTHER, f"{code} must use HL7 v{expected_version}, MSH-12 is {version!r}",
                   "MSH-12", HL7_UNSUPPORTED_VERSION)
-    msh21 = [ctx.s(r) for r in msh.f(21).split(enc.rep)]
     prof = next((p for p in msh21 if PROFILE_ID in p.upper().replace(" ", "")), None)
-    if prof is None:
+    if lps:
+        sub.profile = lps_prof
+        if lps_prof.split("^")[0] != LPS_PROFILE_VERSION:
+            ctx.warn(E_OTHER, f"MSH-21 profile version is not {LPS_PROFILE_VERSION}", "MSH-21")
+    elif prof is None:
         ctx.error(E_OTHER, f"MSH-21 must carry {PROFILE_VERSION}^{PROFILE_ID}", "MSH-21",
                   HL7_REQUIRED_FIELD)
     else:
@@ -393,7 +429,16 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     if code == "MDM" and txa is None:
         ctx.error(E_OTHER, "TXA segment missing (required for MDM)", "TXA", HL7_SEGMENT_SEQUENCE)
 
+    if lps:
+        # lps-cda-mssante/profils-messages.md « PV1-2 Classe du patient : N (Not applicable) »
+        pv1 = (by_name.get("PV1") or [None])[0]
+        if pv1 is None:
+            ctx.error(E_OTHER, "PV1 segment missing", "PV1", HL7_SEGMENT_SEQUENCE)
+        elif ctx.s(pv1.f(2)).upper() != "N":
+            ctx.warn(E_OTHER, "PV1-2 should be N (Not applicable)", "PV1-2")
+
     # --- OBX: documents, MetaDMPMSS flags, mail bodies; PRT; NTE
+    mail_obx: list[Seg] = []
     doc_obx: list[_DocOBX] = []
     flags: dict[str, bool] = {}
     flag_seen: dict[str, int] = {}
@@ -445,20 +490,32 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
             if ctx.s(s.f(11)).upper() not in ("F", ""):
                 ctx.warn(E_OTHER, f"{name}: OBX-11 should be F", f"{loc}-11")
             continue
-        if vtype == "ED":
+        if vtype == "ED" and lps and doc_obx:
+            # lps-cda-mssante/profils-messages.md: OBX 1 carries the document, OBX 2 « les
+            # informations du courriel MSSanté dont a été extrait le document »; « Le message HL7
+            # MDM ne peut transmettre qu'un seul document médical »
+            mail_obx.append(s)
+        elif vtype == "ED":
             doc_obx.append(_DocOBX(s, setid, ctx.s(s.f(11)).upper()))
         else:
             ctx.warn(E_OTHER, f"OBX with value type {vtype!r} ignored (documents use ED)", loc)
 
     # required flags (profils-messages.md « Ces métadonnées sont requises » sauf CORPSMAIL_*;
     # ACK_RECEPTION / ACK_LECTURE_MSS are « Usage = Optional »)
-    for name in REQUIRED_FLAGS:
+    required = LPS_REQUIRED_FLAGS if lps else REQUIRED_FLAGS
+    for name in required:
         if name not in flags and name not in bad_flags:
             ctx.error(E_OTHER, f"required MetaDMPMSS flag {name} missing", "OBX",
                       HL7_REQUIRED_FIELD)
-    sub.flags = {n: flags.get(n, False) for n in FLAG_NAMES}
+    if lps:
+        # the LPS profile carries only its four restriction flags: keep what is carried (the
+        # four required ones always present), no DEST*/ACK_* defaults
+        sub.flags = {n: flags.get(n, False) for n in LPS_REQUIRED_FLAGS}
+        sub.flags.update({n: flags[n] for n in FLAG_NAMES if n in flags})
+    else:
+        sub.flags = {n: flags.get(n, False) for n in FLAG_NAMES}
     # the guide asks for the flags in its order; tolerate, but say so
-    order = [flag_seen[n] for n in FLAG_NAMES if n in flag_seen]
+    order = [flag_seen[n] for n in (LPS_REQUIRED_FLAGS if lps else FLAG_NAMES) if n in flag_seen]
     if order != sorted(order):
         ctx.warn(E_OTHER, "MetaDMPMSS flag OBX are not in the order of the guide", "OBX")
 
@@ -466,6 +523,8 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     if not doc_obx:
         ctx.error(E_OTHER, "no document OBX (value type ED) in the message", "OBX",
                   HL7_SEGMENT_SEQUENCE)
+    if lps:
+        sub.mail = _read_lps_mail(mail_obx, enc, ctx)
     if code == "ORU" and len(doc_obx) > 2:
         # profils-messages.md: « Le message ORU peut transmettre une ou deux instances »
         ctx.warn(E_OTHER, "more than two documents in an ORU message", "OBX")
@@ -522,7 +581,26 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
         _check_ins(sub, d, h, ctx)
 
     # --- participants (profils-messages.md, PRT SB / RCT / REPLY)
-    _read_prts(prts, sub, enc, ctx)
+    _read_prts(prts, sub, enc, ctx, lps=lps)
+
+    if lps:
+        # lps-cda-mssante/profils-messages.md « Segment PRT (Requis) Participation Information
+        # Expéditeur » with « PRT-15 (Requis) »; RCT is « Requis si connu », REPLY optional.
+        # No DESTDMP / DESTMSSANTE* / ACK_* flags in this profile: no DMP, no matrix.
+        if sub.recipients.sender is None:
+            ctx.error(E_OTHER, "PRT SB (mail sender) missing", "PRT", HL7_SEGMENT_SEQUENCE)
+        elif not sub.recipients.sender.address:
+            ctx.error(E_OTHER, "PRT SB without the sender mail address in PRT-15.4", "PRT-15",
+                      HL7_REQUIRED_FIELD)
+        sub.acks = Acks(reception=sub.flags.get("ACK_RECEPTION", False),
+                        lecture=sub.flags.get("ACK_LECTURE_MSS", False))
+        if sub.flags.get("MASQUE_PS"):
+            # « Cet OBX permet au Consommateur de vérifier que le document n'est pas masqué aux
+            # professionnels de santé » (MASQUE_PS)
+            ctx.warn(E_OTHER, "MASQUE_PS=Y: the document is masked to health professionals", "OBX")
+        sub.errors = ctx.errors
+        sub.warnings = ctx.warnings
+        return sub
 
     # --- destinations, acknowledgements, MSSanté rules
     f = sub.flags
@@ -696,8 +774,12 @@ def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
                   + ", ".join(diffs), loc)
 
 
-def _read_prts(prts: list[Seg], sub: Submission, enc: Enc, ctx: _Ctx) -> None:
-    """PRT-4 SB (sender), RCT (MSSanté recipients, PS/organisation/BAL or patient), REPLY."""
+def _read_prts(prts: list[Seg], sub: Submission, enc: Enc, ctx: _Ctx, *, lps: bool = False
+               ) -> None:
+    """PRT-4 SB (sender), RCT (MSSanté recipients, PS/organisation/BAL or patient), REPLY.
+
+    LPS profile (lps-cda-mssante/profils-messages.md): SB = the sender of the MSSanté mail, RCT =
+    the initial recipient of the mail (PS, organisation or BAL), same field layout."""
     mss_ps: list[str] = []
     patients: list[str] = []
     for p in prts:
@@ -720,11 +802,14 @@ def _read_prts(prts: list[Seg], sub: Submission, enc: Enc, ctx: _Ctx) -> None:
                 organization_id_type=ctx.s(comp(org, enc, 7)) or None,
                 organization_id=ctx.s(comp(org, enc, 10)) or None,
                 device=ctx.s(comp(p.f(10), enc, 1)) or None,
+                address=_xtn_address(p.f(15), enc, ctx),
             )
-            if sub.recipients.sender.organization_id is None:
+            # LPS: PRT-8 « requis si connu si l'expéditeur est une organisation » only
+            if sub.recipients.sender.organization_id is None and not (lps and person):
                 ctx.warn(E_OTHER, "PRT SB without PRT-8.10 organisation identifier", loc)
         elif role == "RCT":
             addr = _xtn_address(p.f(15), enc, ctx)
+            sub.recipients.rct.append(_participant(p, addr, enc, ctx))
             if not addr:
                 ctx.error(E_OTHER, "PRT RCT without a mail address in PRT-15.4", loc,
                           HL7_REQUIRED_FIELD)
@@ -746,6 +831,48 @@ def _read_prts(prts: list[Seg], sub: Submission, enc: Enc, ctx: _Ctx) -> None:
         if sub.recipients.mss_patient.lower() != f"{sub.ins.value}{PATIENT_MAIL_DOMAIN}":
             # README of shared/: the patient mailbox is <INS>@patient.mssante.fr
             ctx.warn(E_OTHER, "patient mailbox does not match the PID-3 INS", "PRT-15")
+
+
+def _participant(p: Seg, addr: str | None, enc: Enc, ctx: _Ctx) -> Participant:
+    """A PRT RCT as carried: PRT-5 person (5.1 id, 5.2 family, 5.3 given, 5.9.2 OID), PRT-8
+    organisation (8.1 name, 8.6 assigning authority, 8.7 type, 8.10 number), PRT-15.4 address."""
+    pers, org = p.f(5), p.f(8)
+    person = None
+    if ctx.s(comp(pers, enc, 1)) or ctx.s(comp(pers, enc, 2)):
+        person = Person(id=ctx.s(comp(pers, enc, 1)) or None,
+                        id_oid=ctx.s(comp(pers, enc, 9, 2)) or None,
+                        family=ctx.s(comp(pers, enc, 2)) or None,
+                        given=ctx.s(comp(pers, enc, 3)) or None)
+    return Participant(address=addr, person=person,
+                       organization_name=ctx.s(comp(org, enc, 1)) or None,
+                       organization_authority=ctx.s(comp(org, enc, 6)) or None,
+                       organization_id_type=ctx.s(comp(org, enc, 7)) or None,
+                       organization_id=ctx.s(comp(org, enc, 10)) or None)
+
+
+def _read_lps_mail(mail_obx: list[Seg], enc: Enc, ctx: _Ctx) -> MssMail | None:
+    """lps-cda-mssante/profils-messages.md « Le groupe de segments portant les informations du
+    courriel MSSanté » (Usage R, [1..1]): OBX-2 ED, OBX-3.1 = Message-ID of the mail, OBX-3.2 =
+    subject, OBX-5 = « Contenu du courriel codé en base 64 », OBX-11 fixed to F."""
+    if not mail_obx:
+        ctx.error(E_OTHER, "OBX with the MSSanté mail information (OBX 2) missing", "OBX",
+                  HL7_SEGMENT_SEQUENCE)
+        return None
+    if len(mail_obx) > 1:
+        # « Le message HL7 MDM ne peut transmettre qu'un seul document médical »
+        ctx.error(E_OTHER, "more than one document/mail ED OBX: the LPS MDM carries one document "
+                           "and one mail", "OBX")
+    s = mail_obx[0]
+    setid = ctx.s(s.f(1))
+    loc = f"OBX-{setid or '?'}"
+    mail = MssMail(message_id=ctx.s(unescape(comp(s.f(3), enc, 1), enc)) or None,
+                   subject=ctx.s(unescape(comp(s.f(3), enc, 2), enc)) or None,
+                   content=_read_text_obx(s, enc, ctx, loc), obx_set_id=setid or None)
+    if mail.message_id is None:
+        ctx.warn(E_OTHER, "mail OBX-3.1 (Message-ID) empty", f"{loc}-3")
+    if ctx.s(s.f(11)).upper() != "F":
+        ctx.warn(E_OTHER, "mail OBX-11 should be F", f"{loc}-11")
+    return mail
 
 
 def mss_matrix_row(f: dict[str, bool]) -> int | None:

@@ -120,6 +120,31 @@ class Sender(_Model):
     organization_id_type: str | None = None
     organization_name: str | None = None
     device: str | None = None
+    #: PRT-15.4 of the PRT SB: the sender's mail address (LPS profile: the MSSanté mail sender,
+    #: lps-cda-mssante/profils-messages.md « Segment PRT (Requis) ... Expéditeur »)
+    address: str | None = None
+
+
+class Participant(_Model):
+    """A PRT RCT as carried: address (PRT-15.4), person (PRT-5), organisation (PRT-8)."""
+
+    address: str | None = None
+    person: Person | None = None
+    organization_name: str | None = None
+    organization_id: str | None = None
+    organization_id_type: str | None = None
+    organization_authority: str | None = None
+
+
+class MssMail(_Model):
+    """LPS profile, OBX 2 « informations du courriel MSSanté dont a été extrait le document »
+    (lps-cda-mssante/profils-messages.md): OBX-3.1 Message-ID, OBX-3.2 subject, OBX-5 the mail
+    content in Base64 (PHI: stored with the message only)."""
+
+    message_id: str | None = None
+    subject: str | None = None
+    content: str | None = None
+    obx_set_id: str | None = None
 
 
 class Recipients(_Model):
@@ -131,6 +156,9 @@ class Recipients(_Model):
     sender: Sender | None = None
     #: NTE-4 « FIN » after DESTMSSANTEPAT: the patient must not be able to reply
     patient_no_reply: bool = False
+    #: every PRT RCT as carried (address, person, organisation); for the LPS profile these are
+    #: the initial recipient(s) of the MSSanté mail
+    rct: list[Participant] = Field(default_factory=list)
 
 
 class Acks(_Model):
@@ -155,6 +183,8 @@ class Submission(_Model):
     recipients: Recipients = Field(default_factory=Recipients)
     acks: Acks = Field(default_factory=Acks)
     mail_bodies: dict[str, str] = Field(default_factory=dict)
+    #: LPS profile only (MSH-21 ``1.1^CISIS_CDA_HL7_LPS``): the MSSanté mail the document came from
+    mail: MssMail | None = None
     errors: list[Issue] = Field(default_factory=list)
     warnings: list[Issue] = Field(default_factory=list)
 
