@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "run" and hasattr(signal, "SIGPIPE"):
+        # `minipfi messages list | head`: end quietly; the engine itself keeps SIGPIPE ignored
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     return args.fn(args)
 
 
