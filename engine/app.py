@@ -172,7 +172,7 @@ class Engine:
         try:
             self._apply(new)
         except Exception as exc:  # noqa: BLE001 - e.g. a new port already in use: keep what runs
-            log.error("config.reload_failed", error=logs.safe(exc, 300))
+            log.error("config.reload_failed", error=logs.error_text(exc, 300))
             return False
         self.last_reload = datetime.now(timezone.utc).isoformat()
         log.info("config.reloaded", fingerprint=self.config_fingerprint)
@@ -251,7 +251,7 @@ class Engine:
 
     def _stop_and_exit(self):
         d = self.shutdown()
-        d.addErrback(lambda f: log.error("engine.stop_failed", error=logs.safe(f.getErrorMessage(), 300)))
+        d.addErrback(lambda f: log.error("engine.stop_failed", error=logs.error_text(f.value, 300)))
         d.addBoth(lambda _: self.reactor.stop())
 
 

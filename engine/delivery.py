@@ -103,7 +103,7 @@ class DestinationWorker:
             if not entries:
                 next_due = yield threads.deferToThread(self.store.next_due_at, self.name)
         except Exception as exc:  # noqa: BLE001 - store down: try again shortly, visibly
-            log.error("delivery.claim_failed", destination=self.name, error=logs.safe(exc, 200))
+            log.error("delivery.claim_failed", destination=self.name, error=logs.error_text(exc))
             self._claiming = False
             self._schedule(POLL_INTERVAL)
             return
@@ -133,7 +133,7 @@ class DestinationWorker:
         try:
             payload = yield self._transform(entry)
         except Exception as exc:  # noqa: BLE001 - a transform failure parks the entry, visibly
-            detail = f"transform failed: {type(exc).__name__}: {logs.safe(exc, 200)}"
+            detail = f"transform failed: {logs.error_text(exc)}"
             yield self._complete(entry, "error", attempts, detail=detail)
             return
         if payload is None:
@@ -215,7 +215,7 @@ class DestinationWorker:
                     log.warning("delivery.fenced", destination=self.name, entry_id=entry.id)
                 return
             except Exception as exc:  # noqa: BLE001 - keep the outcome until the store takes it
-                log.error("delivery.record_failed", destination=self.name, entry_id=entry.id, error=logs.safe(exc, 200))
+                log.error("delivery.record_failed", destination=self.name, entry_id=entry.id, error=logs.error_text(exc))
                 if not self.running:
                     return  # the lease expires; recovery re-queues it (at-least-once)
                 d = defer.Deferred()
@@ -239,7 +239,7 @@ class DestinationWorker:
             try:
                 yield threads.deferToThread(self.store.release, entry_id, self.owner)
             except Exception as exc:  # noqa: BLE001 - recovery at next start re-queues it
-                log.error("delivery.release_failed", destination=self.name, entry_id=entry_id, error=logs.safe(exc))
+                log.error("delivery.release_failed", destination=self.name, entry_id=entry_id, error=logs.error_text(exc))
         try:
             yield self.connector.close()
         except Exception:  # noqa: BLE001

@@ -32,6 +32,19 @@ _CONTROL = {i: None for i in range(32)}
 _CONTROL[127] = None
 
 
+def error_text(exc: BaseException, limit: int = 200) -> str:
+    """An exception as text safe for logs, status and ``last_error``.
+
+    Database errors keep the driver's first line only: SQLAlchemy appends the SQL and its
+    parameters, and PostgreSQL's DETAIL line quotes key values (an INS, an IPP), all of which may
+    be patient data. Other exceptions keep their first line, control characters removed."""
+    orig = getattr(exc, "orig", None)
+    base = orig if isinstance(orig, BaseException) else exc
+    text = str(base)
+    first = text.splitlines()[0] if text else ""
+    return safe(f"{type(base).__name__}: {first}" if first else type(base).__name__, limit)
+
+
 def safe(value: object, limit: int = 64) -> str:
     """A wire value made safe for a log line: control characters removed, length capped."""
     text = str(value).translate(_CONTROL)

@@ -75,18 +75,6 @@ def err(ack: bytes) -> list[str]:
 
 
 @pytest.fixture
-def backend_url(request, tmp_path):
-    return None
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request):
-    if request.param == "sqlite":
-        return None
-    return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture
 def rig(tmp_path, db_url):
     """An engine whose ADT route goes to a live receiver."""
     receiver = Receiver()

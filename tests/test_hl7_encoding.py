@@ -125,3 +125,15 @@ def test_empty_msh18_uses_default():
     assert "\u00e9" in decode_message(raw, read_msh(raw).charset).text
     d = decode_message(raw, "", default="8859/1")
     assert "\u00c3\u00a9" in d.text and d.codec == "latin-1"
+
+
+def test_message_codec_checks_bytes_without_decoding_ascii():
+    from engine.hl7.encoding import message_codec
+
+    assert message_codec(b"MSH|^~\\&|A\rPID|1\r", "8859/1") == ("latin-1", frozenset())
+    assert message_codec("MSH|é".encode("utf-8"), "UNICODE UTF-8") == ("utf-8", frozenset())
+    codec, flags = message_codec("Cœur".encode("cp1252"), "8859/1")
+    assert codec == "cp1252" and "cp1252_fallback" in flags
+    with pytest.raises(HL7Error) as e:
+        message_codec(b"MSH|\xe9", "UNICODE UTF-8", cp1252_fallback=False)
+    assert e.value.code == "102"

@@ -84,13 +84,6 @@ def config(port: int, status_port: int, dest_port: int, *, environment: str = "t
     """
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request):
-    if request.param == "sqlite":
-        return None
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
 def start_engine(tmp_path):
     """``start_engine(db_url, environment="test") -> (engine, receiver)``; stopped at teardown,
@@ -297,7 +290,7 @@ def test_production_engine_refuses_the_test_oid(start_engine):
 
 def test_merge_out_of_order_update_and_identifier_change(start_engine, db_url):
     eng, _ = start_engine(db_url)
-    t1, t2, t3 = "20240301100000", "20240302100000", "20240303100000"
+    t1, t2 = "20240301100000", "20240302100000"
     msgs = [
         # A40: 920001 (with INS A) is merged into 920002 (known without INS), which takes the INS
         adt("A28", ipp="920001", ins=NIR_A, birth_name="SYNTH-FUSION", evn=t1, control="M1"),

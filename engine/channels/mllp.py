@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from engine import logs
 from engine.hl7.ack import AckError, ack_code, accept_ack_wanted, build_ack, is_ack
-from engine.hl7.encoding import codec_for, decode_message
+from engine.hl7.encoding import message_codec
 from engine.hl7.errors import HL7Error
 from engine.hl7.fields import get_field
 from engine.hl7.msh import read_msh
@@ -94,12 +94,11 @@ class MLLPChannel:
             problem = self.router.channel_accepts(self.cfg, msh)
             if problem is not None:
                 raise HL7Error(*problem)
-            codec = codec_for(msh.charset, self.cfg.encoding.default)
-            decoded = decode_message(payload, msh.charset, default=self.cfg.encoding.default,
-                                     cp1252_fallback=self.cfg.encoding.cp1252_fallback)
+            codec, charset_flags = message_codec(payload, msh.charset, default=self.cfg.encoding.default,
+                                                 cp1252_fallback=self.cfg.encoding.cp1252_fallback)
         except HL7Error as err:
             return self._reject(payload, msh, err, now, conn)
-        flags = ",".join(sorted(decoded.flags)) or None
+        flags = ",".join(sorted(charset_flags)) or None
         if self.cfg.validation.hl7apy:
             d = threads.deferToThread(_hl7apy_problem, payload, codec)
             d.addCallback(self._after_validation, payload, msh, flags, now, conn, codec)
@@ -109,8 +108,8 @@ class MLLPChannel:
     def _after_validation(self, problem, payload, msh, flags, now, conn, codec="utf-8"):
         if problem is None:
             return self._accept(payload, msh, flags, now, conn, codec)
-        if self.cfg.validation.on_error == "reject":
-            return self._reject(payload, msh, HL7Error("102", problem), now, conn)
+        if self.cfg.validation.on_error == "reject":  # hl7apy's text may quote field values
+            return self._reject(payload, msh, HL7Error("102", problem), now, conn, log_reason=False)
         flags = ",".join(filter(None, [flags, "hl7apy_invalid"]))
         return self._accept(payload, msh, flags, now, conn, codec)
 
@@ -262,7 +261,7 @@ class MLLPChannel:
         self.store_ok = False
         self.counters.store_failures += 1
         log.error("message.store_failed", channel=self.name, control_id=logs.safe(msh.control_id if msh else ""),
-                  error=logs.safe(failure.getErrorMessage(), 200), peer=conn.peer)
+                  error=logs.error_text(failure.value), peer=conn.peer)
         if self.engine_cfg.on_store_unavailable == "close":
             return None
         if self.cfg.ack.mode == "mllp_commit":
@@ -272,7 +271,7 @@ class MLLPChannel:
                          timestamp=_hl7_ts(now), errors=[err])
 
     # -- rejected message (stored, not routed) ---------------------------------------------------
-    def _reject(self, payload, msh, err: HL7Error, now, conn):
+    def _reject(self, payload, msh, err: HL7Error, now, conn, log_reason: bool = True):
         self.counters.rejected += 1
         outcome = "reject" if err.code in _REJECT_CODES else "error"
         code = ack_code(msh, outcome)
@@ -301,7 +300,8 @@ class MLLPChannel:
             dedup=False,
         )
         log.warning("message.rejected", channel=self.name, control_id=logs.safe(msh.control_id if msh else ""),
-                    hl7_error=err.code, reason=logs.safe(err.text, 200), location=err.location, peer=conn.peer)
+                    hl7_error=err.code, reason=logs.safe(err.text, 200) if log_reason else None,
+                    location=err.location, peer=conn.peer)
         d = self.batcher.add(record)
         # A rejected message is answered with its NAK whether or not the store took it: the
         # sender must fix the message, not resend it. A store failure is still logged.
@@ -311,7 +311,7 @@ class MLLPChannel:
     def _rejected_store_failed(self, failure, ack):
         self.store_ok = False
         self.counters.store_failures += 1
-        log.error("message.store_failed", channel=self.name, error=logs.safe(failure.getErrorMessage(), 200))
+        log.error("message.store_failed", channel=self.name, error=logs.error_text(failure.value))
         return ack
 
     # -- ACK helpers ---------------------------------------------------------------------------

@@ -32,11 +32,11 @@ def classify_reply(reply: bytes) -> Outcome:
     kind = _CODES.get(info.code)
     if kind is None:
         return Outcome(TRANSIENT, reply, f"unknown MSA-1 {logs.safe(info.code, 8)!r}")
+    # Codes only: the peer's texts (MSA-3, ERR-8) may quote patient data, and this detail goes to
+    # last_error, the logs and /status; the whole ACK is kept in the entry's response.
     detail = info.code
     if info.errors:
-        detail += " " + "; ".join(f"ERR {c} {logs.safe(t, 120)}" for c, _s, t in info.errors)
-    elif info.text:
-        detail += " " + logs.safe(info.text, 120)
+        detail += " ERR " + ",".join(logs.safe(c, 8) for c, _s, _t in info.errors)
     return Outcome(kind, reply, detail)
 
 
@@ -59,9 +59,9 @@ class MLLPConnector:
         try:
             reply = yield self.sender.send(payload, control_id or None)
         except MLLPError as exc:
-            return Outcome(TRANSIENT, None, f"{type(exc).__name__}: {logs.safe(exc, 200)}")
+            return Outcome(TRANSIENT, None, logs.error_text(exc))
         except Exception as exc:  # noqa: BLE001 - connection lost and friends: retry later
-            return Outcome(TRANSIENT, None, f"{type(exc).__name__}: {logs.safe(exc, 200)}")
+            return Outcome(TRANSIENT, None, logs.error_text(exc))
         return classify_reply(reply)
 
     def close(self):

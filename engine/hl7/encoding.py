@@ -21,7 +21,7 @@ from functools import lru_cache
 
 from .errors import HL7Error
 
-__all__ = ["Decoded", "codec_for", "resolve_charset", "decode_message"]
+__all__ = ["Decoded", "codec_for", "resolve_charset", "decode_message", "message_codec"]
 
 _LOC = "MSH^1^18"
 _BOM = b"\xef\xbb\xbf"
@@ -124,6 +124,19 @@ class Decoded:
     text: str
     codec: str            # the codec actually used ("cp1252" after a fallback)
     flags: frozenset[str]  # "bom_stripped", "cp1252_fallback", "alias:<MSH-18 value>"
+
+
+def message_codec(raw: bytes, msh18: str | None, *, default: str = "UNICODE UTF-8",
+                  cp1252_fallback: bool = True) -> tuple[str, frozenset[str]]:
+    """Codec and flags of a message, its bytes checked without keeping the text (hot path).
+
+    Pure ASCII is valid in every charset of table 0211 that the engine accepts, so only messages
+    with other bytes are decoded (and may fall back to cp1252 or raise ``HL7Error`` 102/103)."""
+    if raw.isascii():
+        codec, flags = resolve_charset(msh18, default)
+        return codec, frozenset(flags)
+    decoded = decode_message(raw, msh18, default=default, cp1252_fallback=cp1252_fallback)
+    return decoded.codec, decoded.flags
 
 
 def decode_message(raw: bytes, msh18: str | None, *, default: str = "UNICODE UTF-8",

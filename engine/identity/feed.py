@@ -14,7 +14,6 @@ INS rules in :mod:`engine.identity.ins`.
 from __future__ import annotations
 
 import re
-from fnmatch import fnmatchcase
 
 import sqlalchemy as sa
 
@@ -24,6 +23,7 @@ from engine.identity.ins import InsPolicy
 from engine.identity.model import IdentityError
 from engine.identity.pamfr import parse_adt
 from engine.identity.registry import apply_event
+from engine.router import message_type_matches
 from engine.store import Stored
 
 _FIELD = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d+)(?:\[(\d+)\])?(?:\.(\d+))?(?:\.(\d+))?$")
@@ -53,13 +53,9 @@ class IdentityFeed:
                                 vali_counts_as_qualified=cfg.vali_counts_as_qualified,
                                 rule11_answer=cfg.rule11_answer,
                                 unqualified_ins_answer=cfg.unqualified_ins_answer)
-        self.patterns = tuple(p if "^" in p or p == "*" else p + "^*" for p in cfg.message_types)
 
     def applies(self, msh) -> bool:
-        if not self.cfg.enabled:
-            return False
-        mt = f"{msh.message_code}^{msh.trigger}"
-        return any(fnmatchcase(mt, p) for p in self.patterns)
+        return self.cfg.enabled and message_type_matches(self.cfg.message_types, msh.message_code, msh.trigger)
 
     name = "identity"
     prepare = None  # parsing happens in the writer op, next to the registry writes

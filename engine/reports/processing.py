@@ -23,7 +23,6 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 
 import sqlalchemy as sa
 
@@ -32,6 +31,7 @@ from engine.channels.processing import Answer, StepResult, finish
 from engine.hl7.ack import AckError
 from engine.identity.lookup import make_identity_lookup
 from engine.reports.storage import submissions
+from engine.router import message_type_matches
 from engine.store import Stored
 
 log = logs.get("engine.reports")
@@ -64,15 +64,6 @@ def cda_validator():
             cache = Path(tempfile.gettempdir()) / "minipfi-cda-cache"
             _validator = CdaValidator(cache_dir=cache)
         return _validator
-
-
-def _patterns(types):
-    return tuple(p if "^" in p or p == "*" else p + "^*" for p in types)
-
-
-def _matches(msh, patterns) -> bool:
-    mt = f"{msh.message_code}^{msh.trigger}"
-    return any(fnmatchcase(mt, p) for p in patterns)
 
 
 def _issue_error(issue) -> AckError:
@@ -197,7 +188,7 @@ class _ReportStepBase:
 
         d = threads.deferToThread(run)
         d.addErrback(lambda f: log.error("report.validation_failed", message_id=message_id,
-                                         error=logs.safe(f.getErrorMessage(), 200)))
+                                         error=logs.error_text(f.value)))
 
 
 class CisisReportStep(_ReportStepBase):
@@ -206,10 +197,10 @@ class CisisReportStep(_ReportStepBase):
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.patterns = _patterns(cfg.message_types)
 
     def applies(self, msh) -> bool:
-        return _matches(msh, self.patterns) and self.cfg.profile in (msh.profile or "")
+        return (message_type_matches(self.cfg.message_types, msh.message_code, msh.trigger)
+                and self.cfg.profile in (msh.profile or ""))
 
     def prepare(self, raw: bytes, codec: str, store) -> Prepared:
         from engine.reports.cisis import parse_report
@@ -232,12 +223,14 @@ class PacsReportStep(_ReportStepBase):
     kind = "pacs"
 
     def __init__(self, cfg):
+        from engine.transforms.cda_wrap import CdaWrapParams
+
         self.cfg = cfg
-        self.patterns = _patterns(cfg.message_types)
-        self.params = dict(cfg.cda_wrap)  # validated by the config (cda_wrap parameters)
+        self.params = CdaWrapParams.model_validate(cfg.cda_wrap)  # once, not per message
 
     def applies(self, msh) -> bool:
-        if not _matches(msh, self.patterns) or "CISIS_CDA_HL7_V2" in (msh.profile or ""):
+        if (not message_type_matches(self.cfg.message_types, msh.message_code, msh.trigger)
+                or "CISIS_CDA_HL7_V2" in (msh.profile or "")):
             return False
         apps = self.cfg.sending_applications
         return not apps or msh.sending_app in apps or msh.sending_app.split("^")[0] in apps
@@ -259,9 +252,7 @@ class PacsReportStep(_ReportStepBase):
             err = AckError("207", f"PACS report not wrapped: {exc}", app_code="906",
                            app_text=APP_ERROR_LABELS["906"])
             return Prepared(None, [err])
-        from engine.transforms.cda_wrap import CdaWrapParams
-
-        wrapped = build_cisis_oru(raw, codec, res, CdaWrapParams.model_validate(self.params))
+        wrapped = build_cisis_oru(raw, codec, res, self.params)
         sub = parse_report(wrapped, "utf-8")
         errors = [_issue_error(i) for i in sub.errors]
         validation, verrors = _validate([res.cda], self.cfg.validation)

@@ -92,7 +92,7 @@ class _JSON(resource.Resource):
             request.finish()
 
         def fail(failure):
-            log.error("status.failed", error=logs.safe(failure.getErrorMessage(), 200))
+            log.error("status.failed", error=logs.error_text(failure.value))
             request.setResponseCode(500)
             request.write(b'{"error": "internal error"}')
             request.finish()
@@ -130,7 +130,7 @@ class StatusService:
                 stats = yield threads.deferToThread(eng.store.stats)
                 self._cache = (now, stats)
             except Exception as exc:  # noqa: BLE001
-                stats = {"channels": {}, "destinations": {}, "error": f"store unavailable: {logs.safe(exc, 120)}"}
+                stats = {"channels": {}, "destinations": {}, "error": f"store unavailable: {logs.error_text(exc, 120)}"}
         body = {
             "engine": eng.config.engine.name,
             "version": eng.version,

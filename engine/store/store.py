@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import logging
 import os
 import threading
@@ -67,6 +68,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+
+from engine.logs import error_text
 
 from .models import (
     ClaimedEntry,
@@ -385,7 +388,7 @@ class Store:
             try:
                 self._run_jobs(jobs)
             except BaseException:  # noqa: BLE001 - the writer must survive
-                log.exception("store writer: unexpected error")
+                log.error("store writer: unexpected error: %s", error_text(sys.exc_info()[1]))
             last_write = time.monotonic()
             self.batched_records += served
             self.busy_s += last_write - t0
@@ -468,7 +471,7 @@ class Store:
         try:
             job.callback(value)
         except Exception:  # noqa: BLE001
-            log.exception("store writer: callback raised")
+            log.error("store writer: callback raised: %s", error_text(sys.exc_info()[1]))
 
     def _transaction(self, jobs: list[_Job]) -> list:
         """Run ``jobs`` in one transaction and COMMIT; raise ``_BatchFailed`` (rolled back)."""
