@@ -27,19 +27,16 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
-import urllib.request
 from datetime import datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest import EB, PG_URL, ROOT, SB, free_port, msa2, stop, wait_port  # noqa: E402
+from ingest import EB, SB, msa2, start_minipfi, stop  # noqa: E402
 
 from engine.identity.ins import nir_key  # noqa: E402
 
@@ -108,63 +105,9 @@ def run_load(port, conns, seconds, patients, tag, clock):
 
 def start_engine(backend: str, tmp: Path, identity: bool, log_level: str = "info"):
     """A fresh engine (own SQLite file or PostgreSQL schema); returns (process, port, cleanup)."""
-    port, status_port = free_port(), free_port()
     label = f"{backend}-{'identity' if identity else 'plain'}"
-    cfg = tmp / f"{label}.yaml"
-    cfg.write_text(textwrap.dedent(f"""
-        engine:
-          log_level: {log_level}
-          environment: test
-          status: {{bind: 127.0.0.1, port: {status_port}}}
-        channels:
-          bench-in:
-            type: mllp
-            port: {port}
-            identity_feed:
-              enabled: {'true' if identity else 'false'}
-        routes:
-          - name: all
-            from: bench-in
-            to: [sink]
-        destinations:
-          sink:
-            type: mllp
-            host: 127.0.0.1
-            port: 9
-            enabled: false
-    """))
-    env = dict(os.environ)
-    cleanup = lambda: None  # noqa: E731
-    if backend == "postgresql":
-        import sqlalchemy as sa
-
-        schema = f"bench_id_{os.getpid()}_{'i' if identity else 'p'}"
-        eng = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-        with eng.connect() as c:
-            c.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            c.exec_driver_sql(f"CREATE SCHEMA {schema}")
-        env["MINIPFI_DB_URL"] = f"{PG_URL}?options=-csearch_path%3D{schema}"
-
-        def cleanup():
-            with eng.connect() as c:
-                c.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            eng.dispose()
-    else:
-        env.pop("MINIPFI_DB_URL", None)
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "engine.cli", "run", "--config", str(cfg),
-           "--data-dir", str(tmp / f"data-{label}")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(tmp / f"{label}.log", "w"))
-    wait_port(port)
-    end = time.time() + 30
-    while time.time() < end:  # wait for /ready
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except Exception:  # noqa: BLE001
-            time.sleep(0.1)
-    return proc, port, cleanup
+    feed = "            identity_feed: {enabled: true}" if identity else ""
+    return start_minipfi(backend, tmp, log_level, label=label, channel_extra=feed)
 
 
 def main() -> int:

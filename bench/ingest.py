@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,17 +111,24 @@ def wait_port(port, timeout=30.0):
     raise RuntimeError(f"server on port {port} did not start")
 
 
-def start_minipfi(backend: str, tmp: Path, log_level: str = "info"):
+def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: str | None = None,
+                  channel_extra: str = ""):
+    """A fresh engine (own SQLite file or PostgreSQL schema) with one channel routed to a disabled
+    destination; ``channel_extra`` is YAML added under the channel (indented 12 spaces), e.g. an
+    ``identity_feed`` or ``reports`` block. Returns (process, port, cleanup)."""
+    label = label or backend
     port, status_port = free_port(), free_port()
-    cfg = tmp / "bench-routes.yaml"
+    cfg = tmp / f"{label}.yaml"
     cfg.write_text(textwrap.dedent(f"""
         engine:
           log_level: {log_level}
+          environment: test
           status: {{bind: 127.0.0.1, port: {status_port}}}
         channels:
           bench-in:
             type: mllp
             port: {port}
+{channel_extra}
         routes:
           - name: all
             from: bench-in
@@ -135,20 +141,27 @@ def start_minipfi(backend: str, tmp: Path, log_level: str = "info"):
             enabled: false
     """))
     env = dict(os.environ)
-    data = tmp / f"data-{backend}"
+    cleanup = lambda: None  # noqa: E731
     if backend == "postgresql":
         import sqlalchemy as sa
 
-        schema = f"bench_{os.getpid()}"
+        schema = f"bench_{os.getpid()}_{label.replace('-', '_')}"
         eng = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
         with eng.connect() as c:
             c.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
             c.exec_driver_sql(f"CREATE SCHEMA {schema}")
         env["MINIPFI_DB_URL"] = f"{PG_URL}?options=-csearch_path%3D{schema}"
+
+        def cleanup():
+            with eng.connect() as c:
+                c.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            eng.dispose()
     else:
         env.pop("MINIPFI_DB_URL", None)
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--data-dir", str(data)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{backend}.log", "w"))
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "engine.cli", "run", "--config", str(cfg),
+           "--data-dir", str(tmp / f"data-{label}")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / f"{label}.log", "w"))
     wait_port(port)
     end = time.time() + 30
     while time.time() < end:  # wait for /ready
@@ -158,7 +171,7 @@ def start_minipfi(backend: str, tmp: Path, log_level: str = "info"):
                     break
         except Exception:  # noqa: BLE001
             time.sleep(0.1)
-    return proc, port
+    return proc, port, cleanup
 
 
 PEER_SERVER = r"""
@@ -220,7 +233,11 @@ def main() -> int:
         if args.peer:
             servers.append(("python-hl7 (not durable)", "peer"))
         for label, kind in servers:
-            proc, port = start_peer(tmp) if kind == "peer" else start_minipfi(kind, tmp, args.log_level)
+            if kind == "peer":
+                proc, port = start_peer(tmp)
+                cleanup = lambda: None  # noqa: E731
+            else:
+                proc, port, cleanup = start_minipfi(kind, tmp, args.log_level)
             try:
                 run_load(port, 4, args.warmup)
                 for n in conns:
@@ -237,6 +254,7 @@ def main() -> int:
                           f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms", flush=True)
             finally:
                 stop(proc)
+                cleanup()
         if args.keep_logs:
             import shutil
 

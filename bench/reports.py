@@ -15,27 +15,20 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from ingest import start_minipfi  # noqa: E402
 ORU = (ROOT.parent / "shared" / "corpus" / "ans-hl7v2" / "Vague 2" / "Trans_Doc-CDA-HL7V2"
        / "TRANSMISSION_DOCS_CDA_EN_HL7V2_V2.1" / "ORU" / "Transmission initiale ORU"
        / "message_ORU_CR_Bio_INIT_N3_SEGUR.hl7")
 SB, EB = b"\x0b", b"\x1c\x0d"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def template() -> tuple[bytes, bytes]:
@@ -78,32 +71,8 @@ def load(port, conns, seconds):
 
 
 def start_engine(tmp: Path, reports: bool):
-    port, status = free_port(), free_port()
-    cfg = tmp / f"routes-{reports}.yaml"
-    cfg.write_text(textwrap.dedent(f"""
-        engine:
-          status: {{bind: 127.0.0.1, port: {status}}}
-        channels:
-          in:
-            type: mllp
-            port: {port}
-            reports: {{enabled: {str(reports).lower()}, validation: {{xsd: true, schematron: false}}}}
-        routes:
-          - {{name: all, from: in, to: [sink]}}
-        destinations:
-          sink: {{type: mllp, host: 127.0.0.1, port: 9, enabled: false}}
-    """))
-    log = open(tmp / f"engine-{reports}.log", "w")
-    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "engine.cli", "run", "--config", str(cfg),
-                             "--data-dir", str(tmp / f"data-{reports}")], cwd=ROOT, stdout=log, stderr=log)
-    end = time.time() + 30
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("engine did not start")
+    extra = ("            reports: {enabled: true, validation: {xsd: true, schematron: false}}" if reports else "")
+    return start_minipfi("sqlite", tmp, label=f"reports-{reports}", channel_extra=extra)
 
 
 def main() -> int:
@@ -117,7 +86,7 @@ def main() -> int:
     print(f"ORU {ORU.stat().st_size // 1024} KB, {args.connections} connections, {args.seconds:.0f} s")
     with tempfile.TemporaryDirectory(prefix="minipfi-bench-reports-") as td:
         for reports in (False, True):
-            proc, port = start_engine(Path(td), reports)
+            proc, port, _cleanup = start_engine(Path(td), reports)
             try:
                 load(port, 2, 1.0)  # warm-up (also compiles the XSD once)
                 r = load(port, args.connections, args.seconds)
