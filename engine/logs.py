@@ -174,6 +174,44 @@ class _SinkHandler(logging.StreamHandler):
 
 
 _sink: _LineSink | None = None
+_level = logging.INFO
+
+
+class HotEvent:
+    """One info event of the per-message hot path, rendered without structlog's processor chain.
+
+    ``HotEvent("engine.channel", "message.stored", ("message_id", ...))(5, ...)`` writes the same
+    JSON line as ``get("engine.channel").info("message.stored", message_id=5, ...)`` (same keys,
+    same order, same encoding) for about a fifth of its cost, which matters at thousands of
+    messages per second (measured: the ``message.stored`` event was 18 % of the engine's Python
+    time per message). Values are ints or strings already passed through :func:`safe`. Before
+    :func:`configure` (tests, library use) it goes through the structlog logger."""
+
+    __slots__ = ("_name", "_event", "_keys", "_prefixes", "_head", "_tail")
+
+    def __init__(self, logger_name: str, event: str, keys: tuple[str, ...]):
+        self._name = logger_name
+        self._event = event
+        self._keys = keys
+        self._head = '{"logger_name":' + _encode(logger_name)
+        self._prefixes = tuple("," + _encode(k) + ":" for k in keys)
+        self._tail = ',"event":' + _encode(event) + ',"level":"info","timestamp":"'
+
+    def __call__(self, *values) -> None:
+        sink = _sink
+        if sink is None:
+            get(self._name).info(self._event, **dict(zip(self._keys, values)))
+            return
+        if _level > logging.INFO:
+            return
+        parts = [self._head]
+        for prefix, value in zip(self._prefixes, values):
+            parts.append(prefix)
+            parts.append(str(value) if type(value) is int else _encode(value))
+        parts.append(self._tail)
+        parts.append(_timestamp())
+        parts.append('"}')
+        sink.write_line("".join(parts))
 
 
 def flush() -> None:
@@ -184,8 +222,9 @@ def flush() -> None:
 
 def configure(level: str = "info", stream=None) -> None:
     """JSON lines on ``stream`` (stderr by default) for engine and library events."""
-    global _sink
+    global _sink, _level
     lvl = getattr(logging, level.upper(), logging.INFO)
+    _level = lvl
     stream = stream or sys.stderr
     if _sink is not None:
         _sink.flush()

@@ -260,3 +260,97 @@ def test_throughput_sanity(store_url):
     assert not errors
     assert stored == total
     assert rate > 500
+
+
+def test_writer_bug_fails_the_batch_callbacks_instead_of_hanging(sqlite_url, monkeypatch):
+    """A non-database exception escaping the transaction code (a bug) must not leave producers
+    waiting forever for an answer: every callback of the batch gets the error, and the writer
+    goes on with the next batch."""
+    s = Store(sqlite_url)
+    s.migrate()
+    real = Store._run_jobs
+    calls = []
+
+    def broken(self, jobs):
+        calls.append(len(jobs))
+        if len(calls) == 1:
+            raise KeyError("bug")
+        return real(self, jobs)
+
+    monkeypatch.setattr(Store, "_run_jobs", broken)
+    s.start()
+    try:
+        res = submit_wait(s, [rec("BUG1"), rec("BUG2")], timeout=10)
+        assert isinstance(res, KeyError)
+        assert isinstance(submit_wait(s, [rec("AFTER")])[0], Stored)
+        assert n_messages(s, "BUG1") == 0
+    finally:
+        s.stop()
+        s.dispose()
+
+
+def test_linger_wakes_when_the_target_is_reached(sqlite_url):
+    """While lingering the writer is woken once the expected records are queued (not at each
+    submit), and never later than the deadline: a lone producer is not held up."""
+    s = Store(sqlite_url)
+    s.migrate()
+    s.linger = 0.5
+    s.linger_factor = 1000.0  # the deadline is 0.5 s after a commit: only the target ends it early
+    s.start()
+    try:
+        # two producers: batch of 2, so the writer then lingers for 2 records
+        done = threading.Event()
+        box = []
+
+        def cb(r):
+            box.append(r)
+            if len(box) == 2:
+                done.set()
+
+        s.submit_ingest([rec("L1")], cb)
+        s.submit_ingest([rec("L2")], cb)
+        assert done.wait(10)
+        t0 = time.monotonic()
+        first = threading.Event()
+        s.submit_ingest([rec("L3")], lambda r: first.set())
+        time.sleep(0.05)
+        assert not first.is_set()  # held: one of the two expected records
+        s.submit_ingest([rec("L4")], lambda r: None)
+        assert first.wait(5)
+        assert time.monotonic() - t0 < 0.4  # woken by the target, before the deadline
+        t1 = time.monotonic()
+        lone = threading.Event()
+        s.submit_ingest([rec("L5")], lambda r: lone.set())
+        assert lone.wait(5)  # alone: released at the deadline at the latest
+        assert time.monotonic() - t1 < 2.0
+    finally:
+        s.stop()
+        s.dispose()
+
+
+def test_checkpoints_keep_the_wal_below_the_journal_size_limit(sqlite_url):
+    """The WAL is checkpointed by its estimated size (pages, not only message bytes), so it stays
+    below journal_size_limit and is overwritten from its start rather than grown (an appending
+    WAL makes every commit's fdatasync also journal the file size)."""
+    from engine.store import store as store_mod
+
+    s = Store(sqlite_url)
+    s.migrate()
+    s.linger = 0
+    s.start()
+    try:
+        big = b"MSH|^~\\&|A|F|R|RF|20250101||ADT^A01|%s|P|2.5\rPID|1||X\r"
+        path = sa.engine.make_url(sqlite_url).database + "-wal"
+        for n in range(800):
+            recs = [IngestRecord("ch", big % f"W{n}-{i}".encode(), time.time(), "A", "F", "R", "RF",
+                                 "ADT^A01", f"W{n}-{i}", "2.5", "", "routed", b"ACK", "AA",
+                                 entries=[EntrySpec("dest", "route")]) for i in range(8)]
+            assert isinstance(submit_wait(s, recs)[0], Stored)
+        assert 0 < s._ckpt_bytes < store_mod.CHECKPOINT_FORCE_BYTES
+        assert os.path.getsize(path) < store_mod.JOURNAL_SIZE_LIMIT
+        # 800 commits of 8 small records: about 7 frames each, i.e. 23 MB of WAL without the
+        # checkpoints; with them the file stays near the 16 MiB threshold
+        assert os.path.getsize(path) <= store_mod.CHECKPOINT_FORCE_BYTES + 2 * 1024 * 1024
+    finally:
+        s.stop()
+        s.dispose()

@@ -28,6 +28,9 @@ from engine.store import Duplicate, EntrySpec, IngestRecord, Stored
 from mllp.framing import COMMIT_ACK, COMMIT_NAK
 
 log = logs.get("engine.channel")
+# the one event per accepted message, rendered on the fast path (logs.HotEvent)
+_log_stored = logs.HotEvent("engine.channel", "message.stored",
+                            ("message_id", "channel", "control_id", "message_type", "destinations", "peer"))
 
 # HL7 table 0357 codes that mean "the receiver does not support this" -> reject (AR/CR);
 # the others are content errors -> AE/CE (HL7 v2.5 §2.9.2.2).
@@ -218,9 +221,8 @@ class MLLPChannel:
             return self._reply(msh, result.ack, result.outcome)
         if isinstance(result, Stored):
             self.counters.accepted += 1
-            log.info("message.stored", message_id=result.message_id, channel=self.name,
-                     control_id=logs.safe(msh.control_id), message_type=logs.safe(msh.message_type),
-                     destinations=len(entries), peer=conn.peer)
+            _log_stored(result.message_id, self.name, logs.safe(msh.control_id),
+                        logs.safe(msh.message_type), len(entries), conn.peer)
             if entries and self.on_stored is not None:
                 self._wake_after_turn(entries)
             return self._reply(msh, ack, "accept")

@@ -1,0 +1,66 @@
+"""The JSON log lines: the hot-path event renders exactly what structlog renders."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+
+import structlog
+
+from engine import logs
+
+KEYS = ("message_id", "channel", "control_id", "message_type", "destinations", "peer")
+
+
+@contextlib.contextmanager
+def configured(level: str):
+    """Logs configured to a buffer for the test, then back to the process's previous state."""
+    saved = (logs._sink, logs._level, logging.getLogger().handlers[:], logging.getLogger().level)
+    buf = io.StringIO()
+    logs.configure(level, buf)
+    try:
+        yield buf
+    finally:
+        logs.flush()
+        structlog.reset_defaults()
+        logs._sink, logs._level = saved[0], saved[1]
+        logging.getLogger().handlers[:] = saved[2]
+        logging.getLogger().setLevel(saved[3])
+
+
+def _events(buf: io.StringIO) -> list[str]:
+    logs.flush()
+    return [line for line in buf.getvalue().split("\n") if '"message.stored"' in line]
+
+
+def _without_timestamp(line: str) -> str:
+    return re.sub(r'"timestamp":"[^"]*"', "", line)
+
+
+def test_hot_event_line_equals_structlog_line():
+    with configured("info") as buf:
+        _hot_event_line_equals_structlog_line(buf)
+
+
+def _hot_event_line_equals_structlog_line(buf):
+    values = (42, "mllp-in", logs.safe('a"b\\c\x01é\u2028'), logs.safe("ADT^A01"), 2, "127.0.0.1:5")
+    logs.get("engine.channel").info("message.stored", **dict(zip(KEYS, values)))
+    logs.HotEvent("engine.channel", "message.stored", KEYS)(*values)
+    a, b = _events(buf)
+    assert _without_timestamp(a) == _without_timestamp(b)
+    parsed = json.loads(b)
+    assert parsed["control_id"] == 'a"b\\cé\u2028' and parsed["message_id"] == 42
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", parsed["timestamp"])
+    assert list(parsed)[:7] == ["logger_name", *KEYS]
+
+
+def test_hot_event_respects_the_level():
+    event = logs.HotEvent("engine.channel", "message.stored", KEYS)
+    with configured("warning") as buf:
+        event(1, "c", "x", "ADT^A01", 0, "p")
+        assert _events(buf) == []
+    with configured("info") as buf:
+        event(1, "c", "x", "ADT^A01", 0, "p")
+        assert len(_events(buf)) == 1
