@@ -32,6 +32,10 @@ def _store(args):
 
 
 def cmd_run(args) -> int:
+    if "twisted.internet.reactor" not in sys.modules:  # first: before anything imports it
+        from engine.reactor import install
+
+        install()
     from engine.app import run
     from engine.config import ConfigError
 

@@ -70,6 +70,8 @@ class DestinationWorker:
         """Look for work now (new messages routed here, or a retry falling due)."""
         if not self.running:
             return
+        if not self.cfg.enabled and self._wake_call is not None and self._wake_call.active():
+            return  # disabled: nothing to claim, its poll is already scheduled
         if self._claiming:
             self._rerun = True
             return

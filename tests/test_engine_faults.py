@@ -89,3 +89,37 @@ def test_mutual_tls_channel_with_cli_send(tmp_path):
     finally:
         assert eng.stop() == 0
         receiver.close()
+
+
+def test_disabled_destination_worker_claims_nothing_and_resumes_when_enabled():
+    """A disabled destination's worker does no work per wake-up (the ingest path wakes it once
+    per reactor turn), keeps one poll scheduled, and claims as soon as a reload enables it."""
+    from types import SimpleNamespace
+
+    from twisted.internet import task
+
+    from engine.delivery import DestinationWorker
+
+    clock = task.Clock()
+    claims = []
+
+    class Store:
+        def __getattr__(self, name):  # any store access means the worker tried to claim
+            claims.append(name)
+            raise AssertionError(f"store.{name} used while disabled")
+
+    queue = SimpleNamespace(ordering="destination", concurrency=1)
+    cfg = SimpleNamespace(enabled=False, ack_timeout=5.0, connect_timeout=5.0, queue=queue)
+    w = DestinationWorker("d", cfg, Store(), connector=None, reactor=clock)
+    w.running = True
+    w.wake()
+    polls = [c for c in clock.getDelayedCalls() if c.active()]
+    assert len(polls) == 1
+    for _ in range(100):
+        w.wake()
+    assert [c for c in clock.getDelayedCalls() if c.active()] == polls
+    assert claims == []
+    # enabled by a reload: the next wake-up goes to the store
+    w.cfg = SimpleNamespace(enabled=True, ack_timeout=5.0, connect_timeout=5.0, queue=queue)
+    w.wake()
+    assert claims
