@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import json.encoder
 import logging
 import sys
 import threading
@@ -52,6 +53,7 @@ def safe(value: object, limit: int = 64) -> str:
 
 
 _encode = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":")).encode
+_encode_str = json.encoder.encode_basestring  # what _encode does for a str, without the dispatch
 
 
 def _dumps(obj, **kw) -> str:
@@ -207,7 +209,8 @@ class HotEvent:
         parts = [self._head]
         for prefix, value in zip(self._prefixes, values):
             parts.append(prefix)
-            parts.append(str(value) if type(value) is int else _encode(value))
+            kind = type(value)
+            parts.append(_encode_str(value) if kind is str else str(value) if kind is int else _encode(value))
         parts.append(self._tail)
         parts.append(_timestamp())
         parts.append('"}')
