@@ -36,8 +36,8 @@ check: install               ## validate the routes file
 test: install-test           ## the whole suite (SQLite and PostgreSQL)
 	$(BIN)/python -m pytest -q
 
-bench: install-test          ## durable ingest benchmark against python-hl7's MLLP server (about 3 min)
-	$(BIN)/python bench/ingest.py --connections 1,8,32 --backends sqlite,postgresql --peer
+bench: install-test          ## durable ingest benchmark against python-hl7's MLLP server, 3 rounds (about 4 min)
+	$(BIN)/python bench/ingest.py --connections 1,8,32 --backends sqlite,postgresql --peer --seconds 5 --repeat 3
 
 bench-identity: install-test ## identity feed ADT/s at 8 connections versus plain ingest
 	$(BIN)/python bench/identity.py

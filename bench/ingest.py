@@ -51,15 +51,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def msa2(ack: bytes) -> str:
+def msa(ack: bytes) -> tuple[str, str]:
+    """(MSA-1, MSA-2) of an ACK: the acknowledgment code and the control id it answers."""
     for seg in ack.replace(b"\n", b"\r").split(b"\r"):
         if seg.startswith(b"MSA"):
             parts = seg.split(b"|")
-            return parts[2].decode() if len(parts) > 2 else ""
-    return ""
+            return (parts[1].decode() if len(parts) > 1 else "",
+                    parts[2].decode() if len(parts) > 2 else "")
+    return "", ""
 
 
-async def _conn_loop(port, prefix, deadline, lat, errors, rate_gap=None):
+def msa2(ack: bytes) -> str:
+    return msa(ack)[1]
+
+
+async def _conn_loop(port, prefix, deadline, lat, errors, rate_gap=None, nacks=None):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = 0
     next_at = time.perf_counter()
@@ -76,24 +82,28 @@ async def _conn_loop(port, prefix, deadline, lat, errors, rate_gap=None):
             writer.write(SB + TEMPLATE.format(cid=cid).encode() + EB)
             data = await reader.readuntil(EB)
             lat.append(time.perf_counter() - t0)
-            if msa2(data[data.find(SB) + 1 : -2]) != cid:
+            code, answered = msa(data[data.find(SB) + 1 : -2])
+            if answered != cid:
                 errors.append(cid)
+            elif code not in ("AA", "CA") and nacks is not None:
+                nacks.append(cid)  # answered, but not accepted: not a durable message
     finally:
         writer.close()
 
 
 async def _load(port, conns, seconds, rate=None):
-    lat, errors = [], []
+    lat, errors, nacks = [], [], []
     deadline = time.perf_counter() + seconds
     tag = f"B{int(time.time() * 1000) % 10**9}"
     gap = (conns / rate) if rate else None
     t0 = time.perf_counter()
-    await asyncio.gather(*[_conn_loop(port, f"{tag}c{c}n", deadline, lat, errors, gap) for c in range(conns)])
+    await asyncio.gather(*[_conn_loop(port, f"{tag}c{c}n", deadline, lat, errors, gap, nacks)
+                           for c in range(conns)])
     elapsed = time.perf_counter() - t0
     lat.sort()
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
     return {"messages": len(lat), "msg_per_s": len(lat) / elapsed, "p50_ms": q(0.50), "p99_ms": q(0.99),
-            "msa2_mismatches": len(errors)}
+            "msa2_mismatches": len(errors), "not_accepted": len(nacks)}
 
 
 def run_load(port, conns, seconds, rate=None):
@@ -223,6 +233,9 @@ def main() -> int:
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--log-level", default="info", help="mini-PFI log level (default: info, the engine's default)")
     ap.add_argument("--keep-logs", help="copy the servers' log files into this directory")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds: every server measured again in each round (fresh process and "
+                         "database); ratios are taken within a round, then the median")
     args = ap.parse_args()
     os.sched_setaffinity(0, {1}) if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1 else None
     conns = [int(c) for c in args.connections.split(",")]
@@ -232,45 +245,85 @@ def main() -> int:
         servers = [("mini-pfi/" + b, b) for b in args.backends.split(",") if b]
         if args.peer:
             servers.append(("python-hl7 (not durable)", "peer"))
-        for label, kind in servers:
-            if kind == "peer":
-                proc, port = start_peer(tmp)
-                cleanup = lambda: None  # noqa: E731
-            else:
-                proc, port, cleanup = start_minipfi(kind, tmp, args.log_level)
-            try:
-                run_load(port, 4, args.warmup)
-                for n in conns:
-                    r = run_load(port, n, args.seconds)
-                    r.update(server=label, connections=n, mode="closed-loop")
-                    results.append(r)
-                    print(f"{label:<28} {n:>3} conns  {r['msg_per_s']:>8.0f} msg/s  p50 {r['p50_ms']:.2f} ms  "
-                          f"p99 {r['p99_ms']:.2f} ms  mismatches {r['msa2_mismatches']}", flush=True)
-                if args.rate and kind != "peer":
-                    r = run_load(port, 8, args.seconds, rate=args.rate)
-                    r.update(server=label, connections=8, mode=f"open-loop {args.rate:.0f} msg/s")
-                    results.append(r)
-                    print(f"{label:<28} offered {args.rate:.0f} msg/s: got {r['msg_per_s']:.0f} msg/s  "
-                          f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms", flush=True)
-            finally:
-                stop(proc)
-                cleanup()
+        for rnd in range(1, args.repeat + 1):
+            if args.repeat > 1:
+                print(f"-- round {rnd}/{args.repeat}", flush=True)
+            for label, kind in servers:
+                results += _measure_server(label, kind, tmp, conns, args, rnd)
         if args.keep_logs:
             import shutil
 
             Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
             for f in tmp.glob("*.log"):
                 shutil.copy(f, Path(args.keep_logs) / f.name)
-    peer = {r["connections"]: r["msg_per_s"] for r in results if r["server"].startswith("python-hl7")}
-    if peer:
-        print("\nratio to python-hl7's non-durable server (closed loop):")
-        for r in results:
-            if r["mode"] == "closed-loop" and not r["server"].startswith("python-hl7") and r["connections"] in peer:
-                print(f"  {r['server']:<24} {r['connections']:>3} conns: {r['msg_per_s'] / peer[r['connections']]:.1f}x")
+    _summary(results, args.repeat)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    bad = sum(r["msa2_mismatches"] for r in results)
+    bad = sum(r["msa2_mismatches"] + r["not_accepted"] for r in results)
+    if bad:
+        print(f"\nFAILED: {bad} ACKs answered another control id or did not accept the message",
+              file=sys.stderr)
     return 1 if bad else 0
+
+
+def _measure_server(label, kind, tmp, conns, args, rnd) -> list[dict]:
+    """One server, fresh (own process, own database), every connection count, in one round."""
+    out = []
+    if kind == "peer":
+        proc, port = start_peer(tmp)
+        cleanup = lambda: None  # noqa: E731
+    else:
+        proc, port, cleanup = start_minipfi(kind, tmp, args.log_level, label=f"{kind}-r{rnd}")
+    try:
+        run_load(port, 4, args.warmup)
+        for n in conns:
+            r = run_load(port, n, args.seconds)
+            r.update(server=label, connections=n, mode="closed-loop", round=rnd)
+            out.append(r)
+            print(f"{label:<28} {n:>3} conns  {r['msg_per_s']:>8.0f} msg/s  p50 {r['p50_ms']:.2f} ms  "
+                  f"p99 {r['p99_ms']:.2f} ms  mismatches {r['msa2_mismatches']}  "
+                  f"not accepted {r['not_accepted']}", flush=True)
+        if args.rate and kind != "peer":
+            r = run_load(port, 8, args.seconds, rate=args.rate)
+            r.update(server=label, connections=8, mode=f"open-loop {args.rate:.0f} msg/s", round=rnd)
+            out.append(r)
+            print(f"{label:<28} offered {args.rate:.0f} msg/s: got {r['msg_per_s']:.0f} msg/s  "
+                  f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms", flush=True)
+    finally:
+        stop(proc)
+        cleanup()
+    return out
+
+
+def _median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _summary(results, rounds) -> None:
+    """Ratios to python-hl7 computed within each round (same minutes, same machine state),
+    then the median over the rounds, with every round's value."""
+    peer = {(r["round"], r["connections"]): r["msg_per_s"] for r in results
+            if r["server"].startswith("python-hl7")}
+    if not peer:
+        return
+    print("\nratio to python-hl7's non-durable server (closed loop), within each round:")
+    keys = sorted({(r["server"], r["connections"]) for r in results
+                   if r["mode"] == "closed-loop" and not r["server"].startswith("python-hl7")})
+    for server, n in keys:
+        ratios = [r["msg_per_s"] / peer[(r["round"], n)] for r in results
+                  if r["server"] == server and r["connections"] == n and r["mode"] == "closed-loop"
+                  and (r["round"], n) in peer]
+        rates = [r["msg_per_s"] for r in results
+                 if r["server"] == server and r["connections"] == n and r["mode"] == "closed-loop"]
+        if not ratios:
+            continue
+        if rounds > 1:
+            print(f"  {server:<24} {n:>3} conns: median {_median(ratios):.1f}x "
+                  f"[{' '.join(f'{x:.1f}' for x in ratios)}], median {_median(rates):,.0f} msg/s")
+        else:
+            print(f"  {server:<24} {n:>3} conns: {ratios[0]:.1f}x")
 
 
 if __name__ == "__main__":
