@@ -289,3 +289,82 @@ def test_connection_info_and_set_limits(server_factory):
         c.send_raw(encode_frame(make_message("CI2")))
         assert_closed_by_peer(c.sock)
     assert srv.counter("oversize_closes") == 1
+
+
+# --------------------------------------------------------------------------- PendingReply
+
+
+def test_pending_reply_unit_order_of_settle_and_then():
+    from mllp.protocol import PendingReply
+
+    got = []
+    early = PendingReply()
+    early.resolve(b"R1")  # settled before the protocol registers
+    early.then(lambda v, a: got.append(("v", v, a)), lambda e, a: got.append(("e", e, a)), "s1")
+    late = PendingReply()
+    late.then(lambda v, a: got.append(("v", v, a)), lambda e, a: got.append(("e", e, a)), "s2")
+    assert got == [("v", b"R1", "s1")]
+    err = RuntimeError("x")
+    late.fail(err)
+    assert got[-1] == ("e", err, "s2")
+    closed = PendingReply()
+    closed.resolve(None)  # None = close, passed through as a value
+    closed.then(lambda v, a: got.append(("v", v, a)), lambda e, a: None, "s3")
+    assert got[-1] == ("v", None, "s3")
+
+
+def test_pending_replies_mixed_with_deferreds_keep_receive_order(server_factory):
+    """Replies resolved out of order, some through PendingReply (the engine's hot path), one
+    through a Deferred, one already resolved when returned: written in receive order."""
+    from mllp.protocol import PendingReply
+
+    made = []
+
+    def handler(payload, info):
+        n = len(made)
+        if n == 1:
+            d = Deferred()
+            made.append((d.callback, payload))
+            result = d
+        else:
+            p = PendingReply()
+            made.append((p.resolve, payload))
+            result = p
+            if n == 3:
+                p.resolve(ack_for(payload))  # already settled when the protocol sees it
+        if len(made) == 4:
+            for i, (settle, pl) in enumerate(reversed(made[:3])):
+                reactor.callLater(0.01 * (i + 1), settle, ack_for(pl))
+        return result
+
+    srv = server_factory(handler)
+    msgs = [make_message(f"P{i}") for i in range(4)]
+    with srv.client() as c:
+        c.send_raw(b"".join(encode_frame(m) for m in msgs))
+        replies = [c.recv_frame() for _ in range(4)]
+    assert replies == [ack_for(m) for m in msgs]
+
+
+def test_pending_reply_failure_closes_after_earlier_replies(server_factory):
+    from mllp.protocol import PendingReply
+
+    calls = []
+
+    def handler(payload, info):
+        calls.append(payload)
+        p = PendingReply()
+        if len(calls) == 2:
+            reactor.callLater(0.01, p.fail, RuntimeError("store down"))
+        else:
+            reactor.callLater(0.05, p.resolve, ack_for(payload))
+        return p
+
+    srv = server_factory(handler)
+    m1, m2 = make_message("F1"), make_message("F2")
+    with srv.client() as c:
+        c.send_raw(encode_frame(m1) + encode_frame(m2))
+        assert c.recv_frame() == ack_for(m1)
+        assert_closed_by_peer(c.sock)
+    assert srv.counter("handler_errors") == 1
+    [(name, detail)] = [e for e in srv.events if e[0] == "handler_error"]
+    assert detail["error"] == "RuntimeError"

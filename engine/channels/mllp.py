@@ -26,6 +26,7 @@ from engine.hl7.fields import get_field
 from engine.hl7.msh import read_msh
 from engine.store import Duplicate, EntrySpec, IngestRecord, Stored
 from mllp.framing import COMMIT_ACK, COMMIT_NAK
+from mllp.protocol import PendingReply
 
 log = logs.get("engine.channel")
 # the one event per accepted message, rendered on the fast path (logs.HotEvent)
@@ -86,7 +87,7 @@ class MLLPChannel:
         self.cfg, self.engine_cfg, self.router = cfg, engine_cfg, router
         self.steps = processing_steps(cfg, engine_cfg)
 
-    def handle(self, payload: bytes, conn) -> defer.Deferred | bytes | None:
+    def handle(self, payload: bytes, conn) -> PendingReply | defer.Deferred | bytes | None:
         now = self.clock()
         self.counters.received += 1
         msh = None
@@ -163,22 +164,27 @@ class MLLPChannel:
             d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msh, ack, entries, conn),
                            errbackArgs=(msh, now, conn))
             return d
-        # hot path: the batcher calls _on_result directly (no Deferred chain per message); the
-        # protocol gets one Deferred fired with the reply
-        d = defer.Deferred()
-        self.batcher.add_call(record, self._on_result, d, msh, ack, entries, conn, now)
-        return d
+        # hot path: the batcher calls _on_result directly and the protocol gets a PendingReply,
+        # no Deferred chain per message
+        reply = PendingReply()
+        self.batcher.add_call(record, self._on_result, reply, msh, ack, entries, conn, now)
+        return reply
 
-    def _on_result(self, result, d, msh, ack, entries, conn, now):
+    def _on_result(self, result, reply, msh, ack, entries, conn, now):
         if isinstance(result, BaseException):
-            d.callback(self._store_failed(Failure(result), msh, now, conn))
+            try:
+                value = self._store_failed(Failure(result), msh, now, conn)
+            except Exception as exc:  # noqa: BLE001 - the protocol logs it and closes
+                reply.fail(exc)
+                return
+            reply.resolve(value)
             return
         try:
-            reply = self._stored(result, msh, ack, entries, conn)
-        except Exception:  # noqa: BLE001 - the protocol logs it and closes, as with a Deferred
-            d.errback()
+            value = self._stored(result, msh, ack, entries, conn)
+        except Exception as exc:  # noqa: BLE001 - the protocol logs it and closes, as with a Deferred
+            reply.fail(exc)
             return
-        d.callback(reply)
+        reply.resolve(value)
 
     def _step_for(self, msh):
         if self.store is None:
