@@ -138,10 +138,19 @@ def _no_reactor() -> bool:
 def _io_thread_check():
     # twisted.python.threadable is a deprecation proxy module (slow attribute access): take the
     # function once. Before reactor.run() registers the I/O thread it compares with None: False.
+    # Its ``isInIOThread`` builds ``current_thread()`` per call; read the module's ``ioThread``
+    # straight from the function's globals and compare it with ``get_ident()`` (one line per
+    # message goes through here).
     try:
         from twisted.python.threadable import isInIOThread
 
-        return isInIOThread
+        module_globals = isInIOThread.__globals__
+        get_ident = threading.get_ident
+
+        def in_io_thread() -> bool:
+            return module_globals["ioThread"] == get_ident()
+
+        return in_io_thread
     except Exception:  # noqa: BLE001
         return _no_reactor
 
@@ -189,15 +198,19 @@ class HotEvent:
     time per message). Values are ints or strings already passed through :func:`safe`. Before
     :func:`configure` (tests, library use) it goes through the structlog logger."""
 
-    __slots__ = ("_name", "_event", "_keys", "_prefixes", "_head", "_tail")
+    __slots__ = ("_name", "_event", "_keys", "_format")
 
     def __init__(self, logger_name: str, event: str, keys: tuple[str, ...]):
         self._name = logger_name
         self._event = event
         self._keys = keys
-        self._head = '{"logger_name":' + _encode(logger_name)
-        self._prefixes = tuple("," + _encode(k) + ":" for k in keys)
-        self._tail = ',"event":' + _encode(event) + ',"level":"info","timestamp":"'
+        def literal(text: str) -> str:
+            return text.replace("%", "%%")
+
+        self._format = (literal('{"logger_name":' + _encode(logger_name))
+                        + "".join(literal("," + _encode(k) + ":") + "%s" for k in keys)
+                        + literal(',"event":' + _encode(event) + ',"level":"info","timestamp":"')
+                        + '%s"}')
 
     def __call__(self, *values) -> None:
         sink = _sink
@@ -206,15 +219,10 @@ class HotEvent:
             return
         if _level > logging.INFO:
             return
-        parts = [self._head]
-        for prefix, value in zip(self._prefixes, values):
-            parts.append(prefix)
-            kind = type(value)
-            parts.append(_encode_str(value) if kind is str else str(value) if kind is int else _encode(value))
-        parts.append(self._tail)
-        parts.append(_timestamp())
-        parts.append('"}')
-        sink.write_line("".join(parts))
+        sink.write_line(self._format % (
+            *[_encode_str(v) if type(v) is str else str(v) if type(v) is int else _encode(v)
+              for v in values],
+            _timestamp()))
 
 
 def flush() -> None:

@@ -64,3 +64,17 @@ def test_hot_event_respects_the_level():
     with configured("info") as buf:
         event(1, "c", "x", "ADT^A01", 0, "p")
         assert len(_events(buf)) == 1
+
+
+def test_hot_event_with_percent_signs_in_names_and_values():
+    with configured("info") as buf:
+        logs.HotEvent("x%y", "message.stored", ("k%s", "n"))("v%d %s", 3)
+        [line] = _events(buf)
+    parsed = json.loads(line)
+    assert parsed["logger_name"] == "x%y" and parsed["k%s"] == "v%d %s" and parsed["n"] == 3
+
+
+def test_reactor_thread_check_follows_twisted():
+    from twisted.python import threadable
+
+    assert logs._in_reactor_thread() == threadable.isInIOThread()
