@@ -11,11 +11,13 @@ as the same JSON lines through a ``ProcessorFormatter``.
 
 Cost on the hot path (one ``message.stored`` event per message at the default level ``info``):
 a ``write`` system call per line cost about 35 µs on the benchmark VM, more than the rest of the
-event. Lines logged in the reactor thread are therefore buffered and written together once per
-reactor turn (``callLater(0)``: after the turn's I/O and callbacks), i.e. one ``write`` per
-group-commit batch instead of one per message. Lines from other threads, and every stdlib record
-(warnings, errors, Twisted), are written at once, after whatever is buffered. A SIGKILL can lose
-at most the lines of the current reactor turn (never a stored message: the store is the record).
+event. Lines logged in the reactor thread are therefore buffered and written together at most 20
+ms later (or at once when 512 are waiting): one ``write`` per 20 ms instead of one per message
+(a write per reactor turn, the former policy, was 7,175 writes of about 22 µs for 32,231
+messages in a cProfile of the reactor thread at 8 connections: about 5 µs per message). Lines from other threads, and every stdlib record
+(warnings, errors, Twisted), are written at once, after whatever is buffered, so the order is
+kept. A SIGKILL can lose at most the last 20 ms of these lines (never a stored message: the store
+is the record); shutdown and ``atexit`` flush them.
 """
 from __future__ import annotations
 
@@ -87,8 +89,12 @@ def _render(logger, method_name: str, event_dict) -> str:
     return _encode(event_dict)
 
 
+FLUSH_INTERVAL_S = 0.02   # reactor-thread lines wait at most this long before their write ...
+FLUSH_MAX_LINES = 512     # ... or until this many are buffered
+
+
 class _LineSink:
-    """Where rendered lines go: buffered per reactor turn in the reactor thread, else written."""
+    """Where rendered lines go: buffered for up to 20 ms in the reactor thread, else written."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -99,14 +105,19 @@ class _LineSink:
     def write_line(self, line: str) -> None:
         if _in_reactor_thread():
             with self._lock:
-                self._lines.append(line)
-                if self._scheduled:
+                lines = self._lines
+                lines.append(line)
+                if self._scheduled and len(lines) < FLUSH_MAX_LINES:
                     return
+                first = not self._scheduled
                 self._scheduled = True
+            if not first:  # a full buffer: write it now (its timer finds nothing)
+                self.flush()
+                return
             try:
                 from twisted.internet import reactor
 
-                reactor.callLater(0, self.flush)
+                reactor.callLater(FLUSH_INTERVAL_S, self.flush)
             except Exception:  # noqa: BLE001 - no reactor: write now
                 self.flush()
             return

@@ -78,3 +78,33 @@ def test_reactor_thread_check_follows_twisted():
     from twisted.python import threadable
 
     assert logs._in_reactor_thread() == threadable.isInIOThread()
+
+
+def test_reactor_thread_lines_are_written_within_the_flush_interval(monkeypatch):
+    """Lines logged in the reactor thread wait for one write (at most FLUSH_INTERVAL_S), or are
+    written at once when FLUSH_MAX_LINES are buffered; order is kept."""
+    scheduled = []
+
+    class FakeReactor:
+        def callLater(self, delay, fn):
+            scheduled.append((delay, fn))
+
+    import twisted.internet
+
+    monkeypatch.setattr(logs, "_in_reactor_thread", lambda: True)
+    monkeypatch.setattr(twisted.internet, "reactor", FakeReactor(), raising=False)
+    event = logs.HotEvent("engine.channel", "message.stored", KEYS)
+    with configured("info") as buf:
+        event(1, "c", "x", "ADT^A01", 0, "p")
+        event(2, "c", "x", "ADT^A01", 0, "p")
+        def ids():
+            return [json.loads(line)["message_id"] for line in buf.getvalue().split("\n")
+                    if '"message.stored"' in line]
+
+        assert ids() == [] and len(scheduled) == 1
+        assert scheduled[0][0] == logs.FLUSH_INTERVAL_S
+        scheduled[0][1]()  # the timer fires
+        assert ids() == [1, 2]
+        for i in range(logs.FLUSH_MAX_LINES):
+            event(100 + i, "c", "x", "ADT^A01", 0, "p")
+        assert ids()[-1] == 100 + logs.FLUSH_MAX_LINES - 1  # the full buffer went out at once
