@@ -355,3 +355,41 @@ def test_checkpoints_keep_the_wal_below_the_journal_size_limit(sqlite_url, monke
     finally:
         s.stop()
         s.dispose()
+
+
+def test_after_batch_runs_once_per_transaction_after_its_callbacks(sqlite_url):
+    """The hook that lets the engine hand a commit's results to the reactor in one wake-up runs
+    in the writer thread after every callback of the transaction, once per transaction, and
+    also after a refused submit (writer stopped), so no result waits for a hand-off that never
+    comes."""
+    s = Store(sqlite_url)
+    s.migrate()
+    events = []
+    s.after_batch = lambda: events.append(("after", threading.get_ident()))
+    gate = threading.Event()
+    s.submit(lambda c: gate.wait(5), lambda r: None)  # holds the writer while jobs queue up
+    s.start()
+    try:
+        done = threading.Event()
+        for i in range(3):
+            s.submit_ingest([rec(f"AB{i}")], lambda r, i=i: (events.append(("cb", i)),
+                                                             i == 2 and done.set()))
+        gate.set()
+        assert done.wait(10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and events[-1][0] != "after":
+            time.sleep(0.01)
+        cbs = [e for e in events if e[0] == "cb"]
+        assert [e[1] for e in cbs] == [0, 1, 2]
+        # the three ingests went into one transaction: one hook call after their callbacks
+        last_cb = max(i for i, e in enumerate(events) if e[0] == "cb")
+        assert events[last_cb + 1][0] == "after"
+        assert sum(1 for e in events[events.index(cbs[0]):] if e[0] == "after") == 1
+        assert events[-1][1] == s._thread.ident
+    finally:
+        s.stop()
+        s.dispose()
+    events.clear()
+    box = []
+    s.submit_ingest([rec("LATE")], box.append)
+    assert isinstance(box[0], RuntimeError) and [e[0] for e in events] == ["after"]

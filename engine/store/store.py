@@ -257,6 +257,10 @@ class Store:
         self._phase_commit = False
         self._queued_at_commit = 0
         self._linger_target: int | None = None  # set while lingering: submits wake only at it
+        # Called in the writer thread after all the callbacks of a transaction (and after a
+        # refused submit's callback): lets a consumer hand the results of one commit over to
+        # another thread in ONE wake-up (engine.ingest.IngestBatcher).
+        self.after_batch: Callable[[], None] | None = None
         self._ckpt_bytes = 0
         self.writer_healthy = True
         self.linger = WRITER_LINGER_MAX_S
@@ -344,6 +348,7 @@ class Store:
                       callback: Callable[[list[IngestResult] | BaseException], None]) -> None:
         if self._stopped:
             callback(RuntimeError("store writer is stopped"))
+            self._after_batch()
             return
         self._queue.append(_Job(records, None, callback))
         self._submitted += len(records)
@@ -355,6 +360,7 @@ class Store:
                callback: Callable[[T | BaseException], None]) -> None:
         if self._stopped:
             callback(RuntimeError("store writer is stopped"))
+            self._after_batch()
             return
         self._queue.append(_Job(None, op, callback))
         self._submitted += 1
@@ -411,6 +417,7 @@ class Store:
                 failure = exc if isinstance(exc, Exception) else RuntimeError("store writer failed")
                 for job in jobs:
                     self._callback(job, failure)
+            self._after_batch()
             last_write = time.monotonic()
             self.batched_records += served
             self.busy_s += last_write - t0
@@ -497,6 +504,15 @@ class Store:
         self._queued_at_commit = self._submitted - self._taken
         for job, res in zip(jobs, results):
             self._callback(job, res)
+
+    def _after_batch(self) -> None:
+        """Run ``after_batch`` once every callback of a transaction has run (see __init__)."""
+        hook = self.after_batch
+        if hook is not None:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001
+                log.error("store writer: after_batch raised: %s", error_text(sys.exc_info()[1]))
 
     @staticmethod
     def _callback(job: _Job, value) -> None:
