@@ -1,7 +1,8 @@
 """Group commit from the reactor: everything received in one reactor turn goes to the store as one batch.
 
 The reactor thread never waits on the database. Each record gets a Deferred; the first record of a
-turn schedules a flush with ``callLater(0)``, which runs after the reactor has handled all the I/O
+turn schedules a flush at the end of the turn (``EngineReactor.call_after_io``; ``callLater(0)`` on
+another reactor), which runs after the reactor has handled all the I/O
 of that turn, so one batch holds every frame that arrived together. The store's writer thread
 merges batches that queue up while a commit is running (notes/performance.md, lessons 1 and 3) and
 calls back from its own thread; the results are handed back to the reactor through one queue
@@ -32,6 +33,10 @@ class IngestBatcher:
         self._ready: deque = deque()  # (sinks, results) handed over by the writer thread
         self._drain_scheduled = False
         store.after_batch = self._kick
+        # engine.reactor.EngineReactor runs end-of-turn work without a timer; other reactors
+        # (tests) get callLater(0), which runs at the same point of the next iteration
+        after_io = getattr(reactor, "call_after_io", None)
+        self._after_turn = after_io if after_io is not None else (lambda fn: reactor.callLater(0, fn))
 
     def add(self, record) -> defer.Deferred:
         d = defer.Deferred()
@@ -39,7 +44,7 @@ class IngestBatcher:
         self._sinks.append(d)
         if not self._scheduled:
             self._scheduled = True
-            self._reactor.callLater(0, self._flush)
+            self._after_turn(self._flush)
         return d
 
     def add_call(self, record, fn, *args) -> None:
@@ -48,11 +53,11 @@ class IngestBatcher:
         self._sinks.append((fn, args))
         if not self._scheduled:
             self._scheduled = True
-            self._reactor.callLater(0, self._flush)
+            self._after_turn(self._flush)
 
     def later(self, fn) -> None:
         """Run ``fn()`` in the reactor thread after the current reactor turn."""
-        self._reactor.callLater(0, fn)
+        self._after_turn(fn)
 
     def add_op(self, op) -> defer.Deferred:
         """A writer-thread op (message insert plus work in the same transaction), one Deferred."""

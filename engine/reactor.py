@@ -20,9 +20,25 @@ from twisted.python import log
 
 
 class EngineReactor(epollreactor.EPollReactor):
+    def __init__(self):
+        super().__init__()
+        self._after_io: list = []
+
+    def call_after_io(self, fn) -> None:
+        """Run ``fn()`` once, at the end of this iteration's I/O dispatch (after every event
+        of the poll), or of the next one if called outside it; the poll then does not block.
+
+        What ``callLater(0, fn)`` does, without a timer: the ingest path used one per reactor
+        turn (the group-commit flush) and one per commit (waking the delivery workers), each a
+        DelayedCall pushed on and popped off Twisted's timer heap, whose comparisons are
+        Python-level calls."""
+        self._after_io.append(fn)
+
     def doPoll(self, timeout):
         if timeout is None:
             timeout = -1  # wait indefinitely
+        if self._after_io:
+            timeout = 0  # work is due at the end of this dispatch: do not sleep first
         try:
             events = self._poller.poll(timeout, len(self._selectables))
         except OSError as err:
@@ -39,6 +55,13 @@ class EngineReactor(epollreactor.EPollReactor):
                 dispatch(selectable, fd, event)
             except Exception:  # noqa: BLE001 - one handler must not stop the reactor
                 log.err(None, "reactor: I/O event handler failed")
+        while self._after_io:
+            hooks, self._after_io = self._after_io, []
+            for fn in hooks:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - as a failing callLater: logged, loop goes on
+                    log.err(None, "reactor: after-I/O call failed")
 
     doIteration = doPoll
 

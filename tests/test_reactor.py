@@ -83,3 +83,49 @@ def test_minipfi_run_installs_the_engine_reactor(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "EngineReactor"
+
+
+AFTER_IO_CHILD = textwrap.dedent("""
+    import time
+    from engine.reactor import install
+    reactor = install()
+    from twisted.internet import protocol
+
+    order = []
+    t0 = time.monotonic()
+
+    def stop_soon():
+        print(" ".join(order), round(time.monotonic() - t0, 3), flush=True)
+        reactor.stop()
+
+    class P(protocol.Protocol):
+        def dataReceived(self, data):
+            order.append("data")
+            reactor.call_after_io(lambda: order.append("after"))
+            reactor.call_after_io(lambda: reactor.call_after_io(lambda: order.append("nested")))
+
+        def connectionLost(self, reason):
+            reactor.call_after_io(stop_soon)
+
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(P), interface="127.0.0.1")
+    # a hook scheduled from a timer, with nothing else to do for 30 s: must not wait for I/O
+    reactor.callLater(0.05, lambda: reactor.call_after_io(lambda: order.append("idle")))
+    reactor.callLater(0.3, lambda: print(port.getHost().port, flush=True))
+    reactor.callLater(30, reactor.stop)
+    reactor.run()
+""")
+
+
+def test_call_after_io_runs_after_the_dispatch_and_never_waits_for_io():
+    proc = subprocess.Popen([sys.executable, "-c", AFTER_IO_CHILD], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"x")
+        line = proc.stdout.readline().split()
+        assert line[:-1] == ["idle", "data", "after", "nested"]
+        assert float(line[-1]) < 10  # stopped by the after-I/O hook, not by the 30 s timer
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
