@@ -1,9 +1,9 @@
 """Group commit from the reactor: everything received in one reactor turn goes to the store as one batch.
 
-The reactor thread never waits on the database. Each record gets a Deferred; the first record of a
-turn schedules a flush at the end of the turn (``EngineReactor.call_after_io``; ``callLater(0)`` on
-another reactor), which runs after the reactor has handled all the I/O
-of that turn, so one batch holds every frame that arrived together. The store's writer thread
+The reactor thread never waits on the database. The first record of a turn schedules a flush at
+the end of the turn (``EngineReactor.call_after_io``; ``callLater(0)`` on another reactor), which
+runs after the reactor has handled all the I/O of that turn, so one batch holds every frame that
+arrived together. The store's writer thread
 merges batches that queue up while a commit is running (notes/performance.md, lessons 1 and 3) and
 calls back from its own thread; the results are handed back to the reactor through one queue
 drained by one ``callFromThread`` per commit (the store's ``after_batch`` hook), not one per

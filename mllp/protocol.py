@@ -23,6 +23,7 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 from mllp.framing import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -339,8 +340,6 @@ class MLLPServerProtocol(Protocol):
         return None
 
     def _failed(self, exc: BaseException, slot: list) -> None:
-        from twisted.python.failure import Failure
-
         self._errback(Failure(exc, type(exc), exc.__traceback__), slot)
 
     def _errback(self, failure, slot: list) -> None:

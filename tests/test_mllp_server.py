@@ -242,16 +242,26 @@ def test_handler_exception_closes_connection_server_keeps_serving(server_factory
     assert "DOE" not in repr(detail)
 
 
-def test_handler_errback_closes_after_earlier_replies(server_factory):
+@pytest.mark.parametrize("kind", ["deferred", "pending_reply"])
+def test_handler_failure_closes_after_earlier_replies(server_factory, kind):
+    """The second reply fails (a Deferred's errback, or PendingReply.fail): the first reply is
+    still written, in order, then the connection closes and the failure is counted."""
+    from mllp.protocol import PendingReply
+
     calls = []
 
     def handler(payload, info):
         calls.append(payload)
-        d = Deferred()
-        if len(calls) == 2:
-            reactor.callLater(0.01, d.errback, RuntimeError("store down"))
+        if kind == "deferred":
+            d = Deferred()
+            ok, fail = d.callback, d.errback
         else:
-            reactor.callLater(0.05, d.callback, ack_for(payload))
+            d = PendingReply()
+            ok, fail = d.resolve, d.fail
+        if len(calls) == 2:
+            reactor.callLater(0.01, fail, RuntimeError("store down"))
+        else:
+            reactor.callLater(0.05, ok, ack_for(payload))
         return d
 
     srv = server_factory(handler)
@@ -261,6 +271,8 @@ def test_handler_errback_closes_after_earlier_replies(server_factory):
         assert c.recv_frame() == ack_for(m1)  # written first, in order
         assert_closed_by_peer(c.sock)
     assert srv.counter("handler_errors") == 1
+    [(name, detail)] = [e for e in srv.events if e[0] == "handler_error"]
+    assert detail["error"] == "RuntimeError"
 
 
 def test_handler_none_closes_without_reply(server_factory):
@@ -343,28 +355,3 @@ def test_pending_replies_mixed_with_deferreds_keep_receive_order(server_factory)
         c.send_raw(b"".join(encode_frame(m) for m in msgs))
         replies = [c.recv_frame() for _ in range(4)]
     assert replies == [ack_for(m) for m in msgs]
-
-
-def test_pending_reply_failure_closes_after_earlier_replies(server_factory):
-    from mllp.protocol import PendingReply
-
-    calls = []
-
-    def handler(payload, info):
-        calls.append(payload)
-        p = PendingReply()
-        if len(calls) == 2:
-            reactor.callLater(0.01, p.fail, RuntimeError("store down"))
-        else:
-            reactor.callLater(0.05, p.resolve, ack_for(payload))
-        return p
-
-    srv = server_factory(handler)
-    m1, m2 = make_message("F1"), make_message("F2")
-    with srv.client() as c:
-        c.send_raw(encode_frame(m1) + encode_frame(m2))
-        assert c.recv_frame() == ack_for(m1)
-        assert_closed_by_peer(c.sock)
-    assert srv.counter("handler_errors") == 1
-    [(name, detail)] = [e for e in srv.events if e[0] == "handler_error"]
-    assert detail["error"] == "RuntimeError"

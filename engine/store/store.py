@@ -346,25 +346,20 @@ class Store:
 
     def submit_ingest(self, records: list[IngestRecord],
                       callback: Callable[[list[IngestResult] | BaseException], None]) -> None:
-        if self._stopped:
-            callback(RuntimeError("store writer is stopped"))
-            self._after_batch()
-            return
-        self._queue.append(_Job(records, None, callback))
-        self._submitted += len(records)
-        target = self._linger_target
-        if target is None or self._submitted - self._taken >= target:
-            self._wake.set()
+        self._enqueue(_Job(records, None, callback), len(records))
 
     def submit(self, op: Callable[[sa.Connection], T],
                callback: Callable[[T | BaseException], None]) -> None:
+        self._enqueue(_Job(None, op, callback), 1)
+
+    def _enqueue(self, job: _Job, records: int) -> None:
         if self._stopped:
-            callback(RuntimeError("store writer is stopped"))
+            job.callback(RuntimeError("store writer is stopped"))
             self._after_batch()
             return
-        self._queue.append(_Job(None, op, callback))
-        self._submitted += 1
-        target = self._linger_target
+        self._queue.append(job)
+        self._submitted += records
+        target = self._linger_target  # while lingering, only the target wakes the writer
         if target is None or self._submitted - self._taken >= target:
             self._wake.set()
 
