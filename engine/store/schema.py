@@ -65,7 +65,6 @@ queue_entries = sa.Table(
     sa.Column("response", sa.LargeBinary, nullable=True),
     sa.Column("payload", sa.LargeBinary, nullable=True),
     sa.Index("ix_queue_dest_status_key_id", "destination", "status", "order_key", "id"),
-    sa.Index("ix_queue_dest_status_next", "destination", "status", "next_attempt_at"),
     sa.Index("ix_queue_message", "message_id"),
 )
 
