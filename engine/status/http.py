@@ -104,9 +104,16 @@ class _JSON(resource.Resource):
 class StatusService:
     """Builds the JSON documents from the running engine (in-memory counters + store aggregates)."""
 
+    # /status answers from store aggregates at most this old; a slower aggregate is kept
+    # STATS_COST_FACTOR times as long as it took, so that however often the status is polled,
+    # computing it takes at most about 1/STATS_COST_FACTOR of a core.
+    STATS_MAX_AGE_S = 1.0
+    STATS_COST_FACTOR = 20
+
     def __init__(self, engine):
         self.engine = engine
         self._cache = (0.0, None)
+        self._stats_ttl = self.STATS_MAX_AGE_S
 
     def health(self):
         return 200, {"status": "alive", "version": self.engine.version}
@@ -125,10 +132,12 @@ class StatusService:
         eng = self.engine
         now = time.monotonic()
         at, stats = self._cache
-        if stats is None or now - at > 1.0:
+        if stats is None or now - at > self._stats_ttl:
             try:
                 stats = yield threads.deferToThread(eng.store.stats)
-                self._cache = (now, stats)
+                done = time.monotonic()
+                self._cache = (done, stats)
+                self._stats_ttl = max(self.STATS_MAX_AGE_S, self.STATS_COST_FACTOR * (done - now))
             except Exception as exc:  # noqa: BLE001
                 stats = {"channels": {}, "destinations": {}, "error": f"store unavailable: {logs.error_text(exc, 120)}"}
         body = {
@@ -140,6 +149,8 @@ class StatusService:
                        "last_reload": eng.last_reload},
             "channels": {},
             "destinations": {},
+            # age of the store counts below (see STATS_COST_FACTOR)
+            "counts_age_s": round(max(0.0, time.monotonic() - self._cache[0]), 1),
         }
         if "error" in stats:
             body["store_error"] = stats["error"]

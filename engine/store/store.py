@@ -274,6 +274,12 @@ class Store:
         self.batched_records = 0
         self.busy_s = 0.0           # time in transactions + callbacks
         self.linger_s = 0.0
+        # stats(): message and duplicate counts up to these ids (see stats)
+        self._stats_lock = threading.Lock()
+        self._stats_msgs: dict[tuple[str, str], int] = {}
+        self._stats_dups: dict[str, int] = {}
+        self._stats_msg_mark = 0
+        self._stats_dup_mark = 0
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -1028,16 +1034,47 @@ class Store:
         return counts
 
     def stats(self) -> dict:
+        """Counts per channel and destination for the status endpoint, without scanning the
+        messages table at each call (a hospital's store holds millions of rows of about 2 KB).
+
+        Messages: their status is final once committed (a processing step sets it in the
+        insert's own transaction), so counts are kept here and only rows with a higher id than
+        the last call are counted. Ids grow in commit order because one writer inserts them
+        (SQLite: max(id) inside the write-locked transaction; PostgreSQL: sequence blocks taken
+        by that writer), so no row can appear below the mark later. Duplicates: the same with
+        the writer's 'duplicate' events. Queue entries change status, so they are counted each
+        time, from the (destination, status, ...) index alone; the oldest queued entry is the
+        one with the lowest id.
+        """
         now = time.time()
-        with self._read() as conn:
-            msg = conn.execute(sa.text(
-                "SELECT channel, status, count(*) FROM messages GROUP BY channel, status")).all()
-            dups = conn.execute(sa.text(
-                "SELECT channel, count(*) FROM events WHERE kind = 'duplicate' "
-                "GROUP BY channel")).all()
-            q = conn.execute(sa.text(
-                "SELECT destination, status, count(*), min(created_at) FROM queue_entries "
+        with self._stats_lock, self._read() as conn:
+            msgs, dups = dict(self._stats_msgs), dict(self._stats_dups)
+            msg_mark, dup_mark = self._stats_msg_mark, self._stats_dup_mark
+            for chan, status, n, top in conn.execute(sa.text(
+                    "SELECT channel, status, count(*), max(id) FROM messages WHERE id > :w "
+                    "GROUP BY channel, status"), {"w": self._stats_msg_mark}).all():
+                msgs[(chan, status)] = msgs.get((chan, status), 0) + n
+                msg_mark = max(msg_mark, top)
+            for chan, n, top in conn.execute(sa.text(
+                    "SELECT channel, count(*), max(id) FROM events "
+                    "WHERE kind = 'duplicate' AND id > :w GROUP BY channel"),
+                    {"w": self._stats_dup_mark}).all():
+                dups[chan] = dups.get(chan, 0) + n
+                dup_mark = max(dup_mark, top)
+            counts = conn.execute(sa.text(
+                "SELECT destination, status, count(*) FROM queue_entries "
                 "GROUP BY destination, status")).all()
+            oldest = {}
+            for dest in {d for d, st, n in counts if st == "queued" and n}:
+                oldest[dest] = conn.execute(sa.text(
+                    "SELECT created_at FROM queue_entries WHERE id = (SELECT min(id) "
+                    "FROM queue_entries WHERE destination = :d AND status = 'queued')"),
+                    {"d": dest}).scalar()
+            # every query succeeded: keep the new counts and marks
+            self._stats_msgs, self._stats_dups = msgs, dups
+            self._stats_msg_mark, self._stats_dup_mark = msg_mark, dup_mark
+        msg = [(c, st, n) for (c, st), n in msgs.items()]
+        q = [(d, st, n, oldest.get(d) if st == "queued" else None) for d, st, n in counts]
         channels: dict[str, dict] = {}
 
         def ch(name):
@@ -1053,7 +1090,7 @@ class Store:
                 c["rejected"] += n
             elif status == "conflict":
                 c["conflicts"] += n
-        for name, n in dups:
+        for name, n in dups.items():
             c = ch(name)
             c["duplicates"] += n
             c["received"] += n
