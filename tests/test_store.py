@@ -521,3 +521,109 @@ def test_mixed_batch_new_duplicates_and_conflicts(store):
 
 
 _HEAD = sorted(p.name[:4] for p in (Path(_engine_store.__file__).parent / "migrations" / "versions").glob("0*.py"))[-1]
+
+
+# --- duplicate keys: held in memory on SQLite, merged into dedup_index, read back at start ---
+
+def _dedup_index_rows(store):
+    return count(store, "SELECT count(*) FROM dedup_index")
+
+
+@pytest.mark.parametrize("merge_at", [3, 10_000])
+def test_duplicates_found_before_and_after_the_keys_are_merged(store_url, monkeypatch, merge_at):
+    """On SQLite the latest keys are held by the writer and written into dedup_index once
+    DEDUP_MERGE_AT are held (3: a merge every other batch; 10,000: never in this test); a key
+    is found wherever it is: merged, held, or written earlier in the same transaction. On
+    PostgreSQL the setting does nothing and the same answers are expected."""
+    import engine.store.store as store_mod
+
+    monkeypatch.setattr(store_mod, "DEDUP_MERGE_AT", merge_at)
+    s = Store(store_url)
+    s.migrate()
+    s.start()
+    try:
+        first = {}
+        for b in range(4):
+            for r in ingest(s, [rec(f"M{b}a"), rec(f"M{b}b")]):
+                first[r.message_id] = r
+        ids = sorted(first)
+        again = ingest(s, [rec(f"M{b}{x}") for b in range(4) for x in "ab"])
+        assert [type(r) for r in again] == [Duplicate] * 8
+        assert [r.original_id for r in again] == ids
+        assert all(r.same_content for r in again)
+        conflict = ingest_one(s, rec("M0a", body="PID|1||CHANGED", conflict_ack=lambda: CONFLICT_ACK))
+        assert not conflict.same_content and conflict.original_id == ids[0]
+        assert conflict.ack == CONFLICT_ACK
+        # the conflict row is a key like any other: the same changed content is its duplicate
+        assert ingest_one(s, rec("M0a", body="PID|1||CHANGED")).original_id == conflict.message_id
+        if s.dialect == "sqlite":
+            merged = _dedup_index_rows(s)
+            assert (merged > 0) == (merge_at == 3)
+            with s.engine.connect() as c:
+                mark = c.execute(sa.text(
+                    "SELECT value FROM store_meta WHERE name = 'dedup_merged_to'")).scalar()
+            assert (mark > 0) == (merge_at == 3)
+            assert merged == count(s, f"SELECT count(*) FROM messages WHERE id <= {mark}")
+    finally:
+        s.stop()
+        s.dispose()
+
+
+@pytest.mark.parametrize("merge_at", [5, 10_000])
+def test_duplicates_found_after_a_restart(store_url, monkeypatch, merge_at):
+    """A new writer reads the keys written after the last merge back from messages: a resend
+    after a restart (or a crash) is still a duplicate, merged or not."""
+    import engine.store.store as store_mod
+
+    monkeypatch.setattr(store_mod, "DEDUP_MERGE_AT", merge_at)
+    s = Store(store_url)
+    s.migrate()
+    s.start()
+    stored = [ingest_one(s, rec(f"R{i}")).message_id for i in range(8)]
+    s.stop()
+    s.dispose()
+    s2 = Store(store_url)
+    s2.migrate()
+    s2.start()
+    try:
+        res = ingest(s2, [rec(f"R{i}") for i in range(8)] + [rec("R-new")])
+        assert [type(r) for r in res] == [Duplicate] * 8 + [Stored]
+        assert [r.original_id for r in res[:8]] == stored
+        assert res[0].ack == rec("R0").ack
+    finally:
+        s2.stop()
+        s2.dispose()
+
+
+def test_sqlite_migration_moves_existing_keys_into_dedup_index(sqlite_url):
+    """A store created before migration 0005 keeps answering its messages' resends as
+    duplicates: the migration copies their keys into dedup_index and sets the mark."""
+    from alembic import command
+    from alembic.config import Config
+
+    s = Store(sqlite_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(_engine_store.__file__).parent / "migrations"))
+    with s._wengine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+    r = rec("OLD1")
+    with s._wengine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO messages (channel, received_at, sending_app, sending_facility, "
+            "message_type, control_id, size, sha256, dedup_key, status, ack, raw) VALUES "
+            "('adt_in', :at, 'APP', 'FAC', 'ADT^A01', 'OLD1', :size, :sha, 'APP|FAC|OLD1', "
+            "'routed', :ack, :raw)"),
+            {"at": time.time(), "size": len(r.raw), "sha": __import__("hashlib").sha256(r.raw).hexdigest(),
+             "ack": r.ack, "raw": r.raw})
+    s.migrate()
+    assert _dedup_index_rows(s) == 1
+    with s.engine.connect() as c:
+        assert "ix_messages_dedup" not in {i["name"] for i in sa.inspect(c).get_indexes("messages")}
+    s.start()
+    try:
+        dup = ingest_one(s, rec("OLD1"))
+        assert isinstance(dup, Duplicate) and dup.same_content and dup.ack == r.ack
+    finally:
+        s.stop()
+        s.dispose()

@@ -5,6 +5,11 @@ Times are stored as **float seconds since the Unix epoch (UTC)** in every column
 compare and index, identical on SQLite and PostgreSQL, no time zone ambiguity. The API takes and
 returns the same floats (``time.time()``); ``list_messages`` renders ISO 8601 UTC strings.
 
+On SQLite, migration 0005 replaces ``ix_messages_dedup`` with the tables ``dedup_index``
+(dedup_key, received_at, message_id; WITHOUT ROWID) and ``store_meta`` (name, value), written by
+the store writer only (``engine/store/store.py``, "Duplicate keys on SQLite"); they are not
+declared here because PostgreSQL does not have them.
+
 PHI rule: only ``messages.raw``, ``queue_entries.payload`` and ``queue_entries.response`` hold
 message content. ``order_key`` is whatever hash the caller computed; ``events.detail`` and
 ``last_error`` carry technical text only.

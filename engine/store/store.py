@@ -20,6 +20,24 @@ Writer (hot path)
     * SQLite: ``BEGIN IMMEDIATE``, one dedup lookup (``IN``) for the batch, message ids from
       ``max(id)`` read inside the write-locked transaction, ``executemany`` on the sqlite3
       cursor, COMMIT.
+
+Duplicate keys on SQLite
+    A commit rewrites every B-tree page it touches into the WAL, and an index ordered by
+    (MSH-3, MSH-4, MSH-10) is touched at one place per sender: 8 senders with their own
+    control-id sequences cost 8 leaves (about 40 % of a commit's WAL frames, measured 47.3
+    against 29.7 ``pwrite`` per 8-record commit). So ``messages`` has no key index on SQLite
+    (migration 0005). The writer holds the keys of the messages written since the last merge
+    in memory (key -> id, sha256, received time, ACK), and once ``DEDUP_MERGE_AT`` are held it
+    writes them all, sorted, into the ``dedup_index`` table (WITHOUT ROWID, ordered by key)
+    inside the transaction of that batch, with ``store_meta.dedup_merged_to`` = the last id
+    merged: one merge writes each touched leaf once for many keys. A lookup reads
+    ``dedup_index`` (joined to ``messages`` for the hash and the stored ACK), then the held keys,
+    then those of the open transaction (ids grow in that order). The held keys are only what
+    is committed: a transaction's keys join them after its COMMIT, and a new writer connection
+    (start, reconnection) reads them back from ``messages.dedup_key`` above the mark, so a
+    crash loses nothing. Memory: at most ``DEDUP_MERGE_AT`` keys plus a batch. Measured at 8
+    connections: the writer's batch 0.75-1.12 -> 0.65-0.86 ms, +6-10 % msg/s in paired runs.
+    PostgreSQL logs row changes, not pages: it keeps ``ix_messages_dedup``.
     * PostgreSQL: message ids come from blocks of 1024 ``nextval`` values. The common case is
       ONE statement in autocommit mode (atomic by itself, its COMMIT included): a CTE inserting
       the messages whose dedup key does not exist within the window (correlated ``NOT EXISTS``
@@ -107,6 +125,7 @@ WAL_PAGES_PER_RECORD = 2
 WAL_PAGES_PER_COMMIT = 4
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 PG_ID_BLOCK = 1024
+DEDUP_MERGE_AT = 2048  # SQLite: keys held in memory before they are written into dedup_index
 WRITER_LINGER_MAX_S = float(os.environ.get("MINIPFI_WRITER_LINGER_S", "0.001"))
 WRITER_LINGER_FACTOR = float(os.environ.get("MINIPFI_WRITER_LINGER_FACTOR", "1.0"))
 
@@ -262,6 +281,13 @@ class Store:
         # another thread in ONE wake-up (engine.ingest.IngestBatcher).
         self.after_batch: Callable[[], None] | None = None
         self._ckpt_bytes = 0
+        # SQLite duplicate keys not yet in dedup_index (see "Duplicate keys on SQLite"):
+        # committed ones, and those of the open transaction; key -> [(id, sha256, received_at, ack)]
+        self._recent_keys: dict[str, list] = {}
+        self._recent_n = 0
+        self._staged_keys: dict[str, list] = {}
+        self._staged_n = 0
+        self._merging = False
         self.writer_healthy = True
         self.linger = WRITER_LINGER_MAX_S
         self.linger_factor = WRITER_LINGER_FACTOR
@@ -468,8 +494,9 @@ class Store:
         if self._wconn is None:
             conn = self._wengine.connect()
             if self._sqlite:
-                conn.connection.driver_connection.execute(
-                    f"PRAGMA wal_autocheckpoint={WRITER_WAL_AUTOCHECKPOINT}")
+                raw = conn.connection.driver_connection
+                raw.execute(f"PRAGMA wal_autocheckpoint={WRITER_WAL_AUTOCHECKPOINT}")
+                self._load_recent_keys(raw)
             self._wconn = conn
             self._id_pool.clear()
         return self._wconn
@@ -528,6 +555,7 @@ class Store:
         trans = None
         raw = None
         self._phase_commit = False
+        self._staged_keys, self._staged_n, self._merging = {}, 0, False
         try:
             conn = self._writer_conn()
             raw = conn.connection.driver_connection
@@ -541,8 +569,10 @@ class Store:
                     raw.execute("BEGIN IMMEDIATE")
                     phase = "execute"
                     results = self._ingest(raw, jobs)
+                    self._merge_keys_if_due(raw)
                     phase = "commit"
                     raw.commit()
+                    self._keys_committed()
                 else:
                     # Autocommit: the dedup lookup, then ONE statement writing every row of the
                     # batch (atomic by itself, its COMMIT included): 2 round trips per batch.
@@ -564,8 +594,12 @@ class Store:
                 outs = self._ingest(raw, ingest_jobs)
                 for i, out in zip(ingest_idx, outs):
                     results[i] = out
+            if self._sqlite:
+                self._merge_keys_if_due(raw)
             phase = "commit"
             trans.commit()
+            if self._sqlite:
+                self._keys_committed()
             return results
         except BaseException as exc:  # noqa: BLE001
             if self._phase_commit:
@@ -598,6 +632,46 @@ class Store:
             cur.execute(self._sql_nextval, (max(PG_ID_BLOCK, n - len(pool)),))
             pool.extend(r[0] for r in cur.fetchall())
         return [pool.popleft() for _ in range(n)]
+
+    # -- duplicate keys on SQLite (see the module docstring) -------------------------------
+    def _load_recent_keys(self, raw) -> None:
+        """The keys of the messages written after the last merge, from ``messages.dedup_key``
+        (a fresh writer connection: at start, and after a connection was dropped)."""
+        row = raw.execute("SELECT value FROM store_meta WHERE name = 'dedup_merged_to'").fetchone()
+        keys: dict[str, list] = {}
+        n = 0
+        for key, mid, sha, at, ack in raw.execute(
+                "SELECT dedup_key, id, sha256, received_at, ack FROM messages "
+                "WHERE id > ? AND dedup_key IS NOT NULL ORDER BY id", (row[0] if row else 0,)):
+            keys.setdefault(key, []).append((mid, sha, at, bytes(ack)))
+            n += 1
+        self._recent_keys, self._recent_n = keys, n
+
+    def _merge_keys_if_due(self, raw) -> None:
+        """Inside the open transaction: once enough keys are held, write them all (sorted: each
+        leaf of dedup_index is written once for many keys) and move the mark."""
+        if self._recent_n + self._staged_n < DEDUP_MERGE_AT:
+            return
+        rows = [(key, at, mid) for held in (self._recent_keys, self._staged_keys)
+                for key, entries in held.items() for mid, _sha, at, _ack in entries]
+        rows.sort()
+        raw.executemany("INSERT INTO dedup_index (dedup_key, received_at, message_id) "
+                        "VALUES (?, ?, ?)", rows)
+        raw.execute("UPDATE store_meta SET value = ? WHERE name = 'dedup_merged_to'",
+                    (max(r[2] for r in rows),))
+        self._merging = True
+
+    def _keys_committed(self) -> None:
+        """After COMMIT: the open transaction's keys join the held ones (or, if it merged,
+        nothing is held any more)."""
+        if self._merging:
+            self._recent_keys, self._recent_n = {}, 0
+        elif self._staged_n:
+            held = self._recent_keys
+            for key, entries in self._staged_keys.items():
+                held.setdefault(key, []).extend(entries)
+            self._recent_n += self._staged_n
+        self._staged_keys, self._staged_n, self._merging = {}, 0, False
 
     def _ingest_pg_fast(self, raw, jobs: list[_Job]) -> list[list[IngestResult]]:
         """PostgreSQL, autocommit: one statement for the common case (no duplicates); records
@@ -704,11 +778,19 @@ class Store:
                 for k in range(0, len(klist), 500):
                     chunk = klist[k:k + 500]
                     cur.execute(
-                        "SELECT dedup_key, id, sha256, received_at, ack FROM messages "
-                        f"WHERE dedup_key IN ({','.join('?' * len(chunk))}) AND received_at >= ?",
-                        (*chunk, cutoff))
+                        "SELECT d.dedup_key, m.id, m.sha256, m.received_at, m.ack "
+                        "FROM dedup_index d JOIN messages m ON m.id = d.message_id "
+                        f"WHERE d.dedup_key IN ({','.join('?' * len(chunk))}) "
+                        "AND d.received_at >= ?", (*chunk, cutoff))
                     for row in sorted(cur.fetchall(), key=lambda r: r[1]):
                         found.setdefault(row[0], []).append(row[1:])
+                # then the keys not merged yet: committed, then this transaction's (ids grow)
+                for held in (self._recent_keys, self._staged_keys):
+                    if held:
+                        for key in keys:
+                            entries = held.get(key)
+                            if entries:
+                                found.setdefault(key, []).extend(entries)
             else:
                 # prepare=False: a generic plan of "= ANY($1)" may pick a sequential scan
                 cur.execute(
@@ -787,6 +869,13 @@ class Store:
                     for e in entries:
                         entry_rows.append((mid, e.destination, e.route, "queued", e.order_key,
                                            e.transforms, 0, now, now, now))
+            if self._sqlite:  # this transaction's keys (see _keys_committed)
+                staged = self._staged_keys
+                for row in msg_rows:
+                    key = row[13]
+                    if key is not None:
+                        staged.setdefault(key, []).append((row[0], row[12], row[2], row[16]))
+                        self._staged_n += 1
             # references to rows of this batch (in-batch duplicates) become ids
             for res_list in results:
                 for res in res_list:
