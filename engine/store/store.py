@@ -444,7 +444,6 @@ class Store:
                 failure = exc if isinstance(exc, Exception) else RuntimeError("store writer failed")
                 for job in jobs:
                     self._callback(job, failure)
-            self._after_batch()
             last_write = time.monotonic()
             self.batched_records += served
             self.busy_s += last_write - t0
@@ -460,14 +459,18 @@ class Store:
             # against 6.6-7.9k for this, interleaved runs: a writer wake-up per reactor turn
             # costs more than the inserts it moves off the critical path.)
             target = served + self._queued_at_commit
-            linger = self.linger
-            if linger and self._submitted - self._taken < target and not self._stopping:
-                t_lin = time.monotonic()
-                deadline = last_write + min(linger, self.linger_factor * (last_write - t0))
-                # producers wake the writer only once the target is reached, not at each
-                # submit: every wake-up is a thread switch on the core the reactor also needs
+            lingering = bool(self.linger) and not self._stopping
+            if lingering:
+                # Set before the results go out: the producers they answer wake the writer
+                # only once the target is reached, not at each submit (every wake-up is a
+                # thread switch on the core the reactor also needs); and the reactor, woken by
+                # after_batch, then finds the writer already asleep instead of waiting for the
+                # GIL while it does this bookkeeping.
                 wake.clear()
                 self._linger_target = target
+            self._after_batch()
+            if lingering and self._submitted - self._taken < target:
+                deadline = last_write + min(self.linger, self.linger_factor * (last_write - t0))
                 try:
                     while self._submitted - self._taken < target and not self._stopping:
                         remaining = deadline - time.monotonic()
@@ -477,7 +480,9 @@ class Store:
                         wake.clear()
                 finally:
                     self._linger_target = None
-                self.linger_s += time.monotonic() - t_lin
+                self.linger_s += time.monotonic() - last_write
+            else:
+                self._linger_target = None
             if self._sqlite and self._ckpt_bytes >= CHECKPOINT_FORCE_BYTES:
                 self._checkpoint()
         self._close_wconn()
