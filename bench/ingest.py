@@ -11,6 +11,11 @@ event per stored message) with its logs going to a file, as a user runs it. mini
 message costs what a real one does at ingest (message row + one queue entry + the stored ACK, one
 group commit) without delivery traffic. python-hl7's server stores nothing (not durable).
 
+Paired measurement: this VM's speed drifts by 15-30 % from one minute to the next, so each round
+starts every server, then cuts each closed-loop measurement into ``--slices`` slices run in turn
+on every server (mini-PFI/SQLite, mini-PFI/PostgreSQL, python-hl7, again, ...): every server is
+measured over the same minutes, and the ratio of a round compares like with like.
+
     python bench/ingest.py --connections 1,8,32 --backends sqlite,postgresql --peer
 """
 from __future__ import annotations
@@ -91,7 +96,7 @@ async def _conn_loop(port, prefix, deadline, lat, errors, rate_gap=None, nacks=N
         writer.close()
 
 
-async def _load(port, conns, seconds, rate=None):
+async def _load(port, conns, seconds, rate=None, keep=None):
     lat, errors, nacks = [], [], []
     deadline = time.perf_counter() + seconds
     tag = f"B{int(time.time() * 1000) % 10**9}"
@@ -100,14 +105,20 @@ async def _load(port, conns, seconds, rate=None):
     await asyncio.gather(*[_conn_loop(port, f"{tag}c{c}n", deadline, lat, errors, gap, nacks)
                            for c in range(conns)])
     elapsed = time.perf_counter() - t0
-    lat.sort()
+    if keep is not None:  # raw figures, for slices summed by _interleaved
+        keep.append((elapsed, lat, len(errors), len(nacks)))
+    return _figures(elapsed, lat, len(errors), len(nacks))
+
+
+def _figures(elapsed, lat, errors, nacks) -> dict:
+    lat = sorted(lat)
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
     return {"messages": len(lat), "msg_per_s": len(lat) / elapsed, "p50_ms": q(0.50), "p99_ms": q(0.99),
-            "msa2_mismatches": len(errors), "not_accepted": len(nacks)}
+            "msa2_mismatches": errors, "not_accepted": nacks}
 
 
-def run_load(port, conns, seconds, rate=None):
-    return asyncio.run(_load(port, conns, seconds, rate))
+def run_load(port, conns, seconds, rate=None, keep=None):
+    return asyncio.run(_load(port, conns, seconds, rate, keep))
 
 
 def wait_port(port, timeout=30.0):
@@ -236,6 +247,10 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds: every server measured again in each round (fresh process and "
                          "database); ratios are taken within a round, then the median")
+    ap.add_argument("--slices", type=int, default=5,
+                    help="each closed-loop measurement is cut into this many slices, run in turn "
+                         "on every server (A B C A B C ...), so that all servers see the same "
+                         "minutes of this shared VM; 1 = one block per server")
     args = ap.parse_args()
     os.sched_setaffinity(0, {1}) if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1 else None
     conns = [int(c) for c in args.connections.split(",")]
@@ -248,8 +263,7 @@ def main() -> int:
         for rnd in range(1, args.repeat + 1):
             if args.repeat > 1:
                 print(f"-- round {rnd}/{args.repeat}", flush=True)
-            for label, kind in servers:
-                results += _measure_server(label, kind, tmp, conns, args, rnd)
+            results += _round(servers, tmp, conns, args, rnd)
         if args.keep_logs:
             import shutil
 
@@ -266,32 +280,57 @@ def main() -> int:
     return 1 if bad else 0
 
 
-def _measure_server(label, kind, tmp, conns, args, rnd) -> list[dict]:
-    """One server, fresh (own process, own database), every connection count, in one round."""
+# After a slice on a mini-PFI server, let it go idle long enough for its idle-time WAL
+# checkpoint (store.CHECKPOINT_IDLE_S = 0.5 s) to run before the next server's slice, so that
+# work never lands in another server's measurement.
+SETTLE_S = 0.7
+
+
+def _round(servers, tmp, conns, args, rnd) -> list[dict]:
+    """One round: every server fresh (own process, own database), then for each connection
+    count the closed-loop load in ``--slices`` slices taken in turn on every server; then the
+    open-loop latency check on each mini-PFI server."""
+    started = []  # (label, kind, proc, port, cleanup)
     out = []
-    if kind == "peer":
-        proc, port = start_peer(tmp)
-        cleanup = lambda: None  # noqa: E731
-    else:
-        proc, port, cleanup = start_minipfi(kind, tmp, args.log_level, label=f"{kind}-r{rnd}")
     try:
-        run_load(port, 4, args.warmup)
+        for label, kind in servers:
+            if kind == "peer":
+                proc, port = start_peer(tmp)
+                cleanup = lambda: None  # noqa: E731
+            else:
+                proc, port, cleanup = start_minipfi(kind, tmp, args.log_level, label=f"{kind}-r{rnd}")
+            started.append((label, kind, proc, port, cleanup))
+            run_load(port, 4, args.warmup)
+        slices = max(1, args.slices)
         for n in conns:
-            r = run_load(port, n, args.seconds)
-            r.update(server=label, connections=n, mode="closed-loop", round=rnd)
-            out.append(r)
-            print(f"{label:<28} {n:>3} conns  {r['msg_per_s']:>8.0f} msg/s  p50 {r['p50_ms']:.2f} ms  "
-                  f"p99 {r['p99_ms']:.2f} ms  mismatches {r['msa2_mismatches']}  "
-                  f"not accepted {r['not_accepted']}", flush=True)
-        if args.rate and kind != "peer":
-            r = run_load(port, 8, args.seconds, rate=args.rate)
-            r.update(server=label, connections=8, mode=f"open-loop {args.rate:.0f} msg/s", round=rnd)
-            out.append(r)
-            print(f"{label:<28} offered {args.rate:.0f} msg/s: got {r['msg_per_s']:.0f} msg/s  "
-                  f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms", flush=True)
+            raw = {label: [] for label, *_ in started}
+            for _ in range(slices):
+                for label, kind, _proc, port, _c in started:
+                    run_load(port, n, args.seconds / slices, keep=raw[label])
+                    if kind != "peer" and len(started) > 1:
+                        time.sleep(SETTLE_S)
+            for label, *_ in started:
+                parts = raw[label]
+                r = _figures(sum(p[0] for p in parts), [x for p in parts for x in p[1]],
+                             sum(p[2] for p in parts), sum(p[3] for p in parts))
+                r.update(server=label, connections=n, mode="closed-loop", round=rnd, slices=slices)
+                out.append(r)
+                print(f"{label:<28} {n:>3} conns  {r['msg_per_s']:>8.0f} msg/s  p50 {r['p50_ms']:.2f} ms  "
+                      f"p99 {r['p99_ms']:.2f} ms  mismatches {r['msa2_mismatches']}  "
+                      f"not accepted {r['not_accepted']}", flush=True)
+        if args.rate:
+            for label, kind, _proc, port, _c in started:
+                if kind == "peer":
+                    continue
+                r = run_load(port, 8, args.seconds, rate=args.rate)
+                r.update(server=label, connections=8, mode=f"open-loop {args.rate:.0f} msg/s", round=rnd)
+                out.append(r)
+                print(f"{label:<28} offered {args.rate:.0f} msg/s: got {r['msg_per_s']:.0f} msg/s  "
+                      f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms", flush=True)
     finally:
-        stop(proc)
-        cleanup()
+        for _label, _kind, proc, _port, cleanup in started:
+            stop(proc)
+            cleanup()
     return out
 
 
