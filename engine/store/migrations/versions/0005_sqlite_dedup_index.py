@@ -6,7 +6,7 @@ by (MSH-3, MSH-4, MSH-10): N senders, each with its own control-id sequence, ins
 so a commit of 8 messages from 8 senders wrote 8 leaves of it, about 40 % of the commit
 (measured: 47.3 against 29.7 ``pwrite`` per commit without it). Since this migration the writer
 keeps the keys of the latest messages in memory and writes them into ``dedup_index`` about every
-2,048 messages, sorted, in the same transaction as that batch (``engine/store/store.py``,
+512 messages, sorted, in the same transaction as that batch (``engine/store/store.py``,
 "Duplicate keys on SQLite"); ``store_meta.dedup_merged_to`` is the last message id whose key is
 in ``dedup_index``: the keys of later messages are read back from ``messages.dedup_key`` at start.
 
