@@ -323,11 +323,16 @@ class MLLPServerProtocol(Protocol):
         t = self.transport
         if (self._direct and t.connected and not t.disconnecting and not t._writeDisconnected
                 and not t._tempDataLen and t.offset >= len(t.dataBuffer)):
-            n = t.writeSomeData(data)
-            if type(n) is int and n >= 0:
-                if n >= len(data):
-                    return
-                data = data[n:]
+            # the socket itself (what writeSomeData wraps in a memoryview slice and an EINTR
+            # loop, which Python has done itself since PEP 475); would-block or an error: the
+            # transport's own write path buffers the bytes or reports the error
+            try:
+                n = t.socket.send(data)
+            except OSError:
+                n = 0
+            if n >= len(data):
+                return
+            data = data[n:]
         t.write(data)
 
     def _resolved(self, result: Any, slot: list) -> None:

@@ -81,11 +81,15 @@ class MLLPChannel:
         self.store = None  # set by the engine when a processing step needs writer-thread ops
         self.steps = processing_steps(cfg, engine_cfg)
         self._wake_pending: set | None = None  # destinations to wake after this reactor turn
+        # queue entries per route-target tuple without a per-message ordering key (read-only
+        # for the store; emptied on reload)
+        self._entries_cache: dict = {}
 
     # routes.yaml reload: the handler picks up the new objects on the next frame
     def reconfigure(self, cfg, engine_cfg, router) -> None:
         self.cfg, self.engine_cfg, self.router = cfg, engine_cfg, router
         self.steps = processing_steps(cfg, engine_cfg)
+        self._entries_cache = {}
 
     def handle(self, payload: bytes, conn) -> PendingReply | defer.Deferred | bytes | None:
         now = self.clock()
@@ -102,7 +106,7 @@ class MLLPChannel:
                                                  cp1252_fallback=self.cfg.encoding.cp1252_fallback)
         except HL7Error as err:
             return self._reject(payload, msh, err, now, conn)
-        flags = ",".join(sorted(charset_flags)) or None
+        flags = ",".join(sorted(charset_flags)) if charset_flags else None
         if self.cfg.validation.hl7apy:
             d = threads.deferToThread(_hl7apy_problem, payload, codec)
             d.addCallback(self._after_validation, payload, msh, flags, now, conn, codec)
@@ -120,15 +124,21 @@ class MLLPChannel:
     # -- accepted message -------------------------------------------------------------------
     def _accept(self, payload, msh, flags, now, conn, codec="utf-8"):
         targets = self.router.targets(self.name, msh)
-        entries = [
-            EntrySpec(
-                destination=t.destination,
-                route=t.route,
-                order_key=order_key_hash(payload, t.ordering_key) if t.ordering == "key" else "",
-                transforms=t.transforms_json,
-            )
-            for t in targets
-        ]
+        entries = self._entries_cache.get(targets)  # same targets, no per-message key: reused
+        if entries is None:
+            entries = [
+                EntrySpec(
+                    destination=t.destination,
+                    route=t.route,
+                    order_key=order_key_hash(payload, t.ordering_key) if t.ordering == "key" else "",
+                    transforms=t.transforms_json,
+                )
+                for t in targets
+            ]
+            if not any(t.ordering == "key" for t in targets):
+                if len(self._entries_cache) >= 1024:
+                    self._entries_cache.clear()
+                self._entries_cache[targets] = entries
         code = ack_code(msh, "accept")
         ack = self._ack_bytes(msh, code, now)
         record = IngestRecord(
@@ -217,6 +227,13 @@ class MLLPChannel:
 
     def _stored(self, result, msh, ack, entries, conn):
         self.store_ok = True
+        if type(result) is Stored:  # the common case first
+            self.counters.accepted += 1
+            _log_stored(result.message_id, self.name, logs.safe(msh.control_id),
+                        logs.safe(msh.message_type), len(entries), conn.peer)
+            if entries and self.on_stored is not None:
+                self._wake_after_turn(entries)
+            return self._reply(msh, ack, "accept")
         if isinstance(result, _Answered):  # a processing step: AE (not routed) or AA with warnings
             if result.outcome == "error":
                 self.counters.rejected += 1

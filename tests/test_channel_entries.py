@@ -1,0 +1,77 @@
+"""Queue entries built by the MLLP channel: one list per route-target set without an ordering
+key (reused from message to message), a fresh per-message key hash with ``ordering: key``."""
+from __future__ import annotations
+
+import textwrap
+
+from engine.channels.mllp import MLLPChannel
+from engine.config import load_config_text
+from engine.hl7.ack import ControlIdGenerator
+from engine.router import Router
+
+CONFIG = textwrap.dedent("""
+    channels:
+      in: {type: mllp, port: 2575}
+    routes:
+      - {name: adt, from: in, to: [fifo, per_patient]}
+    destinations:
+      fifo: {type: mllp, host: 127.0.0.1, port: 9}
+      per_patient:
+        type: mllp
+        host: 127.0.0.1
+        port: 10
+        queue: {ordering: key, ordering_key: PID-3.1}
+""")
+
+
+class Batcher:
+    def __init__(self):
+        self.records = []
+
+    def add_call(self, record, fn, *args):
+        self.records.append(record)
+
+    def later(self, fn):
+        pass
+
+
+class Conn:
+    peer = "127.0.0.1:1"
+
+
+def adt(cid: str, ipp: str) -> bytes:
+    return (f"MSH|^~\\&|GAM|CHU|PFI|CHU|20240101120000||ADT^A01^ADT_A01|{cid}|P|2.5\r"
+            f"PID|1||{ipp}^^^CHU^PI||DOE^JOHN\r").encode()
+
+
+def channel(config_text=CONFIG):
+    cfg = load_config_text(config_text)
+    batcher = Batcher()
+    ch = MLLPChannel("in", cfg.channels["in"], cfg.engine, Router(cfg), batcher, ControlIdGenerator())
+    return ch, batcher, cfg
+
+
+def test_fifo_entries_are_shared_and_keyed_entries_are_per_message():
+    ch, batcher, _ = channel()
+    for cid, ipp in (("1", "IPP-A"), ("2", "IPP-B"), ("3", "IPP-A")):
+        ch.handle(adt(cid, ipp), Conn())
+    entries = [{e.destination: e for e in r.entries} for r in batcher.records]
+    # a per-patient key: the same for the same patient, another for another patient
+    keys = [e["per_patient"].order_key for e in entries]
+    assert keys[0] and keys[0] == keys[2] and keys[1] != keys[0]
+    assert all(e["fifo"].order_key == "" for e in entries)
+
+
+def test_fifo_only_route_reuses_one_entry_list_until_reload():
+    text = CONFIG.replace("to: [fifo, per_patient]", "to: [fifo]")
+    ch, batcher, cfg = channel(text)
+    ch.handle(adt("1", "IPP-A"), Conn())
+    ch.handle(adt("2", "IPP-B"), Conn())
+    first, second = batcher.records
+    assert first.entries is second.entries
+    assert [(e.destination, e.route, e.order_key) for e in first.entries] == [("fifo", "adt", "")]
+    # a reload (new router, new targets) builds new entries
+    new = load_config_text(text.replace("name: adt", "name: adt2"))
+    ch.reconfigure(new.channels["in"], new.engine, Router(new))
+    ch.handle(adt("3", "IPP-C"), Conn())
+    assert [e.route for e in batcher.records[2].entries] == ["adt2"]
