@@ -227,7 +227,7 @@ class MLLPChannel:
 
     def _stored(self, result, msh, ack, entries, conn):
         self.store_ok = True
-        if type(result) is Stored:  # the common case first
+        if type(result) is Stored:  # the common case first (Stored has no subclass)
             self.counters.accepted += 1
             _log_stored(result.message_id, self.name, logs.safe(msh.control_id),
                         logs.safe(msh.message_type), len(entries), conn.peer)
@@ -242,13 +242,6 @@ class MLLPChannel:
             if entries and result.routed and self.on_stored is not None:
                 self.on_stored({e.destination for e in entries})
             return self._reply(msh, result.ack, result.outcome)
-        if isinstance(result, Stored):
-            self.counters.accepted += 1
-            _log_stored(result.message_id, self.name, logs.safe(msh.control_id),
-                        logs.safe(msh.message_type), len(entries), conn.peer)
-            if entries and self.on_stored is not None:
-                self._wake_after_turn(entries)
-            return self._reply(msh, ack, "accept")
         if isinstance(result, Duplicate):
             if result.same_content:
                 self.counters.duplicates += 1
