@@ -132,6 +132,23 @@ def wait_port(port, timeout=30.0):
     raise RuntimeError(f"server on port {port} did not start")
 
 
+def host_steal(since=None):
+    """CPU time the hypervisor gave to others (``steal`` of /proc/stat): with ``since`` (an
+    earlier reading), the share of the two cores' time stolen in between, in %; else a reading.
+    A VM that is paused for tens of milliseconds puts every message of that moment into the p99."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0 if since is not None else None
+    reading = (v[7] if len(v) > 7 else 0, sum(v))
+    if since is None:
+        return reading
+    if not since or reading[1] <= since[1]:
+        return 0.0
+    return 100.0 * (reading[0] - since[0]) / (reading[1] - since[1])
+
+
 def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: str | None = None,
                   channel_extra: str = ""):
     """A fresh engine (own SQLite file or PostgreSQL schema) with one channel routed to a disabled
@@ -304,29 +321,36 @@ def _round(servers, tmp, conns, args, rnd) -> list[dict]:
         slices = max(1, args.slices)
         for n in conns:
             raw = {label: [] for label, *_ in started}
+            steal0 = host_steal()
             for _ in range(slices):
                 for label, kind, _proc, port, _c in started:
                     run_load(port, n, args.seconds / slices, keep=raw[label])
                     if kind != "peer" and len(started) > 1:
                         time.sleep(SETTLE_S)
+            steal = host_steal(steal0)
             for label, *_ in started:
                 parts = raw[label]
                 r = _figures(sum(p[0] for p in parts), [x for p in parts for x in p[1]],
                              sum(p[2] for p in parts), sum(p[3] for p in parts))
-                r.update(server=label, connections=n, mode="closed-loop", round=rnd, slices=slices)
+                r.update(server=label, connections=n, mode="closed-loop", round=rnd, slices=slices,
+                         host_steal_pct=steal)
                 out.append(r)
                 print(f"{label:<28} {n:>3} conns  {r['msg_per_s']:>8.0f} msg/s  p50 {r['p50_ms']:.2f} ms  "
                       f"p99 {r['p99_ms']:.2f} ms  mismatches {r['msa2_mismatches']}  "
                       f"not accepted {r['not_accepted']}", flush=True)
+            print(f"{'':<28} (host steal during these slices: {steal:.1f} %)", flush=True)
         if args.rate:
             for label, kind, _proc, port, _c in started:
                 if kind == "peer":
                     continue
+                steal0 = host_steal()
                 r = run_load(port, 8, args.seconds, rate=args.rate)
-                r.update(server=label, connections=8, mode=f"open-loop {args.rate:.0f} msg/s", round=rnd)
+                r.update(server=label, connections=8, mode=f"open-loop {args.rate:.0f} msg/s", round=rnd,
+                         host_steal_pct=host_steal(steal0))
                 out.append(r)
                 print(f"{label:<28} offered {args.rate:.0f} msg/s: got {r['msg_per_s']:.0f} msg/s  "
-                      f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms", flush=True)
+                      f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+                      f"(host steal {r['host_steal_pct']:.1f} %)", flush=True)
     finally:
         for _label, _kind, proc, _port, cleanup in started:
             stop(proc)
