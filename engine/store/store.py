@@ -17,27 +17,9 @@ Writer (hot path)
     disables). Counters (``batches``, ``batched_records``, ``busy_s``, ``linger_s``) are
     logged when the writer stops.
 
-    * SQLite: ``BEGIN IMMEDIATE``, one dedup lookup (``IN``) for the batch, message ids from
-      ``max(id)`` read inside the write-locked transaction, ``executemany`` on the sqlite3
-      cursor, COMMIT.
-
-Duplicate keys on SQLite
-    A commit rewrites every B-tree page it touches into the WAL, and an index ordered by
-    (MSH-3, MSH-4, MSH-10) is touched at one place per sender: 8 senders with their own
-    control-id sequences cost 8 leaves (about 40 % of a commit's WAL frames, measured 47.3
-    against 29.7 ``pwrite`` per 8-record commit). So ``messages`` has no key index on SQLite
-    (migration 0005). The writer holds the keys of the messages written since the last merge
-    in memory (key -> id, sha256, received time, ACK), and once ``DEDUP_MERGE_AT`` are held it
-    writes them all, sorted, into the ``dedup_index`` table (WITHOUT ROWID, ordered by key)
-    inside the transaction of that batch, with ``store_meta.dedup_merged_to`` = the last id
-    merged: one merge writes each touched leaf once for many keys. A lookup reads
-    ``dedup_index`` (joined to ``messages`` for the hash and the stored ACK), then the held keys,
-    then those of the open transaction (ids grow in that order). The held keys are only what
-    is committed: a transaction's keys join them after its COMMIT, and a new writer connection
-    (start, reconnection) reads them back from ``messages.dedup_key`` above the mark, so a
-    crash loses nothing. Memory: at most ``DEDUP_MERGE_AT`` (512) keys plus a batch. Measured at 8
-    connections: the writer's batch 0.75-1.12 -> 0.65-0.86 ms, +6-10 % msg/s in paired runs.
-    PostgreSQL logs row changes, not pages: it keeps ``ix_messages_dedup``.
+    * SQLite: ``BEGIN IMMEDIATE``, one dedup lookup (``IN``) for the batch (see "Duplicate
+      keys on SQLite"), message ids from ``max(id)`` read inside the write-locked transaction,
+      ``executemany`` on the sqlite3 cursor, COMMIT.
     * PostgreSQL: message ids come from blocks of 1024 ``nextval`` values. The common case is
       ONE statement in autocommit mode (atomic by itself, its COMMIT included): a CTE inserting
       the messages whose dedup key does not exist within the window (correlated ``NOT EXISTS``
@@ -55,6 +37,25 @@ Duplicate keys on SQLite
     raising, an integrity error) makes the writer retry the batch's jobs one transaction each,
     so only the offending job fails.
 
+Duplicate keys on SQLite
+    A commit rewrites every B-tree page it touches into the WAL, and an index ordered by
+    (MSH-3, MSH-4, MSH-10) is touched at one place per sender: 8 senders with their own
+    control-id sequences cost 8 leaves (about 40 % of a commit's WAL frames, measured 47.3
+    against 29.7 ``pwrite`` per 8-record commit). So ``messages`` has no key index on SQLite
+    (migration 0005). The writer holds the keys of the messages written since the last merge
+    in memory (key -> id, sha256, received time, ACK), and once ``DEDUP_MERGE_AT`` are held it
+    writes them all, sorted, into the ``dedup_index`` table (WITHOUT ROWID, ordered by key)
+    inside the transaction of that batch, with ``store_meta.dedup_merged_to`` = the last id
+    merged: one merge writes each touched leaf once for many keys. A lookup reads
+    ``dedup_index`` (joined to ``messages`` for the hash and the stored ACK), then the held keys,
+    then those of the open transaction (ids grow in that order). The held keys are only what
+    is committed: a transaction's keys join them after its COMMIT, and a new writer connection
+    (start, reconnection) reads them back from ``messages.dedup_key`` above the mark, so a
+    crash loses nothing. Memory: at most ``DEDUP_MERGE_AT`` (512) keys plus a batch. Measured
+    at 8 connections: the writer's batch 0.75-1.12 -> 0.65-0.86 ms, +6-10 % msg/s in paired
+    runs.
+    PostgreSQL logs row changes, not pages: it keeps ``ix_messages_dedup``.
+
 SQLite settings (every connection): ``journal_mode=WAL``, ``synchronous=FULL`` (a COMMIT is on disk
 when it returns), ``busy_timeout=10000``, ``foreign_keys=ON``, ``journal_size_limit=64 MiB``,
 ``page_size=4096`` for new files: with 8 KiB pages the 8-producer benchmark was about 10 % slower
@@ -68,9 +69,10 @@ estimated from what a commit writes: whole pages, so a small message costs its b
 one page (its share of the table, queue and index pages) and each commit about four more (page
 1, the queue table's and indexes' last leaves). Measured for a commit of 8 ADTs from 8 senders:
 22.6 WAL frames while ``messages`` had the dedup index (8 of its leaves per commit), about 11
-since migration 0005; the estimate (about 59 KB) stays above what is written. Counting only the message bytes (as before) let the WAL grow to about 150 MB between
-checkpoints, past ``journal_size_limit``: SQLite then truncates it at each restart and every
-commit appends to a growing file, whose ``fdatasync`` also has to journal the new size (measured
+since migration 0005; the estimate (about 59 KB) stays above what is written. Counting only
+the message bytes (as before) let the WAL grow to about 150 MB between checkpoints, past
+``journal_size_limit``: SQLite then truncates it at each restart and every commit appends to a
+growing file, whose ``fdatasync`` also has to journal the new size (measured
 on this VM: 0.42 ms per 8-message commit appending, 0.24-0.34 ms overwriting a WAL kept below
 the limit; 0.56 against 0.47 ms per batch, checkpoints included). 48 MiB rather than 16: a
 checkpoint stalls the writer for a few milliseconds, and at 13k msg/s a 16 MiB WAL is
@@ -505,9 +507,13 @@ class Store:
         if self._wconn is None:
             conn = self._wengine.connect()
             if self._sqlite:
-                raw = conn.connection.driver_connection
-                raw.execute(f"PRAGMA wal_autocheckpoint={WRITER_WAL_AUTOCHECKPOINT}")
-                self._load_recent_keys(raw)
+                try:
+                    raw = conn.connection.driver_connection
+                    raw.execute(f"PRAGMA wal_autocheckpoint={WRITER_WAL_AUTOCHECKPOINT}")
+                    self._load_recent_keys(raw)
+                except BaseException:
+                    conn.close()
+                    raise
             self._wconn = conn
             self._id_pool.clear()
         return self._wconn
