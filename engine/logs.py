@@ -14,9 +14,9 @@ a ``write`` system call per line cost about 35 µs on the benchmark VM, more tha
 event. Lines logged in the reactor thread are therefore buffered and written together at most 20
 ms later (or at once when 512 are waiting): one ``write`` per 20 ms instead of one per message
 (a write per reactor turn, the former policy, was 7,175 writes of about 22 µs for 32,231
-messages in a cProfile of the reactor thread at 8 connections: about 5 µs per message). Lines from other threads, and every stdlib record
-(warnings, errors, Twisted), are written at once, after whatever is buffered, so the order is
-kept. A SIGKILL can lose at most the last 20 ms of these lines (never a stored message: the store
+messages in a cProfile of the reactor thread at 8 connections: about 5 µs per message). Lines
+from other threads, and every stdlib record (warnings, errors, Twisted), are written at once,
+after whatever is buffered, so the order is kept. A SIGKILL can lose at most the last 20 ms of these lines (never a stored message: the store
 is the record); shutdown and ``atexit`` flush them.
 """
 from __future__ import annotations

@@ -174,7 +174,7 @@ class MLLPServerProtocol(Protocol):
         self._framer = MLLPFramer(limits.max_frame_size, limits.lenient_end)
         t = self.transport
         self._direct = isinstance(t, tcp.Connection) and all(
-            hasattr(t, a) for a in ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnected", "writeSomeData"))
+            hasattr(t, a) for a in ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnected", "socket"))
         f._connection_made(self)
         self._last_activity = f.clock.seconds()
         if limits.idle_timeout > 0:
@@ -317,15 +317,14 @@ class MLLPServerProtocol(Protocol):
         """Write a reply. ``transport.write`` only buffers and registers for writability: the
         bytes leave on the next reactor iteration after two ``epoll_ctl`` calls (about 25 µs of
         system calls per ACK on the benchmark VM, plus a poll round of latency). On a plain TCP
-        transport whose buffer is empty, the reply is sent right away with the transport's own
-        ``writeSomeData`` (order is kept: nothing is buffered before it); whatever the socket
-        does not take (or any error) goes through ``transport.write`` as before."""
+        transport whose buffer is empty, the reply is sent right away on the transport's socket
+        (order is kept: nothing is buffered before it); whatever the socket does not take (or
+        any error) goes through ``transport.write``, which buffers it or reports the error."""
         t = self.transport
         if (self._direct and t.connected and not t.disconnecting and not t._writeDisconnected
                 and not t._tempDataLen and t.offset >= len(t.dataBuffer)):
-            # the socket itself (what writeSomeData wraps in a memoryview slice and an EINTR
-            # loop, which Python has done itself since PEP 475); would-block or an error: the
-            # transport's own write path buffers the bytes or reports the error
+            # not writeSomeData: its memoryview slice and EINTR loop (Python retries EINTR
+            # itself since PEP 475) cost more than the send on this path
             try:
                 n = t.socket.send(data)
             except OSError:

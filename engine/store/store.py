@@ -879,6 +879,8 @@ class Store:
 
         if msg_rows:
             ids = self._alloc_ids(cur, len(msg_rows))
+            # SQLite: this transaction's keys, held once it commits (see _keys_committed)
+            staged = self._staged_keys if self._sqlite else None
             for mid, (row, res, entries) in zip(ids, pending_ids):
                 row[0] = mid
                 res.message_id = mid
@@ -886,13 +888,9 @@ class Store:
                     for e in entries:
                         entry_rows.append((mid, e.destination, e.route, "queued", e.order_key,
                                            e.transforms, 0, now, now, now))
-            if self._sqlite:  # this transaction's keys (see _keys_committed)
-                staged = self._staged_keys
-                for row in msg_rows:
-                    key = row[13]
-                    if key is not None:
-                        staged.setdefault(key, []).append((row[0], row[12], row[2], row[16]))
-                        self._staged_n += 1
+                if staged is not None and row[13] is not None:
+                    staged.setdefault(row[13], []).append((mid, row[12], row[2], row[16]))
+                    self._staged_n += 1
             # references to rows of this batch (in-batch duplicates) become ids
             for res_list in results:
                 for res in res_list:
