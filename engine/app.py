@@ -20,10 +20,10 @@ from pathlib import Path
 
 from twisted.internet import defer
 
-from engine import __version__, logs
+from engine import __version__, logs, wiring  # noqa: F401 - wiring registers the plug-ins
 from engine.channels.mllp import MLLPChannel
 from engine.config import ConfigError, Problem, config_fingerprint, load_config
-from engine.connectors.mllp import MLLPConnector
+from engine.connectors.registry import build as make_connector
 from engine.delivery import DestinationWorker, worker_owner
 from engine.hl7.ack import ControlIdGenerator
 from engine.ingest import IngestBatcher
@@ -64,12 +64,6 @@ class RunningChannel:
     factory: MLLPServerFactory
     port: object
     listening_on: str
-
-
-def make_connector(cfg, reactor):
-    if cfg.type == "mllp":
-        return MLLPConnector(cfg, reactor)
-    raise ValueError(f"destination type {cfg.type!r} has no connector yet")
 
 
 class Engine:

@@ -22,6 +22,7 @@ def _store(args):
 
     url = os.environ.get("MINIPFI_DB_URL")
     if not url and getattr(args, "config", None) and Path(args.config).exists():
+        from engine import wiring  # noqa: F401 - destination types, before reading the file
         from engine.config import load_config
 
         url = load_config(args.config).engine.store_url
@@ -47,6 +48,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from engine import wiring  # noqa: F401 - destination types, before reading the file
     from engine.config import ConfigError, load_config
 
     try:
@@ -163,10 +165,8 @@ def cmd_messages(args) -> int:
 
 
 def _submission_of(store, message_id: int) -> dict | None:
-    """The canonical submission stored with a report message (issue 4), if any."""
-    from engine.reports.storage import load
-
-    row = store.read(lambda c: load(c, message_id))
+    """The canonical submission stored with a report message, if any."""
+    row = store.submission_row(message_id)
     if row is None:
         return None
     out = {"kind": row["kind"], "action": row["action"], "errors": row["errors"],

@@ -18,8 +18,11 @@ cross-reference checks: route ``from`` names a channel, every ``to`` names a des
 names are unique, no two channels bind the same address and port, transform specs are valid
 (type registered, parameters valid), ``ordering: key`` has an ``ordering_key``.
 
-Adding a channel or destination type: write a model with ``type: Literal["newtype"]`` and add it
-to ``CHANNEL_TYPES`` / ``DESTINATION_TYPES`` (tagged unions on ``type``).
+Adding a destination type: its connector module defines a model deriving from
+:class:`DestinationBase` with ``type: Literal["newtype"]``, and the connector registry
+(``engine.connectors.registry``, called from the wiring module ``engine.wiring``) registers it
+here with :func:`register_destination_type`: this module knows no connector. Channel types are
+a tagged union too (``CHANNEL_TYPES``).
 
 Durations are stored as float seconds, sizes as int bytes (see :mod:`engine.durations`). TLS
 paths are kept as written (relative paths are resolved by the caller). ``store_url`` is kept as
@@ -50,6 +53,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -68,8 +72,8 @@ __all__ = [
     "EncodingConfig",
     "EngineConfig",
     "FramingConfig",
+    "DestinationBase",
     "MLLPChannelConfig",
-    "MLLPDestinationConfig",
     "Problem",
     "QueueConfig",
     "RetryPolicy",
@@ -79,6 +83,8 @@ __all__ = [
     "StatusConfig",
     "ValidationConfig",
     "config_fingerprint",
+    "destination_types",
+    "register_destination_type",
     "is_loopback",
     "load_config",
     "load_config_text",
@@ -463,27 +469,66 @@ class RetryPolicy(_Model):
 class QueueConfig(_Model):
     retry: RetryPolicy = RetryPolicy()
     max_attempts: Annotated[int, Field(ge=0)] = 20  # 0 = unlimited
+    # The MLLP names of the two outcome policies of every connector (engine.connectors.base):
+    # on_ae for a content error (AE/CE, a 4xx refusal, ...), on_ar for a refusal to retry later.
     on_ae: Literal["error", "retry"] = "error"
     on_ar: Literal["error", "retry"] = "retry"
-    ordering: Literal["destination", "key", "none"] = "destination"
+    # destination: one FIFO; key: FIFO per ordering_key (e.g. PID-3.1); document: FIFO per
+    # document (CDA setId chain; messages without a document share one FIFO); none: same as
+    # destination for ordering, kept for compatibility. Entries of one document are delivered in
+    # order whatever the mode: a document is one patient's, and its entries share the FIFO.
+    ordering: Literal["destination", "key", "document", "none"] = "destination"
     ordering_key: FieldPath | None = None
     concurrency: Annotated[int, Field(ge=1, le=256)] = 1
 
+    @property
+    def on_content_error(self) -> str:
+        return self.on_ae
 
-class MLLPDestinationConfig(_Model):
-    type: Literal["mllp"]
-    host: Annotated[str, Field(min_length=1)]
-    port: RemotePort
-    tls: ClientTLSConfig | None = None
-    keep_alive: bool = True
-    connect_timeout: Duration = 10.0
-    ack_timeout: Duration = 30.0
+    @property
+    def on_refused(self) -> str:
+        return self.on_ar
+
+
+class DestinationBase(_Model):
+    """What every destination has, whatever its connector: the queue and its policies.
+
+    ``hold`` defers the first attempt of every entry (the DMP requirement SC.DMP/ALI/PROG.02: a
+    report is not sent at validation time, so that a correction or a deletion made within the
+    delay replaces it before anything left)."""
+
     enabled: bool = True
+    hold: Duration = 0.0
     queue: QueueConfig = QueueConfig()
 
 
-DESTINATION_TYPES: tuple[type[_Model], ...] = (MLLPDestinationConfig,)
-DestinationConfig = Annotated[Union[DESTINATION_TYPES], Field(discriminator="type")]  # type: ignore[valid-type]
+class _NoDestinationType(_Model):
+    type: Literal["(no connector type registered)"]
+
+
+_DESTINATION_TYPES: dict[str, type[_Model]] = {}
+
+
+def register_destination_type(model: type[_Model]) -> None:
+    """Add a destination ``type:`` (its pydantic model, with ``type: Literal["name"]``); called
+    by the connector registry, so that config knows no connector. Rebuilds :class:`Config`."""
+    (tag,) = typing.get_args(model.model_fields["type"].annotation)
+    _DESTINATION_TYPES[tag] = model
+    global Config, DestinationConfig
+    DestinationConfig = _destination_union()
+    Config = _make_config()
+
+
+def destination_types() -> list[str]:
+    return sorted(_DESTINATION_TYPES)
+
+
+def _destination_union():
+    members = tuple(_DESTINATION_TYPES.values()) or (_NoDestinationType,)
+    return Annotated[Union[members], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+DestinationConfig = _destination_union()
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,11 +536,10 @@ DestinationConfig = Annotated[Union[DESTINATION_TYPES], Field(discriminator="typ
 # --------------------------------------------------------------------------------------------
 
 
-class Config(_Model):
+class _ConfigBase(_Model):
     engine: EngineConfig = EngineConfig()
     channels: dict[Name, ChannelConfig] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
-    destinations: dict[Name, DestinationConfig] = Field(default_factory=dict)
 
     def channel(self, name: str):
         """The channel named ``name`` (KeyError if none)."""
@@ -509,7 +553,15 @@ class Config(_Model):
         return [r for r in self.routes if r.source == channel]
 
 
-def config_fingerprint(config: Config) -> str:
+def _make_config():
+    return create_model("Config", __base__=_ConfigBase, __module__=__name__,
+                        destinations=(dict[Name, DestinationConfig], Field(default_factory=dict)))
+
+
+Config = _make_config()
+
+
+def config_fingerprint(config) -> str:
     """SHA-256 hex digest of the canonical JSON of the validated configuration (defaults
     included, keys sorted): equal for two files that only differ by comments, layout or
     spelled-out defaults."""

@@ -3,12 +3,19 @@
 One worker per destination. The store's claim returns only the head entry of each ordering key, so
 with ``ordering: destination`` a failing message blocks the ones behind it (strict FIFO, Mirth
 "queue on failure" semantics) and with ``ordering: key`` different patients progress in parallel.
-Outcome policy (HL7 v2.5 §2.9.2.2): AA/CA sent; AE/CE error (no endless retry) unless ``on_ae:
-retry``; AR/CR and no-answer failures retry with exponential backoff and jitter until
-``max_attempts``, then error (dead letter). Database calls run in threads, sends in the reactor.
+Each entry is one delivery target of the destination (``target``): a message fanned out into
+several targets has one entry each, with its own attempts, so a partial failure retries only
+what failed. The worker hands the connector a :class:`engine.connectors.base.Delivery` (ids,
+attempt, payload after transforms, the stored view when the connector needs it) and records the
+generic :class:`Outcome`: accepted -> sent; content error -> error unless ``on_ae: retry``;
+refused -> retry unless ``on_ar: error``; transient -> retry with exponential backoff and jitter
+(or the receiver's ``retry_after``) until ``max_attempts``, then error (dead letter). The lease of
+an entry in flight follows from the connector's own ``timeout``. Database calls run in threads,
+sends in the reactor.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -17,14 +24,45 @@ import time
 from twisted.internet import defer, threads
 
 from engine import logs
-from engine.connectors.base import ACCEPTED, ERROR, REJECTED, Outcome
+from engine.connectors.base import (
+    ACCEPTED,
+    CONTENT_ERROR,
+    NO_STORED_VIEW,
+    REFUSED,
+    Delivery,
+    Outcome,
+    StoredView,
+)
+from engine.hl7.errors import HL7Error
 from engine.hl7.encoding import codec_for
-from engine.hl7.msh import read_msh
 from engine.transforms import TransformContext, chain_from_json
 
 log = logs.get("engine.delivery")
 
 POLL_INTERVAL = 1.0  # catches entries made by other processes (CLI replay, other instances)
+MIN_LEASE_S = 60.0   # an entry in flight is leased at least this long ...
+LEASE_FACTOR = 4     # ... or this many times the connector's timeout, whichever is longer
+STORE_RETRY_S = 1.0  # a failed completion is retried this often until the store takes it
+
+
+def load_stored_view(store, message_id: int) -> StoredView:
+    """What the channel stored for a message besides its bytes (report messages: the canonical
+    submission, and for PACS reports the wrapped CI-SIS message)."""
+    row = store.submission_row(message_id)
+    if row is None:
+        return NO_STORED_VIEW
+    from engine.reports.submission import Submission
+
+    return StoredView(kind=row["kind"], submission=Submission.model_validate_json(row["submission"]),
+                      wrapped=row.get("wrapped"),
+                      validation=json.loads(row["validation"]) if row.get("validation") else None)
+
+
+def _codec(charset: str) -> str:
+    try:
+        return codec_for(charset)
+    except HL7Error:  # stored messages passed this check at ingest; keep a safe fallback
+        return "utf-8"
 
 
 def worker_owner() -> str:
@@ -98,7 +136,7 @@ class DestinationWorker:
             return
         self._claiming = True
         self._rerun = False
-        lease = max(60.0, self.cfg.ack_timeout * 4 + self.cfg.connect_timeout)
+        lease = max(MIN_LEASE_S, LEASE_FACTOR * float(getattr(self.connector, "timeout", MIN_LEASE_S)))
         try:
             entries = yield threads.deferToThread(self.store.claim_due, self.name, free, self.owner, lease)
             next_due = None
@@ -133,7 +171,7 @@ class DestinationWorker:
     def _process(self, entry):
         attempts = entry.attempts + 1
         try:
-            payload = yield self._transform(entry)
+            payload, stored = yield self._prepare(entry)
         except Exception as exc:  # noqa: BLE001 - a transform failure parks the entry, visibly
             detail = f"transform failed: {logs.error_text(exc)}"
             yield self._complete(entry, "error", attempts, detail=detail)
@@ -141,70 +179,90 @@ class DestinationWorker:
         if payload is None:
             yield self._complete(entry, "filtered", attempts, detail="filtered by a transform")
             return
-        control_id = entry.control_id
-        if payload is not entry.raw:
-            try:
-                control_id = read_msh(payload).control_id
-            except Exception:  # noqa: BLE001
-                pass
-        outcome: Outcome = yield self.connector.send(payload, control_id)
+        delivery = Delivery(entry_id=entry.id, message_id=entry.message_id, destination=self.name,
+                            target=entry.target, attempt=attempts, channel=entry.channel,
+                            message_type=entry.message_type, control_id=entry.control_id,
+                            charset=entry.charset, payload=payload, original=entry.raw,
+                            action=entry.action, stored=stored)
+        outcome: Outcome = yield self.connector.send(delivery)
         sent_payload = None if payload is entry.raw else payload
         q = self.cfg.queue
         if outcome.kind == ACCEPTED:
             status = "sent"
-        elif outcome.kind == ERROR:
-            status = "error" if q.on_ae == "error" else "retry"
-        elif outcome.kind == REJECTED:
-            status = "error" if q.on_ar == "error" else "retry"
+        elif outcome.kind == CONTENT_ERROR:
+            status = "error" if q.on_content_error == "error" else "retry"
+        elif outcome.kind == REFUSED:
+            status = "error" if q.on_refused == "error" else "retry"
         else:
             status = "retry"
         if status == "retry" and q.max_attempts and attempts >= q.max_attempts:
             status = "error"
-            outcome = Outcome(outcome.kind, outcome.response, f"{outcome.detail} (gave up after {attempts} attempts)")
+            outcome = Outcome(outcome.kind, outcome.response,
+                              f"{outcome.detail} (gave up after {attempts} attempts)",
+                              error=outcome.error)
         yield self._complete(entry, status, attempts, outcome=outcome, payload=sent_payload)
 
-    def _transform(self, entry):
+    def _prepare(self, entry):
+        """The payload after the route's transforms and the stored view, in a thread when
+        either needs work (the common MLLP relay needs neither)."""
         specs = entry.transforms or "[]"
-        if specs == "[]":
-            return defer.succeed(entry.raw)
-        chain = self._chains.get(specs)
-        if chain is None:
-            chain = chain_from_json(specs)
-            self._chains[specs] = chain
+        needs_stored = getattr(self.connector, "needs_stored", False)
+        if specs == "[]" and not needs_stored:
+            return defer.succeed((entry.raw, NO_STORED_VIEW))
+        chain = None
+        if specs != "[]":
+            chain = self._chains.get(specs)
+            if chain is None:
+                chain = chain_from_json(specs)
+                self._chains[specs] = chain
+        store = self.store
 
         def run():
-            try:
-                codec = codec_for(read_msh(entry.raw).charset)
-            except Exception:  # noqa: BLE001
-                codec = "utf-8"
-            ctx = TransformContext(message_id=entry.message_id, channel=entry.channel,
-                                   destination=self.name, codec=codec, extras=self._extras())
-            return chain(entry.raw, ctx).payload
+            loaded = []
+
+            def stored_view():
+                if not loaded:
+                    loaded.append(load_stored_view(store, entry.message_id))
+                return loaded[0]
+
+            payload = entry.raw
+            if chain is not None:
+                ctx = TransformContext(message_id=entry.message_id, channel=entry.channel,
+                                       destination=self.name, codec=_codec(entry.charset),
+                                       extras=self._extras(stored_view))
+                payload = chain(entry.raw, ctx).payload
+            return payload, (stored_view() if needs_stored else NO_STORED_VIEW)
 
         return threads.deferToThread(run)
 
-    def _extras(self) -> dict:
-        """What transforms may read besides the message: registry lookups (run in this thread)."""
+    def _extras(self, stored_view) -> dict:
+        """What transforms may read besides the message: registry lookups and the stored view
+        (both run in this thread), never the store itself."""
         from engine.identity.lookup import make_identity_lookup
 
-        return {"identity_lookup": make_identity_lookup(self.store), "store": self.store}
+        return {"identity_lookup": make_identity_lookup(self.store), "stored": stored_view}
 
     @defer.inlineCallbacks
     def _complete(self, entry, status, attempts, *, outcome: Outcome | None = None, detail: str = "",
                   payload: bytes | None = None):
         response = outcome.response if outcome else None
         detail = detail or (outcome.detail if outcome else "")
+        if outcome is not None and outcome.error is not None:
+            detail = f"{detail} [{outcome.error}]" if detail else str(outcome.error)
         next_at = None
         store_status = status
         if status == "retry":
             delay = self.cfg.queue.retry.delay(attempts, self.rng)
+            if outcome is not None and outcome.retry_after is not None:
+                delay = max(0.0, float(outcome.retry_after))
             next_at = time.time() + delay
             store_status = "queued"
         self.counters[status] = self.counters.get(status, 0) + 1
         if status in ("error", "retry"):
             self.last_error = detail
         log_fn = log.info if status in ("sent", "filtered") else log.warning
-        log_fn("delivery." + status, destination=self.name, entry_id=entry.id, message_id=entry.message_id,
+        log_fn("delivery." + status, destination=self.name, target=entry.target or None,
+               entry_id=entry.id, message_id=entry.message_id,
                control_id=logs.safe(entry.control_id), attempts=attempts, detail=detail or None,
                next_attempt_in_s=round(next_at - time.time(), 3) if next_at else None)
         while True:
@@ -221,7 +279,7 @@ class DestinationWorker:
                 if not self.running:
                     return  # the lease expires; recovery re-queues it (at-least-once)
                 d = defer.Deferred()
-                self.reactor.callLater(1.0, d.callback, None)
+                self.reactor.callLater(STORE_RETRY_S, d.callback, None)
                 yield d
 
     @defer.inlineCallbacks

@@ -53,8 +53,9 @@ class RouteTarget:
     route: str
     destination: str
     transforms_json: str          # JSON list of the route's transform specs, keys sorted
-    ordering: str                 # "destination" | "key" | "none"
+    ordering: str                 # "destination" | "key" | "document" | "none"
     ordering_key: str | None      # field path when ordering == "key"
+    hold: float = 0.0             # seconds before the first attempt (deferred destination)
 
 
 # Architecture notes call it RouteMatch.
@@ -150,7 +151,8 @@ class _CompiledRoute:
             queue = getattr(dest, "queue", None)
             ordering = queue.ordering if queue is not None else "destination"
             key = queue.ordering_key if queue is not None and ordering == "key" else None
-            targets.append(RouteTarget(route.name, dest_name, tj, ordering, key))
+            hold = float(getattr(dest, "hold", 0.0) or 0.0)
+            targets.append(RouteTarget(route.name, dest_name, tj, ordering, key, hold))
         self.targets = tuple(targets)
 
     def matches(self, msh: Any, sep: str) -> bool:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import engine.wiring  # noqa: F401 - registers the connector types (and their routes.yaml models)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 CORPUS = SHARED / "corpus"

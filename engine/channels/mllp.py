@@ -19,6 +19,8 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
 from engine import logs
+from engine.connectors.base import NO_STORED_VIEW, StoredView
+from engine.connectors.registry import SINGLE_TARGET, expand, fans_out
 from engine.hl7.ack import AckError, ack_code, accept_ack_wanted, build_ack, is_ack
 from engine.hl7.encoding import message_codec
 from engine.hl7.errors import HL7Error
@@ -126,15 +128,7 @@ class MLLPChannel:
         targets = self.router.targets(self.name, msh)
         entries = self._entries_cache.get(targets)  # same targets, no per-message key: reused
         if entries is None:
-            entries = [
-                EntrySpec(
-                    destination=t.destination,
-                    route=t.route,
-                    order_key=order_key_hash(payload, t.ordering_key) if t.ordering == "key" else "",
-                    transforms=t.transforms_json,
-                )
-                for t in targets
-            ]
+            entries = self._entries_for(payload, targets, NO_STORED_VIEW)
             if not any(t.ordering == "key" for t in targets):
                 if len(self._entries_cache) >= 1024:
                     self._entries_cache.clear()
@@ -167,7 +161,8 @@ class MLLPChannel:
             if step.prepare is not None:  # parsing/validation in a thread, off the reactor
                 d = threads.deferToThread(step.prepare, payload, codec, self.store)
                 d.addCallback(lambda prepared: self.batcher.add_op(
-                    step.make_op(self.store, record, prepared, codec, answer)))
+                    step.make_op(self.store, self._fan_out(record, targets, prepared), prepared,
+                                 codec, answer)))
             else:
                 d = self.batcher.add_op(step.make_op(self.store, record, None, codec, answer))
             d.addCallback(self._step_done, step, msh, conn)
@@ -179,6 +174,35 @@ class MLLPChannel:
         reply = PendingReply()
         self.batcher.add_call(record, self._on_result, reply, msh, ack, entries, conn, now)
         return reply
+
+    def _entries_for(self, payload, targets, view) -> list[EntrySpec]:
+        """One queue entry per delivery target of each destination reached (a connector type
+        may fan one message out into several targets, from what the channel stored)."""
+        dests = self.router.config.destinations
+        out = []
+        for t in targets:
+            cfg = dests.get(t.destination)
+            names = expand(cfg, view) if cfg is not None else SINGLE_TARGET
+            key = order_key_hash(payload, t.ordering_key) if t.ordering == "key" else ""
+            for name in names:
+                out.append(EntrySpec(destination=t.destination, route=t.route, order_key=key,
+                                     transforms=t.transforms_json, target=name, hold=t.hold,
+                                     by_document=t.ordering == "document"))
+        return out
+
+    def _fan_out(self, record, targets, prepared):
+        """After a step's ``prepare``: destinations whose connector fans out get their targets
+        from what the step found (the canonical submission)."""
+        dests = self.router.config.destinations
+        if not any(t.destination in dests and fans_out(dests[t.destination]) for t in targets):
+            return record
+        view = StoredView(kind=getattr(prepared, "kind", None),
+                          submission=getattr(prepared, "submission", None),
+                          wrapped=getattr(prepared, "wrapped", None))
+        record.entries = self._entries_for(record.raw, targets, view)
+        if record.status in ("routed", "filtered"):
+            record.status = "routed" if record.entries else "filtered"
+        return record
 
     def _on_result(self, result, reply, msh, ack, entries, conn, now):
         if isinstance(result, BaseException):

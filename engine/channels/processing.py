@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import sqlalchemy as sa
-
 from engine.hl7.ack import AckError
 from engine.store import Stored
 
@@ -31,7 +29,7 @@ class StepResult:
 Answer = Callable[[str, list[AckError]], tuple[bytes, str]]
 
 
-def finish(conn: sa.Connection, record, result, errors: list[AckError], answer: Answer, *,
+def finish(store, conn, record, result, errors: list[AckError], answer: Answer, *,
            route_rejected: bool = False, action: str | None = None) -> StepResult:
     """Rewrite the stored ACK (and status) of a just-stored message from the step's findings."""
     if not errors:
@@ -42,13 +40,9 @@ def finish(conn: sa.Connection, record, result, errors: list[AckError], answer: 
     status, routed = record.status, True
     if outcome == "error" and not route_rejected:
         status, routed = "rejected", False
-        conn.execute(sa.text("DELETE FROM queue_entries WHERE message_id = :id"), {"id": mid})
     first_error = next((e for e in errors if e.severity == "E"), None)
-    conn.execute(
-        sa.text("UPDATE messages SET ack = :ack, ack_code = :code, status = :status, error_code = :ec "
-                "WHERE id = :id"),
-        {"ack": ack, "code": code, "status": status, "id": mid,
-         "ec": (first_error.app_code or first_error.code) if first_error else None})
+    store.set_verdict(conn, mid, ack=ack, ack_code=code, status=status, unroute=not routed,
+                      error_code=(first_error.app_code or first_error.code) if first_error else None)
     return StepResult(result, ack, action, len(errors), outcome, routed)
 
 

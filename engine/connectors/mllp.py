@@ -1,22 +1,38 @@
 """Outbound MLLP connector (plain, TLS or mutual TLS): send one message, classify its ACK.
 
 The sender underneath keeps one message outstanding per connection, closes the socket on an ACK
-timeout before anything is retried, and checks that MSA-2 equals the MSH-10 it sent
-(notes/mllp-ack-encoding.md, sender rules; Mirth #1441).
+timeout before anything is retried, and checks that MSA-2 equals the MSH-10 it sent (a late ACK
+must never be credited to the next message: HL7 v2.5 §2.9 and the MLLP transport specification,
+HL7 v2.5.1 Appendix C).
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
+from pydantic import Field
 from twisted.internet import defer
 
 from engine import logs
-from engine.connectors.base import ACCEPTED, ERROR, REJECTED, TRANSIENT, Outcome
+from engine.config import ClientTLSConfig, DestinationBase, Duration, RemotePort
+from engine.connectors.base import ACCEPTED, ERROR, REJECTED, TRANSIENT, Delivery, Outcome
 from engine.hl7.ack import read_ack
 from engine.hl7.errors import HL7Error
+from engine.hl7.msh import read_msh
 from mllp.client import MLLPError, MLLPSender
 from mllp.framing import COMMIT_ACK, COMMIT_NAK
 from mllp.tls import TLSFiles, client_creator
 
 _CODES = {"AA": ACCEPTED, "CA": ACCEPTED, "AE": ERROR, "CE": ERROR, "AR": REJECTED, "CR": REJECTED}
+
+
+class MLLPDestinationConfig(DestinationBase):
+    type: Literal["mllp"]
+    host: Annotated[str, Field(min_length=1)]
+    port: RemotePort
+    tls: ClientTLSConfig | None = None
+    keep_alive: bool = True
+    connect_timeout: Duration = 10.0
+    ack_timeout: Duration = 30.0
 
 
 def classify_reply(reply: bytes) -> Outcome:
@@ -40,24 +56,40 @@ def classify_reply(reply: bytes) -> Outcome:
     return Outcome(kind, reply, detail)
 
 
+def control_id_of(delivery: Delivery) -> str:
+    """The MSH-10 the ACK must echo: the stored column, unless a transform rewrote the message."""
+    if not delivery.transformed:
+        return delivery.control_id
+    try:
+        return read_msh(delivery.payload).control_id
+    except HL7Error:
+        return delivery.control_id
+
+
+def make_sender(cfg, reactor) -> MLLPSender:
+    creator = None
+    if cfg.tls is not None:
+        files = TLSFiles(cert=cfg.tls.cert, key=cfg.tls.key, ca=cfg.tls.ca,
+                         verify_hostname=cfg.tls.verify_hostname)
+        creator = client_creator(files, cfg.host)
+    return MLLPSender(cfg.host, cfg.port, reactor=reactor, tls_creator=creator,
+                      keep_alive=cfg.keep_alive, connect_timeout=cfg.connect_timeout,
+                      ack_timeout=cfg.ack_timeout)
+
+
 class MLLPConnector:
     kind = "mllp"
+    needs_stored = False
 
     def __init__(self, cfg, reactor):
         self.cfg = cfg
-        creator = None
-        if cfg.tls is not None:
-            files = TLSFiles(cert=cfg.tls.cert, key=cfg.tls.key, ca=cfg.tls.ca,
-                             verify_hostname=cfg.tls.verify_hostname)
-            creator = client_creator(files, cfg.host)
-        self.sender = MLLPSender(cfg.host, cfg.port, reactor=reactor, tls_creator=creator,
-                                 keep_alive=cfg.keep_alive, connect_timeout=cfg.connect_timeout,
-                                 ack_timeout=cfg.ack_timeout)
+        self.timeout = float(cfg.connect_timeout) + float(cfg.ack_timeout)
+        self.sender = make_sender(cfg, reactor)
 
     @defer.inlineCallbacks
-    def send(self, payload: bytes, control_id: str):
+    def send(self, delivery: Delivery):
         try:
-            reply = yield self.sender.send(payload, control_id or None)
+            reply = yield self.sender.send(delivery.payload, control_id_of(delivery) or None)
         except MLLPError as exc:
             return Outcome(TRANSIENT, None, logs.error_text(exc))
         except Exception as exc:  # noqa: BLE001 - connection lost and friends: retry later

@@ -83,6 +83,6 @@ class IdentityFeed:
                 action = applied.action
                 if applied.action == "rejected":
                     errors.append(AckError("207", f"identity not applied: {applied.note or 'rejected'}"))
-            return finish(conn, record, result, errors, answer, route_rejected=route_rejected, action=action)
+            return finish(store, conn, record, result, errors, answer, route_rejected=route_rejected, action=action)
 
         return op

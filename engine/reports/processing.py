@@ -19,18 +19,14 @@ to the stored submission.
 """
 from __future__ import annotations
 
-import json
 import threading
-import time
-from dataclasses import dataclass, field
-
-import sqlalchemy as sa
+from dataclasses import dataclass, field, replace
 
 from engine import logs
 from engine.channels.processing import Answer, StepResult, finish
 from engine.hl7.ack import AckError
 from engine.identity.lookup import make_identity_lookup
-from engine.reports.storage import submissions
+from engine.reports.documents import document_refs
 from engine.router import message_type_matches
 from engine.store import Stored
 
@@ -94,6 +90,7 @@ class Prepared:
     doc_key: str | None = None
     cda_header: dict | None = None
     documents: list[bytes] = field(default_factory=list)
+    kind: str | None = None
 
 
 def _validate(docs: list[bytes], cfg) -> tuple[dict | None, list[AckError]]:
@@ -142,21 +139,28 @@ class _ReportStepBase:
         cfg = self.cfg
         kind = self.kind
 
-        def op(conn: sa.Connection) -> StepResult:
+        def op(conn) -> StepResult:
+            sub = prepared.submission
+            refs = document_refs(sub, prepared.doc_key) if sub is not None else None
+            if refs is not None and record.entries:
+                key = store.document_chain_key(conn, list(refs.earlier)) or refs.own_key
+                record.entries = [replace(e, doc_key=key, doc_id=refs.doc_id, action=refs.action,
+                                          order_key=key if e.by_document else e.order_key)
+                                  for e in record.entries]
             result = store.ingest_within(conn, [record])[0]
             if not isinstance(result, Stored):
                 return StepResult(result)
-            sub = prepared.submission
-            conn.execute(submissions.insert().values(
-                message_id=result.message_id, kind=kind, action=getattr(sub, "action", None),
+            store.insert_submission(
+                conn, result.message_id, kind=kind, action=getattr(sub, "action", None),
                 documents=len(getattr(sub, "documents", []) or []), errors=len(prepared.errors),
-                submission=sub.model_dump_json() if sub is not None else "{}",
-                validation=json.dumps(prepared.validation) if prepared.validation else None,
-                wrapped=prepared.wrapped, doc_key=prepared.doc_key,
-                cda_header=json.dumps(prepared.cda_header, default=str) if prepared.cda_header else None,
-                created_at=time.time()))
-            return finish(conn, record, result, prepared.errors, answer,
+                submission_json=sub.model_dump_json() if sub is not None else "{}",
+                validation=prepared.validation, wrapped=prepared.wrapped, doc_key=prepared.doc_key,
+                cda_header=prepared.cda_header)
+            step = finish(store, conn, record, result, prepared.errors, answer,
                           route_rejected=cfg.route_rejected, action=getattr(sub, "action", None) or kind)
+            if refs is not None and refs.action == "delete" and step.routed:
+                store.cancel_for_deletion(conn, result.message_id)
+            return step
 
         return op
 
@@ -168,20 +172,17 @@ class _ReportStepBase:
         from twisted.internet import threads
 
         def run():
-            row = store.read(lambda c: c.execute(sa.select(submissions.c.submission, submissions.c.validation)
-                                                 .where(submissions.c.message_id == message_id)).first())
+            row = store.submission_row(message_id)
             if row is None:
                 return
             from engine.reports.submission import Submission
 
-            sub = Submission.model_validate_json(row[0])
+            sub = Submission.model_validate_json(row["submission"])
             v = cda_validator()
             reports = [_report_dict(v.validate(doc, schematron=True)) for doc in _xml_documents(sub)]
             validation = {"documents": reports, "schematron": "done"}
             done = threading.Event()
-            store.submit(lambda c: c.execute(submissions.update().where(submissions.c.message_id == message_id)
-                                             .values(validation=json.dumps(validation))),
-                         lambda _r: done.set())
+            store.set_validation(message_id, validation, lambda _r: done.set())
             done.wait(30)
             bad = sum(1 for r in reports if not r["valid"])
             log.info("report.validated", message_id=message_id, documents=len(reports), invalid=bad)
@@ -208,7 +209,7 @@ class CisisReportStep(_ReportStepBase):
         sub = parse_report(raw, codec, strict_mss_matrix=self.cfg.strict_mss_matrix)
         errors = [_issue_error(i) for i in sub.errors]
         validation, verrors = _validate(_xml_documents(sub), self.cfg.validation)
-        return Prepared(sub, errors + verrors, validation)
+        return Prepared(sub, errors + verrors, validation, kind=self.kind)
 
 
 _WRAP_ERRORS = {  # cda_wrap failure -> error-codes.md applicationErrorCondition
@@ -259,7 +260,8 @@ class PacsReportStep(_ReportStepBase):
         keys = res.keys or {}
         doc_key = keys.get("accession_number") or keys.get("order_id")
         return Prepared(sub, errors + verrors, validation, wrapped=wrapped,
-                        doc_key=str(doc_key) if doc_key else None, cda_header=res.header)
+                        doc_key=str(doc_key) if doc_key else None, cda_header=res.header,
+                        kind=self.kind)
 
 
 def _previous_lookup(store):
@@ -268,14 +270,6 @@ def _previous_lookup(store):
         key = keys.get("accession_number") or keys.get("order_id")
         if not key:
             return None
-
-        def q(conn):
-            row = conn.execute(sa.select(submissions.c.cda_header)
-                               .where(submissions.c.doc_key == str(key), submissions.c.kind == "pacs",
-                                      submissions.c.errors == 0)
-                               .order_by(submissions.c.message_id.desc()).limit(1)).first()
-            return json.loads(row[0]) if row and row[0] else None
-
-        return store.read(q)
+        return store.latest_pacs_header(str(key))
 
     return previous

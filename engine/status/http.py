@@ -179,6 +179,7 @@ class StatusService:
                 "sent": s.get("sent", 0),
                 "errored": s.get("error", 0),
                 "filtered": s.get("filtered", 0),
+                "cancelled": s.get("cancelled", 0),
                 "queue_depth": s.get("queued", 0) + s.get("in_flight", 0),
                 "oldest_queued_age_s": s.get("oldest_queued_age_s"),
                 "last_error": w.last_error if w else None,

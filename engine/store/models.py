@@ -14,6 +14,12 @@ class EntrySpec:
     route: str
     order_key: str = ""          # '' = FIFO per destination; else a hash computed by the caller
     transforms: str = "[]"       # JSON snapshot of the route's transform list
+    target: str = ""             # one delivery target of the destination ('' = the only one)
+    hold: float = 0.0            # seconds before the first attempt (deferred delivery)
+    doc_key: str | None = None   # hashed chain key of the document carried (ordering, cancels)
+    doc_id: str | None = None    # hashed id of the document itself (finds its chain later)
+    action: str | None = None    # initial | replace | delete (document messages)
+    by_document: bool = False    # ordering: document: order_key becomes doc_key once known
 
 
 @dataclass(slots=True)
@@ -68,6 +74,10 @@ class ClaimedEntry:
     control_id: str
     message_type: str
     channel: str
+    target: str = ""
+    charset: str = ""
+    doc_key: str | None = None
+    action: str | None = None
 
 
 @dataclass(slots=True)
@@ -88,6 +98,9 @@ class EntryRow:
     last_error: str | None
     response: bytes | None
     payload: bytes | None
+    target: str = ""
+    doc_key: str | None = None
+    action: str | None = None
 
 
 @dataclass(slots=True)

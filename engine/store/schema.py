@@ -69,8 +69,41 @@ queue_entries = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("response", sa.LargeBinary, nullable=True),
     sa.Column("payload", sa.LargeBinary, nullable=True),
+    # migration 0006: one entry per delivery target of a destination (one message may become
+    # several deliveries of one destination, e.g. one mail per recipient group), the document
+    # it carries (hashed ids: ordering, cancellation by a deletion) and the document action
+    sa.Column("target", sa.String(128), nullable=False, server_default=""),
+    sa.Column("doc_key", sa.String(64), nullable=True),
+    sa.Column("doc_id", sa.String(64), nullable=True),
+    sa.Column("action", sa.String(16), nullable=True),
     sa.Index("ix_queue_dest_status_key_id", "destination", "status", "order_key", "id"),
     sa.Index("ix_queue_message", "message_id"),
+    # partial: messages without a document (most of the traffic) touch no page of these
+    sa.Index("ix_queue_doc", "destination", "doc_key", sqlite_where=sa.text("doc_key IS NOT NULL"),
+             postgresql_where=sa.text("doc_key IS NOT NULL")),
+    sa.Index("ix_queue_doc_id", "doc_id", sqlite_where=sa.text("doc_id IS NOT NULL"),
+             postgresql_where=sa.text("doc_id IS NOT NULL")),
+)
+
+# The canonical submission of a report message, next to the message (migration 0003). It holds
+# patient data by nature (INS, traits, documents): like messages.raw it is message content.
+# ``wrapped`` holds the CI-SIS message built from a PACS report (the CDA R2 N1 inside), which is
+# what the destinations of that message receive.
+submissions = sa.Table(
+    "submissions",
+    metadata,
+    sa.Column("message_id", BigId, primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # cisis (received as is) | pacs (wrapped here)
+    sa.Column("action", sa.String(16)),
+    sa.Column("documents", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("errors", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("submission", sa.Text, nullable=False),  # canonical submission JSON (PHI)
+    sa.Column("validation", sa.Text),  # CDA XSD/schematron report JSON
+    sa.Column("wrapped", sa.LargeBinary),  # PACS: the CI-SIS ORU^R01 carrying the N1 CDA
+    sa.Column("doc_key", sa.String(255)),  # PACS: accession number (else order id) of the exam
+    sa.Column("cda_header", sa.Text),  # PACS: read_header() of the generated CDA (replacements)
+    sa.Column("created_at", Time, nullable=False),
+    sa.Index("ix_submissions_doc_key", "doc_key", "message_id"),
 )
 
 events = sa.Table(

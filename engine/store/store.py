@@ -103,10 +103,12 @@ from sqlalchemy import event
 
 from engine.logs import error_text
 
+from .schema import submissions
 from .models import (
     ClaimedEntry,
     Duplicate,
     EntryRow,
+    EntrySpec,
     IngestRecord,
     IngestResult,
     MessageRow,
@@ -144,8 +146,9 @@ _MSG_COLS = (
 )
 _ENTRY_COLS = (
     "message_id, destination, route, status, order_key, transforms, attempts, next_attempt_at, "
-    "created_at, updated_at"
+    "created_at, updated_at, target, doc_key, doc_id, action"
 )
+_ENTRY_KEYS = tuple(c.strip() for c in _ENTRY_COLS.split(","))
 _EVENT_COLS = "at, kind, channel, destination, message_id, entry_id, detail"
 
 
@@ -168,7 +171,8 @@ _PG_INSERT = {
     "messages": _pg_json_insert("messages", _MSG_COLS, "int8 text float8 text text text text text "
                                 "text text text int4 text text text text bytea text bytea text"),
     "queue_entries": _pg_json_insert("queue_entries", _ENTRY_COLS,
-                                     "int8 text text text text text int4 float8 float8 float8"),
+                                     "int8 text text text text text int4 float8 float8 float8 "
+                                     "text text text text"),
     "events": _pg_json_insert("events", _EVENT_COLS, "float8 text text text int8 int8 text"),
 }
 # messages, their queue entries and events in ONE statement (one round trip); the foreign key
@@ -210,6 +214,14 @@ def _is_db_level(exc: BaseException) -> bool:
     return type(exc).__name__ in _DB_LEVEL_NAMES or any(
         c.__name__ in _DB_LEVEL_NAMES for c in type(exc).__mro__
     )
+
+
+def _entry_row(mid, e, now: float) -> tuple:
+    """The queue_entries row of one EntrySpec (column order of ``_ENTRY_COLS``); a held
+    destination's entry is first due ``hold`` seconds after reception."""
+    due = now + e.hold if e.hold else now
+    return (mid, e.destination, e.route, "queued", e.order_key, e.transforms, 0, due, now, now,
+            e.target, e.doc_key, e.doc_id, e.action)
 
 
 def _ack_code_of(ack: bytes) -> str:
@@ -268,7 +280,7 @@ class Store:
         ph = self._ph
         self._sql_ins_msg = f"INSERT INTO messages ({_MSG_COLS}) VALUES ({', '.join([ph] * 20)})"
         self._sql_ins_entry = (
-            f"INSERT INTO queue_entries ({_ENTRY_COLS}) VALUES ({', '.join([ph] * 10)})"
+            f"INSERT INTO queue_entries ({_ENTRY_COLS}) VALUES ({', '.join([ph] * 14)})"
         )
         self._sql_ins_event = f"INSERT INTO events ({_EVENT_COLS}) VALUES ({', '.join([ph] * 7)})"
         self._sql_nextval: str | None = None
@@ -728,8 +740,7 @@ class Store:
             for mid, (j, i, rec, row) in zip(ids, first):
                 row[0] = mid
                 for e in rec.entries:
-                    entry_rows.append((mid, e.destination, e.route, "queued", e.order_key,
-                                       e.transforms, 0, now, now, now))
+                    entry_rows.append(_entry_row(mid, e, now))
             dumps = json.dumps
             self._phase_commit = True
             cur.execute(_PG_FAST, {"w": window, "m": dumps(msg_rows),
@@ -886,8 +897,7 @@ class Store:
                 res.message_id = mid
                 if entries:
                     for e in entries:
-                        entry_rows.append((mid, e.destination, e.route, "queued", e.order_key,
-                                           e.transforms, 0, now, now, now))
+                        entry_rows.append(_entry_row(mid, e, now))
                 if staged is not None and row[13] is not None:
                     staged.setdefault(row[13], []).append((mid, row[12], row[2], row[16]))
                     self._staged_n += 1
@@ -988,12 +998,17 @@ class Store:
                 {"o": owner, "lu": now + lease_seconds, "now": now, "ids": list(ids)})
             rows = conn.execute(
                 sa.text("SELECT q.id, q.message_id, q.destination, q.route, q.order_key, "
-                        "q.transforms, q.attempts, m.raw, m.control_id, m.message_type, m.channel "
+                        "q.transforms, q.attempts, m.raw, m.control_id, m.message_type, m.channel, "
+                        "q.target, m.charset, q.doc_key, q.action "
                         "FROM queue_entries q JOIN messages m ON m.id = q.message_id "
                         "WHERE q.id IN :ids ORDER BY q.id")
-                .bindparams(sa.bindparam("ids", expanding=True)), {"ids": list(ids)}).all()
-        return [ClaimedEntry(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7]), r[8], r[9],
-                             r[10]) for r in rows]
+                .bindparams(sa.bindparam("ids", expanding=True)), {"ids": list(ids)}).mappings().all()
+        return [ClaimedEntry(id=r["id"], message_id=r["message_id"], destination=r["destination"],
+                             route=r["route"], order_key=r["order_key"], transforms=r["transforms"],
+                             attempts=r["attempts"], raw=bytes(r["raw"]), control_id=r["control_id"],
+                             message_type=r["message_type"], channel=r["channel"],
+                             target=r["target"], charset=r["charset"], doc_key=r["doc_key"],
+                             action=r["action"]) for r in rows]
 
     def complete(self, entry_id: int, owner: str, *, status: str, attempts: int,
                  next_attempt_at: float | None = None, last_error: str | None = None,
@@ -1027,6 +1042,116 @@ class Store:
                  "eid": entry_id, "detail": json.dumps(detail)})
         return True
 
+    # -- processing steps' verdicts (inside a writer op's transaction) -----------------------
+    def set_verdict(self, conn: sa.Connection, message_id: int, *, ack: bytes, ack_code: str,
+                    status: str, error_code: str | None, unroute: bool) -> None:
+        """A processing step decided the ACK of a message stored in this transaction: the ACK
+        stored for duplicate replay, the status, and (rejected) no queue entries. On SQLite the
+        writer's held duplicate keys carry the ACK too: the one of this transaction is replaced,
+        so that a resend is answered with the step's ACK, not the AA computed in advance."""
+        for entries in self._staged_keys.values():
+            for i, (mid, sha, at, _ack) in enumerate(entries):
+                if mid == message_id:
+                    entries[i] = (mid, sha, at, ack)
+        if unroute:
+            conn.execute(sa.text("DELETE FROM queue_entries WHERE message_id = :id"), {"id": message_id})
+        conn.execute(
+            sa.text("UPDATE messages SET ack = :ack, ack_code = :code, status = :status, "
+                    "error_code = :ec WHERE id = :id"),
+            {"ack": ack, "code": ack_code, "status": status, "id": message_id, "ec": error_code})
+
+    # -- canonical submissions of report messages -------------------------------------------
+    @staticmethod
+    def insert_submission(conn: sa.Connection, message_id: int, *, kind: str, action: str | None,
+                          documents: int, errors: int, submission_json: str,
+                          validation: dict | None = None, wrapped: bytes | None = None,
+                          doc_key: str | None = None, cda_header: dict | None = None) -> None:
+        """Inside a writer op: the canonical submission stored with its message."""
+        conn.execute(submissions.insert().values(
+            message_id=message_id, kind=kind, action=action, documents=documents, errors=errors,
+            submission=submission_json, validation=json.dumps(validation) if validation else None,
+            wrapped=wrapped, doc_key=doc_key,
+            cda_header=json.dumps(cda_header, default=str) if cda_header else None,
+            created_at=time.time()))
+
+    def submission_row(self, message_id: int) -> dict | None:
+        """The stored submission row of a message (kind, submission JSON, validation, wrapped)."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(submissions).where(
+                submissions.c.message_id == message_id)).mappings().first()
+        if row is None:
+            return None
+        out = dict(row)
+        if out.get("wrapped") is not None:
+            out["wrapped"] = bytes(out["wrapped"])
+        return out
+
+    def set_validation(self, message_id: int, validation: dict, callback) -> None:
+        """Attach a (later) validation report to a stored submission, through the writer."""
+        self.submit(lambda c: c.execute(submissions.update()
+                                        .where(submissions.c.message_id == message_id)
+                                        .values(validation=json.dumps(validation))), callback)
+
+    def latest_pacs_header(self, doc_key: str) -> dict | None:
+        """The CDA header of the latest PACS report wrapped without error for the same exam."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(submissions.c.cda_header)
+                               .where(submissions.c.doc_key == doc_key, submissions.c.kind == "pacs",
+                                      submissions.c.errors == 0)
+                               .order_by(submissions.c.message_id.desc()).limit(1)).first()
+        return json.loads(row[0]) if row and row[0] else None
+
+    # -- documents: chain keys and deletions (inside a writer op's transaction) ---------------
+    @staticmethod
+    def document_chain_key(conn: sa.Connection, doc_ids: list[str]) -> str | None:
+        """The ``doc_key`` of the latest entry that carried one of these (hashed) document ids:
+        a replacement or a deletion joins the chain of the document it names."""
+        if not doc_ids:
+            return None
+        return conn.execute(
+            sa.text("SELECT doc_key FROM queue_entries WHERE doc_id IN :ids AND doc_key IS NOT NULL "
+                    "ORDER BY id DESC LIMIT 1").bindparams(sa.bindparam("ids", expanding=True)),
+            {"ids": list(doc_ids)}).scalar()
+
+    def cancel_for_deletion(self, conn: sa.Connection, message_id: int) -> int:
+        """A deletion (``action = 'delete'``) just stored as ``message_id``: for each of its
+        entries, the earlier entries of the same document, destination and target that were not
+        sent (queued, or parked in error) are cancelled; if nothing of that document was ever
+        sent there (nor is in flight), the deletion is cancelled too: there is nothing to
+        delete at the receiver. Returns the number of entries cancelled."""
+        now = time.time()
+        mine = conn.execute(sa.text(
+            "SELECT id, destination, target, doc_key FROM queue_entries "
+            "WHERE message_id = :m AND action = 'delete' AND doc_key IS NOT NULL"),
+            {"m": message_id}).mappings().all()
+        cancelled: list[tuple[int, int, str]] = []  # (entry id, message id, destination)
+        for e in mine:
+            earlier = conn.execute(sa.text(
+                "SELECT id, message_id, status FROM queue_entries WHERE destination = :d "
+                "AND doc_key = :k AND target = :t AND id < :id"),
+                {"d": e["destination"], "k": e["doc_key"], "t": e["target"], "id": e["id"]}).all()
+            unsent = [(r[0], r[1]) for r in earlier if r[2] in ("queued", "error")]
+            reached = any(r[2] in ("sent", "in_flight") for r in earlier)
+            if not unsent:
+                continue
+            ids = [i for i, _m in unsent]
+            if not reached:
+                ids.append(e["id"])
+                unsent.append((e["id"], message_id))
+            conn.execute(
+                sa.text("UPDATE queue_entries SET status = 'cancelled', updated_at = :now, "
+                        "last_error = :why WHERE id IN :ids AND status IN ('queued', 'error')")
+                .bindparams(sa.bindparam("ids", expanding=True)),
+                {"now": now, "ids": ids, "why": f"cancelled by the deletion in message {message_id}"})
+            cancelled.extend((i, m, e["destination"]) for i, m in unsent)
+        if cancelled:
+            conn.execute(
+                sa.text(f"INSERT INTO events ({_EVENT_COLS}) SELECT :at, 'cancelled', m.channel, :dest, "
+                        "m.id, :eid, :detail FROM messages m WHERE m.id = :mid"),
+                [{"at": now, "dest": d, "mid": m, "eid": i,
+                  "detail": json.dumps({"deletion_message_id": message_id})} for i, m, d in cancelled])
+        return len(cancelled)
+
     def release(self, entry_id: int, owner: str) -> None:
         with self._write_tx() as conn:
             conn.execute(sa.text(
@@ -1055,18 +1180,18 @@ class Store:
             ents = conn.execute(sa.text(
                 "SELECT id, message_id, destination, route, status, order_key, transforms, "
                 "attempts, next_attempt_at, created_at, updated_at, lease_owner, lease_until, "
-                "last_error, response, payload FROM queue_entries WHERE message_id = :id "
-                "ORDER BY id"), {"id": message_id}).all()
-        vals = list(m)
-        vals[16] = bytes(vals[16])
-        vals[18] = bytes(vals[18])
+                "last_error, response, payload, target, doc_key, action FROM queue_entries "
+                "WHERE message_id = :id ORDER BY id"), {"id": message_id}).mappings().all()
+        vals = dict(m._mapping)
+        vals["ack"] = bytes(vals["ack"])
+        vals["raw"] = bytes(vals["raw"])
         entries = []
         for e in ents:
-            ev = list(e)
-            ev[14] = None if ev[14] is None else bytes(ev[14])
-            ev[15] = None if ev[15] is None else bytes(ev[15])
-            entries.append(EntryRow(*ev))
-        return MessageRow(*vals, entries=entries)
+            ev = dict(e)
+            for k in ("response", "payload"):
+                ev[k] = None if ev[k] is None else bytes(ev[k])
+            entries.append(EntryRow(**ev))
+        return MessageRow(**vals, entries=entries)
 
     def list_messages(self, *, limit: int = 100, offset: int = 0,
                       channel: str | None = None) -> list[MessageSummary]:
@@ -1085,7 +1210,8 @@ class Store:
                 f"      {where} ORDER BY id DESC LIMIT :lim OFFSET :off) m "
                 "LEFT JOIN queue_entries e ON e.message_id = m.id AND e.id = ("
                 "  SELECT max(e2.id) FROM queue_entries e2 "
-                "  WHERE e2.message_id = m.id AND e2.destination = e.destination) "
+                "  WHERE e2.message_id = m.id AND e2.destination = e.destination "
+                "  AND e2.target = e.target) "
                 "GROUP BY m.id, m.channel, m.control_id, m.message_type, m.received_at, m.status, "
                 "m.sending_app, m.sending_facility, m.size ORDER BY m.id DESC"),
                 {"ch": channel, "lim": int(limit), "off": int(offset)}).all()
@@ -1116,22 +1242,24 @@ class Store:
             missing = [i for i in ids if i not in chans]
             if missing:
                 raise UnknownMessage(f"unknown message id(s): {missing}")
+            # the latest entry of each (destination, target): a replay supersedes the earlier one
             latest = conn.execute(sa.text(
-                "SELECT e.message_id, e.destination, e.route, e.order_key, e.transforms "
-                "FROM queue_entries e WHERE e.id IN ("
+                "SELECT e.message_id, e.destination, e.route, e.order_key, e.transforms, e.target, "
+                "e.doc_key, e.doc_id, e.action FROM queue_entries e WHERE e.id IN ("
                 "  SELECT max(id) FROM queue_entries WHERE message_id IN :ids "
-                "  GROUP BY message_id, destination) ORDER BY e.id").bindparams(expand),
-                {"ids": ids}).all()
+                "  GROUP BY message_id, destination, target) ORDER BY e.id").bindparams(expand),
+                {"ids": ids}).mappings().all()
             counts = {i: 0 for i in ids}
             rows = []
-            for mid, dest, route, key, transforms in latest:
-                counts[mid] += 1
-                rows.append({"mid": mid, "dest": dest, "route": route, "key": key,
-                             "tr": transforms, "now": now})
+            for r in latest:
+                counts[r["message_id"]] += 1
+                spec = EntrySpec(r["destination"], r["route"], r["order_key"], r["transforms"],
+                                 r["target"], 0.0, r["doc_key"], r["doc_id"], r["action"])
+                rows.append(dict(zip(_ENTRY_KEYS, _entry_row(r["message_id"], spec, now))))
             if rows:
                 conn.execute(sa.text(
-                    f"INSERT INTO queue_entries ({_ENTRY_COLS}) VALUES (:mid, :dest, :route, "
-                    "'queued', :key, :tr, 0, :now, :now, :now)"), rows)
+                    f"INSERT INTO queue_entries ({_ENTRY_COLS}) VALUES "
+                    f"({', '.join(':' + k for k in _ENTRY_KEYS)})"), rows)
             for i in ids:
                 self._event(conn, "replay", channel=chans[i], message_id=i,
                             detail={"entries": counts[i]}, at=now)
@@ -1201,7 +1329,8 @@ class Store:
         dests: dict[str, dict] = {}
         for name, status, n, oldest in q:
             d = dests.setdefault(name, {"queued": 0, "in_flight": 0, "sent": 0, "error": 0,
-                                        "filtered": 0, "oldest_queued_age_s": None})
+                                        "filtered": 0, "cancelled": 0,
+                                        "oldest_queued_age_s": None})
             d[status] = d.get(status, 0) + n
             if status == "queued" and oldest is not None:
                 d["oldest_queued_age_s"] = max(0.0, now - oldest)

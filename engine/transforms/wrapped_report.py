@@ -3,11 +3,11 @@
 A PACS report is wrapped into a CDA R2 N1 once, when it is received (engine.reports.processing,
 ``pacs_reports`` on the channel), and stored with its canonical submission; every destination of
 that message must get that same document (same ids), so this transform loads it rather than
-wrapping again.
+wrapping again. The delivery worker gives it the stored view (``ctx.extras["stored"]``, loaded
+on first use), never the store.
 """
 from __future__ import annotations
 
-import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from engine.transforms import TransformContext, TransformError, register
@@ -19,14 +19,11 @@ class WrappedReportParams(BaseModel):
 
 @register("wrapped_report", WrappedReportParams, operates_on="bytes")
 def wrapped_report(data: bytes, params: WrappedReportParams, ctx: TransformContext, notes: list[str]):
-    from engine.reports.storage import submissions
-
-    store = ctx.extras.get("store")
-    if store is None:
-        raise TransformError("wrapped_report: no store in the transform context")
-    row = store.read(lambda c: c.execute(
-        sa.select(submissions.c.wrapped).where(submissions.c.message_id == ctx.message_id)).first())
-    if row is None or row[0] is None:
+    stored = ctx.extras.get("stored")
+    if stored is None:
+        raise TransformError("wrapped_report: nothing stored with this message is available here")
+    wrapped = stored().wrapped
+    if wrapped is None:
         raise TransformError("wrapped_report: no wrapped report stored for this message")
     notes.append("wrapped_report: CI-SIS ORU^R01 with the CDA R2 N1 built at reception")
-    return bytes(row[0])
+    return wrapped

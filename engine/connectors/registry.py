@@ -1,0 +1,66 @@
+"""Connector types: each registers its routes.yaml model, its factory and, optionally, how one
+message expands into several delivery targets of one destination.
+
+    register(ConnectorType("mllp", MLLPDestinationConfig, MLLPConnector))
+    connector = build(cfg, reactor)          # by cfg.type
+    expand(cfg, stored_view)                 # ('',) unless the type fans out
+
+Registration happens in one place, :mod:`engine.wiring`; this module knows no connector.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from engine.config import register_destination_type
+from engine.connectors.base import NO_STORED_VIEW, StoredView, TargetsFn
+
+SINGLE_TARGET = ("",)
+
+
+@dataclass(frozen=True)
+class ConnectorType:
+    name: str
+    config_model: type
+    factory: Callable[[Any, Any], Any]       # (destination cfg, reactor) -> Connector
+    targets: TargetsFn | None = None         # (cfg, StoredView) -> target names; None: one
+
+
+_TYPES: dict[str, ConnectorType] = {}
+
+
+def register(ct: ConnectorType) -> None:
+    existing = _TYPES.get(ct.name)
+    if existing is not None and existing != ct:
+        raise ValueError(f"connector type {ct.name!r} is already registered")
+    _TYPES[ct.name] = ct
+    register_destination_type(ct.config_model)
+
+
+def connector_type(name: str) -> ConnectorType:
+    try:
+        return _TYPES[name]
+    except KeyError:
+        raise KeyError(f"no connector registered for destination type {name!r}") from None
+
+
+def registered() -> list[str]:
+    return sorted(_TYPES)
+
+
+def build(cfg, reactor):
+    """A new connector for the destination ``cfg`` (its ``type`` picks the factory)."""
+    return connector_type(cfg.type).factory(cfg, reactor)
+
+
+def expand(cfg, stored: StoredView = NO_STORED_VIEW) -> tuple[str, ...]:
+    """The delivery targets of one message for the destination ``cfg``: ``('',)`` for a single
+    delivery, several names for a fan-out, ``()`` when the message has nothing for it."""
+    fn = connector_type(cfg.type).targets
+    if fn is None:
+        return SINGLE_TARGET
+    return tuple(dict.fromkeys(fn(cfg, stored)))
+
+
+def fans_out(cfg) -> bool:
+    return connector_type(cfg.type).targets is not None
