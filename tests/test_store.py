@@ -535,7 +535,7 @@ def test_duplicates_found_before_and_after_the_keys_are_merged(store_url, monkey
     DEDUP_MERGE_AT are held (3: a merge every other batch; 10,000: never in this test); a key
     is found wherever it is: merged, held, or written earlier in the same transaction. On
     PostgreSQL the setting does nothing and the same answers are expected."""
-    import engine.store.store as store_mod
+    import engine.store.dedup as store_mod
 
     monkeypatch.setattr(store_mod, "DEDUP_MERGE_AT", merge_at)
     s = Store(store_url)
@@ -573,7 +573,7 @@ def test_duplicates_found_before_and_after_the_keys_are_merged(store_url, monkey
 def test_duplicates_found_after_a_restart(store_url, monkeypatch, merge_at):
     """A new writer reads the keys written after the last merge back from messages: a resend
     after a restart (or a crash) is still a duplicate, merged or not."""
-    import engine.store.store as store_mod
+    import engine.store.dedup as store_mod
 
     monkeypatch.setattr(store_mod, "DEDUP_MERGE_AT", merge_at)
     s = Store(store_url)

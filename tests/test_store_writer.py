@@ -332,7 +332,7 @@ def test_checkpoints_keep_the_wal_below_the_journal_size_limit(sqlite_url, monke
     """The WAL is checkpointed by its estimated size (pages, not only message bytes), so it stays
     below journal_size_limit and is overwritten from its start rather than grown (an appending
     WAL makes every commit's fdatasync also journal the file size)."""
-    from engine.store import store as store_mod
+    from engine.store import writer as store_mod
 
     monkeypatch.setattr(store_mod, "CHECKPOINT_FORCE_BYTES", 4 * 1024 * 1024)
     s = Store(sqlite_url)

@@ -1,0 +1,216 @@
+"""Queue entries: claims with leases, completion, release, recovery, replay, and the document
+rules (chain keys, cancellation by a deletion). Claims on PostgreSQL lock the head rows with
+``FOR UPDATE SKIP LOCKED``; on SQLite write transactions start with ``BEGIN IMMEDIATE``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+
+from .models import (
+    ClaimedEntry,
+    EntrySpec,
+    UnknownMessage,
+)
+from .sql import COMPLETE_KIND, ENTRY_COLS, ENTRY_KEYS, EVENT_COLS, entry_row
+
+
+
+class QueueMixin:
+    """Queue operations of :class:`engine.store.Store`."""
+
+    def recover_in_flight(self) -> int:
+        now = time.time()
+        with self._write_tx() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT q.id, q.destination, q.message_id, m.channel, q.lease_owner "
+                "FROM queue_entries q JOIN messages m ON m.id = q.message_id "
+                "WHERE q.status = 'in_flight'")).all()
+            if not rows:
+                return 0
+            conn.execute(sa.text(
+                "UPDATE queue_entries SET status = 'queued', lease_owner = NULL, "
+                "lease_until = NULL, updated_at = :now WHERE status = 'in_flight'"), {"now": now})
+            conn.execute(
+                sa.text(f"INSERT INTO events ({EVENT_COLS}) VALUES "
+                        "(:at, 'recovered', :ch, :dest, :mid, :eid, :detail)"),
+                [{"at": now, "ch": r.channel, "dest": r.destination, "mid": r.message_id,
+                  "eid": r.id, "detail": json.dumps({"lease_owner": r.lease_owner})}
+                 for r in rows])
+            return len(rows)
+
+    def claim_due(self, destination: str, limit: int, owner: str, lease_seconds: float,
+                  now: float | None = None) -> list[ClaimedEntry]:
+        now = time.time() if now is None else now
+        lock = " FOR UPDATE OF q SKIP LOCKED" if not self._sqlite else ""
+        with self._write_tx() as conn:
+            ids = conn.execute(sa.text(
+                "SELECT q.id FROM queue_entries q JOIN ("
+                "  SELECT min(id) AS hid FROM queue_entries"
+                "  WHERE destination = :d AND status IN ('queued', 'in_flight')"
+                "  GROUP BY order_key) h ON q.id = h.hid "
+                "WHERE q.status = 'queued' AND q.next_attempt_at <= :now "
+                f"ORDER BY q.id LIMIT :lim{lock}"),
+                {"d": destination, "now": now, "lim": int(limit)}).scalars().all()
+            if not ids:
+                return []
+            conn.execute(
+                sa.text("UPDATE queue_entries SET status = 'in_flight', lease_owner = :o, "
+                        "lease_until = :lu, updated_at = :now WHERE id IN :ids")
+                .bindparams(sa.bindparam("ids", expanding=True)),
+                {"o": owner, "lu": now + lease_seconds, "now": now, "ids": list(ids)})
+            rows = conn.execute(
+                sa.text("SELECT q.id, q.message_id, q.destination, q.route, q.order_key, "
+                        "q.transforms, q.attempts, m.raw, m.control_id, m.message_type, m.channel, "
+                        "q.target, m.charset, q.doc_key, q.action "
+                        "FROM queue_entries q JOIN messages m ON m.id = q.message_id "
+                        "WHERE q.id IN :ids ORDER BY q.id")
+                .bindparams(sa.bindparam("ids", expanding=True)), {"ids": list(ids)}).mappings().all()
+        return [ClaimedEntry(id=r["id"], message_id=r["message_id"], destination=r["destination"],
+                             route=r["route"], order_key=r["order_key"], transforms=r["transforms"],
+                             attempts=r["attempts"], raw=bytes(r["raw"]), control_id=r["control_id"],
+                             message_type=r["message_type"], channel=r["channel"],
+                             target=r["target"], charset=r["charset"], doc_key=r["doc_key"],
+                             action=r["action"]) for r in rows]
+
+    def complete(self, entry_id: int, owner: str, *, status: str, attempts: int,
+                 next_attempt_at: float | None = None, last_error: str | None = None,
+                 response: bytes | None = None, payload: bytes | None = None) -> bool:
+        if status not in COMPLETE_KIND:
+            raise ValueError(f"complete(): invalid status {status!r}")
+        now = time.time()
+        if status == "queued" and next_attempt_at is None:
+            next_attempt_at = now
+        with self._write_tx() as conn:
+            row = conn.execute(sa.text(
+                "UPDATE queue_entries SET status = :s, attempts = :a, "
+                "next_attempt_at = COALESCE(:n, next_attempt_at), last_error = :e, "
+                "response = COALESCE(:r, response), payload = COALESCE(:p, payload), "
+                "lease_owner = NULL, lease_until = NULL, updated_at = :now "
+                "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o "
+                "RETURNING destination, message_id"),
+                {"s": status, "a": attempts, "n": next_attempt_at, "e": last_error,
+                 "r": response, "p": payload, "now": now, "id": entry_id, "o": owner}).first()
+            if row is None:
+                return False
+            detail: dict[str, Any] = {"attempts": attempts}
+            if last_error is not None:
+                detail["error"] = last_error[:500]
+            if status == "queued":
+                detail["next_attempt_at"] = next_attempt_at
+            conn.execute(sa.text(
+                f"INSERT INTO events ({EVENT_COLS}) SELECT :at, :kind, m.channel, :dest, m.id, "
+                ":eid, :detail FROM messages m WHERE m.id = :mid"),
+                {"at": now, "kind": COMPLETE_KIND[status], "dest": row.destination, "mid": row.message_id,
+                 "eid": entry_id, "detail": json.dumps(detail)})
+        return True
+
+    # -- documents: chain keys and deletions (inside a writer op's transaction) ---------------
+    @staticmethod
+    def document_chain_key(conn: sa.Connection, doc_ids: list[str]) -> str | None:
+        """The ``doc_key`` of the latest entry that carried one of these (hashed) document ids:
+        a replacement or a deletion joins the chain of the document it names."""
+        if not doc_ids:
+            return None
+        return conn.execute(
+            sa.text("SELECT doc_key FROM queue_entries WHERE doc_id IN :ids AND doc_key IS NOT NULL "
+                    "ORDER BY id DESC LIMIT 1").bindparams(sa.bindparam("ids", expanding=True)),
+            {"ids": list(doc_ids)}).scalar()
+
+    def cancel_for_deletion(self, conn: sa.Connection, message_id: int) -> int:
+        """A deletion (``action = 'delete'``) just stored as ``message_id``: for each of its
+        entries, the earlier entries of the same document, destination and target that were not
+        sent (queued, or parked in error) are cancelled; if nothing of that document was ever
+        sent there (nor is in flight), the deletion is cancelled too: there is nothing to
+        delete at the receiver. Returns the number of entries cancelled."""
+        now = time.time()
+        mine = conn.execute(sa.text(
+            "SELECT id, destination, target, doc_key FROM queue_entries "
+            "WHERE message_id = :m AND action = 'delete' AND doc_key IS NOT NULL"),
+            {"m": message_id}).mappings().all()
+        cancelled: list[tuple[int, int, str]] = []  # (entry id, message id, destination)
+        for e in mine:
+            earlier = conn.execute(sa.text(
+                "SELECT id, message_id, status FROM queue_entries WHERE destination = :d "
+                "AND doc_key = :k AND target = :t AND id < :id"),
+                {"d": e["destination"], "k": e["doc_key"], "t": e["target"], "id": e["id"]}).all()
+            unsent = [(r.id, r.message_id) for r in earlier if r.status in ("queued", "error")]
+            reached = any(r.status in ("sent", "in_flight") for r in earlier)
+            if not unsent:
+                continue
+            ids = [i for i, _m in unsent]
+            if not reached:
+                ids.append(e["id"])
+                unsent.append((e["id"], message_id))
+            conn.execute(
+                sa.text("UPDATE queue_entries SET status = 'cancelled', updated_at = :now, "
+                        "last_error = :why WHERE id IN :ids AND status IN ('queued', 'error')")
+                .bindparams(sa.bindparam("ids", expanding=True)),
+                {"now": now, "ids": ids, "why": f"cancelled by the deletion in message {message_id}"})
+            cancelled.extend((i, m, e["destination"]) for i, m in unsent)
+        if cancelled:
+            conn.execute(
+                sa.text(f"INSERT INTO events ({EVENT_COLS}) SELECT :at, 'cancelled', m.channel, :dest, "
+                        "m.id, :eid, :detail FROM messages m WHERE m.id = :mid"),
+                [{"at": now, "dest": d, "mid": m, "eid": i,
+                  "detail": json.dumps({"deletion_message_id": message_id})} for i, m, d in cancelled])
+        return len(cancelled)
+
+    def release(self, entry_id: int, owner: str) -> None:
+        with self._write_tx() as conn:
+            conn.execute(sa.text(
+                "UPDATE queue_entries SET status = 'queued', lease_owner = NULL, "
+                "lease_until = NULL, updated_at = :now "
+                "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o"),
+                {"now": time.time(), "id": entry_id, "o": owner})
+
+    def next_due_at(self, destination: str) -> float | None:
+        """Earliest ``next_attempt_at`` among the claimable heads (queued, first of their
+        order_key): entries blocked behind an in-flight or waiting head do not count."""
+        with self._read() as conn:
+            return conn.execute(sa.text(
+                "SELECT min(q.next_attempt_at) FROM queue_entries q JOIN ("
+                "  SELECT min(id) AS hid FROM queue_entries"
+                "  WHERE destination = :d AND status IN ('queued', 'in_flight')"
+                "  GROUP BY order_key) h ON q.id = h.hid WHERE q.status = 'queued'"),
+                {"d": destination}).scalar()
+
+    def replay(self, message_ids: list[int]) -> dict[int, int]:
+        ids = list(dict.fromkeys(int(i) for i in message_ids))
+        if not ids:
+            return {}
+        now = time.time()
+        expand = sa.bindparam("ids", expanding=True)
+        with self._write_tx() as conn:
+            chans = dict(conn.execute(
+                sa.text("SELECT id, channel FROM messages WHERE id IN :ids").bindparams(expand),
+                {"ids": ids}).all())
+            missing = [i for i in ids if i not in chans]
+            if missing:
+                raise UnknownMessage(f"unknown message id(s): {missing}")
+            # the latest entry of each (destination, target): a replay supersedes the earlier one
+            latest = conn.execute(sa.text(
+                "SELECT e.message_id, e.destination, e.route, e.order_key, e.transforms, e.target, "
+                "e.doc_key, e.doc_id, e.action FROM queue_entries e WHERE e.id IN ("
+                "  SELECT max(id) FROM queue_entries WHERE message_id IN :ids "
+                "  GROUP BY message_id, destination, target) ORDER BY e.id").bindparams(expand),
+                {"ids": ids}).mappings().all()
+            counts = {i: 0 for i in ids}
+            rows = []
+            for r in latest:
+                counts[r["message_id"]] += 1
+                spec = EntrySpec(r["destination"], r["route"], r["order_key"], r["transforms"],
+                                 r["target"], 0.0, r["doc_key"], r["doc_id"], r["action"])
+                rows.append(dict(zip(ENTRY_KEYS, entry_row(r["message_id"], spec, now))))
+            if rows:
+                conn.execute(sa.text(
+                    f"INSERT INTO queue_entries ({ENTRY_COLS}) VALUES "
+                    f"({', '.join(':' + k for k in ENTRY_KEYS)})"), rows)
+            for i in ids:
+                self._event(conn, "replay", channel=chans[i], message_id=i,
+                            detail={"entries": counts[i]}, at=now)
+        return counts

@@ -1,0 +1,182 @@
+"""The read model: what the CLI, ``/status`` and a console read (messages, entries, counts,
+submissions), on pooled read connections, never through the writer.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, TypeVar
+
+import sqlalchemy as sa
+
+
+from .models import (
+    EntryRow,
+    MessageRow,
+    MessageSummary,
+)
+from .schema import submissions
+from .sql import MSG_COLS, iso
+
+
+T = TypeVar("T")
+
+
+class ReadModelMixin:
+    """Reads of :class:`engine.store.Store`."""
+
+    def read(self, fn: Callable[[sa.Connection], T]) -> T:
+        """Run ``fn`` on a read connection (registry lookups, CLI): no writer involved."""
+        with self._read() as conn:
+            return fn(conn)
+
+    def get_message(self, message_id: int) -> MessageRow | None:
+        with self._read() as conn:
+            m = conn.execute(sa.text(f"SELECT {MSG_COLS} FROM messages WHERE id = :id"),
+                             {"id": message_id}).first()
+            if m is None:
+                return None
+            ents = conn.execute(sa.text(
+                "SELECT id, message_id, destination, route, status, order_key, transforms, "
+                "attempts, next_attempt_at, created_at, updated_at, lease_owner, lease_until, "
+                "last_error, response, payload, target, doc_key, action FROM queue_entries "
+                "WHERE message_id = :id ORDER BY id"), {"id": message_id}).mappings().all()
+        vals = dict(m._mapping)
+        vals["ack"] = bytes(vals["ack"])
+        vals["raw"] = bytes(vals["raw"])
+        entries = []
+        for e in ents:
+            ev = dict(e)
+            for k in ("response", "payload"):
+                ev[k] = None if ev[k] is None else bytes(ev[k])
+            entries.append(EntryRow(**ev))
+        return MessageRow(**vals, entries=entries)
+
+    def list_messages(self, *, limit: int = 100, offset: int = 0,
+                      channel: str | None = None) -> list[MessageSummary]:
+        """Newest first. ``status`` aggregates: the message status if rejected/filtered/conflict;
+        else over the latest entry per destination (a replay supersedes the earlier attempt):
+        'error' if any error, 'queued' if any queued/in_flight, else 'sent'."""
+        where = "WHERE channel = :ch" if channel is not None else ""
+        with self._read() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT m.id, m.channel, m.control_id, m.message_type, m.received_at, m.status, "
+                "m.sending_app, m.sending_facility, m.size, "
+                "  SUM(CASE WHEN e.status = 'error' THEN 1 ELSE 0 END), "
+                "  SUM(CASE WHEN e.status IN ('queued', 'in_flight') THEN 1 ELSE 0 END) "
+                "FROM (SELECT id, channel, control_id, message_type, received_at, status, "
+                "      sending_app, sending_facility, size FROM messages "
+                f"      {where} ORDER BY id DESC LIMIT :lim OFFSET :off) m "
+                "LEFT JOIN queue_entries e ON e.message_id = m.id AND e.id = ("
+                "  SELECT max(e2.id) FROM queue_entries e2 "
+                "  WHERE e2.message_id = m.id AND e2.destination = e.destination "
+                "  AND e2.target = e.target) "
+                "GROUP BY m.id, m.channel, m.control_id, m.message_type, m.received_at, m.status, "
+                "m.sending_app, m.sending_facility, m.size ORDER BY m.id DESC"),
+                {"ch": channel, "lim": int(limit), "off": int(offset)}).all()
+        out = []
+        for r in rows:
+            (mid, channel, control_id, message_type, received_at, status, app, facility, size,
+             errors, waiting) = r
+            if status not in ("rejected", "filtered", "conflict"):
+                if errors:
+                    status = "error"
+                elif waiting:
+                    status = "queued"
+                else:
+                    status = "sent"
+            out.append(MessageSummary(mid, channel, control_id, message_type, iso(received_at),
+                                      status, app, facility, size))
+        return out
+
+    def submission_row(self, message_id: int) -> dict | None:
+        """The stored submission row of a message (kind, submission JSON, validation, wrapped)."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(submissions).where(
+                submissions.c.message_id == message_id)).mappings().first()
+        if row is None:
+            return None
+        out = dict(row)
+        if out.get("wrapped") is not None:
+            out["wrapped"] = bytes(out["wrapped"])
+        return out
+
+    def latest_pacs_header(self, doc_key: str) -> dict | None:
+        """The CDA header of the latest PACS report wrapped without error for the same exam."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(submissions.c.cda_header)
+                               .where(submissions.c.doc_key == doc_key, submissions.c.kind == "pacs",
+                                      submissions.c.errors == 0)
+                               .order_by(submissions.c.message_id.desc()).limit(1)).first()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def stats(self) -> dict:
+        """Counts per channel and destination for the status endpoint, without scanning the
+        messages table at each call (a hospital's store holds millions of rows of about 2 KB).
+
+        Messages: their status is final once committed (a processing step sets it in the
+        insert's own transaction), so counts are kept here and only rows with a higher id than
+        the last call are counted. Ids grow in commit order because one writer inserts them
+        (SQLite: max(id) inside the write-locked transaction; PostgreSQL: sequence blocks taken
+        by that writer), so no row can appear below the mark later. Duplicates: the same with
+        the writer's 'duplicate' events. Queue entries change status, so they are counted each
+        time, from the (destination, status, ...) index alone; the oldest queued entry is the
+        one with the lowest id.
+        """
+        now = time.time()
+        with self._stats_lock, self._read() as conn:
+            msgs, dups = dict(self._stats_msgs), dict(self._stats_dups)
+            msg_mark, dup_mark = self._stats_msg_mark, self._stats_dup_mark
+            for chan, status, n, top in conn.execute(sa.text(
+                    "SELECT channel, status, count(*), max(id) FROM messages WHERE id > :w "
+                    "GROUP BY channel, status"), {"w": self._stats_msg_mark}).all():
+                msgs[(chan, status)] = msgs.get((chan, status), 0) + n
+                msg_mark = max(msg_mark, top)
+            for chan, n, top in conn.execute(sa.text(
+                    "SELECT channel, count(*), max(id) FROM events "
+                    "WHERE kind = 'duplicate' AND id > :w GROUP BY channel"),
+                    {"w": self._stats_dup_mark}).all():
+                dups[chan] = dups.get(chan, 0) + n
+                dup_mark = max(dup_mark, top)
+            counts = conn.execute(sa.text(
+                "SELECT destination, status, count(*) FROM queue_entries "
+                "GROUP BY destination, status")).all()
+            oldest = {}
+            for dest in {d for d, st, n in counts if st == "queued" and n}:
+                oldest[dest] = conn.execute(sa.text(
+                    "SELECT created_at FROM queue_entries WHERE id = (SELECT min(id) "
+                    "FROM queue_entries WHERE destination = :d AND status = 'queued')"),
+                    {"d": dest}).scalar()
+            # every query succeeded: keep the new counts and marks
+            self._stats_msgs, self._stats_dups = msgs, dups
+            self._stats_msg_mark, self._stats_dup_mark = msg_mark, dup_mark
+        msg = [(c, st, n) for (c, st), n in msgs.items()]
+        q = [(d, st, n, oldest.get(d) if st == "queued" else None) for d, st, n in counts]
+        channels: dict[str, dict] = {}
+
+        def ch(name):
+            return channels.setdefault(name, {"received": 0, "filtered": 0, "rejected": 0,
+                                              "duplicates": 0, "conflicts": 0})
+
+        for name, status, n in msg:
+            c = ch(name)
+            c["received"] += n
+            if status == "filtered":
+                c["filtered"] += n
+            elif status == "rejected":
+                c["rejected"] += n
+            elif status == "conflict":
+                c["conflicts"] += n
+        for name, n in dups.items():
+            c = ch(name)
+            c["duplicates"] += n
+            c["received"] += n
+        dests: dict[str, dict] = {}
+        for name, status, n, oldest in q:
+            d = dests.setdefault(name, {"queued": 0, "in_flight": 0, "sent": 0, "error": 0,
+                                        "filtered": 0, "cancelled": 0,
+                                        "oldest_queued_age_s": None})
+            d[status] = d.get(status, 0) + n
+            if status == "queued" and oldest is not None:
+                d["oldest_queued_age_s"] = max(0.0, now - oldest)
+        return {"channels": channels, "destinations": dests}

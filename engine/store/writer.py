@@ -1,0 +1,380 @@
+"""The group-commit writer: one thread, one connection, one transaction for everything queued.
+
+Durability contract: a callback of ``submit_ingest``/``submit`` runs only after the COMMIT holding
+its rows returned; if the transaction failed, every callback of it gets the exception.
+
+Writer (hot path)
+    One dedicated thread owns one connection. It sleeps until work is queued, drains *everything*
+    queued (while the previous COMMIT ran, producers kept queueing) and writes it in ONE
+    transaction, then runs the callbacks. After the callbacks it lingers at most
+    min(1 ms, the last transaction's time) until as many RECORDS as it just served plus those
+    queued at COMMIT time are queued: the producers it just answered resubmit within a round
+    trip, so the two halves of the closed-loop producers merge into one commit instead of
+    alternating in half-size batches. The count is in records, not jobs: the engine submits one
+    job per reactor turn holding several records (measured at 8 connections: 4.0 records per
+    commit without linger, 4.8 with the former job-counted 0.5 ms linger, 6.1 with this one;
+    +20 % msg/s). ``MINIPFI_WRITER_LINGER_S`` / ``MINIPFI_WRITER_LINGER_FACTOR`` tune it (0
+    disables). Counters (``batches``, ``batched_records``, ``busy_s``, ``linger_s``) are
+    logged when the writer stops.
+
+    * SQLite: ``BEGIN IMMEDIATE``, one dedup lookup (``IN``) for the batch (see "Duplicate
+      keys on SQLite"), message ids from ``max(id)`` read inside the write-locked transaction,
+      ``executemany`` on the sqlite3 cursor, COMMIT.
+    * PostgreSQL: message ids come from blocks of 1024 ``nextval`` values. The common case is
+      ONE statement in autocommit mode (atomic by itself, its COMMIT included): a CTE inserting
+      the messages whose dedup key does not exist within the window (correlated ``NOT EXISTS``
+      on the (dedup_key, received_at) index), their queue entries, and returning the inserted
+      ids; rows are passed as one JSON parameter (psycopg's Python-level array dumping cost
+      more than the commit). Records whose key existed, and repeats of a key inside the batch,
+      then go through the complete path (lookup + duplicate/conflict decisions + inserts) in a
+      regular transaction. If that second pass fails, every callback of the batch gets the
+      exception although the first pass is committed; a resend is then answered as a duplicate
+      with the stored ACK, which is what the sender would have got.
+
+    Failure: a database-level error (connection lost, database locked or read-only, failed
+    COMMIT) fails every callback of the batch, sets ``writer_healthy`` False and drops the
+    connection; the next batch reconnects. A non-database error raised by one job (a generic op
+    raising, an integrity error) makes the writer retry the batch's jobs one transaction each,
+    so only the offending job fails.
+
+SQLite settings (every connection): ``journal_mode=WAL``, ``synchronous=FULL`` (a COMMIT is on disk
+when it returns), ``busy_timeout=10000``, ``foreign_keys=ON``, ``journal_size_limit=64 MiB``,
+``page_size=4096`` for new files: with 8 KiB pages the 8-producer benchmark was about 10 % slower
+(more WAL bytes per small commit); 64 KiB pages tripled the commit time of small messages, so
+large (200 KB) ORU messages are not optimised at their expense.
+Checkpoints: the writer connection runs with ``wal_autocheckpoint=0`` (an automatic checkpoint
+runs inside the COMMIT, i.e. before the callbacks, and was the p99 source) and checkpoints
+(PASSIVE) itself after its callbacks once about 48 MiB went into the WAL, or when idle for 0.5 s
+after writing. Other connections keep SQLite's default autocheckpoint. The WAL volume is
+estimated from what a commit writes: whole pages, so a small message costs its bytes plus about
+one page (its share of the table, queue and index pages) and each commit about four more (page
+1, the queue table's and indexes' last leaves). Measured for a commit of 8 ADTs from 8 senders:
+22.6 WAL frames while ``messages`` had the dedup index (8 of its leaves per commit), about 11
+since migration 0005; the estimate (about 59 KB) stays above what is written. Counting only
+the message bytes (as before) let the WAL grow to about 150 MB between checkpoints, past
+``journal_size_limit``: SQLite then truncates it at each restart and every commit appends to a
+growing file, whose ``fdatasync`` also has to journal the new size (measured
+on this VM: 0.42 ms per 8-message commit appending, 0.24-0.34 ms overwriting a WAL kept below
+the limit; 0.56 against 0.47 ms per batch, checkpoints included). 48 MiB rather than 16: a
+checkpoint stalls the writer for a few milliseconds, and at 13k msg/s a 16 MiB WAL is
+checkpointed about 8 times a second, enough stalls to show in the p99 (32 connections: 9.4-10.7
+ms at 16 MiB, 4.1-5.5 ms at 48 MiB; same throughput).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable, TypeVar
+
+import sqlalchemy as sa
+
+from engine.logs import error_text
+
+from .models import (
+    IngestRecord,
+    IngestResult,
+)
+from .sql import is_db_level
+
+
+log = logging.getLogger('engine.store.store')
+
+T = TypeVar("T")
+
+SQLITE_PAGE_SIZE = 4096
+SQLITE_BUSY_TIMEOUT_MS = 10000
+WRITER_WAL_AUTOCHECKPOINT = 0
+CHECKPOINT_IDLE_S = 0.5
+CHECKPOINT_FORCE_BYTES = 48 * 1024 * 1024  # estimated WAL bytes (below JOURNAL_SIZE_LIMIT)
+WAL_PAGES_PER_RECORD = 1
+WAL_PAGES_PER_COMMIT = 4
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+PG_ID_BLOCK = 1024
+# SQLite: keys held in memory before they are written into dedup_index, in the transaction of
+# the batch that reaches the count. A merge writes about two leaves per sender, whatever the
+# count, so it must hold many keys per sender (a leaf holds about 60); 512 keys took 1.7 ms and
+# 2,048 took 6.9 ms (writer alone, 8 senders): one merge per 64 commits of 8 records, short
+# enough to stay out of the ACK p99 also at 32 connections (one per about 20 commits).
+
+WRITER_LINGER_MAX_S = float(os.environ.get("MINIPFI_WRITER_LINGER_S", "0.001"))
+WRITER_LINGER_FACTOR = float(os.environ.get("MINIPFI_WRITER_LINGER_FACTOR", "1.0"))
+
+
+class Job:
+    __slots__ = ("records", "op", "callback")
+
+    def __init__(self, records, op, callback):
+        self.records = records
+        self.op = op
+        self.callback = callback
+
+
+class BatchFailed(Exception):
+    def __init__(self, exc: BaseException, db_level: bool):
+        super().__init__(str(exc))
+        self.exc = exc
+        self.db_level = db_level
+
+
+class WriterMixin:
+    """The writer thread of :class:`engine.store.Store` (state set up by Store.__init__)."""
+
+    # ------------------------------------------------------------------ writer
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._writer_loop, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        """Flush everything submitted so far, then stop the writer thread."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._stopped = True
+        if self.batches:
+            log.info("store writer: %d batches, %.1f records/batch, %.3f ms/batch busy, "
+                     "%.1f s lingering", self.batches, self.batched_records / self.batches,
+                     1000 * self.busy_s / self.batches, self.linger_s)
+
+    def submit_ingest(self, records: list[IngestRecord],
+                      callback: Callable[[list[IngestResult] | BaseException], None]) -> None:
+        self._enqueue(Job(records, None, callback), len(records))
+
+    def submit(self, op: Callable[[sa.Connection], T],
+               callback: Callable[[T | BaseException], None]) -> None:
+        self._enqueue(Job(None, op, callback), 1)
+
+    def _enqueue(self, job: Job, records: int) -> None:
+        if self._stopped:
+            job.callback(RuntimeError("store writer is stopped"))
+            self._after_batch()
+            return
+        self._queue.append(job)
+        self._submitted += records
+        target = self._linger_target  # while lingering, only the target wakes the writer
+        if target is None or self._submitted - self._taken >= target:
+            self._wake.set()
+
+    def _writer_loop(self) -> None:
+        queue = self._queue
+        wake = self._wake
+        last_write = 0.0
+        while True:
+            idle_ckpt = self._sqlite and self._ckpt_bytes > 0
+            if not queue and not self._stopping:
+                woke = wake.wait(CHECKPOINT_IDLE_S if idle_ckpt else None)
+                if not woke and idle_ckpt and time.monotonic() - last_write >= CHECKPOINT_IDLE_S:
+                    self._checkpoint()
+                    continue
+            wake.clear()
+            jobs = []
+            pop = queue.popleft
+            while queue:
+                jobs.append(pop())
+            if not jobs:
+                if self._stopping:
+                    break
+                continue
+            t0 = time.monotonic()
+            served = 0
+            for job in jobs:
+                served += len(job.records) if job.records is not None else 1
+            self._taken += served
+            self._queued_at_commit = 0
+            try:
+                self._run_jobs(jobs)
+            except BaseException as exc:  # noqa: BLE001 - the writer must survive
+                # a bug, not a database error: nobody may wait forever for an answer
+                log.error("store writer: unexpected error: %s", error_text(exc))
+                failure = exc if isinstance(exc, Exception) else RuntimeError("store writer failed")
+                for job in jobs:
+                    self._callback(job, failure)
+            last_write = time.monotonic()
+            self.batched_records += served
+            self.busy_s += last_write - t0
+            # Linger, counted in RECORDS (the engine submits one job per reactor turn, holding
+            # every record of that turn, so a count of jobs says little): the producers just
+            # answered resubmit within a round trip, while those queued during the commit are
+            # already waiting. Waiting (briefly) until as many records as this batch plus those
+            # queued at COMMIT time are there merges the two halves of closed-loop producers
+            # into one commit instead of letting them alternate in half-size batches. The wait
+            # is bounded by min(linger, linger_factor x this transaction's time): a lone
+            # producer is never held longer than a commit costs. (Writing each reactor turn's
+            # records as they arrive, inside an open transaction, was tried: 5.6-6.1k msg/s
+            # against 6.6-7.9k for this, interleaved runs: a writer wake-up per reactor turn
+            # costs more than the inserts it moves off the critical path.)
+            target = served + self._queued_at_commit
+            lingering = bool(self.linger) and not self._stopping
+            if lingering:
+                # Set before the results go out: the producers they answer wake the writer
+                # only once the target is reached, not at each submit (every wake-up is a
+                # thread switch on the core the reactor also needs); and the reactor, woken by
+                # after_batch, then finds the writer already asleep instead of waiting for the
+                # GIL while it does this bookkeeping.
+                wake.clear()
+                self._linger_target = target
+            self._after_batch()
+            if lingering and self._submitted - self._taken < target:
+                deadline = last_write + min(self.linger, self.linger_factor * (last_write - t0))
+                try:
+                    while self._submitted - self._taken < target and not self._stopping:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        wake.wait(remaining)
+                        wake.clear()
+                finally:
+                    self._linger_target = None
+                self.linger_s += time.monotonic() - last_write
+            else:
+                self._linger_target = None
+            if self._sqlite and self._ckpt_bytes >= CHECKPOINT_FORCE_BYTES:
+                self._checkpoint()
+        self._close_wconn()
+
+    def _checkpoint(self) -> None:
+        self._ckpt_bytes = 0
+        try:
+            conn = self._writer_conn()
+            conn.connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("store writer: checkpoint failed: %s", type(exc).__name__)
+
+    def _writer_conn(self) -> sa.Connection:
+        if self._wconn is None:
+            conn = self._wengine.connect()
+            if self._sqlite:
+                try:
+                    raw = conn.connection.driver_connection
+                    raw.execute(f"PRAGMA wal_autocheckpoint={WRITER_WAL_AUTOCHECKPOINT}")
+                    self._load_recent_keys(raw)
+                except BaseException:
+                    conn.close()
+                    raise
+            self._wconn = conn
+            self._id_pool.clear()
+        return self._wconn
+
+    def _close_wconn(self) -> None:
+        conn, self._wconn = self._wconn, None
+        if conn is not None:
+            try:
+                conn.invalidate()
+            except Exception:  # noqa: BLE001
+                pass
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        try:
+            results = self._transaction(jobs)
+        except BatchFailed as failed:
+            if failed.db_level or len(jobs) == 1:
+                if failed.db_level:
+                    self.writer_healthy = False
+                for job in jobs:
+                    self._callback(job, failed.exc)
+                return
+            for job in jobs:  # isolate the offending job
+                self._run_jobs([job])
+            return
+        self.writer_healthy = True
+        self.batches += 1
+        self.batched_jobs += len(jobs)
+        self._queued_at_commit = self._submitted - self._taken
+        for job, res in zip(jobs, results):
+            self._callback(job, res)
+
+    def _after_batch(self) -> None:
+        """Run ``after_batch`` once every callback of a transaction has run (see __init__)."""
+        hook = self.after_batch
+        if hook is not None:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001
+                log.error("store writer: after_batch raised: %s", error_text(sys.exc_info()[1]))
+
+    @staticmethod
+    def _callback(job: Job, value) -> None:
+        try:
+            job.callback(value)
+        except Exception:  # noqa: BLE001
+            log.error("store writer: callback raised: %s", error_text(sys.exc_info()[1]))
+
+    def _transaction(self, jobs: list[Job]) -> list:
+        """Run ``jobs`` in one transaction and COMMIT; raise ``BatchFailed`` (rolled back)."""
+        phase = "connect"
+        trans = None
+        raw = None
+        self._phase_commit = False
+        self._staged_keys, self._staged_n, self._merging = {}, 0, False
+        try:
+            conn = self._writer_conn()
+            raw = conn.connection.driver_connection
+            ingest_idx = [i for i, job in enumerate(jobs) if job.op is None]
+            results: list = [None] * len(jobs)
+            if len(ingest_idx) == len(jobs):
+                # hot path: only ingests, straight on the DBAPI connection
+                ingest_jobs = jobs
+                phase = "begin"
+                if self._sqlite:
+                    raw.execute("BEGIN IMMEDIATE")
+                    phase = "execute"
+                    results = self._ingest(raw, jobs)
+                    self._merge_keys_if_due(raw)
+                    phase = "commit"
+                    raw.commit()
+                    self._keys_committed()
+                else:
+                    # Autocommit: the dedup lookup, then ONE statement writing every row of the
+                    # batch (atomic by itself, its COMMIT included): 2 round trips per batch.
+                    raw.autocommit = True
+                    try:
+                        phase = "execute"
+                        results = self._ingest_pg_fast(raw, jobs)
+                    finally:
+                        raw.autocommit = False
+                return results
+            phase = "begin"
+            trans = conn.begin()
+            phase = "execute"
+            for i, job in enumerate(jobs):
+                if job.op is not None:
+                    results[i] = job.op(conn)
+            if ingest_idx:
+                ingest_jobs = [jobs[i] for i in ingest_idx]
+                outs = self._ingest(raw, ingest_jobs)
+                for i, out in zip(ingest_idx, outs):
+                    results[i] = out
+            if self._sqlite:
+                self._merge_keys_if_due(raw)
+            phase = "commit"
+            trans.commit()
+            if self._sqlite:
+                self._keys_committed()
+            return results
+        except BaseException as exc:  # noqa: BLE001
+            if self._phase_commit:
+                phase = "commit"
+            db_level = phase != "execute" or is_db_level(exc)
+            try:
+                if trans is not None:
+                    trans.rollback()
+                elif raw is not None:
+                    raw.rollback()
+            except Exception:  # noqa: BLE001
+                db_level = True
+            if db_level:
+                self._close_wconn()
+            if not isinstance(exc, Exception):
+                raise
+            raise BatchFailed(exc, db_level) from exc
