@@ -28,7 +28,10 @@ Durations are stored as float seconds, sizes as int bytes (see :mod:`engine.dura
 paths are kept as written (relative paths are resolved by the caller). ``store_url`` is kept as
 written; the ``MINIPFI_DB_URL`` override is applied by the caller.
 
-Pure: imports pydantic, PyYAML and (lazily, for transform checks) ``engine.transforms``.
+Pure: imports pydantic and PyYAML only. What it cannot know by itself is given to it by the
+wiring module (``engine.wiring``): the destination types of the connectors
+(:func:`register_destination_type`) and the validator of transform specs
+(:func:`set_transform_validator`).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
 from pydantic import (
@@ -85,6 +88,7 @@ __all__ = [
     "config_fingerprint",
     "destination_types",
     "register_destination_type",
+    "set_transform_validator",
     "is_loopback",
     "load_config",
     "load_config_text",
@@ -327,6 +331,22 @@ class ReportsConfig(_Model):
     route_rejected: bool = False
 
 
+_transform_validator: Callable[[Any], list] | None = None
+
+
+def set_transform_validator(fn: Callable[[Any], list]) -> None:
+    """Given by the wiring module: ``fn(specs) -> [problem]`` (each with ``path`` and
+    ``message``), the transform registry's check of a route's ``transforms:`` list."""
+    global _transform_validator
+    _transform_validator = fn
+
+
+def validate_transform_specs(specs: Any) -> list:
+    if _transform_validator is None:
+        raise RuntimeError("transform specs cannot be checked: import engine.wiring first")
+    return _transform_validator(specs)
+
+
 class PacsReportsConfig(_Model):
     """Report messages from a PACS (ORU^R01 with a PDF in OBX ED, or TX/FT text) wrapped into a
     CDA R2 N1 "compte rendu d'imagerie" at reception; the destinations of such a message receive
@@ -342,9 +362,7 @@ class PacsReportsConfig(_Model):
     @field_validator("cda_wrap")
     @classmethod
     def _cda_wrap_params(cls, v):
-        from engine.transforms import validate_specs
-
-        problems = validate_specs([{"type": "cda_wrap", **v}])
+        problems = validate_transform_specs([{"type": "cda_wrap", **v}])
         if problems:
             raise ValueError("; ".join(f"{p.path.removeprefix('[0]').lstrip('.') or 'cda_wrap'}: {p.message}"
                                        for p in problems))
@@ -824,10 +842,8 @@ _SPEC_PATH_RE = re.compile(r"\[(\d+)\]|\.?([^.\[]+)")
 
 
 def _transform_problems(specs: list[dict], base: PathT, lines: _Lines) -> list[Problem]:
-    from engine.transforms import validate_specs  # lazy: keeps config importable on its own
-
     out = []
-    for sp in validate_specs(specs):
+    for sp in validate_transform_specs(specs):
         rel: list[str | int] = []
         for m in _SPEC_PATH_RE.finditer(sp.path):
             rel.append(int(m.group(1)) if m.group(1) is not None else m.group(2))

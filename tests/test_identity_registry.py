@@ -321,14 +321,21 @@ def test_postgresql_lookups_can_use_indexes(pg_url):
 # --- migration -----------------------------------------------------------------------------
 
 def test_migration_matches_metadata(store_url):
+    import importlib.util
+
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
 
-    from engine.identity.migration import downgrade_ops, upgrade_ops
+    from tests.conftest import ROOT
+
+    path = ROOT / "engine" / "store" / "migrations" / "versions" / "0002_identity_registry.py"
+    spec = importlib.util.spec_from_file_location("migration_0002", path)
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
 
     eng = sa.create_engine(store_url)
-    with eng.begin() as conn:
-        upgrade_ops(Operations(MigrationContext.configure(conn)))
+    with eng.begin() as conn, Operations.context(MigrationContext.configure(conn)):
+        migration.upgrade()
     insp = sa.inspect(eng)
     for table in identity_metadata.sorted_tables:
         cols = {c["name"]: c for c in insp.get_columns(table.name)}
@@ -341,8 +348,8 @@ def test_migration_matches_metadata(store_url):
     # The migrated schema works with the registry code.
     with eng.begin() as conn:
         assert apply_event(conn, parse_adt(adt()), message_id=1, policy=TEST_ENV).action == "created"
-    with eng.begin() as conn:
-        downgrade_ops(Operations(MigrationContext.configure(conn)))
+    with eng.begin() as conn, Operations.context(MigrationContext.configure(conn)):
+        migration.downgrade()
     assert not set(sa.inspect(eng).get_table_names()) & {"identities", "identity_identifiers",
                                                          "identity_history"}
     eng.dispose()

@@ -1,9 +1,10 @@
-"""Identity registry (issue 3): current identity state, identifiers and an append-only history.
+"""Identity registry (IHE PAM France identity feed): current identity state, identifiers and an
+append-only history.
 
 SQLAlchemy Core tables in their own :data:`identity_metadata`, so that the store's metadata is
-untouched. ``create_tables(engine)`` is for tests; in the engine the lead adds an Alembic
-migration that calls :func:`engine.identity.migration.upgrade_ops` (same tables, written out with
-``op.create_table`` so the migration stays frozen when this module changes).
+untouched. ``create_tables(engine)`` is for tests; in the engine the store's migration 0002
+creates the same tables, written out with ``op.create_table`` so that it stays frozen when this
+module changes.
 
 Every function takes a :class:`sqlalchemy.engine.Connection`; the caller owns the transaction
 (``with engine.begin() as conn: apply_event(conn, ...)``). Parsing and rules are pure

@@ -230,10 +230,3 @@ def build_chain(specs: list[dict]) -> Chain:
 def chain_from_json(transforms_json: str) -> Chain:
     """Cached :func:`build_chain` of a JSON list (``RouteTarget.transforms_json``)."""
     return build_chain(json.loads(transforms_json) if transforms_json else [])
-
-
-# Register the built-in transforms (must stay at the bottom: basic imports `register`).
-from engine.transforms import basic as _basic  # noqa: E402,F401
-from engine.transforms import cda_wrap as _cda_wrap  # noqa: E402,F401  (issue 4: PACS report -> CDA R2 N1)
-from engine.transforms import ins_enrich as _ins_enrich  # noqa: E402,F401  (issue 3: INS and strict traits from the identity registry)
-from engine.transforms import wrapped_report as _wrapped_report  # noqa: E402,F401  (issue 4: PACS reports)
