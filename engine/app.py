@@ -124,7 +124,7 @@ class Engine:
 
     def _start_channel(self, name, cfg) -> None:
         handler = MLLPChannel(name, cfg, self.config.engine, self.router, self.batcher, self.ack_ids,
-                              on_stored=self._wake_destinations)
+                              on_stored=self._wake_destinations, steps_for=wiring.channel_steps)
         handler.store = self.store
         factory = MLLPServerFactory(handler.handle, _limits(cfg), name, on_event=self._framing_event(name))
         port = listen(self.reactor, factory, cfg.port, cfg.bind, _tls_files(cfg.tls))

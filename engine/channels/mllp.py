@@ -69,7 +69,8 @@ class ChannelCounters:
 class MLLPChannel:
     """Frame handler for one inbound MLLP channel (``type: mllp`` in routes.yaml)."""
 
-    def __init__(self, name, cfg, engine_cfg, router, store_batcher, ack_ids, *, on_stored=None, clock=time.time):
+    def __init__(self, name, cfg, engine_cfg, router, store_batcher, ack_ids, *, on_stored=None,
+                 clock=time.time, steps_for=None):
         self.name = name
         self.cfg = cfg
         self.engine_cfg = engine_cfg
@@ -81,7 +82,10 @@ class MLLPChannel:
         self.counters = ChannelCounters()
         self.store_ok = True
         self.store = None  # set by the engine when a processing step needs writer-thread ops
-        self.steps = processing_steps(cfg, engine_cfg)
+        # steps_for(channel cfg, engine cfg) -> the ACK-deciding steps of this channel, in the
+        # order they are tried (first match); given by the wiring module
+        self.steps_for = steps_for or (lambda _cfg, _engine_cfg: [])
+        self.steps = self.steps_for(cfg, engine_cfg)
         self._wake_pending: set | None = None  # destinations to wake after this reactor turn
         # queue entries per route-target tuple without a per-message ordering key (read-only
         # for the store; emptied on reload)
@@ -90,7 +94,7 @@ class MLLPChannel:
     # routes.yaml reload: the handler picks up the new objects on the next frame
     def reconfigure(self, cfg, engine_cfg, router) -> None:
         self.cfg, self.engine_cfg, self.router = cfg, engine_cfg, router
-        self.steps = processing_steps(cfg, engine_cfg)
+        self.steps = self.steps_for(cfg, engine_cfg)
         self._entries_cache = {}
 
     def handle(self, payload: bytes, conn) -> PendingReply | defer.Deferred | bytes | None:
@@ -401,27 +405,6 @@ class _Answered:
 
     def __init__(self, stored, ack, outcome, routed):
         self.stored, self.ack, self.outcome, self.routed = stored, ack, outcome, routed
-
-
-def processing_steps(cfg, engine_cfg) -> list:
-    """The ACK-deciding steps enabled on a channel, in the order they are tried (first match)."""
-    steps = []
-    feed_cfg = getattr(cfg, "identity_feed", None)
-    if feed_cfg is not None and feed_cfg.enabled:
-        from engine.identity.feed import IdentityFeed
-
-        steps.append(IdentityFeed(feed_cfg, engine_cfg.environment))
-    rep_cfg = getattr(cfg, "reports", None)
-    if rep_cfg is not None and rep_cfg.enabled:
-        from engine.reports.processing import CisisReportStep
-
-        steps.append(CisisReportStep(rep_cfg))
-    pacs_cfg = getattr(cfg, "pacs_reports", None)
-    if pacs_cfg is not None and pacs_cfg.enabled:
-        from engine.reports.processing import PacsReportStep
-
-        steps.append(PacsReportStep(pacs_cfg))
-    return steps
 
 
 def _hl7apy_problem(payload: bytes, codec: str) -> str | None:

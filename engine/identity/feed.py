@@ -17,7 +17,7 @@ import re
 
 import sqlalchemy as sa
 
-from engine.channels.processing import Answer, StepResult, finish
+from engine.steps import Answer, StepResult, finish
 from engine.hl7.ack import AckError
 from engine.identity.ins import InsPolicy
 from engine.identity.model import IdentityError

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field, replace
 
 from engine import logs
-from engine.channels.processing import Answer, StepResult, finish
+from engine.steps import Answer, StepResult, finish
 from engine.hl7.ack import AckError
 from engine.identity.lookup import make_identity_lookup
 from engine.reports.documents import document_refs

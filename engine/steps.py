@@ -1,4 +1,7 @@
-"""Processing steps whose outcome decides the ACK (identity feed, report channels).
+"""The contract of processing steps whose outcome decides the ACK (identity feed, report steps).
+
+Steps are plug-ins of the inbound channel, wired in ``engine.wiring``; this module is what they
+share: the result type and :func:`finish`, which records the verdict through the store.
 
 A step runs in two parts. ``prepare`` (optional, in a thread: parsing, validation, registry reads)
 computes what the step needs without writing. ``make_op`` returns a writer-thread op that stores
