@@ -150,7 +150,7 @@ def host_steal(since=None):
 
 
 def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: str | None = None,
-                  channel_extra: str = ""):
+                  channel_extra: str = "", root: Path = ROOT):
     """A fresh engine (own SQLite file or PostgreSQL schema) with one channel routed to a disabled
     destination; ``channel_extra`` is YAML added under the channel (indented 12 spaces), e.g. an
     ``identity_feed`` or ``reports`` block. Returns (process, port, cleanup)."""
@@ -198,7 +198,9 @@ def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: st
         env.pop("MINIPFI_DB_URL", None)
     cmd = ["taskset", "-c", "0", sys.executable, "-m", "engine.cli", "run", "--config", str(cfg),
            "--data-dir", str(tmp / f"data-{label}")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    if root != ROOT:  # another source tree of the engine (--compare-tree): its code, our venv
+        env["PYTHONPATH"] = str(root)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(tmp / f"{label}.log", "w"))
     wait_port(port)
     end = time.time() + 30
@@ -259,6 +261,9 @@ def main() -> int:
     ap.add_argument("--peer", action="store_true", help="also measure python-hl7's asyncio MLLP server")
     ap.add_argument("--rate", type=float, default=1000.0, help="open-loop rate for the latency check (0 = skip)")
     ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--compare-tree", action="append",
+                    help="also measure the engine of this source tree on SQLite (same venv), e.g. a "
+                         "worktree of the previous commit: before/after figures in the same rounds")
     ap.add_argument("--log-level", default="info", help="mini-PFI log level (default: info, the engine's default)")
     ap.add_argument("--keep-logs", help="copy the servers' log files into this directory")
     ap.add_argument("--repeat", type=int, default=1,
@@ -275,6 +280,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="minipfi-bench-") as td:
         tmp = Path(td)
         servers = [("mini-pfi/" + b, b) for b in args.backends.split(",") if b]
+        for tree in args.compare_tree or []:  # e.g. a worktree of the previous commit
+            servers.append((f"mini-pfi/sqlite @{Path(tree).name}", "sqlite@" + str(Path(tree).resolve())))
         if args.peer:
             servers.append(("python-hl7 (not durable)", "peer"))
         for rnd in range(1, args.repeat + 1):
@@ -315,7 +322,10 @@ def _round(servers, tmp, conns, args, rnd) -> list[dict]:
                 proc, port = start_peer(tmp)
                 cleanup = lambda: None  # noqa: E731
             else:
-                proc, port, cleanup = start_minipfi(kind, tmp, args.log_level, label=f"{kind}-r{rnd}")
+                backend, _, tree = kind.partition("@")
+                proc, port, cleanup = start_minipfi(
+                    backend, tmp, args.log_level, label=f"{backend}-{len(started)}-r{rnd}",
+                    root=Path(tree) if tree else ROOT)
             started.append((label, kind, proc, port, cleanup))
             run_load(port, 4, args.warmup)
         slices = max(1, args.slices)
