@@ -36,6 +36,7 @@ from mllp.tls import TLSFiles, listen
 log = logs.get("engine.app")
 
 PID_FILE = "minipfi.pid"
+ERROR_TEXT_MAX = 300  # characters of an error text in a log event
 
 
 def resolve_store_url(config, data_dir: Path) -> str:
@@ -161,12 +162,12 @@ class Engine:
             log.error("config.reload_refused", path=str(self.config_path), problems=str(err))
             return False
         except Exception as exc:  # noqa: BLE001 - unreadable file and the like
-            log.error("config.reload_refused", path=str(self.config_path), problems=logs.safe(exc, 300))
+            log.error("config.reload_refused", path=str(self.config_path), problems=logs.safe(exc, ERROR_TEXT_MAX))
             return False
         try:
             self._apply(new)
         except Exception as exc:  # noqa: BLE001 - e.g. a new port already in use: keep what runs
-            log.error("config.reload_failed", error=logs.error_text(exc, 300))
+            log.error("config.reload_failed", error=logs.error_text(exc, ERROR_TEXT_MAX))
             return False
         self.last_reload = datetime.now(timezone.utc).isoformat()
         log.info("config.reloaded", fingerprint=self.config_fingerprint)
@@ -245,7 +246,7 @@ class Engine:
 
     def _stop_and_exit(self):
         d = self.shutdown()
-        d.addErrback(lambda f: log.error("engine.stop_failed", error=logs.error_text(f.value, 300)))
+        d.addErrback(lambda f: log.error("engine.stop_failed", error=logs.error_text(f.value, ERROR_TEXT_MAX)))
         d.addBoth(lambda _: self.reactor.stop())
 
 

@@ -567,9 +567,6 @@ class _ConfigBase(_Model):
         """The destination named ``name`` (KeyError if none)."""
         return self.destinations[name]
 
-    def routes_from(self, channel: str) -> list[Route]:
-        return [r for r in self.routes if r.source == channel]
-
 
 def _make_config():
     return create_model("Config", __base__=_ConfigBase, __module__=__name__,

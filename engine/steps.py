@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from engine.hl7.ack import AckError
-from engine.store import Stored
 
 
 @dataclass
@@ -47,7 +46,3 @@ def finish(store, conn, record, result, errors: list[AckError], answer: Answer, 
     store.set_verdict(conn, mid, ack=ack, ack_code=code, status=status, unroute=not routed,
                       error_code=(first_error.app_code or first_error.code) if first_error else None)
     return StepResult(result, ack, action, len(errors), outcome, routed)
-
-
-def is_stored(result) -> bool:
-    return isinstance(result, Stored)

@@ -17,6 +17,8 @@ from mllp.framing import encode_frame
 
 __all__ = ["OneShotError", "send_and_close"]
 
+MAX_UNSOLICITED = 65536  # bytes kept of whatever a receiver that should not answer sends anyway
+
 
 class OneShotError(Exception):
     """The message could not be handed over (connect failure, reset, timeout)."""
@@ -33,8 +35,8 @@ class _OneShot(Protocol):
         self.transport.loseConnection()  # after the buffered data is written
 
     def dataReceived(self, data: bytes) -> None:
-        if len(self.received) < 65536:  # whatever a peer says is kept, up to a bound
-            self.received += data[:65536 - len(self.received)]
+        if len(self.received) < MAX_UNSOLICITED:
+            self.received += data[:MAX_UNSOLICITED - len(self.received)]
 
     def connectionLost(self, reason=None) -> None:
         if self.done.called:

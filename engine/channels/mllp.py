@@ -39,6 +39,8 @@ _log_stored = logs.HotEvent("engine.channel", "message.stored",
 # the others are content errors -> AE/CE (HL7 v2.5 §2.9.2.2).
 _REJECT_CODES = frozenset({"200", "201", "202", "203", "206", "207"})
 
+ENTRIES_CACHE_SIZE = 1024  # route-target tuples whose entry lists are reused (cleared when full)
+ORDER_KEY_HEX = 16         # hex digits kept of the SHA-256 of an ordering key
 NO_REPLY = b""  # enhanced mode with MSH-15 NE/ER/SU: nothing is written, the connection stays open
 
 
@@ -52,7 +54,7 @@ def order_key_hash(raw: bytes, path: str | None) -> str:
         value = None
     if not value:
         return "-"
-    return hashlib.sha256(value.encode("utf-8", "replace") if isinstance(value, str) else value).hexdigest()[:16]
+    return hashlib.sha256(value.encode("utf-8", "replace") if isinstance(value, str) else value).hexdigest()[:ORDER_KEY_HEX]
 
 
 @dataclass
@@ -134,7 +136,7 @@ class MLLPChannel:
         if entries is None:
             entries = self._entries_for(payload, targets, NO_STORED_VIEW)
             if not any(t.ordering == "key" for t in targets):
-                if len(self._entries_cache) >= 1024:
+                if len(self._entries_cache) >= ENTRIES_CACHE_SIZE:
                     self._entries_cache.clear()
                 self._entries_cache[targets] = entries
         code = ack_code(msh, "accept")

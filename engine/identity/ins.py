@@ -26,8 +26,6 @@ from typing import Literal
 
 from .model import (
     INS_KIND_BY_OID,
-    OID_INS_NIA,
-    OID_INS_NIR,
     OID_INS_NIR_DEMO,
     OID_INS_NIR_TEST,
     IdentityEvent,
@@ -160,7 +158,6 @@ def check_sex_coherence(event: IdentityEvent) -> list[Violation]:
 # OID and environment
 # --------------------------------------------------------------------------------------------
 
-PRODUCTION_OIDS = frozenset({OID_INS_NIR, OID_INS_NIA})
 TEST_OIDS = frozenset({OID_INS_NIR_TEST, OID_INS_NIR_DEMO})
 
 
