@@ -75,6 +75,11 @@ def open_resources(folder: str | Path | None = None) -> Resources:
     return res
 
 
+def configured_folder(setting: str | None, routes_file: str | Path) -> Path | None:
+    """``engine.cda_resources`` as written in ``routes.yaml``, relative to that file; None: packaged."""
+    return Path(routes_file).parent / setting if setting else None
+
+
 def closure(root: Path, profiles: dict[str, str] = PROFILES) -> tuple[list[str], list[str]]:
     """``(files, missing)``: relative paths of the files the XSD and ``profiles`` use, and the
     references to files absent from ``root``."""
