@@ -90,7 +90,7 @@ class CdaValidator:
                  cache_dir: str | os.PathLike | None = None,
                  profiles: tuple[str, ...] = ("structurationMinimale", "IHE")) -> None:
         self.resources = res.open_resources(resources_dir)
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir = (Path(cache_dir) if cache_dir else default_cache_dir()).resolve()  # URIs in the XSLT
         self.profiles = profiles
         self._schema: etree.XMLSchema | None = None
         self._executables: dict[str, Any] | None = None
