@@ -211,6 +211,9 @@ def test_schematron_in_warn_mode_runs_after_the_ack_and_is_attached(tmp_path):
             time.sleep(0.5)
         assert val["schematron"] == "done", val
         assert len(val["documents"]) == 1 and "schematron_failures" in val["documents"][0]
+        # the generated stylesheets are cached in the engine's data directory
+        assert sorted(p.name.split("-")[0] for p in (eng.data_dir / "cache" / "cda").glob("*.xsl")) == \
+            ["IHE", "structurationMinimale"]
         assert ack_delay < 5.0  # the schematron compilation (about 12 s) is not on the ACK path
     finally:
         assert eng.stop() == 0
