@@ -144,3 +144,13 @@ def test_benchmark_validation(compiled, capsys):
         print(f"[bench] ORU {len(oru) // 1024} KB parse + extraction + XSD: {pipe * 1000:.1f} ms/msg"
               f" = {1 / pipe:.0f} msg/s")
     assert full_ms < 5000
+
+
+def test_document_type_checked_against_the_generated_jdv_j07(compiled):
+    """The value set missing upstream, generated into the cache from JDV_J07, is really read:
+    a document type outside it fails, the reference one passes."""
+    broken = _ref().replace('<code code="18748-4"', '<code code="99999-9"', 1)
+    report = compiled.validate(broken.encode())
+    assert not report.valid
+    assert any("1.2.250.1.213.1.1.5.471" in f["text"] for f in report.schematron_failures), \
+        _fail_texts(report)[:500]
