@@ -113,10 +113,11 @@ class CdaValidator:
 
     # ----------------------------------------------------------- schematron
     def _missing_value_set(self) -> Path:
-        """The JDV_J07 value set in the ART-DECOR form the schematron reads, written to the cache
-        (rewritten when the source value set changes)."""
-        out = self.cache_dir / "include" / MISSING_VOC
-        src = etree.parse(str(self.resources.path(res.J07)), safe_parser())
+        """The JDV_J07 value set in the ART-DECOR form the schematron reads, written to the cache in
+        a folder named after its source (two releases sharing a cache never overwrite each other)."""
+        source = self.resources.path(res.J07).read_bytes()
+        out = self.cache_dir / "include" / hashlib.sha256(source).hexdigest()[:16] / MISSING_VOC
+        src = etree.ElementTree(etree.fromstring(source, safe_parser()))
         codes = src.getroot().xpath("//svs:Concept/@code", namespaces={"svs": SVS_NS})
         root = etree.Element("{urn:hl7-org:v3}valueSets", nsmap={None: "urn:hl7-org:v3"})
         vs = etree.SubElement(root, "valueSet", nsmap={None: ""})
@@ -156,12 +157,6 @@ class CdaValidator:
         h.update(res.digest(root, files).encode())
         return h.hexdigest()[:16]
 
-    def _value_set_uri(self, sch: Path, ref: str, missing: Path | None) -> str:
-        target = (sch.parent / ref).resolve()
-        if not target.exists() and missing is not None and Path(ref).name == MISSING_VOC:
-            target = missing
-        return target.as_uri()
-
     def _generated_xslt(self, name: str) -> Path:
         sch = self.resources.path(PROFILES[name])
         needs_j07 = not (sch.parent / "include" / MISSING_VOC).exists() and self.resources.path(res.J07).exists()
@@ -187,17 +182,28 @@ class CdaValidator:
             xdm_node=proc.parse_xml(xml_text=etree.tostring(expanded, encoding="unicode")))
         gen = etree.fromstring(step3.encode("utf-8"), safe_parser())
         gen.set("version", "2.0")
-        # value sets: absolute URIs (the stylesheet lives in the cache, not next to the .sch)
-        for el in gen.iter():
-            if not isinstance(el.tag, str):
-                continue
-            for k, v in el.attrib.items():
-                if "doc" in v:
-                    el.set(k, res.DOC_RE.sub(
-                        lambda m: m.group(0) if ":" in m.group(1) else
-                        m.group(0).replace(m.group(1), self._value_set_uri(sch, m.group(1), missing)), v))
+        self._absolute_value_sets(gen, sch, missing)
         _write_atomic(out, etree.tostring(gen, encoding="utf-8"))
         return out
+
+    @staticmethod
+    def _absolute_value_sets(gen: etree._Element, sch: Path, missing: Path | None) -> None:
+        """``doc('include/voc-….xml')`` -> ``doc('file:///…')``: the stylesheet lives in the cache,
+        the value sets beside the top-level schematron (the generated one in the cache)."""
+        def absolute(m) -> str:
+            ref = m.group(1)
+            if ":" in ref:  # already a URI
+                return m.group(0)
+            target = (sch.parent / ref).resolve()
+            if not target.exists() and missing is not None and Path(ref).name == MISSING_VOC:
+                target = missing
+            return m.group(0).replace(ref, target.as_uri())
+
+        for el in gen.iter():
+            if isinstance(el.tag, str):
+                for k, v in el.attrib.items():
+                    if "doc" in v:
+                        el.set(k, res.DOC_RE.sub(absolute, v))
 
     def _processor(self):
         if self._proc is None:
