@@ -22,6 +22,8 @@ from pathlib import Path
 
 from lxml import etree
 
+from engine.cda.header import safe_parser as _parser
+
 PACKAGED = Path(__file__).resolve().parent / "resources"
 VERSION_FILE = "version.json"
 XSD = "infrastructure/cda/CDA_extended.xsd"
@@ -33,6 +35,7 @@ PROFILES = {
 #: JDV_J07 XdsTypeCode CI-SIS (SVS), source of the value set the structurationMinimale profile
 #: reads but the ANS repository lacks (see engine.cda.validation)
 J07 = "jeuxDeValeurs/JDV_J07_XdsTypeCode_CISIS.xml"
+_J07_OID = "1.2.250.1.213.1.1.5.471"
 
 _XS = "{http://www.w3.org/2001/XMLSchema}"
 _SCH = "{http://purl.oclc.org/dsdl/schematron}"
@@ -41,10 +44,6 @@ DOC_RE = re.compile(r"\bdoc(?:ument)?\(\s*'([^']+)'\s*\)")
 
 class ResourcesError(ValueError):
     """The folder does not hold the files validation needs."""
-
-
-def _parser() -> etree.XMLParser:
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 
 
 @dataclass(frozen=True)
@@ -124,9 +123,6 @@ def closure(root: Path, profiles: dict[str, str] = PROFILES) -> tuple[list[str],
         top = (root / path).resolve()
         sch(top, top)
     return sorted(rel(p) for p in seen), sorted(set(missing))
-
-
-_J07_OID = "1.2.250.1.213.1.1.5.471"
 
 
 def digest(root: Path, files: list[str]) -> str:
