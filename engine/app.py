@@ -95,6 +95,7 @@ class Engine:
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.cda_resources = self._configure_cda_validation()
         eng = self.config.engine
         url = resolve_store_url(self.config, self.data_dir)
         self.store = Store(url, dedup_window_seconds=float(eng.duplicates.window))
@@ -112,6 +113,19 @@ class Engine:
         self._write_pid()
         log.info("engine.started", version=self.version, channels=sorted(self.channels),
                  destinations=sorted(self.workers), data_dir=str(self.data_dir))
+
+    def _configure_cda_validation(self) -> dict:
+        """CDA validation resources: ``engine.cda_resources`` or the packaged ones; what is generated
+        from them is cached under the data directory. Read at start (a change needs a restart)."""
+        from engine.cda import resources, validation
+
+        folder = resources.configured_folder(self.config.engine.cda_resources, self.config_path)
+        try:
+            info = validation.configure(folder, self.data_dir / "cache" / "cda")
+        except resources.ResourcesError as err:
+            raise ConfigError([Problem("engine.cda_resources", None, str(err))], str(self.config_path)) from None
+        log.info("cda.resources", **info)
+        return info
 
     def _start_status(self) -> None:
         st = self.config.engine.status

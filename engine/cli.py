@@ -282,10 +282,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_cda(args) -> int:
-    """``cda validate FILE``: CDA XSD and CI-SIS schematrons (structurationMinimale, IHE)."""
-    from engine.reports.processing import cda_validator
+    """``cda validate FILE``: CDA XSD and CI-SIS schematrons (structurationMinimale, IHE), from
+    ``--resources`` or the packaged resources; generated stylesheets cached under the data directory."""
+    from engine.cda import validation
+    from engine.cda.resources import ResourcesError
 
-    rep = cda_validator().validate(Path(args.file).read_bytes(), schematron=not args.xsd_only)
+    try:
+        validation.configure(args.resources, _data_dir(args) / "cache" / "cda")
+    except ResourcesError as err:
+        print(f"minipfi cda validate: {err}", file=sys.stderr)
+        return 2
+    rep = validation.shared_validator().validate(Path(args.file).read_bytes(), schematron=not args.xsd_only)
     doc = rep.to_json()
     if args.json:
         print(json.dumps(doc, ensure_ascii=False, indent=1, default=str))
@@ -316,10 +323,29 @@ def cmd_reload(args) -> int:
 
 
 def cmd_version(args) -> int:
+    """The engine's version and the CDA validation resources' (those ``--config`` names, else packaged)."""
     from engine import __version__
+    from engine.cda.resources import ResourcesError, configured_folder, open_resources
 
-    print(f"minipfi {__version__}")
-    return 0
+    folder = None
+    if args.config:
+        from engine.config import ConfigError, load_config
+
+        try:
+            folder = configured_folder(load_config(args.config).engine.cda_resources, args.config)
+        except ConfigError as err:
+            print(str(err), file=sys.stderr)
+            return 2
+    try:
+        resources = open_resources(folder).info()
+    except ResourcesError as err:
+        resources = {"version": None, "source": str(folder), "error": str(err)}
+    if args.json:
+        print(json.dumps({"minipfi": __version__, "cda_resources": resources}, ensure_ascii=False))
+    else:
+        print(f"minipfi {__version__}")
+        print(f"CDA validation resources: {resources['version']} ({resources['source']})")
+    return 0 if "error" not in resources else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("file")
     cv.add_argument("--json", action="store_true")
     cv.add_argument("--xsd-only", action="store_true")
+    cv.add_argument("--resources", metavar="DIR",
+                    help="CDA XSD + CI-SIS schematrons folder (layout of the ANS release; default: packaged)")
+    data_opts(cv)
     cda.set_defaults(fn=cmd_cda)
 
     rl = sub.add_parser("reload", help="ask the running engine to reload its routes file")
@@ -394,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     rl.set_defaults(fn=cmd_reload)
 
     v = sub.add_parser("version")
+    v.add_argument("--config", help="routes file whose engine.cda_resources to report")
+    v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_version)
     return p
 

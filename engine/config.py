@@ -240,6 +240,9 @@ class EngineConfig(_Model):
     on_store_unavailable: Literal["nak", "close"] = "nak"
     shutdown_grace: Duration = 10.0
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    #: folder of CDA validation resources (CDA XSD, CI-SIS schematrons, value sets) with the layout
+    #: of the ANS release, e.g. a newer official one; relative to the routes file; None: packaged
+    cda_resources: str | None = None
 
 
 # --------------------------------------------------------------------------------------------

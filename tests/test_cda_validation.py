@@ -1,5 +1,6 @@
 """Official validation: CDA XSD on every official example, CI-SIS schematrons on the reference N1.
 
+The validator uses the resources packaged with the engine (the corpus still comes from ../shared).
 The schematron tests share one compiled validator per module (compilation of the
 structurationMinimale stylesheet takes ~10 s; the generated XSLT is cached on disk in a temp dir).
 """
@@ -10,8 +11,9 @@ import time
 
 import pytest
 
+from engine.cda.resources import PACKAGED
 from engine.cda.validation import CdaValidator
-from tests.conftest import CORPUS, SHARED
+from tests.conftest import CORPUS
 
 CDA_DIR = CORPUS / "cda"
 REF_N1 = CDA_DIR / "IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml"
@@ -20,7 +22,7 @@ OFFICIAL = sorted(CDA_DIR.glob("*.xml"))
 
 @pytest.fixture(scope="module")
 def validator(tmp_path_factory):
-    return CdaValidator(SHARED, cache_dir=tmp_path_factory.mktemp("cda-cache"))
+    return CdaValidator(cache_dir=tmp_path_factory.mktemp("cda-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +58,13 @@ def test_xsd_not_well_formed(validator):
 
 
 def test_missing_value_set_generated_in_cache(compiled):
-    voc = compiled.cache_dir / "include" / "voc-1.2.250.1.213.1.1.5.471-DYNAMIC.xml"
+    [voc] = compiled.cache_dir.glob("include/*/voc-1.2.250.1.213.1.1.5.471-DYNAMIC.xml")
     text = voc.read_text()
     assert text.count("<concept ") > 100 and 'code="18748-4"' in text
-    # nothing written into ../shared
-    assert not (SHARED / "specs" / "cisis-cda" / "schematrons" / "profils" / "structurationMinimale"
-                / "include" / voc.name).exists()
+    # nothing written into the packaged resources
+    assert compiled.resources.root == PACKAGED
+    assert not (PACKAGED / "schematrons" / "profils" / "structurationMinimale" / "include" / voc.name).exists()
+    assert not list(PACKAGED.rglob("*.xsl"))
 
 
 def test_reference_n1_schematron_clean(compiled):
@@ -141,3 +144,13 @@ def test_benchmark_validation(compiled, capsys):
         print(f"[bench] ORU {len(oru) // 1024} KB parse + extraction + XSD: {pipe * 1000:.1f} ms/msg"
               f" = {1 / pipe:.0f} msg/s")
     assert full_ms < 5000
+
+
+def test_document_type_checked_against_the_generated_jdv_j07(compiled):
+    """The value set missing upstream, generated into the cache from JDV_J07, is really read:
+    a document type outside it fails, the reference one passes."""
+    broken = _ref().replace('<code code="18748-4"', '<code code="99999-9"', 1)
+    report = compiled.validate(broken.encode())
+    assert not report.valid
+    assert any("1.2.250.1.213.1.1.5.471" in f["text"] for f in report.schematron_failures), \
+        _fail_texts(report)[:500]

@@ -21,7 +21,7 @@ from engine.transforms import TransformContext, build_chain
 from engine.transforms.cda_wrap import (
     CdaWrapError, DEFAULT_NOTICE, wrap_pacs_report,
 )
-from tests.conftest import ROOT, SHARED
+from tests.conftest import ROOT
 
 DATA = ROOT / "tests" / "data" / "pacs"
 ORU_PDF = (DATA / "oru_pdf.hl7").read_bytes()
@@ -58,7 +58,7 @@ def lookup(ipp, authority):
 
 @pytest.fixture(scope="module")
 def validator(tmp_path_factory):
-    v = CdaValidator(SHARED, cache_dir=tmp_path_factory.mktemp("cda-cache"))
+    v = CdaValidator(cache_dir=tmp_path_factory.mktemp("cda-cache"))
     v.warm_up()
     return v
 

@@ -161,7 +161,7 @@ def _qualified_a28() -> bytes:
             + "|".join(pid) + "\rPV1|1|N\r").encode()
 
 
-def test_pacs_pdf_report_becomes_a_valid_n1_submission(rig):
+def test_pacs_pdf_report_becomes_a_valid_n1_submission(rig, tmp_path):
     eng, receiver = rig
     with BlockingMLLPClient("127.0.0.1", eng.port, timeout=30) as c:
         code, errs = ack_fields(c.send(PACS_ORU.read_bytes().replace(b"PACS0001", b"P-NOID", 1)))
@@ -181,9 +181,9 @@ def test_pacs_pdf_report_becomes_a_valid_n1_submission(rig):
     cda = base64.b64decode(docs[0]["raw_bytes_b64"])
     pdf_in = (ROOT / "tests" / "data" / "pacs" / "minimal.pdf").read_bytes()
     assert base64.b64encode(pdf_in) in cda.replace(b"\n", b"").replace(b" ", b"")  # the PDF untouched
-    from engine.reports.processing import cda_validator
+    from engine.cda.validation import CdaValidator
 
-    report = cda_validator().validate(cda, schematron=True)
+    report = CdaValidator(cache_dir=tmp_path / "cda-cache").validate(cda, schematron=True)
     assert report.valid, (report.xsd_errors, report.schematron_failures[:5])
 
 
@@ -211,6 +211,9 @@ def test_schematron_in_warn_mode_runs_after_the_ack_and_is_attached(tmp_path):
             time.sleep(0.5)
         assert val["schematron"] == "done", val
         assert len(val["documents"]) == 1 and "schematron_failures" in val["documents"][0]
+        # the generated stylesheets are cached in the engine's data directory
+        assert sorted(p.name.split("-")[0] for p in (eng.data_dir / "cache" / "cda").glob("*.xsl")) == \
+            ["IHE", "structurationMinimale"]
         assert ack_delay < 5.0  # the schematron compilation (about 12 s) is not on the ACK path
     finally:
         assert eng.stop() == 0

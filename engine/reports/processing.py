@@ -43,23 +43,12 @@ APP_ERROR_LABELS = {
     "906": "Erreur Autre",
 }
 
-_validator = None
-_validator_lock = threading.Lock()
-
-
 def cda_validator():
-    """One compiled validator per process (the schematrons take about 12 s to compile)."""
-    global _validator
-    with _validator_lock:
-        if _validator is None:
-            import tempfile
-            from pathlib import Path
+    """The process's CDA validator: resources and cache folder set by the engine at start
+    (:func:`engine.cda.validation.configure`); compiled once (the schematrons take about 12 s)."""
+    from engine.cda.validation import shared_validator
 
-            from engine.cda.validation import CdaValidator
-
-            cache = Path(tempfile.gettempdir()) / "minipfi-cda-cache"
-            _validator = CdaValidator(cache_dir=cache)
-        return _validator
+    return shared_validator()
 
 
 def _issue_error(issue) -> AckError:

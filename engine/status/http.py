@@ -147,6 +147,8 @@ class StatusService:
             "ready": bool(eng.recovery_done and eng.store.writer_healthy and not eng.stopping),
             "config": {"path": str(eng.config_path), "fingerprint": eng.config_fingerprint,
                        "last_reload": eng.last_reload},
+            # CDA validation resources in use: {"version": ..., "source": "packaged" | folder}
+            "cda_resources": getattr(eng, "cda_resources", None),
             "channels": {},
             "destinations": {},
             # age of the store counts below (see STATS_COST_FACTOR)
