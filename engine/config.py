@@ -56,7 +56,6 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
-    create_model,
     field_validator,
     model_validator,
 )
@@ -535,9 +534,11 @@ def register_destination_type(model: type[_Model]) -> None:
     by the connector registry, so that config knows no connector. Rebuilds :class:`Config`."""
     (tag,) = typing.get_args(model.model_fields["type"].annotation)
     _DESTINATION_TYPES[tag] = model
-    global Config, DestinationConfig
+    global DestinationConfig
     DestinationConfig = _destination_union()
-    Config = _make_config()
+    # the same class, its destinations field retyped: isinstance and imports keep working
+    Config.model_fields["destinations"].annotation = dict[Name, DestinationConfig]
+    Config.model_rebuild(force=True)
 
 
 def destination_types() -> list[str]:
@@ -557,10 +558,11 @@ DestinationConfig = _destination_union()
 # --------------------------------------------------------------------------------------------
 
 
-class _ConfigBase(_Model):
+class Config(_Model):
     engine: EngineConfig = EngineConfig()
     channels: dict[Name, ChannelConfig] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
+    destinations: dict[Name, DestinationConfig] = Field(default_factory=dict)
 
     def channel(self, name: str):
         """The channel named ``name`` (KeyError if none)."""
@@ -569,14 +571,6 @@ class _ConfigBase(_Model):
     def destination(self, name: str):
         """The destination named ``name`` (KeyError if none)."""
         return self.destinations[name]
-
-
-def _make_config():
-    return create_model("Config", __base__=_ConfigBase, __module__=__name__,
-                        destinations=(dict[Name, DestinationConfig], Field(default_factory=dict)))
-
-
-Config = _make_config()
 
 
 def config_fingerprint(config) -> str:
