@@ -412,6 +412,11 @@ def processing_steps(cfg, engine_cfg) -> list:
 
         steps.append(IdentityFeed(feed_cfg, engine_cfg.environment))
     rep_cfg = getattr(cfg, "reports", None)
+    tlr_cfg = getattr(cfg, "teleradiology", None)
+    if tlr_cfg is not None and tlr_cfg.enabled:  # before the report steps: see its module docstring
+        from engine.reports.teleradiology_step import TeleradiologyStep
+
+        steps.append(TeleradiologyStep(tlr_cfg, rep_cfg))
     if rep_cfg is not None and rep_cfg.enabled:
         from engine.reports.processing import CisisReportStep
 
