@@ -118,6 +118,18 @@ def test_step_order_teleradiology_before_the_report_steps():
     assert isinstance(step, TeleradiologyStep) and isinstance(step.report_step, CisisReportStep)
 
 
+def test_sample_routes_yaml_checks_the_teleradiology_flows():
+    from engine.config import load_config
+
+    cfg = load_config(ROOT / "engine" / "routes.yaml")
+    ch = cfg.channel("mllp-in")
+    assert ch.teleradiology.enabled and not ch.teleradiology.route_rejected
+    steps = processing_steps(ch, cfg.engine)
+    assert [type(s).__name__ for s in steps] == [
+        "IdentityFeed", "TeleradiologyStep", "CisisReportStep", "PacsReportStep"]
+    assert all(steps[1].applies(read_msh(sample(n))) for n in (1, 2, 3, 4))
+
+
 # ----------------------------------------------------------------------------------- applies
 
 
