@@ -209,7 +209,7 @@ class _Conn:
     peer = "127.0.0.1:1"
 
 
-def run_step(store, raw: bytes, tlr="{enabled: true}", reports="{enabled: false}"):
+def run_step(store, raw: bytes, tlr="{enabled: true}", reports="{enabled: false}", codec="utf-8"):
     """What the channel does for a step, without the reactor: the record it builds, ``prepare``
     (here in the test thread), the writer op, the stored result."""
     cfg = load_config_text(config_text(tlr, reports))
@@ -220,8 +220,8 @@ def run_step(store, raw: bytes, tlr="{enabled: true}", reports="{enabled: false}
     msh = read_msh(raw)
     s = ch.steps[0]
     assert s.applies(msh)
-    prepared = s.prepare(raw, "utf-8", store)
-    op = s.make_op(store, record, prepared, "utf-8", ch._answer_factory(msh, 1767700000.0))
+    prepared = s.prepare(raw, codec, store)
+    op = s.make_op(store, record, prepared, codec, ch._answer_factory(msh, 1767700000.0))
     done, out = threading.Event(), []
     store.submit(op, lambda r: (out.append(r), done.set()))
     assert done.wait(30)
@@ -274,6 +274,14 @@ def test_broken_flow_is_answered_ae_stored_and_not_routed(store, flow, mutate, e
     m = store.get_message(res.result.message_id)
     assert (m.status, m.ack_code, m.error_code, m.entries) == ("rejected", "AE", expected[0][1], [])
     assert m.ack == res.ack and m.raw == raw                # stored as received, with the AE
+
+
+def test_8859_15_message_gets_its_ae_in_8859_15(store):
+    text = edit(sample(2), "ORC", 1, "XO").decode("utf-8").replace("UNICODE UTF-8", "8859/15")
+    res, _, _ = run_step(store, text.replace("\u2019", "'").encode("iso8859-15"), codec="iso8859-15")
+    ack = res.ack.decode("iso8859-15")
+    assert "|8859/15\r" in ack.split("\r")[0] + "\r" and "MSA|AE|TLR-F2-0001" in ack
+    assert "ERR||ORC^1^1|103^" in ack and "CI-SIS Volet Téléradiologie, Evènements déclenchants" in ack
 
 
 def test_broken_flow_routed_when_route_rejected(store):
