@@ -349,6 +349,18 @@ def validate_transform_specs(specs: Any) -> list:
     return _transform_validator(specs)
 
 
+class TeleradiologyConfig(_Model):
+    """CI-SIS "Volet Téléradiologie" flows (ORM^O01 NW/CA, ORU^R01 OK/OC, OMI^O23 SR with MSH-21
+    naming the profile) checked before the ACK (``engine.reports.teleradiology.check_tlr``): a flow
+    that breaks the guide gets AE with one ERR per finding (ERR-2 location, ERR-3 table 0357 code)."""
+
+    enabled: bool = False
+    message_types: list[MessageTypePattern] = Field(
+        default_factory=lambda: ["ORM^O01", "OMI^O23", "ORU^R01"], min_length=1)
+    profile: Annotated[str, Field(min_length=1)] = "CISIS_TLR_HL7_V2"
+    route_rejected: bool = False
+
+
 class PacsReportsConfig(_Model):
     """Report messages from a PACS (ORU^R01 with a PDF in OBX ED, or TX/FT text) wrapped into a
     CDA R2 N1 "compte rendu d'imagerie" at reception; the destinations of such a message receive
@@ -384,6 +396,7 @@ class MLLPChannelConfig(_Model):
     identity_feed: IdentityFeedConfig = IdentityFeedConfig()
     reports: ReportsConfig = ReportsConfig()
     pacs_reports: PacsReportsConfig = PacsReportsConfig()
+    teleradiology: TeleradiologyConfig = TeleradiologyConfig()
 
 
 CHANNEL_TYPES: tuple[type[_Model], ...] = (MLLPChannelConfig,)

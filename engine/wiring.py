@@ -15,6 +15,7 @@ from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig
 from engine.connectors.registry import ConnectorType, register
 from engine.identity.feed import IdentityFeed
 from engine.reports.processing import CisisReportStep, PacsReportStep
+from engine.reports.teleradiology_step import TeleradiologyStep
 from engine.transforms import basic, cda_wrap, ins_enrich, validate_specs, wrapped_report  # noqa: F401
 
 TRANSFORM_MODULES = (basic, cda_wrap, ins_enrich, wrapped_report)
@@ -31,12 +32,15 @@ wire()
 
 def channel_steps(cfg, engine_cfg) -> list:
     """The ACK-deciding processing steps enabled on a channel, in the order they are tried
-    (first match): identity feed, CI-SIS reports, PACS reports."""
+    (first match): identity feed, teleradiology flows, CI-SIS reports, PACS reports."""
     steps = []
     feed_cfg = getattr(cfg, "identity_feed", None)
     if feed_cfg is not None and feed_cfg.enabled:
         steps.append(IdentityFeed(feed_cfg, engine_cfg.environment))
     rep_cfg = getattr(cfg, "reports", None)
+    tlr_cfg = getattr(cfg, "teleradiology", None)
+    if tlr_cfg is not None and tlr_cfg.enabled:  # before the report steps: see its module docstring
+        steps.append(TeleradiologyStep(tlr_cfg, rep_cfg))
     if rep_cfg is not None and rep_cfg.enabled:
         steps.append(CisisReportStep(rep_cfg))
     pacs_cfg = getattr(cfg, "pacs_reports", None)

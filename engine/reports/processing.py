@@ -124,9 +124,13 @@ def _xml_documents(sub) -> list[bytes]:
 class _ReportStepBase:
     cfg = None
 
-    def make_op(self, store, record, prepared: Prepared, codec: str, answer: Answer):
+    def make_op(self, store, record, prepared: Prepared, codec: str, answer: Answer, *,
+                route_rejected: bool | None = None):
+        """``route_rejected``: None follows the block's setting (given by a composing step)."""
         cfg = self.cfg
         kind = self.kind
+        if route_rejected is None:
+            route_rejected = cfg.route_rejected
 
         def op(conn) -> StepResult:
             sub = prepared.submission
@@ -146,7 +150,7 @@ class _ReportStepBase:
                 validation=prepared.validation, wrapped=prepared.wrapped, doc_key=prepared.doc_key,
                 cda_header=prepared.cda_header)
             step = finish(store, conn, record, result, prepared.errors, answer,
-                          route_rejected=cfg.route_rejected, action=getattr(sub, "action", None) or kind)
+                          route_rejected=route_rejected, action=getattr(sub, "action", None) or kind)
             if refs is not None and refs.action == "delete" and step.routed:
                 store.cancel_for_deletion(conn, result.message_id)
             return step

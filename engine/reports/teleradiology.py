@@ -1,16 +1,20 @@
 """Checks of the CI-SIS "Téléradiologie" HL7 v2.5.1 flows (volet Téléradiologie, ANS).
 
-Guide: ``shared/specs/ig/teleradiologie/`` (below, file names of that folder):
+Guide: ANS, CI-SIS « Volet Téléradiologie », Volume 2 - Détail des transactions, and its annexes.
+Each rule below cites the guide's page (the short names in brackets, which the findings' texts
+also use) and section:
 
-* ``st-contraintes.md`` - common constraints: MSH (MSH-9, MSH-12 ``2.5.1``, MSH-17 ``FRA``,
-  MSH-18 ``UNICODE UTF-8`` or ``8859/15``, MSH-21 ``1.0^CISIS_TLR_HL7_V2``), PID-3/PID-5, PV1-2,
-  PV1-19 (required when PV1-2 is E, I, O or R);
-* ``st-profils.md`` - message structures (required segments per flow);
-* ``st_worklfow.md`` - trigger events: flow 1 ORM^O01 ORC-1 ``NW``, flow 2 ORM^O01 ORC-1 ``CA``,
-  flow 3 ORU^R01 ORC-1 ``OK``/``OC``, flow 4 OMI^O23 ORC-1 ``SR``;
-* ``st_flux1.md`` .. ``st_flux4.md`` - ORC / OBR / TQ1 / IPC / OBX constraints per flow;
-* ``table_obr.md`` (OBR-4 codes, ``TLR_OBR_PROCEDURE``), ``table_obs.md`` (OBX-3 codes,
-  ``TLR_OBSERVATION``), ``sub-id.md`` (OBX-4 ``n.m`` when several OBX share an OBX-3).
+* [st-contraintes] « Contraintes communes à l'ensemble des messages »: MSH (MSH-9, MSH-12
+  ``2.5.1``, MSH-17 ``FRA``, MSH-18 ``UNICODE UTF-8`` or ``8859/15``, MSH-21
+  ``1.0^CISIS_TLR_HL7_V2``), PID-3/PID-5, PV1-2, PV1-19 (required when PV1-2 is E, I, O or R);
+* [st-profils] « Profils de message »: message structures (required segments per flow);
+* [st_worklfow] « Evènements déclenchants »: flow 1 ORM^O01 ORC-1 ``NW``, flow 2 ORM^O01 ORC-1
+  ``CA``, flow 3 ORU^R01 ORC-1 ``OK``/``OC``, flow 4 OMI^O23 ORC-1 ``SR``;
+* [st_flux1] .. [st_flux4] « Flux 1 » .. « Flux 4 »: ORC / OBR / TQ1 / IPC / OBX constraints per
+  flow;
+* annexes [table_obr] « Table TLR_OBR_PROCEDURE » (OBR-4 codes), [table_obs] « Table
+  TLR_OBSERVATION » (OBX-3 codes), [sub-id] « Utilisation du champ OBX-4 » (OBX-4 ``n.m`` when
+  several OBX share an OBX-3).
 
     result = check_tlr(raw)               # raw bytes of one message, CR, LF or CRLF separated
     result.flow                           # 1, 2, 3, 4 or None (not a teleradiology flow)
@@ -21,8 +25,10 @@ Guide: ``shared/specs/ig/teleradiologie/`` (below, file names of that folder):
 101 required field missing, 102 data type error, 103 value not in the guide's table/fixed value,
 200/201 message type/event, 203 version, 207 other rule of the guide (consistency between fields).
 ``location`` is an ERR-2 (ERL) string ``SEG^occurrence^field[^repetition^component]``, e.g.
-``ORC^1^1`` or ``MSH^1^21^1^2``. ``text`` names the guide file and section; it never quotes
-patient data (only code values such as ORC-1 or OBR-4.1 are echoed).
+``ORC^1^1`` or ``MSH^1^21^1^2``. ``text`` names the guide's page (``st_flux1.md`` …) and
+section; it never quotes patient data (only code values such as ORC-1 or OBR-4.1 are echoed).
+The channel step (:mod:`engine.reports.teleradiology_step`) writes these texts into ERR-8 with
+the published section names instead of the page names.
 
 Pure: no I/O, stdlib only. Only rules the guide states clearly are checked; value sets held
 outside the guide (JDV_*, table 0203) are not.
