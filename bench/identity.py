@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Durable identity-feed throughput (issue 3): ADT/s with the IHE PAM France feed, against plain
+"""Durable identity-feed throughput: ADT/s with the IHE PAM France feed, against plain
 ingest of the same ADTs by the same engine, measured in the same run.
 
 Closed loop, like ``bench/ingest.py`` (whose helpers this imports): N connections (default 8), each
@@ -15,7 +15,7 @@ For each backend, two fresh engines (new SQLite file / new PostgreSQL schema) ru
 * ``identity``: ``identity_feed`` enabled: the same, plus parse, INS rules and the registry
   upsert with its history row, in the same transaction, before the ACK.
 
-The engine is pinned to CPU 0, the load generator to CPU 1 (``notes/performance.md`` method), with
+The engine is pinned to CPU 0, the load generator to CPU 1 (server and load generator on separate cores), with
 its logs at ``info`` going to a file; the ADT route goes to a disabled destination (no delivery
 traffic), as in ``bench/ingest.py``.
 

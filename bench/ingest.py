@@ -6,7 +6,7 @@ MSH-10 it sent (unique per message), then sends the next. Reports msg/s and ACK 
 An open-loop mode (``--rate``) offers a fixed message rate and reports the ACK latency at that load.
 
 The server under test runs in its own process pinned to CPU 0, the load generator on CPU 1
-(notes/performance.md method). mini-PFI runs at the engine's default log level (``info``: one JSON
+(server and load generator never compete for one core). mini-PFI runs at the engine's default log level (``info``: one JSON
 event per stored message) with its logs going to a file, as a user runs it. mini-PFI runs with a route to a disabled destination, so each
 message costs what a real one does at ingest (message row + one queue entry + the stored ACK, one
 group commit) without delivery traffic. python-hl7's server stores nothing (not durable).

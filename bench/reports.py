@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Report channel benchmark (issue 4): an ORU^R01 carrying a ~200 KB CDA, over MLLP, durable.
+"""Report channel benchmark: an ORU^R01 carrying a ~200 KB CDA, over MLLP, durable.
 
 Measures, in one run:
 * closed-loop msg/s and ACK p50/p99 at N connections for the CI-SIS report step (parse, extract

@@ -293,7 +293,7 @@ class ValidationConfig(_Model):
 
 
 class IdentityFeedConfig(_Model):
-    """IHE PAM France identity feed on a channel (issue 3): ADTs update the identity registry in
+    """IHE PAM France identity feed on a channel: ADTs update the identity registry in
     the same transaction as the message, and the ACK reports the INS rules they break."""
 
     enabled: bool = False
@@ -303,13 +303,13 @@ class IdentityFeedConfig(_Model):
     vali_counts_as_qualified: bool = True  # ANS PAM FR 2.11 examples send VALI with an INS
     rule11_answer: Literal["warning", "error"] = "error"  # REF-INS rule 11: 00 as birth day/month
     # INS with an unqualified identity (PID-32 PROV/RECUP/..., DOUT/FICT): AE (error) or AA + W;
-    # the INS is not taken either way (issue 3 item 3, "unqualified status with INS")
+    # the INS is not taken either way (Référentiel INS, [EXI SI 08]: INS with a qualified identity only)
     unqualified_ins_answer: Literal["warning", "error"] = "error"
     route_rejected: bool = False  # an ADT answered AE is stored; route it onward anyway?
 
 
 class CdaValidationConfig(_Model):
-    """Official CDA validation of the documents a report message carries (issue 4): the CDA XSD
+    """Official CDA validation of the documents a report message carries: the CDA XSD
     before the ACK (about 1 ms per document), the CI-SIS schematrons (about 200 ms per document)
     before the ACK only when failures are rejected, else after it, the result attached to the
     stored submission."""

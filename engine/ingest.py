@@ -4,7 +4,7 @@ The reactor thread never waits on the database. The first record of a turn sched
 the end of the turn (``EngineReactor.call_after_io``; ``callLater(0)`` on another reactor), which
 runs after the reactor has handled all the I/O of that turn, so one batch holds every frame that
 arrived together. The store's writer thread
-merges batches that queue up while a commit is running (notes/performance.md, lessons 1 and 3) and
+merges batches that queue up while a commit is running (group commit: one fsync for every message that arrived while the previous one ran) and
 calls back from its own thread; the results are handed back to the reactor through one queue
 drained by one ``callFromThread`` per commit (the store's ``after_batch`` hook), not one per
 batch: a commit often holds the batches of several reactor turns, and each wake-up of the reactor

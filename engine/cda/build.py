@@ -1,10 +1,9 @@
 """Build a CDA R2 level 1 (N1) imaging report, "compte rendu d'imagerie médicale" (IMG-CR-IMG).
 
 Model: CI-SIS "Volet Compte rendu d'imagerie médicale" 2024.01, level 1 (document non structuré,
-PDF body). The reference reproduced here element by element is the ANS example
-``corpus/cda/IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml``; the header rules are those of the CI-SIS
-"Structuration minimale des documents de santé" (templateId ``1.2.250.1.213.1.1.1.1``), summed up
-in ``shared/notes/french-specs.md`` § 3 "CR d'imagerie (IMG-CR-IMG), CDA R2 level 1".
+PDF body). The reference reproduced here element by element is the ANS example published with
+that model, ``IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml``; the header rules are those of the CI-SIS
+"Structuration minimale des documents de santé" (templateId ``1.2.250.1.213.1.1.1.1``).
 
 * Exactly the 3 N1 templateIds (HL7 France, CI-SIS structuration minimale, IHE XDS-SD / CDA N1):
   in the 2024.01 N1 example the IMG-CR-IMG model templateId is commented out ("Dans un document

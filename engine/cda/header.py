@@ -19,7 +19,7 @@ from lxml import etree
 NS = {"h": "urn:hl7-org:v3", "ps3-20": "urn:dicom-org:ps3-20"}
 H = "{urn:hl7-org:v3}"
 
-#: INS OIDs (README of shared/, CI-SIS annexe INS): NIR, NIA, test NIR, demo NIR
+#: INS OIDs (CI-SIS, "Annexe - INS dans les documents CDA"): NIR, NIA, test NIR, demo NIR
 INS_OIDS = {
     "1.2.250.1.213.1.4.8": "INS-NIR",
     "1.2.250.1.213.1.4.9": "INS-NIA",

@@ -2,8 +2,7 @@
 
 Why: a PACS may send its report as text (OBX TX/FT); the CDA R2 N1 body of the CI-SIS
 IMG-CR-IMG 2024.01 model is a PDF (``nonXMLBody``, IHE XDS-SD, PDF/A-oriented; the CI-SIS texts
-stored here do not fix the PDF/A level, ``shared/notes/french-specs.md`` § 3 "PDF/A" recommends
-PDF/A-1b or 2b). The Ségur imaging requirements ask that the report carry the GDPR/CNIL
+do not fix the PDF/A level; IHE XDS-SD and the DMP's document rules accept PDF/A-1b or 2b). The Ségur imaging requirements ask that the report carry the GDPR/CNIL
 patient-information notice; it is configurable and printed at the bottom of the last page.
 
 PDF/A-2B with fpdf2 (pinned 2.8.9, pure Python, ``FPDF(enforce_compliance="PDF/A-2B")``):

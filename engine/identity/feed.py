@@ -1,4 +1,4 @@
-"""IHE PAM France identity feed on an MLLP channel (issue 3).
+"""IHE PAM France identity feed on an MLLP channel.
 
 An ADT is applied to the identity registry in the same database transaction that stores the
 message, so the registry and the message store never disagree, and the ACK can say which INS rule

@@ -4,18 +4,17 @@ Each rule cites its source. Short names used below:
 
 * ``REF-INS`` = ANS "Référentiel INS" and "Guide d'implémentation de l'identité INS dans les
   logiciels" (the INS implementation guide; its rule numbers are quoted by the Ségur imaging
-  requirements). Not in ``shared/specs``: the rules are taken as quoted in issue 3 and in
-  ``shared/notes/french-specs.md`` §1 "INS rules relevant to the engine".
-* ``PAMFR`` = IHE PAM National Extension France 2.11 (ANS examples in
-  ``shared/corpus/ans-hl7v2``; digest ``french-specs.md`` §1).
+  requirements, "exigences" EXI SI xx).
+* ``PAMFR`` = IHE PAM National Extension France 2.11 (and the ANS example messages published
+  with it).
 * ``FRCORE`` = Interop'Santé FHIR FR Core: INS OIDs (``FRCorePatientINSProfile.fsh``) and identity
   statuses (``fr-core-cs-identity-status``, ``fr-core-vs-identity-reliability-ins-status``).
 * ``INSEE-NIR`` = the INSEE NIR structure (https://www.insee.fr/en/metadonnees/definition/c1409,
   http://xml.insee.fr/schema/nir.html): 1 sex digit, 2 year, 2 month, 5 birth place (department
   + commune, ``2A``/``2B`` for Corsica), 3 order number, 2-digit key.
-* ``SEGUR-IMG`` = the Ségur vague 2 imaging requirements, as quoted in issue 3.
+* ``SEGUR-IMG`` = the Ségur du numérique vague 2 imaging requirements (identity feed and INS).
 * ``CDA-SCH`` = the CI-SIS CDA schematron that requires the strict traits when an INS root is
-  present (``french-specs.md`` §1 "INS rules").
+  present (CI-SIS "Modèles de contenus CDA", structurationMinimale, recordTarget).
 
 Texts of :class:`Violation` never contain patient data (PHI rule, ``docs/architecture.md``).
 """
@@ -50,7 +49,7 @@ class InsPolicy:
       taken) or ``"error"`` (AE, INS not taken).
     * ``unqualified_ins_answer`` (default ``"error"``): severity of an INS sent with an identity
       that is not qualified (PID-32 ``PROV``, ``RECUP``, ... or attribute ``DOUT``/``FICT``):
-      issue 3 item 3 and its test list ("unqualified status with INS") treat it as a rule break,
+      REF-INS [EXI SI 08] (an INS is used only with a qualified identity) makes it a rule break,
       answered AE; ``"warning"`` answers AA with an ERR of severity W. The INS is not taken
       either way.
     """
@@ -197,7 +196,7 @@ def is_qualified(event: IdentityEvent, policy: InsPolicy) -> bool:
 
 def check_status(event: IdentityEvent, policy: InsPolicy) -> list[Violation]:
     """Status rules for an event that carries an INS (FRCORE, REF-INS [EXI SI 08]). Severity
-    per ``policy.unqualified_ins_answer`` (E by default: issue 3 item 3); the INS is never taken."""
+    per ``policy.unqualified_ins_answer`` (E by default, REF-INS [EXI SI 08]); the INS is never taken."""
     st = event.status
     if event.ins is None:
         if st.code == "QUAL":
@@ -258,8 +257,8 @@ def check_rule11(event: IdentityEvent, policy: InsPolicy) -> list[Violation]:
 
 
 def check_birth_date(event: IdentityEvent, policy: InsPolicy) -> list[Violation]:
-    """HL7 v2.5 PID-7 (TS) must be a real calendar date (issue 3: "the birth date must be a real
-    date"). A 00 day/month is reported by :func:`check_rule11` instead when an INS is present.
+    """HL7 v2.5 PID-7 (TS) must be a real calendar date (HL7 v2.5 §2.A.74 TS/DTM; SEGUR-IMG: the
+    birth date is a strict trait). A 00 day/month is reported by :func:`check_rule11` instead when an INS is present.
     """
     t = event.traits
     raw = t.birth_date_raw

@@ -1,7 +1,7 @@
 """Pure data models of an IHE PAM France identity event (no I/O, no database).
 
-Field sources (PAM FR = IHE PAM National Extension France 2.11, digest in
-``shared/notes/french-specs.md`` section 1; examples in ``shared/corpus/ans-hl7v2``):
+Field sources (PAM FR = IHE PAM National Extension France 2.11, segment PID and the ZBE/ZFA/ZFD
+segments; examples in the ANS "Jeux de données HL7 v2" published with it):
 
 * PID-3 CX repetitions: IPP (CX-5 ``PI``, CX-4 = namespace & FINESS & ``M``/``N``) and the
   INS matricule (CX-5 ``INS``, CX-4 = ``ASIP-SANTE-INS-NIR&<OID>&ISO``, CX-7 effective date).

@@ -1,4 +1,4 @@
-"""Report channels (issue 4): what happens to a report message between reception and its ACK.
+"""Report channels: what happens to a report message between reception and its ACK.
 
 * :class:`CisisReportStep`: an ORU^R01 / MDM^T02/T04/T10 following the CI-SIS guide
   "Transmission de documents CDA-R2 en HL7 v2" v2.1 (MSH-21 ``2.1^CISIS_CDA_HL7_V2``). It is

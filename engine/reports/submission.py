@@ -1,4 +1,4 @@
-"""Canonical submission of a report message (issue 4, item 2).
+"""Canonical submission of a report message: what the CI-SIS message says, in one model.
 
 One ``Submission`` per ORU^R01 / MDM^T02/T10/T04 message of the CI-SIS guide "Transmission de
 documents CDA-R2 en HL7 v2" v2.1. It carries everything the DMP, MSSanté and DRIMbox connectors
@@ -193,7 +193,7 @@ class Submission(_Model):
         return not self.errors
 
     def to_inspect_json(self, *, include_bytes: bool = False) -> dict[str, Any]:
-        """The ``minipfi inspect --json`` view (issue 4, item 7), plus a few useful extras."""
+        """The ``minipfi inspect --json`` view, plus a few useful extras."""
         docs = []
         for d in self.documents:
             item = {"id": d.id, "type_code": d.type_code, "level": d.level, "sha256": d.sha256,

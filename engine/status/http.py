@@ -1,7 +1,7 @@
 """Status endpoint for hospital IT: ``/health``, ``/ready``, ``/status`` (JSON).
 
 Authentication happens on the request headers, before any body byte is read or parsed (lesson of
-Mirth CVE-2023-43208, notes/reliability-security-ops.md §3.1): a request without the bearer token is
+Mirth CVE-2023-43208, a pre-authentication deserialisation of the request body): a request without the bearer token is
 answered 401 and its connection closed as soon as its headers are complete. The endpoints are
 read-only GETs; any request body is refused. A token is required whenever one is configured, and
 configuration refuses a non-loopback bind without one.
