@@ -48,11 +48,12 @@ def config(port, status_port, dest_port, hold):
 
 
 @pytest.fixture
-def rig(tmp_path, request):
+def rig(tmp_path, request, db_url):
     hold = getattr(request, "param", "3s")
     receiver = Receiver()
     port, status_port = free_port(), free_port()
-    eng = EngineProcess(tmp_path, config(port, status_port, receiver.port, hold), status_port=status_port)
+    eng = EngineProcess(tmp_path, config(port, status_port, receiver.port, hold), db_url=db_url,
+                        status_port=status_port)
     eng.port = port
     eng.start()
     yield eng, receiver
