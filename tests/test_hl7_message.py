@@ -110,3 +110,9 @@ def test_delimiters():
     assert d.repetitions("") == [] and d.repetitions("a~b") == ["a", "b"]
     assert d.component_of("a^b&c^d", 2, 2) == "c" and d.component_of("a", 3) == "" and d.component_of("a^b", 2, 3) == ""
     assert d.unescape(d.escape("a|b^c#")) == "a|b^c#"
+
+
+def test_text_of_a_repetition_in_hand():
+    m = Message("MSH|^~\\&|A", "utf-8")
+    assert m.text("a^b\\T\\c&d", 2) == "b&c&d" and m.text("a^b\\T\\c&d", 2, 2) == "d"
+    assert m.text("a^b", 3) == "" and m.text("a^b", 2, 2) == "" and m.text("\\XC3A9\\", 1) == "\u00e9"

@@ -12,7 +12,8 @@ readers (:mod:`engine.hl7.msh`, :func:`engine.hl7.fields.get_field`) and never b
     pid.component(5, 1, 1, rep=2)            # raw sub-component 1 of component 1 of repetition 2
     pid.value(5, 1)                          # the same, unescaped (HL7 v2.5 §2.7)
     m.get("PID-3[2].4.2"), m.value("OBX[2]-5")   # engine.hl7.fields.parse_path syntax; None if absent
-    m.delims.component_of(rep, 4, 2)         # walk a repetition already in hand
+    m.delims.component_of(rep, 4, 2)         # walk a repetition already in hand (raw)
+    m.text(rep, 4, 2)                        # the same, unescaped
 
 Numbering and splitting follow python-hl7 (``hl7.parse``): 1-based fields, repetitions,
 components and sub-components; MSH-1 is the field separator and MSH-2 the encoding characters,
@@ -80,6 +81,8 @@ class Delimiters:
         return v
 
     def unescape(self, raw: str, charset: str = "latin-1") -> str:
+        if self.escape_char not in raw:
+            return raw
         return unescape(raw, self.field, self.encoding, charset)
 
     def escape(self, text: str) -> str:
@@ -186,6 +189,18 @@ class Message:
     def segment(self, name: str, occurrence: int = 1) -> Segment | None:
         same = self._by_name.get(name)
         return same[occurrence - 1] if same and occurrence <= len(same) else None
+
+    def text(self, raw: str, n: int, sub: int | None = None) -> str:
+        """Component ``n`` (and sub-component ``sub``) of a repetition in hand, unescaped."""
+        d = self.delims
+        parts = raw.split(d.component)
+        v = parts[n - 1] if n <= len(parts) else ""
+        if sub is not None:
+            subs = v.split(d.subcomponent)
+            v = subs[sub - 1] if sub <= len(subs) else ""
+        if d.escape_char not in v:
+            return v
+        return unescape(v, d.field, d.encoding, self.charset)
 
     def get(self, path: str) -> str | None:
         """Raw text at a :func:`engine.hl7.fields.parse_path` path; ``None`` when absent.
