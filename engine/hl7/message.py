@@ -159,7 +159,8 @@ class Message:
         self.segments: list[Segment] = []
         self._by_name: dict[str, list[Segment]] = {}
         for i, s in enumerate(lines):
-            name = s.split(fs, 1)[0].strip()
+            end = s.find(fs)
+            name = (s[:end] if end >= 0 else s).strip()
             same = self._by_name.setdefault(name, [])
             seg = Segment(s, name, len(same) + 1, i, self.delims, charset)
             same.append(seg)
@@ -177,8 +178,19 @@ class Message:
         return cls(text, codec)
 
     def encode(self, text: str) -> bytes:
-        """Back to the bytes of the message codec (inverse of ``parse`` for any text read here)."""
-        return text.encode(self.charset, "surrogateescape")
+        """Back to the bytes of the message codec (inverse of ``parse`` for any text read here).
+
+        A character the codec cannot write (a U+FFFD from a bad ``\\X..\\`` escape) becomes ``?``."""
+        try:
+            return text.encode(self.charset, "surrogateescape")
+        except UnicodeEncodeError:
+            out = bytearray()
+            for ch in text:
+                try:
+                    out += ch.encode(self.charset, "surrogateescape")
+                except UnicodeEncodeError:
+                    out += b"?"
+            return bytes(out)
 
     def __iter__(self) -> Iterator[Segment]:
         return iter(self.segments)
