@@ -40,6 +40,9 @@ from typing import Any, Callable, Literal, NamedTuple
 
 from pydantic import BaseModel, ValidationError
 
+from engine.hl7.errors import HL7Error
+from engine.hl7.message import Message
+
 __all__ = [
     "Chain",
     "SpecProblem",
@@ -48,6 +51,7 @@ __all__ = [
     "TransformResult",
     "build_chain",
     "chain_from_json",
+    "message_of",
     "register",
     "registered",
     "validate_specs",
@@ -197,6 +201,20 @@ class Chain:
         return TransformResult(data_bytes, notes)
 
 
+def message_of(text: str, ctx: TransformContext, who: str = "") -> Message:
+    """``text`` read with :class:`engine.hl7.message.Message` (escapes decoded with ``ctx.codec``).
+
+    :class:`TransformError` (prefixed with ``who``) when there is no MSH or MSH-2 is incomplete."""
+    prefix = f"{who}: " if who else ""
+    try:
+        m = Message(text, ctx.codec)
+    except HL7Error:
+        raise TransformError(f"{prefix}message does not start with an MSH segment") from None
+    if len(m.segment("MSH").field(2)) < 4:
+        raise TransformError(f"{prefix}MSH-2 (encoding characters) is incomplete")
+    return m
+
+
 def _decode(data: bytes, codec: str) -> str:
     try:
         return data.decode(codec, "surrogateescape")
@@ -234,6 +252,6 @@ def chain_from_json(transforms_json: str) -> Chain:
 
 # Register the built-in transforms (must stay at the bottom: basic imports `register`).
 from engine.transforms import basic as _basic  # noqa: E402,F401
-from engine.transforms import cda_wrap as _cda_wrap  # noqa: E402,F401  (issue 4: PACS report -> CDA R2 N1)
-from engine.transforms import ins_enrich as _ins_enrich  # noqa: E402,F401  (issue 3: INS and strict traits from the identity registry)
-from engine.transforms import wrapped_report as _wrapped_report  # noqa: E402,F401  (issue 4: PACS reports)
+from engine.transforms import cda_wrap as _cda_wrap  # noqa: E402,F401  (PACS report -> CDA R2 N1)
+from engine.transforms import ins_enrich as _ins_enrich  # noqa: E402,F401  (INS and strict traits from the identity registry)
+from engine.transforms import wrapped_report as _wrapped_report  # noqa: E402,F401  (PACS reports)
