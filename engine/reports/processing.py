@@ -1,4 +1,4 @@
-"""Report channels (issue 4): what happens to a report message between reception and its ACK.
+"""Report channels: what happens to a report message between reception and its ACK.
 
 * :class:`CisisReportStep`: an ORU^R01 / MDM^T02/T04/T10 following the CI-SIS guide
   "Transmission de documents CDA-R2 en HL7 v2" v2.1 (MSH-21 ``2.1^CISIS_CDA_HL7_V2``). It is
@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from engine import logs
 from engine.channels.processing import Answer, StepResult, finish
 from engine.hl7.ack import AckError
+from engine.hl7.fields import parse_path
 from engine.identity.lookup import make_identity_lookup
 from engine.reports.storage import submissions
 from engine.router import message_type_matches
@@ -73,16 +74,22 @@ def _issue_error(issue) -> AckError:
 
 
 def _location(loc: str | None) -> str | None:
-    """``OBX[3]-5`` style locations become ERL ``OBX^3^5``; anything else is dropped."""
+    """A submission issue location as ERL ``SEG^occurrence[^field]``; ``None`` when unreadable.
+
+    Locations are :func:`engine.hl7.fields.parse_path` paths (``PID-3.4``, ``OBX[3]-5``) or a bare
+    segment (``PRT[3]``); the CI-SIS reader names an OBX by its set id (``OBX-2-5``), read here as
+    its leading path ``OBX-2``, as before. Components are not part of this ERL."""
     if not loc:
         return None
-    import re
-
-    m = re.match(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+))?", loc)
-    if not m:
+    seg, _, rest = loc.partition("-")
+    field = rest.split("-", 1)[0]
+    field = field[:len(field) - len(field.lstrip("0123456789"))]  # "3.4" -> "3", "?" -> ""
+    try:
+        fp = parse_path(f"{seg}-{field or 1}")
+    except ValueError:
         return None
-    seg, occ, fld = m.groups()
-    return "^".join(x for x in (seg, occ or "1", fld) if x)
+    erl = [fp.segment, str(fp.occurrence)]
+    return "^".join(erl + [field] if field else erl)
 
 
 @dataclass
