@@ -116,3 +116,18 @@ def test_text_of_a_repetition_in_hand():
     m = Message("MSH|^~\\&|A", "utf-8")
     assert m.text("a^b\\T\\c&d", 2) == "b&c&d" and m.text("a^b\\T\\c&d", 2, 2) == "d"
     assert m.text("a^b", 3) == "" and m.text("a^b", 2, 2) == "" and m.text("\\XC3A9\\", 1) == "\u00e9"
+
+
+def test_lf_file_bom_and_crlf():
+    """Moved from the former parse_full (python-hl7) tests: same file, same answers."""
+    m = Message.parse(ADMISSION.read_bytes(), "utf-8")
+    assert m.segment("MSH").field(10) == "3975"
+    assert m.segment("PID").component(5, 1) == "PAT-TROIS"
+    assert len(m.segments) == 6
+    m = Message.parse(b"\xef\xbb\xbf" + ADMISSION.read_bytes().replace(b"\n", b"\r\n"), "utf-8")
+    assert len(m.segments) == 6
+    with pytest.raises(HL7Error):
+        Message.parse(b"not hl7 at all", "utf-8")
+    with pytest.raises(HL7Error) as ei:
+        Message.parse(ADMISSION.read_bytes(), "no-such-codec")
+    assert ei.value.code == "103"
