@@ -5,7 +5,7 @@ CDA wrap all read messages through :class:`Message`; the ingest hot path keeps i
 readers (:mod:`engine.hl7.msh`, :func:`engine.hl7.fields.get_field`) and never builds one.
 
     m = Message.parse(raw, "utf-8")          # bytes (decoded here) or str
-    m.delims.component                       # "^" (MSH-1 / MSH-2, HL7 v2.5 §2.5)
+    m.delims.component                       # "^" (from MSH-1 / MSH-2)
     pid = m.segment("PID")                   # first PID, or None; m.segment("OBX", 2); m.all("OBX")
     pid.field(3)                             # raw field, every repetition ("" when absent)
     pid.repetitions(3)                       # ["123^^^X&1.2&ISO^PI", ...] ([] when empty)
@@ -25,9 +25,9 @@ use with the one :func:`engine.hl7.escape.unescape`.
 Why split-based and not python-hl7's tree: measured on the shared 2-core host (python-hl7 0.4.5,
 CPython 3.11), ``hl7.parse`` takes 3.3-3.6 ms on the 286 KB CI-SIS ORU with a 212 KB Base64 OBX-5
 (str.split of the same text: 0.65 ms) and 0.70 ms on an 800-byte PAM FR ADT^A01 (str.split:
-2.5 µs; the whole PAM FR reading took 40 µs). At the identity feed's ~1,100 ADT/s and the report
-step's ~77 msg/s, the tree parse alone would cost more than half of the identity throughput and
-about 20% of the report step's, far past the 0.9x budget. So fields are split lazily, per segment,
+2.5 µs; the whole PAM FR reading took 30-40 µs). At the identity feed's ~1,100 ADT/s (0.9 ms per
+ADT) and the report step's ~77 msg/s (13 ms per message), the tree parse alone would bring them to
+about 0.55x and 0.8x, past the 0.9x budget. So fields are split lazily, per segment,
 on first access; ``tests/test_hl7_message.py`` checks the results against python-hl7 on the ANS
 corpus. Text is the one representation: bytes are decoded once here with ``surrogateescape``, so
 bytes invalid in the codec survive a round trip (``Message.encode``).
@@ -62,7 +62,7 @@ class Delimiters:
         self.truncation = encoding[4] if len(encoding) > 4 else ""   # HL7 v2.7 MSH-2 fifth character
 
     def repetitions(self, raw: str) -> list[str]:
-        """Repetitions of a raw field; ``[]`` for an empty field (HL7 v2.5 §2.5.3: nothing sent)."""
+        """Repetitions of a raw field; ``[]`` for an empty field (nothing sent)."""
         return raw.split(self.repetition) if raw else []
 
     def components(self, raw: str) -> list[str]:
@@ -73,10 +73,10 @@ class Delimiters:
 
     def component_of(self, raw: str, n: int, sub: int | None = None) -> str:
         """Raw component ``n`` (and sub-component ``sub``) of one repetition; ``""`` when absent."""
-        parts = raw.split(self.component)
+        parts = raw.split(self.component, n)  # at most n splits: never more than needed
         v = parts[n - 1] if n <= len(parts) else ""
         if sub is not None:
-            subs = v.split(self.subcomponent)
+            subs = v.split(self.subcomponent, sub)
             v = subs[sub - 1] if sub <= len(subs) else ""
         return v
 
@@ -124,7 +124,7 @@ class Segment:
         v = self.field(n)
         if self.name == "MSH" and n in (1, 2):
             return v
-        reps = v.split(self.delims.repetition)
+        reps = v.split(self.delims.repetition, rep)
         v = reps[rep - 1] if rep <= len(reps) else ""
         return self.delims.component_of(v, comp, sub)
 
@@ -205,10 +205,10 @@ class Message:
     def text(self, raw: str, n: int, sub: int | None = None) -> str:
         """Component ``n`` (and sub-component ``sub``) of a repetition in hand, unescaped."""
         d = self.delims
-        parts = raw.split(d.component)
+        parts = raw.split(d.component, n)
         v = parts[n - 1] if n <= len(parts) else ""
         if sub is not None:
-            subs = v.split(d.subcomponent)
+            subs = v.split(d.subcomponent, sub)
             v = subs[sub - 1] if sub <= len(subs) else ""
         if d.escape_char not in v:
             return v
