@@ -113,7 +113,9 @@ class Segment:
         return len(self.fields()) - 1
 
     def field(self, n: int) -> str:
-        f = self.fields()
+        f = self._fields
+        if f is None:
+            f = self.fields()
         return f[n] if 0 < n < len(f) else ""
 
     def repetitions(self, n: int) -> list[str]:
