@@ -144,19 +144,26 @@ class Segment:
 class Message:
     """Segments of one message with its delimiters; see the module docstring."""
 
-    __slots__ = ("delims", "segments", "charset", "_by_name")
+    __slots__ = ("delims", "segments", "charset", "_by_name", "_cs", "_ss", "_esc")
 
     def __init__(self, text: str, charset: str = "latin-1") -> None:
         """``charset``: the Python codec of the message, used to decode ``\\Xhh\\`` escapes."""
         text = text.lstrip("\x0b").rstrip("\x1c\r\n")
         if text.startswith("\ufeff"):
             text = text[1:]
-        lines = [s for s in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if s.strip()]
+        if "\n" not in text:
+            lines = text.split("\r")
+        elif "\r" not in text:
+            lines = text.split("\n")
+        else:  # CRLF or mixed: two copies of the text, so only when needed
+            lines = text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
+        lines = [s for s in lines if s.strip()]
         first = lines[0] if lines else ""
         if not first.startswith("MSH") or len(first) < 8:
             raise HL7Error("100", "message does not start with an MSH segment", "MSH^1")
         fs = first[3]
-        self.delims = Delimiters(fs, first[4:].split(fs, 1)[0])
+        d = self.delims = Delimiters(fs, first[4:].split(fs, 1)[0])
+        self._cs, self._ss, self._esc = d.component, d.subcomponent, d.escape_char  # for ``text``
         self.charset = charset
         self.segments: list[Segment] = []
         self._by_name: dict[str, list[Segment]] = {}
@@ -206,15 +213,14 @@ class Message:
 
     def text(self, raw: str, n: int, sub: int | None = None) -> str:
         """Component ``n`` (and sub-component ``sub``) of a repetition in hand, unescaped."""
-        d = self.delims
-        parts = raw.split(d.component, n)
+        parts = raw.split(self._cs, n)
         v = parts[n - 1] if n <= len(parts) else ""
         if sub is not None:
-            subs = v.split(d.subcomponent, sub)
+            subs = v.split(self._ss, sub)
             v = subs[sub - 1] if sub <= len(subs) else ""
-        if d.escape_char not in v:
+        if self._esc not in v:
             return v
-        return unescape(v, d.field, d.encoding, self.charset)
+        return unescape(v, self.delims.field, self.delims.encoding, self.charset)
 
     def get(self, path: str) -> str | None:
         """Raw text at a :func:`engine.hl7.fields.parse_path` path; ``None`` when absent.
