@@ -61,6 +61,7 @@ from pydantic import (
 )
 
 from engine.durations import parse_duration, parse_size
+from engine.hl7.fields import parse_path
 
 __all__ = [
     "AcceptConfig",
@@ -139,7 +140,6 @@ NAME_RE = r"^[a-z0-9][a-z0-9_-]*$"
 Name = Annotated[str, Field(pattern=NAME_RE, max_length=64)]
 """Channel and destination names: lowercase letters, digits, '_' and '-'."""
 
-FIELD_PATH_RE = re.compile(r"^[A-Z][A-Z0-9]{2}-\d+(\[\d+\])?(\.\d+){0,2}$")
 SEGMENT_RE = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _MESSAGE_TYPE_RE = re.compile(r"^(\*|[A-Z0-9*?]{1,3}(\^[A-Z0-9*?_]{1,7})?)$")
 
@@ -148,11 +148,7 @@ RemotePort = Annotated[int, Field(ge=1, le=65535)]
 
 
 def _check_field_path(value: str) -> str:
-    if not FIELD_PATH_RE.match(value):
-        raise ValueError(
-            f"invalid field path {value!r}: expected SEG-n, SEG-n.c, SEG-n.c.s or SEG-n[r].c "
-            "(e.g. 'PID-3.1', 'MSH-5')"
-        )
+    parse_path(value)  # the one field-path syntax; ValueError "invalid field path ...: expected ..."
     return value
 
 

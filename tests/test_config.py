@@ -278,6 +278,18 @@ def test_ordering_key_bad_path():
     assert "invalid field path" in msg
 
 
+@pytest.mark.parametrize("key", ["OBX[2]-5", "PID-3[2].4.2"])
+def test_ordering_key_uses_the_one_field_path_syntax(key):
+    cfg = load_config_text(textwrap.dedent(BASE + f"    queue:\n      ordering: key\n      ordering_key: {key}\n"))
+    assert cfg.destinations["ris"].queue.ordering_key == key
+
+
+@pytest.mark.parametrize("key", ["OBX[0]-5", "MSH-2.1", "PID-3.1.2.3"])
+def test_ordering_key_rejected_by_parse_path(key):
+    path, line, msg = only_problem(BASE + f"    queue:\n      ordering: key\n      ordering_key: {key}\n")
+    assert path == "destinations.ris.queue.ordering_key" and "invalid field path" in msg
+
+
 def test_bad_transform_type_and_params():
     text = BASE.replace(
         "    to: [ris]\n",

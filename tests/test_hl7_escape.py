@@ -76,3 +76,35 @@ def test_unescape_linear_on_many_escape_chars():
     s = "\\" * 200_000
     assert unescape(s) == s  # empty escapes are kept verbatim; completes quickly
     assert unescape("\\F\\" * 100_000) == "|" * 100_000
+
+
+# Cases where the three former decoders disagreed (PAM France reader: five special characters only,
+# rescanning inside unknown sequences; CI-SIS report reader: bytes, \.br\ as CRLF, \H\ \N\ \.sp\
+# kept, \X..\ as raw bytes). The one unescape wins with the reading of HL7 v2.5 §2.7 given here.
+@pytest.mark.parametrize("raw, value", [
+    # hexadecimal data is data: decoded (the PAM France reader kept "\X41\" in names)
+    ("NOM\\X41\\", "NOMA"),
+    # an escape sequence is one unit and sequences never nest: "\Z1\" is kept whole and "F\" after
+    # it is plain text (the PAM France reader decoded "\F\" out of "\Z1\F\" -> "\Z1|")
+    ("\\Z1\\F\\", "\\Z1\\F\\"),
+    ("\\C2842\\A\\F\\", "\\C2842\\A|"),                     # \Cxxyy\ kept whole, then \F\ decoded
+    ("\\M2442\\", "\\M2442\\"),                            # multi-byte switch kept (one charset, MSH-18)
+    # \.br\ begins a new output line: one "\n" (the CI-SIS reader wrote CRLF, a second line ending
+    # style in the same engine)
+    ("l1\\.br\\l2", "l1\nl2"),
+    ("a\\.sp\\b", "a\nb"),                                 # kept by the CI-SIS reader
+    ("a\\.sk 3\\b", "a   b"),                              # skip n spaces to the right
+    ("\\H\\urgent\\N\\", "urgent"),                        # presentation only (kept by both readers)
+    # agreements worth keeping: escaped escape, then literal text
+    ("\\E\\X41\\E\\", "\\X41\\"),
+    ("a\\", "a\\"),
+])
+def test_unescape_where_former_decoders_differed(raw, value):
+    assert unescape(raw) == value
+
+
+def test_hex_is_text_in_the_message_charset():
+    # the CI-SIS reader returned the bytes of \XC3A9\; text decoded with the message codec gives the
+    # same bytes back once encoded, and a valid character when read as text
+    assert unescape("caf\\XC3A9\\", charset="utf-8").encode("utf-8") == b"caf\xc3\xa9"
+    assert unescape("caf\\XE9\\", charset="iso-8859-15") == "caf\u00e9"

@@ -1,12 +1,11 @@
-"""Split-based field access (get_field/set_field/parse_path), split_segments and parse_full."""
+"""Split-based field access (get_field/set_field/parse_path) and split_segments."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import hl7
 import pytest
 
-from engine.hl7 import FieldPath, HL7Error, get_field, parse_full, parse_path, set_field, split_segments
+from engine.hl7 import FieldPath, get_field, parse_path, set_field, split_segments
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ANS = SHARED / "corpus" / "ans-hl7v2"
@@ -127,18 +126,3 @@ def test_set_field_cr_message_with_trailing_separator():
     text = "MSH|^~\\&|A|B|C|D|2024||ADT^A01|1|P|2.5\rPID|1\r"
     out = set_field(text, "PV1-2", "I")
     assert out == "MSH|^~\\&|A|B|C|D|2024||ADT^A01|1|P|2.5\rPID|1\rPV1||I\r"
-
-
-def test_parse_full_lf_file():
-    msg = parse_full(ADMISSION.read_bytes(), "utf-8")
-    assert isinstance(msg, hl7.Message)
-    assert str(msg.segment("MSH")[10]) == "3975"
-    assert str(msg.segment("PID")[5][0][0]) == "PAT-TROIS"
-    assert len(msg) == 6
-    msg = parse_full(b"\xef\xbb\xbf" + ADMISSION.read_bytes().replace(b"\n", b"\r\n"), "utf-8")
-    assert len(msg) == 6
-    with pytest.raises(HL7Error) as ei:
-        parse_full(b"MSH|^~\\&|\xe9", "utf-8")
-    assert ei.value.code == "102"
-    with pytest.raises(HL7Error):
-        parse_full(b"not hl7 at all", "utf-8")

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from engine.reports.cisis import mss_matrix_row, parse_report, split_segments
+from engine.hl7.fields import split_segments
+from engine.reports.cisis import mss_matrix_row, parse_report
 from engine.reports.submission import FLAG_NAMES, Submission
 from tests.conftest import CORPUS
 
@@ -437,3 +438,22 @@ def test_benchmark_parse_200kb(capsys):
               f"({len(parse_report(raw).documents[0].raw_bytes()) // 1024} KB CDA): "
               f"{dt * 1000:.1f} ms/msg, {1 / dt:.0f} msg/s")
     assert dt < 0.5
+
+
+def test_plain_text_mail_body_uses_the_one_unescape():
+    """A CORPSMAIL body sent as escaped text (not Base64) is read with engine.hl7.escape.unescape:
+    \\.br\\ is one line feed, \\Xhh\\ is decoded with the message codec, unknown escapes are kept."""
+    lines = BASE.split("\n")
+    i = next(k for k, s in enumerate(lines) if "CORPSMAIL_PS" in s)
+    f = lines[i].split("|")
+    f[2], f[5] = "TX", "Cher confr\\XC3A8\\re,\\.br\\ci-joint \\H\\le CR\\N\\ \\Zlocal\\ A\\T\\B"
+    lines[i] = "|".join(f)
+    sub = parse_report("\n".join(lines).encode())
+    assert sub.mail_bodies["CORPSMAIL_PS"] == "Cher confr\u00e8re,\nci-joint le CR \\Zlocal\\ A&B"
+
+
+def test_bytes_invalid_in_the_codec_read_as_replacement_characters():
+    raw = BASE.encode().replace(b"PAT-TROIS", b"PAT-TR\xffIS", 1)
+    sub = parse_report(raw)
+    assert sub.patient.birth_name == "PAT-TR\ufffdIS"
+    assert sub.documents[0].sha256 == parse_report(BASE.encode()).documents[0].sha256

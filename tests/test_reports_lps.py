@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from engine.reports.cisis import parse_report, split_segments
+from engine.hl7.fields import split_segments
+from engine.reports.cisis import parse_report
 from engine.reports.submission import Submission
 from tests.conftest import CORPUS
 

@@ -240,6 +240,13 @@ def test_filter_compares_unescaped_value():
     assert run([{"type": "filter", "field": "PV1-3", "in": ["A&B"]}], raw).payload == raw
 
 
+@pytest.mark.parametrize("codec, hexed", [("utf-8", b"\\XC3A9\\"), ("latin-1", b"\\XE9\\")])
+def test_filter_reads_hex_escapes_in_the_message_codec(codec, hexed):
+    raw = MSG.replace(b"PV1|1|I|RADIO", b"PV1|1|I|CAF" + hexed)
+    assert run([{"type": "filter", "field": "PV1-3", "in": ["CAF\u00c9"]}], raw, codec).payload is None
+    assert run([{"type": "filter", "field": "PV1-3", "in": ["CAF\u00e9"]}], raw, codec).payload == raw
+
+
 def test_sample_messages_pass_through_transforms():
     for name in ("adt_a28.hl7", "orm_o01.hl7"):
         raw = (ROOT / "samples" / name).read_bytes()

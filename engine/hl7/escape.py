@@ -1,23 +1,36 @@
-"""HL7 v2 escape sequences (v2.5 §2.7).
+"""HL7 v2 escape sequences: the one decoder and encoder of the engine (HL7 v2.5 §2.7).
 
 Policy: keep raw field text as received; unescape only at the point of use; escape on output.
+Text is the representation: callers holding bytes decode the message first (the reading layer,
+:mod:`engine.hl7.message`, does it once) and pass the message codec as ``charset``.
 
 ``escape`` maps the delimiters to ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` (``\\P\\`` for the v2.7 truncation
 character when MSH-2 has 5 characters) and CR/LF to ``\\X0D\\``/``\\X0A\\`` so that data can never
 add a field, component or segment.
 
-``unescape`` decodes, in one left-to-right pass (so back-to-back escapes work):
+``unescape`` decodes, in one left-to-right pass (so back-to-back escapes work); an escape
+sequence is the escape character, a code, optional data and the escape character again, and
+sequences never nest (HL7 v2.5 §2.7, "Use of escape sequences in text fields"):
 
-* ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` (and ``\\P\\`` with a truncation character) to the delimiters;
-* ``\\Xhh..\\`` (even number of hex digits) to the bytes, decoded with ``charset`` (a Python codec,
-  default ``latin-1``: one byte = one character, lossless). Pass the message codec (for instance
-  ``"utf-8"``) to read multi-byte sequences; bytes invalid in that codec become U+FFFD;
-* ``\\.br\\`` to ``"\\n"``, ``\\.sp\\``/``\\.sp n\\`` to n line feeds, ``\\.ce\\`` to ``"\\n"``; the other
-  formatting commands (``.fi .nf .in .ti .sk``) and highlighting ``\\H\\ \\N\\`` are dropped;
-* anything else (``\\Z..\\``, ``\\C..\\``, ``\\M..\\``, bad hex, unknown letters) and an unterminated
-  escape are kept verbatim.
+* special characters ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` (and ``\\P\\`` with a truncation character) to the
+  delimiters;
+* hexadecimal data ``\\Xhh..\\`` (pairs of hex digits) to those bytes, decoded with ``charset`` (a
+  Python codec, default ``latin-1``: one byte = one character, lossless). Pass the message codec
+  (for instance ``"utf-8"``) to read multi-byte sequences; bytes invalid in that codec become
+  U+FFFD;
+* formatted text (FT): ``\\.br\\`` to one ``"\\n"``, ``\\.sp\\``/``\\.sp n\\`` to n line feeds, ``\\.sk n\\``
+  to n spaces, ``\\.ce\\`` to ``"\\n"``; ``.fi .nf .in .ti`` and highlighting ``\\H\\ \\N\\`` are dropped
+  (they change presentation, not content);
+* anything else is kept verbatim, as one unit: local escapes ``\\Z..\\``, the character-set
+  switches ``\\Cxxyy\\`` and ``\\Mxxyyzz\\`` (this engine reads one charset per message, MSH-18),
+  bad hex, unknown codes, and an unterminated escape.
 
 The result is a final data value, so a delimiter produced by ``\\X7C\\`` is simply data.
+
+This one behaviour replaced three decoders that disagreed (the PAM France reader decoded the five
+special characters only and rescanned inside unknown sequences; the CI-SIS report reader wrote
+``\\.br\\`` as CRLF, kept ``\\H\\``/``\\N\\`` and ``\\.sp\\``, and returned ``\\X..\\`` as raw bytes):
+``tests/test_hl7_escape.py`` pins each of those cases.
 """
 from __future__ import annotations
 

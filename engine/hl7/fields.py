@@ -1,4 +1,8 @@
-"""Split-based field access without a full parse, and a full parse (python-hl7) on demand.
+"""The one field-path syntax (``parse_path``), the ingest hot path's one-field read (``get_field``,
+the ordering key) and the transforms' in-place write (``set_field``).
+
+Everything else off the hot path reads whole messages with :class:`engine.hl7.message.Message`,
+which answers paths exactly as ``get_field`` does.
 
 Paths (``parse_path``)::
 
@@ -19,14 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
-from .errors import HL7Error
-
-if TYPE_CHECKING:  # python-hl7 is imported lazily by parse_full: the hot path never needs it
-    import hl7
-
-__all__ = ["FieldPath", "parse_path", "split_segments", "get_field", "set_field", "parse_full"]
+__all__ = ["FieldPath", "parse_path", "split_segments", "get_field", "set_field"]
 
 _PATH_RE = re.compile(
     r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<segrep>\d+)\])?"
@@ -236,24 +234,3 @@ def set_field(text: str, path: str, value: str) -> str:
         parts[pos] = enc[1].join(reps)
     lines[idx] = fs.join(parts)
     return sep.join(lines)
-
-
-def parse_full(raw: bytes, codec: str) -> "hl7.Message":
-    """Full python-hl7 parse (CR, LF or CRLF separators; BOM stripped). ``HL7Error`` 102 on failure."""
-    if isinstance(raw, str):
-        text = raw
-    else:
-        try:
-            text = bytes(raw).decode(codec)
-        except UnicodeDecodeError as exc:
-            raise HL7Error("102", f"message is not valid {codec} (offset {exc.start})") from None
-        except LookupError:
-            raise HL7Error("103", f"unknown codec {codec!r}") from None
-    import hl7
-
-    text = text.lstrip("\ufeff")
-    text = "\r".join(split_segments(text))
-    try:
-        return hl7.parse(text)
-    except Exception as exc:  # python-hl7 raises assorted errors on malformed input
-        raise HL7Error("102", f"message could not be parsed ({type(exc).__name__})") from None

@@ -13,12 +13,12 @@ INS rules in :mod:`engine.identity.ins`.
 """
 from __future__ import annotations
 
-import re
 
 import sqlalchemy as sa
 
 from engine.steps import Answer, StepResult, finish
 from engine.hl7.ack import AckError
+from engine.hl7.fields import parse_path
 from engine.identity.ins import InsPolicy
 from engine.identity.model import IdentityError
 from engine.identity.pamfr import parse_adt
@@ -26,22 +26,21 @@ from engine.identity.registry import apply_event
 from engine.router import message_type_matches
 from engine.store import Stored
 
-_FIELD = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d+)(?:\[(\d+)\])?(?:\.(\d+))?(?:\.(\d+))?$")
-
-
 def err_location(field: str | None) -> str | None:
-    """``PID-3[2].1`` -> ``PID^1^3^2^1`` (ERR-2 ERL: segment, sequence, field, repetition, component)."""
+    """``PID-3[2].1`` -> ``PID^1^3^2^1`` (ERR-2 ERL: segment, sequence, field, repetition, component).
+
+    ``field`` is an :func:`engine.hl7.fields.parse_path` path; anything else has no location."""
     if not field:
         return None
-    m = _FIELD.match(field)
-    if not m:
+    try:
+        fp = parse_path(field)
+    except ValueError:
         return None
-    seg, fld, rep, comp, sub = m.groups()
-    parts = [seg, "1", fld, rep or "1"]
-    if comp:
-        parts.append(comp)
-        if sub:
-            parts.append(sub)
+    parts = [fp.segment, str(fp.occurrence), str(fp.field), str(fp.repetition or 1)]
+    if fp.component is not None:
+        parts.append(str(fp.component))
+        if fp.subcomponent is not None:
+            parts.append(str(fp.subcomponent))
     return "^".join(parts)
 
 

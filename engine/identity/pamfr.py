@@ -1,8 +1,8 @@
 """Parse an IHE PAM France 2.11 ADT into an :class:`IdentityEvent` (pure, no database).
 
-Event families (PAM FR 2.11.2 trigger list, ``shared/notes/french-specs.md`` §1 "Trigger events";
-Ségur imaging: "intégrer l'identité INS … en création, mise à jour et suppression, à partir d'un
-flux IHE PAM", quoted in issue 3):
+Event families (IHE PAM France 2.11, trigger events of ITI-30 and ITI-31; Ségur imaging
+requirement: "intégrer l'identité INS … en création, mise à jour et suppression, à partir d'un
+flux IHE PAM"):
 
 * ITI-30 identity feed: A28 create, A31 update -> ``upsert``; A29 (delete person) and A23
   (delete patient record) -> ``delete``; A40 merge (PID = surviving identity, MRG-1 = merged one)
@@ -10,15 +10,17 @@ flux IHE PAM", quoted in issue 3):
 * ITI-31 movements carry the full PID, so they update the identity too -> ``upsert``.
 * Anything else (A24/A37 links, A44/A45 account moves, non-ADT) -> ``passthrough``.
 
-The split-based reader here (rather than python-hl7) keeps repetition/component indexing explicit
-and never guesses: segments are split on CR after normalising CRLF/LF (some ANS examples use LF),
-then fields, repetitions, components and sub-components with the separators of MSH-1/MSH-2, and
-the HL7 escapes \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ are decoded at the leaf (HL7 v2.5 §2.7).
+The message is read with :class:`engine.hl7.message.Message` (segments split on CR, LF or CRLF;
+repetitions, components and sub-components with the separators of MSH-1/MSH-2); escapes are
+decoded at the leaf by :func:`engine.hl7.escape.unescape` (HL7 v2.5 §2.7).
 """
 from __future__ import annotations
 
 import re
 from datetime import date, datetime, timedelta, timezone
+
+from engine.hl7.errors import HL7Error
+from engine.hl7.message import Message, Segment
 
 from .model import (
     INS_KIND_BY_OID,
@@ -42,7 +44,7 @@ MERGE_TRIGGERS = frozenset({"A40"})
 CHANGE_ID_TRIGGERS = frozenset({"A47"})
 
 # PID-32 statuses (RNIV 4 statuses, FR Core CodeSystem fr-core-cs-identity-status) and the
-# attributes that can accompany them (table 0445, FR Core v2-0445): french-specs.md §1 "PID-32".
+# attributes that can accompany them (table 0445, FR Core v2-0445): IHE PAM France 2.11, segment PID, PID-32.
 RNIV_STATUSES = ("QUAL", "VALI", "RECUP", "PROV")
 STATUS_ATTRIBUTES = frozenset({"DOUT", "FICT"})
 LEGACY_0445 = frozenset({"VIDE", "DOUB", "DESA", "DPOT", "DOUA", "COLP", "COLV", "FILI", "CACH",
@@ -51,74 +53,13 @@ LEGACY_0445 = frozenset({"VIDE", "DOUB", "DESA", "DPOT", "DOUA", "COLP", "COLV",
 _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?$")
 
 
-class _Msg:
-    """Segments of one message with HL7 separators; access by 1-based HL7 positions."""
+def _comp(m: Message, rep: str, n: int, sub: int | None = None) -> str:
+    """Component ``n`` (1-based) of one repetition, or its sub-component ``sub``: unescaped, stripped."""
+    return m.text(rep, n, sub).strip()
 
-    def __init__(self, text: str):
-        text = text.replace("\r\n", "\r").replace("\n", "\r")
-        segs = [s for s in text.split("\r") if s.strip()]
-        if not segs or not segs[0].startswith("MSH") or len(segs[0]) < 8:
-            raise IdentityError("100", "MSH", "MSH-FIRST", "message does not start with MSH")
-        msh = segs[0]
-        self.fs = msh[3]
-        enc = msh[4:8]
-        self.cs, self.rs, self.esc, self.ss = enc[0], enc[1], enc[2], enc[3]
-        self.segments: list[tuple[str, list[str]]] = []
-        for s in segs:
-            parts = s.split(self.fs)
-            if parts[0] == "MSH":
-                # MSH-1 is the field separator itself: shift so that index n = MSH-n.
-                parts = ["MSH", self.fs] + parts[1:]
-            self.segments.append((parts[0], parts))
 
-    def segment(self, name: str) -> list[str] | None:
-        for seg_name, parts in self.segments:
-            if seg_name == name:
-                return parts
-        return None
-
-    def field(self, seg: list[str] | None, n: int) -> str:
-        if seg is None or n >= len(seg):
-            return ""
-        return seg[n]
-
-    def reps(self, raw: str) -> list[str]:
-        return raw.split(self.rs) if raw else []
-
-    def comps(self, raw: str) -> list[str]:
-        return raw.split(self.cs)
-
-    def subs(self, raw: str) -> list[str]:
-        return raw.split(self.ss)
-
-    def unescape(self, value: str) -> str:
-        if self.esc not in value:
-            return value
-        table = {"F": self.fs, "S": self.cs, "T": self.ss, "R": self.rs, "E": self.esc}
-        out, i, e = [], 0, self.esc
-        while i < len(value):
-            ch = value[i]
-            if ch == e:
-                j = value.find(e, i + 1)
-                code = value[i + 1:j] if j > 0 else ""
-                if code in table:
-                    out.append(table[code])
-                    i = j + 1
-                    continue
-            out.append(ch)
-            i += 1
-        return "".join(out)
-
-    def comp(self, rep: str, n: int, sub: int | None = None) -> str:
-        """Component n (1-based) of one repetition, optionally sub-component ``sub``."""
-        cs = self.comps(rep)
-        if n > len(cs):
-            return ""
-        value = cs[n - 1]
-        if sub is not None:
-            ss = self.subs(value)
-            value = ss[sub - 1] if sub <= len(ss) else ""
-        return self.unescape(value).strip()
+def _field(seg: Segment | None, n: int) -> str:
+    return seg.field(n) if seg is not None else ""
 
 
 def parse_ts(raw: str) -> datetime | None:
@@ -154,45 +95,45 @@ def parse_date8(raw: str) -> date | None:
         return None
 
 
-def _cx(m: _Msg, rep: str, index: int) -> Identifier:
-    hd_type = m.comp(rep, 4, 3)
-    universal = m.comp(rep, 4, 2)
+def _cx(m: Message, rep: str, index: int) -> Identifier:
+    hd_type = _comp(m, rep, 4, 3)
+    universal = _comp(m, rep, 4, 2)
     return Identifier(
-        value=m.comp(rep, 1),
-        authority_name=m.comp(rep, 4, 1),
+        value=_comp(m, rep, 1),
+        authority_name=_comp(m, rep, 4, 1),
         authority_oid=universal if hd_type.upper() == "ISO" else "",
-        id_type=m.comp(rep, 5),
+        id_type=_comp(m, rep, 5),
         # PAM FR: HD-3 "M" = FINESS of the legal entity, "N" = FINESS of the site.
         finess=universal if hd_type.upper() in ("M", "N") else "",
         authority_type=hd_type,
-        effective_date=m.comp(rep, 7),
+        effective_date=_comp(m, rep, 7),
         rep=index,
     )
 
 
-def _traits(m: _Msg, pid: list[str]) -> StrictTraits:
+def _traits(m: Message, pid: Segment) -> StrictTraits:
     birth_name = first_given = used_name = used_given = ""
     given: tuple[str, ...] = ()
     name_rep = None
-    for i, rep in enumerate(m.reps(m.field(pid, 5)), start=1):
-        xpn7 = m.comp(rep, 7)
+    for i, rep in enumerate(pid.repetitions(5), start=1):
+        xpn7 = _comp(m, rep, 7)
         # PAM FR 2.11 / INS: XPN-7 "L" = birth name (nom de naissance); XPN-2 first birth given
-        # name; XPN-3 = the list of birth given names, space separated (french-specs.md §1 PID-5).
+        # name; XPN-3 = the list of birth given names, space separated (IHE PAM France 2.11, PID-5).
         if xpn7 == "L" and name_rep is None:
             name_rep = i
-            birth_name = m.comp(rep, 1, 1)
-            first_given = m.comp(rep, 2)
-            given = tuple(p for p in m.comp(rep, 3).split(" ") if p)
+            birth_name = _comp(m, rep, 1, 1)
+            first_given = _comp(m, rep, 2)
+            given = tuple(p for p in _comp(m, rep, 3).split(" ") if p)
         elif xpn7 == "D" and not used_name:
             # XPN-7 "D" = used name (nom utilisé), with the used given name in XPN-2.
-            used_name = m.comp(rep, 1, 1)
-            used_given = m.comp(rep, 2)
-    raw_birth = m.comp(m.field(pid, 7), 1)
+            used_name = _comp(m, rep, 1, 1)
+            used_given = _comp(m, rep, 2)
+    raw_birth = _comp(m, _field(pid, 7), 1)
     cog, bp_rep = "", None
-    for i, rep in enumerate(m.reps(m.field(pid, 11)), start=1):
+    for i, rep in enumerate(pid.repetitions(11), start=1):
         # PAM FR: birth place = the PID-11 repetition with XAD-7 "BDL", XAD-9 = INSEE COG code.
-        if m.comp(rep, 7) == "BDL":
-            cog, bp_rep = m.comp(rep, 9), i
+        if _comp(m, rep, 7) == "BDL":
+            cog, bp_rep = _comp(m, rep, 9), i
             break
     return StrictTraits(
         birth_name=birth_name,
@@ -202,15 +143,15 @@ def _traits(m: _Msg, pid: list[str]) -> StrictTraits:
         used_given_name=used_given,
         birth_date=parse_date8(raw_birth) if len(raw_birth) >= 8 else None,
         birth_date_raw=raw_birth,
-        sex=m.comp(m.field(pid, 8), 1),
+        sex=_comp(m, _field(pid, 8), 1),
         birth_place_cog=cog,
         name_rep=name_rep,
         birth_place_rep=bp_rep,
     )
 
 
-def _status(m: _Msg, pid: list[str]) -> IdentityStatus:
-    raw = tuple(v for v in (m.comp(r, 1) for r in m.reps(m.field(pid, 32))) if v)
+def _status(m: Message, pid: Segment) -> IdentityStatus:
+    raw = tuple(v for v in (_comp(m, r, 1) for r in pid.repetitions(32)) if v)
     upper = [v.upper() for v in raw]
     code = next((c for c in RNIV_STATUSES if c in upper), "")
     if not code:
@@ -219,11 +160,11 @@ def _status(m: _Msg, pid: list[str]) -> IdentityStatus:
     return IdentityStatus(code=code, attributes=attrs, raw=raw)
 
 
-def _consent(m: _Msg) -> DmpConsent | None:
+def _consent(m: Message) -> DmpConsent | None:
     zfa = m.segment("ZFA")
     if zfa is None:
         return None
-    f = lambda n: m.comp(m.field(zfa, n), 1)  # noqa: E731
+    f = lambda n: _comp(m, zfa.field(n), 1)  # noqa: E731
     return DmpConsent(
         dmp_status=f(1), dmp_status_date=f(2), dmp_closing_date=f(3),
         feeding_opposition=f(9), feeding_opposition_date=f(10),
@@ -231,20 +172,20 @@ def _consent(m: _Msg) -> DmpConsent | None:
     )
 
 
-def _zfd(m: _Msg) -> ObtainedVia | None:
+def _zfd(m: Message) -> ObtainedVia | None:
     zfd = m.segment("ZFD")
     if zfd is None:
         return None
-    f = lambda n: m.comp(m.field(zfd, n), 1)  # noqa: E731
+    f = lambda n: _comp(m, zfd.field(n), 1)  # noqa: E731
     # ZFD-1 "date lunaire": kept raw; it may be sent as one date (YYYYMMDD) or as components
     # (day^month^year) [UNVERIFIED against the PAM FR PDF]; see ins.birth_date_has_zero_part.
-    lunar_raw = m.unescape(m.field(zfd, 1)).strip()
+    lunar_raw = zfd.value(1).strip()
     insi_raw = f(6)
     return ObtainedVia(
         mode=f(5),
         insi_query_date=parse_date8(insi_raw),
         insi_query_date_raw=insi_raw,
-        lunar_birth_date=lunar_raw if lunar_raw.strip(m.cs) else "",
+        lunar_birth_date=lunar_raw if lunar_raw.strip(m.delims.component) else "",
         sms_consent=f(3),
         corrected_birth_date=f(4),
         id_document_type=f(7),
@@ -252,11 +193,11 @@ def _zfd(m: _Msg) -> ObtainedVia | None:
     )
 
 
-def _mrg_identifier(m: _Msg, trigger: str) -> Identifier:
+def _mrg_identifier(m: Message, trigger: str) -> Identifier:
     mrg = m.segment("MRG")
     if mrg is None:
         raise IdentityError("100", "MRG", "MRG-REQUIRED", f"{trigger} requires an MRG segment")
-    reps = m.reps(m.field(mrg, 1))
+    reps = mrg.repetitions(1)
     ids = [_cx(m, r, i) for i, r in enumerate(reps, start=1)]
     ids = [i for i in ids if i.value]
     if not ids:
@@ -273,14 +214,17 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
             raise IdentityError("102", "MSH-18", "CHARSET", f"message not decodable as {codec}") from exc
     else:
         text = raw
-    m = _Msg(text)
+    try:
+        m = Message(text, codec)
+    except HL7Error:
+        raise IdentityError("100", "MSH", "MSH-FIRST", "message does not start with MSH") from None
     msh = m.segment("MSH")
-    msg_type = m.comp(m.field(msh, 9), 1)
-    trigger = m.comp(m.field(msh, 9), 2)
-    control_id = m.comp(m.field(msh, 10), 1)
+    msg_type = _comp(m, _field(msh, 9), 1)
+    trigger = _comp(m, _field(msh, 9), 2)
+    control_id = _comp(m, _field(msh, 10), 1)
     evn = m.segment("EVN")
-    # Event ordering time: EVN-2 (recorded date/time), else MSH-7 (issue 3: "use EVN-2/MSH-7").
-    ts_raw = m.comp(m.field(evn, 2), 1) or m.comp(m.field(msh, 7), 1)
+    # Event ordering time: EVN-2 (recorded date/time), else MSH-7 (HL7 v2.5 chapter 3, segment EVN).
+    ts_raw = _comp(m, _field(evn, 2), 1) or _comp(m, _field(msh, 7), 1)
     common = dict(trigger=trigger, message_type=msg_type, control_id=control_id,
                   event_time=parse_ts(ts_raw), event_time_raw=ts_raw)
 
@@ -300,7 +244,7 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
     pid = m.segment("PID")
     if pid is None:
         raise IdentityError("100", "PID", "PID-REQUIRED", f"ADT^{trigger} has no PID segment")
-    identifiers = tuple(_cx(m, r, i) for i, r in enumerate(m.reps(m.field(pid, 3)), start=1))
+    identifiers = tuple(_cx(m, r, i) for i, r in enumerate(pid.repetitions(3), start=1))
     # PAM FR: the IPP is the PID-3 repetition with CX-5 = PI.
     ipp = next((i for i in identifiers if i.id_type == "PI" and i.value), None)
     if ipp is None:
@@ -311,7 +255,7 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
     if ins_ids:
         first = ins_ids[0]
         # The OID is CX-4.2 (HD universal id), whatever HD-3 says.
-        oid = m.comp(m.reps(m.field(pid, 3))[first.rep - 1], 4, 2)
+        oid = _comp(m, pid.repetitions(3)[first.rep - 1], 4, 2)
         ins = InsInfo(value=first.value, oid=oid, kind=INS_KIND_BY_OID.get(oid, "UNKNOWN"),
                       effective_date=first.effective_date, rep=first.rep)
 

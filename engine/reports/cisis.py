@@ -1,6 +1,6 @@
 """Parse CI-SIS "Transmission de documents CDA-R2 en HL7 v2" v2.1 messages into a ``Submission``.
 
-Guide: ``shared/specs/ig/transmission-cda-hl7v2/`` (ANS, CI-SIS), below "the guide":
+Guide: ANS, CI-SIS « Transmission de documents CDA en HL7 v2 » v2.1, below "the guide" (its parts):
 
 * ``profils-messages.md`` - ORU^R01^ORU_R01 in HL7 v2.5, MDM^T02/T10/T04^MDM_T02 in HL7 v2.6,
   MSH-21 ``2.1^CISIS_CDA_HL7_V2``; PID-3 identical to CDA recordTarget/patientRole/id; ORC-1 /
@@ -9,8 +9,8 @@ Guide: ``shared/specs/ig/transmission-cda-hl7v2/`` (ANS, CI-SIS), below "the gui
 * ``regles-gestion-mssante.md`` - the MSSanté combination matrix;
 * ``error-codes.md`` - application error codes 900-906 (ERR-5 of the ACK, with ERR-3 = 207).
 
-Second profile, same entry point: ``shared/specs/ig/lps-cda-mssante/`` (ANS, CI-SIS « Transmission
-au LPS d'un document CDA provenant d'un courriel MSSanté », below "the LPS guide"):
+Second profile, same entry point: ANS, CI-SIS « Transmission au LPS d'un document CDA provenant
+d'un courriel MSSanté », below "the LPS guide":
 
 * ``profils-messages.md`` - MDM^T02/T10/T04^MDM_T02 in HL7 v2.6 only, MSH-21
   ``1.1^CISIS_CDA_HL7_LPS``; OBX 1 = the (single) CDA document followed by PRT SB (required, the
@@ -21,7 +21,8 @@ au LPS d'un document CDA provenant d'un courriel MSSanté », below "the LPS gui
 * ``evenements-declenchants.md`` - T02/OBX-11 F, T04/OBX-11 D, T10/OBX-11 C;
 * ``error-codes.md`` - the same 900-906 codes.
 
-Pure function, no I/O. Tolerant reading (issue 4, item 3): CR, LF or CRLF segment separators;
+Pure function, no I/O. Tolerant reading: CR, LF or CRLF segment separators (the message is read
+with :class:`engine.hl7.message.Message`, escapes with :func:`engine.hl7.escape.unescape`);
 spaces in assigning-authority names (``ASIP-SANTE- PS``); ``ACK_LECTURE`` for ``ACK_LECTURE_MSS``;
 Base64 without its final padding; trailing blanks after a field. Strict output: the ``Submission``
 uses the guide's names only.
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 from lxml import etree
 
 from engine.cda.header import INS_OIDS, RPPS_OID, parse_cda, read_header
+from engine.hl7.errors import HL7Error
+from engine.hl7.message import Delimiters, Message, Segment
 from engine.reports.submission import (
     FLAG_NAMES,
     INS,
@@ -82,7 +85,7 @@ OBX11_ACTION = {"F": "initial", "C": "replace", "D": "delete"}
 # profils-messages.md, "Le segment ORC": for MDM the trigger event must agree (T02/T10/T04)
 EVENT_ACTION = {"T02": "initial", "T10": "replace", "T04": "delete"}
 
-# tolerant reading of flag names (issue 4 item 3; corpus quirk ACK_LECTURE)
+# tolerant reading of flag names (the ANS example messages send ACK_LECTURE)
 FLAG_ALIASES = {
     "ACK_LECTURE": "ACK_LECTURE_MSS",
     "INVISIBLE_REPRESENTANTS_LEGAUX": "INVISIBLE_REP_LEGAUX",
@@ -109,102 +112,23 @@ HL7_UNSUPPORTED_VERSION = "203"
 HL7_APPLICATION = "207"
 
 
-# ---------------------------------------------------------------------------------------- parsing
-@dataclass
-class Seg:
-    name: str
-    fields: list[bytes]  # fields[0] = segment name; MSH fields shifted so fields[n] == MSH-n
-    index: int
-
-    def f(self, n: int) -> bytes:
-        return self.fields[n] if n < len(self.fields) else b""
-
-
-@dataclass
-class Enc:
-    field: bytes = b"|"
-    comp: bytes = b"^"
-    rep: bytes = b"~"
-    esc: bytes = b"\\"
-    sub: bytes = b"&"
-
-
-def split_segments(raw: bytes) -> list[bytes]:
-    """CR is the HL7 separator; LF and CRLF are accepted (corpus files use LF)."""
-    raw = raw.lstrip(b"\x0b").rstrip(b"\x1c\r\n")
-    # bytes.replace/split run in C: a regex split cost ~3 ms on a 300 KB report message
-    return [s for s in raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r") if s.strip()]
-
-
-def _parse(raw: bytes) -> tuple[Enc, list[Seg]]:
-    segs = split_segments(raw)
-    if not segs or not segs[0].startswith(b"MSH") or len(segs[0]) < 8:
-        raise ValueError("message does not start with an MSH segment")
-    msh = segs[0]
-    enc = Enc(field=msh[3:4])
-    chars = msh[4:8]
-    enc.comp, enc.rep, enc.esc, enc.sub = (chars[i:i + 1] for i in range(4))
-    out = []
-    for i, s in enumerate(segs):
-        parts = s.split(enc.field)
-        name = parts[0].strip().decode("ascii", "replace")
-        if name == "MSH":
-            parts = [parts[0], enc.field] + parts[1:]
-        out.append(Seg(name, parts, i))
-    return enc, out
-
-
-def comps(value: bytes, enc: Enc) -> list[bytes]:
-    return value.split(enc.comp)
-
-
-def comp(value: bytes, enc: Enc, n: int, sub: int | None = None) -> bytes:
-    c = value.split(enc.comp)
-    v = c[n - 1] if n - 1 < len(c) else b""
-    if sub is not None:
-        s = v.split(enc.sub)
-        v = s[sub - 1] if sub - 1 < len(s) else b""
-    return v
-
-
-def unescape(value: bytes, enc: Enc) -> bytes:
-    """HL7 v2 escape sequences (v2.5 §2.7): \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\Xhh\\ and \\.br\\."""
-    if enc.esc not in value:
-        return value
-    e = re.escape(enc.esc)
-
-    def repl(m: re.Match) -> bytes:
-        body = m.group(1)
-        if body == b"F":
-            return enc.field
-        if body == b"S":
-            return enc.comp
-        if body == b"T":
-            return enc.sub
-        if body == b"R":
-            return enc.rep
-        if body == b"E":
-            return enc.esc
-        if body.startswith(b"X"):
-            try:
-                return bytes.fromhex(body[1:].decode("ascii"))
-            except ValueError:
-                return m.group(0)
-        if body == b".br":
-            return b"\r\n"
-        return m.group(0)
-
-    return re.sub(e + rb"([^" + e + rb"]*)" + e, repl, value)
+_RAW_BYTES = re.compile("[\udc80-\udcff]+")
 
 
 class _Ctx:
-    def __init__(self, codec: str) -> None:
-        self.codec = codec
+    def __init__(self, msg: Message, lossless: bool) -> None:
+        self.msg = msg
+        self.codec = msg.charset
+        self.lossless = lossless  # False: the message had bytes invalid in its codec
         self.errors: list[Issue] = []
         self.warnings: list[Issue] = []
 
-    def s(self, b: bytes) -> str:
-        return b.decode(self.codec, "replace").strip()
+    def s(self, v: str) -> str:
+        """A value for the submission: stripped; bytes invalid in the codec read as U+FFFD."""
+        return _text(self, v.strip())
+
+    def unescape(self, v: str) -> str:
+        return self.msg.delims.unescape(v, self.codec)
 
     def error(self, code: str, text: str, location: str | None = None,
               hl7: str = HL7_APPLICATION) -> None:
@@ -231,7 +155,8 @@ def _b64decode_tolerant(data: bytes, ctx: _Ctx, where: str, *, truncated_ok: boo
         except (binascii.Error, ValueError):
             pass
     if truncated_ok and re.fullmatch(rb"[A-Za-z0-9+/]*={0,2}", clean):
-        # corpus quirk (ORU CORPSMAIL_PS): Base64 cut one character short; keep the whole quanta
+        # quirk of the ANS example ORU (CORPSMAIL_PS): Base64 cut one character short; keep the
+        # whole quanta
         body = clean.rstrip(b"=")
         body = body[: len(body) - len(body) % 4]
         ctx.warn(E_OTHER, "truncated Base64 text: the incomplete last characters were dropped",
@@ -255,12 +180,12 @@ def _flag_name(code: str) -> str:
     return FLAG_ALIASES.get(n, n)
 
 
-def _ei_to_id(value: bytes, enc: Enc, ctx: _Ctx) -> str | None:
+def _ei_to_id(value: str, enc: Delimiters, ctx: _Ctx) -> str | None:
     """TXA-12/13 EI to the internal ``root^extension`` / ``root`` form.
 
     profils-messages.md, TXA-12 note 1: ``extension^^root^ISO`` when the CDA id has an extension,
     the bare OID otherwise (EI-2 namespace may hold a name, e.g. ``^Organisation-Y``)."""
-    c = comps(value, enc)
+    c = enc.components(value)
     ent = ctx.s(c[0]) if c else ""
     uni = ctx.s(c[2]) if len(c) > 2 else ""
     if not ent:
@@ -268,29 +193,29 @@ def _ei_to_id(value: bytes, enc: Enc, ctx: _Ctx) -> str | None:
     return f"{uni}^{ent}" if uni else ent
 
 
-def _xtn_address(value: bytes, enc: Enc, ctx: _Ctx) -> str | None:
+def _xtn_address(value: str, enc: Delimiters, ctx: _Ctx) -> str | None:
     """PRT-15: XTN-4 holds the mail address (profils-messages.md PRT-15.4); tolerant scan."""
-    for rep in value.split(enc.rep):
-        a = ctx.s(comp(rep, enc, 4))
+    for rep in value.split(enc.repetition):
+        a = ctx.s(enc.component_of(rep, 4))
         if a:
             return a
-        for c in comps(rep, enc):
+        for c in enc.components(rep):
             t = ctx.s(c)
             if "@" in t:
                 return t
     return None
 
 
-def _ins_from_pid3(pid3: bytes, enc: Enc, ctx: _Ctx) -> tuple[INS | None, str | None]:
+def _ins_from_pid3(pid3: str, enc: Delimiters, ctx: _Ctx) -> tuple[INS | None, str | None]:
     """PID-3 repetitions: CX-5 = ``INS`` gives the INS (value CX-1, OID CX-4.2); CX-5 = ``PI`` the
     IPP. CI-SIS annexe INS (cited by profils-messages.md « Les données concernant le patient »)."""
     ins = None
     ipp = None
-    for rep in pid3.split(enc.rep):
-        idtype = ctx.s(comp(rep, enc, 5)).upper()
-        val = ctx.s(comp(rep, enc, 1))
+    for rep in pid3.split(enc.repetition):
+        idtype = ctx.s(enc.component_of(rep, 5)).upper()
+        val = ctx.s(enc.component_of(rep, 1))
         if idtype == "INS" and val and ins is None:
-            oid = ctx.s(comp(rep, enc, 4, 2))
+            oid = ctx.s(enc.component_of(rep, 4, 2))
             ins = INS(value=val, oid=oid)
         elif idtype == "PI" and val and ipp is None:
             ipp = val
@@ -317,7 +242,7 @@ def _person_from_header(p: dict | None) -> Person | None:
 # ------------------------------------------------------------------------------- main entry
 @dataclass
 class _DocOBX:
-    seg: Seg
+    seg: Segment
     set_id: str
     status: str
 
@@ -336,20 +261,28 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     the other unlisted combinations are warnings; ``True`` makes every unlisted combination an
     error.
     """
-    ctx = _Ctx(codec)
-    enc, segs = _parse(raw)
+    try:
+        text, lossless = bytes(raw).decode(codec), True
+    except UnicodeDecodeError:
+        text, lossless = bytes(raw).decode(codec, "surrogateescape"), False
+    try:
+        m = Message(text, codec)
+    except HL7Error as exc:
+        raise ValueError(exc.text) from None
+    ctx = _Ctx(m, lossless)
+    enc, segs = m.delims, m.segments
     msh = segs[0]
-    mtype = comps(msh.f(9), enc)
+    mtype = enc.components(msh.field(9))
     code = ctx.s(mtype[0]) if mtype else ""
     event = ctx.s(mtype[1]) if len(mtype) > 1 else ""
-    version = ctx.s(comp(msh.f(12), enc, 1))
-    control_id = ctx.s(msh.f(10))
+    version = ctx.s(enc.component_of(msh.field(12), 1))
+    control_id = ctx.s(msh.field(10))
     sub = Submission(message_type="^".join(ctx.s(c) for c in mtype if c) or "",
                      control_id=control_id, version=version,
-                     sending_application=ctx.s(comp(msh.f(3), enc, 1)) or None,
-                     sending_facility=ctx.s(comp(msh.f(4), enc, 1)) or None)
+                     sending_application=ctx.s(enc.component_of(msh.field(3), 1)) or None,
+                     sending_facility=ctx.s(enc.component_of(msh.field(4), 1)) or None)
 
-    msh21 = [ctx.s(r) for r in msh.f(21).split(enc.rep)]
+    msh21 = [ctx.s(r) for r in msh.field(21).split(enc.repetition)]
     # the LPS profile (lps-cda-mssante/profils-messages.md, MSH-21) is recognised on MSH-21 only;
     # everything else keeps the rules of the transmission guide v2.1
     lps_prof = next((p.replace(" ", "") for p in msh21
@@ -384,7 +317,7 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
         if sub.profile.split("^")[0] != PROFILE_VERSION:
             ctx.warn(E_OTHER, f"MSH-21 profile version is not {PROFILE_VERSION}", "MSH-21")
 
-    by_name: dict[str, list[Seg]] = {}
+    by_name: dict[str, list[Segment]] = {}
     for s in segs:
         by_name.setdefault(s.name, []).append(s)
 
@@ -393,15 +326,15 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     if pid is None:
         ctx.error(E_OTHER, "PID segment missing", "PID", HL7_SEGMENT_SEQUENCE)
     else:
-        sub.ins, sub.ipp = _ins_from_pid3(pid.f(3), enc, ctx)
-        names = pid.f(5).split(enc.rep)
-        legal = next((n for n in names if ctx.s(comp(n, enc, 7)).upper() == "L"), names[0])
+        sub.ins, sub.ipp = _ins_from_pid3(pid.field(3), enc, ctx)
+        names = pid.field(5).split(enc.repetition)
+        legal = next((n for n in names if ctx.s(enc.component_of(n, 7)).upper() == "L"), names[0])
         sub.patient = PatientTraits(
-            birth_name=ctx.s(comp(legal, enc, 1)) or None,
-            first_given_name=ctx.s(comp(legal, enc, 2)) or None,
-            given_names=ctx.s(comp(legal, enc, 3)) or None,
-            birth_date=ctx.s(comp(pid.f(7), enc, 1)) or None,
-            sex=ctx.s(pid.f(8)) or None,
+            birth_name=ctx.s(enc.component_of(legal, 1)) or None,
+            first_given_name=ctx.s(enc.component_of(legal, 2)) or None,
+            given_names=ctx.s(enc.component_of(legal, 3)) or None,
+            birth_date=ctx.s(enc.component_of(pid.field(7), 1)) or None,
+            sex=ctx.s(pid.field(8)) or None,
         )
         if sub.ins is None:
             ctx.warn(E_OTHER, "no INS in PID-3 (CX-5 = INS): identity not qualified", "PID-3")
@@ -410,15 +343,15 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
                 ctx.error(E_INS_INCOMPLETE, "PID-3 INS assigning authority is not an INS OID",
                           "PID-3.4", HL7_TABLE_VALUE)
             # CI-SIS annexe INS / PAM FR 2.11: an INS is only usable with a qualified identity
-            # (PID-32 = VALI); corpus quirk: PID-32 VALI with an INS is the normal case
-            pid32 = ctx.s(pid.f(32)).upper()
+            # (PID-32 = VALI); in the ANS examples PID-32 VALI with an INS is the normal case
+            pid32 = ctx.s(pid.field(32)).upper()
             if pid32 and pid32 != "VALI":
                 ctx.warn(E_OTHER, f"PID-32 identity reliability is {pid32!r}, not VALI: the INS "
                                   "must not be used as the patient identifier", "PID-32")
 
     # --- ORC-1 and event (profils-messages.md « Le segment ORC »)
     orc = (by_name.get("ORC") or [None])[0]
-    orc1 = ctx.s(orc.f(1)).upper() if orc else ""
+    orc1 = ctx.s(orc.field(1)).upper() if orc else ""
     if orc is None:
         ctx.error(E_OTHER, "ORC segment missing", "ORC", HL7_SEGMENT_SEQUENCE)
     elif orc1 not in ORC_ACTION:
@@ -434,16 +367,16 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
         pv1 = (by_name.get("PV1") or [None])[0]
         if pv1 is None:
             ctx.error(E_OTHER, "PV1 segment missing", "PV1", HL7_SEGMENT_SEQUENCE)
-        elif ctx.s(pv1.f(2)).upper() != "N":
+        elif ctx.s(pv1.field(2)).upper() != "N":
             ctx.warn(E_OTHER, "PV1-2 should be N (Not applicable)", "PV1-2")
 
     # --- OBX: documents, MetaDMPMSS flags, mail bodies; PRT; NTE
-    mail_obx: list[Seg] = []
+    mail_obx: list[Segment] = []
     doc_obx: list[_DocOBX] = []
     flags: dict[str, bool] = {}
     flag_seen: dict[str, int] = {}
     bad_flags: set[str] = set()
-    prts: list[Seg] = []
+    prts: list[Segment] = []
     last_flag: str | None = None
     for s in segs:
         if s.name == "PRT":
@@ -451,18 +384,18 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
             continue
         if s.name == "NTE":
             # profils-messages.md « Echange MSSanté Patient »: NTE-4 = FIN -> patient cannot reply
-            if last_flag == "DESTMSSANTEPAT" and ctx.s(comp(s.f(4), enc, 1)).upper() == "FIN":
+            if last_flag == "DESTMSSANTEPAT" and ctx.s(enc.component_of(s.field(4), 1)).upper() == "FIN":
                 sub.recipients.patient_no_reply = True
             continue
         if s.name != "OBX":
             continue
         last_flag = None
-        obx3 = s.f(3)
-        system = ctx.s(comp(obx3, enc, 3)).replace(" ", "").upper()
-        ident = ctx.s(comp(obx3, enc, 1))
-        setid = ctx.s(s.f(1))
+        obx3 = s.field(3)
+        system = ctx.s(enc.component_of(obx3, 3)).replace(" ", "").upper()
+        ident = ctx.s(enc.component_of(obx3, 1))
+        setid = ctx.s(s.field(1))
         loc = f"OBX-{setid or '?'}"
-        vtype = ctx.s(s.f(2)).upper()
+        vtype = ctx.s(s.field(2)).upper()
         if system == "METADMPMSS" or _flag_name(ident) in FLAG_NAMES + MAIL_BODY_NAMES:
             name = _flag_name(ident)
             if name in MAIL_BODY_NAMES:
@@ -474,7 +407,7 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
                 ctx.warn(E_OTHER, f"unknown MetaDMPMSS code {name!r} ignored", f"{loc}-3")
                 continue
             # meta-dmp-mss.md + profils-messages.md: OBX-5.1 from HL7 table 0136 (Y/N)
-            val = _yes_no(ctx.s(comp(s.f(5), enc, 1)))
+            val = _yes_no(ctx.s(enc.component_of(s.field(5), 1)))
             if val is None:
                 ctx.error(E_OTHER, f"{name}: OBX-5 must be Y or N", f"{loc}-5", HL7_TABLE_VALUE)
                 bad_flags.add(name)
@@ -487,7 +420,7 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
             if vtype not in ("CE", "CWE"):
                 ctx.warn(E_OTHER, f"{name}: OBX-2 should be CE (ORU) or CWE (MDM)", f"{loc}-2")
             # profils-messages.md: « Le champ OBX-11 ... est arbitrairement fixé à F »
-            if ctx.s(s.f(11)).upper() not in ("F", ""):
+            if ctx.s(s.field(11)).upper() not in ("F", ""):
                 ctx.warn(E_OTHER, f"{name}: OBX-11 should be F", f"{loc}-11")
             continue
         if vtype == "ED" and lps and doc_obx:
@@ -496,7 +429,7 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
             # MDM ne peut transmettre qu'un seul document médical »
             mail_obx.append(s)
         elif vtype == "ED":
-            doc_obx.append(_DocOBX(s, setid, ctx.s(s.f(11)).upper()))
+            doc_obx.append(_DocOBX(s, setid, ctx.s(s.field(11)).upper()))
         else:
             ctx.warn(E_OTHER, f"OBX with value type {vtype!r} ignored (documents use ED)", loc)
 
@@ -613,31 +546,37 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     return sub
 
 
-def _read_text_obx(s: Seg, enc: Enc, ctx: _Ctx, loc: str) -> str | None:
+def _text(ctx: _Ctx, v: str) -> str:
+    """Text as the codec reads it: bytes invalid in the codec (kept by the lossless decoding of the
+    message as lone surrogates) become U+FFFD."""
+    if ctx.lossless:
+        return v
+    return _RAW_BYTES.sub(lambda m: ctx.msg.encode(m.group()).decode(ctx.codec, "replace"), v)
+
+
+def _read_text_obx(s: Segment, enc: Delimiters, ctx: _Ctx, loc: str) -> str | None:
     """CORPSMAIL_PS / CORPSMAIL_PATIENT: ED (``^text^^Base64^…``) or plain text."""
-    v = s.f(5)
-    if ctx.s(s.f(2)).upper() == "ED":
-        parts = v.split(enc.comp, 4)
+    v = s.field(5)
+    if ctx.s(s.field(2)).upper() == "ED":
+        parts = v.split(enc.component, 4)
         encoding = ctx.s(parts[3]).upper() if len(parts) > 3 else ""
-        data = parts[4] if len(parts) > 4 else b""
+        data = parts[4] if len(parts) > 4 else ""
         if encoding == "BASE64":
-            b = _b64decode_tolerant(data, ctx, f"{loc}-5", truncated_ok=True)
+            b = _b64decode_tolerant(ctx.msg.encode(data), ctx, f"{loc}-5", truncated_ok=True)
             if b is None:
                 return None
-        else:
-            b = unescape(data, enc)
-    else:
-        b = unescape(v, enc)
-    return b.decode(ctx.codec, "replace")
+            return b.decode(ctx.codec, "replace")
+        return _text(ctx, ctx.unescape(data))
+    return _text(ctx, ctx.unescape(v))
 
 
-def _read_document(d: _DocOBX, enc: Enc, ctx: _Ctx) -> tuple[Document | None, dict | None]:
+def _read_document(d: _DocOBX, enc: Delimiters, ctx: _Ctx) -> tuple[Document | None, dict | None]:
     """OBX-5 ED: ``source^type^subtype^encoding^data`` (profils-messages.md OBX-5.1..5.5).
 
     Base64 (the guide's form) and plain text (``A``/empty encoding, HL7-escaped) are read; the
     decoded bytes are kept as they are (sha256 on them)."""
     loc = f"OBX-{d.set_id or '?'}"
-    parts = d.seg.f(5).split(enc.comp, 4)
+    parts = d.seg.field(5).split(enc.component, 4)
     if len(parts) < 5:
         ctx.error(E_OTHER, "document OBX-5 is not an ED value (source^type^subtype^encoding^data)",
                   f"{loc}-5", HL7_DATA_TYPE)
@@ -645,18 +584,18 @@ def _read_document(d: _DocOBX, enc: Enc, ctx: _Ctx) -> tuple[Document | None, di
     dtype = ctx.s(parts[1]).upper()
     subtype = ctx.s(parts[2]).upper()
     encoding = ctx.s(parts[3]).upper()
-    data = parts[4].rstrip(b" \t")
+    data = parts[4].rstrip(" \t")
     if dtype not in ("TEXT", "APPLICATION") or subtype not in ("XML", ""):
         ctx.warn(E_OTHER, "document OBX-5.2/5.3 should be TEXT|text and XML", f"{loc}-5")
     if encoding == "BASE64":
-        body = _b64decode_tolerant(data, ctx, f"{loc}-5.5")
+        body = _b64decode_tolerant(ctx.msg.encode(data), ctx, f"{loc}-5.5")
         if body is None:
             return None, None
     elif encoding in ("A", "", "NONE"):
-        body = unescape(data, enc)
+        body = ctx.msg.encode(ctx.unescape(data))
     elif encoding == "HEX":
         try:
-            body = bytes.fromhex(data.decode("ascii"))
+            body = bytes.fromhex(data)
         except ValueError:
             ctx.error(E_OTHER, "OBX-5 data is not valid hexadecimal", f"{loc}-5.5", HL7_DATA_TYPE)
             return None, None
@@ -664,10 +603,10 @@ def _read_document(d: _DocOBX, enc: Enc, ctx: _Ctx) -> tuple[Document | None, di
         ctx.error(E_OTHER, f"unsupported OBX-5.4 encoding {encoding!r}", f"{loc}-5.4",
                   HL7_TABLE_VALUE)
         return None, None
-    obx3 = d.seg.f(3)
+    obx3 = d.seg.field(3)
     doc = Document(sha256=hashlib.sha256(body).hexdigest(), size=len(body),
                    raw_bytes_b64=base64.b64encode(body).decode("ascii"),
-                   type_code=ctx.s(comp(obx3, enc, 1)) or None, obx_set_id=d.set_id,
+                   type_code=ctx.s(enc.component_of(obx3, 1)) or None, obx_set_id=d.set_id,
                    obx_result_status=d.status)
     try:
         header = read_header(parse_cda(body))
@@ -711,10 +650,10 @@ def _read_document(d: _DocOBX, enc: Enc, ctx: _Ctx) -> tuple[Document | None, di
     return doc, header
 
 
-def _check_txa(txa: Seg, sub: Submission, enc: Enc, ctx: _Ctx, code: str, event: str) -> None:
+def _check_txa(txa: Segment, sub: Submission, enc: Delimiters, ctx: _Ctx, code: str, event: str) -> None:
     """profils-messages.md « Les métadonnées du document [Uniquement pour le message MDM] »."""
-    txa12 = _ei_to_id(txa.f(12), enc, ctx)
-    txa13 = _ei_to_id(txa.f(13), enc, ctx)
+    txa12 = _ei_to_id(txa.field(12), enc, ctx)
+    txa13 = _ei_to_id(txa.field(13), enc, ctx)
     if not txa12:
         ctx.error(E_OTHER, "TXA-12 (unique document number) missing", "TXA-12", HL7_REQUIRED_FIELD)
     ids = {d.id for d in sub.documents if d.id}
@@ -729,7 +668,7 @@ def _check_txa(txa: Seg, sub: Submission, enc: Enc, ctx: _Ctx, code: str, event:
                       "TXA-13")
         elif not sub.parent_document_id:
             sub.parent_document_id = txa13
-    txa2 = ctx.s(txa.f(2))
+    txa2 = ctx.s(txa.field(2))
     types = {d.type_code for d in sub.documents if d.type_code}
     if txa2 and types and txa2 not in types:
         ctx.warn(E_OTHER, "TXA-2 differs from the document type code", "TXA-2")
@@ -774,7 +713,7 @@ def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
                   + ", ".join(diffs), loc)
 
 
-def _read_prts(prts: list[Seg], sub: Submission, enc: Enc, ctx: _Ctx, *, lps: bool = False
+def _read_prts(prts: list[Segment], sub: Submission, enc: Delimiters, ctx: _Ctx, *, lps: bool = False
                ) -> None:
     """PRT-4 SB (sender), RCT (MSSanté recipients, PS/organisation/BAL or patient), REPLY.
 
@@ -783,42 +722,42 @@ def _read_prts(prts: list[Seg], sub: Submission, enc: Enc, ctx: _Ctx, *, lps: bo
     mss_ps: list[str] = []
     patients: list[str] = []
     for p in prts:
-        role = ctx.s(comp(p.f(4), enc, 1)).upper()
+        role = ctx.s(enc.component_of(p.field(4), 1)).upper()
         loc = f"PRT[{p.index}]"
         if role == "SB":
-            pers = p.f(5)
+            pers = p.field(5)
             person = None
-            if ctx.s(comp(pers, enc, 1)):
+            if ctx.s(enc.component_of(pers, 1)):
                 # PRT-5.9 assigning authority: tolerant on the namespace (« ASIP-SANTE- PS »),
                 # the OID in 5.9.2 is what counts
-                person = Person(id=ctx.s(comp(pers, enc, 1)),
-                                id_oid=ctx.s(comp(pers, enc, 9, 2)) or None,
-                                family=ctx.s(comp(pers, enc, 2)) or None,
-                                given=ctx.s(comp(pers, enc, 3)) or None)
-            org = p.f(8)
+                person = Person(id=ctx.s(enc.component_of(pers, 1)),
+                                id_oid=ctx.s(enc.component_of(pers, 9, 2)) or None,
+                                family=ctx.s(enc.component_of(pers, 2)) or None,
+                                given=ctx.s(enc.component_of(pers, 3)) or None)
+            org = p.field(8)
             sub.recipients.sender = Sender(
                 person=person,
-                organization_name=ctx.s(comp(org, enc, 1)) or None,
-                organization_id_type=ctx.s(comp(org, enc, 7)) or None,
-                organization_id=ctx.s(comp(org, enc, 10)) or None,
-                device=ctx.s(comp(p.f(10), enc, 1)) or None,
-                address=_xtn_address(p.f(15), enc, ctx),
+                organization_name=ctx.s(enc.component_of(org, 1)) or None,
+                organization_id_type=ctx.s(enc.component_of(org, 7)) or None,
+                organization_id=ctx.s(enc.component_of(org, 10)) or None,
+                device=ctx.s(enc.component_of(p.field(10), 1)) or None,
+                address=_xtn_address(p.field(15), enc, ctx),
             )
             # LPS: PRT-8 « requis si connu si l'expéditeur est une organisation » only
             if sub.recipients.sender.organization_id is None and not (lps and person):
                 ctx.warn(E_OTHER, "PRT SB without PRT-8.10 organisation identifier", loc)
         elif role == "RCT":
-            addr = _xtn_address(p.f(15), enc, ctx)
+            addr = _xtn_address(p.field(15), enc, ctx)
             sub.recipients.rct.append(_participant(p, addr, enc, ctx))
             if not addr:
                 ctx.error(E_OTHER, "PRT RCT without a mail address in PRT-15.4", loc,
                           HL7_REQUIRED_FIELD)
                 continue
-            is_patient = (ctx.s(comp(p.f(5), enc, 13)).upper() == "INS"
+            is_patient = (ctx.s(enc.component_of(p.field(5), 13)).upper() == "INS"
                           or addr.lower().endswith(PATIENT_MAIL_DOMAIN))
             (patients if is_patient else mss_ps).append(addr)
         elif role == "REPLY":
-            addr = _xtn_address(p.f(15), enc, ctx)
+            addr = _xtn_address(p.field(15), enc, ctx)
             if addr:
                 sub.recipients.reply_to = addr
         else:
@@ -829,28 +768,28 @@ def _read_prts(prts: list[Seg], sub: Submission, enc: Enc, ctx: _Ctx, *, lps: bo
     sub.recipients.mss_patient = patients[0] if patients else None
     if sub.recipients.mss_patient and sub.ins:
         if sub.recipients.mss_patient.lower() != f"{sub.ins.value}{PATIENT_MAIL_DOMAIN}":
-            # README of shared/: the patient mailbox is <INS>@patient.mssante.fr
+            # MSSanté patient mailboxes are <INS>@patient.mssante.fr
             ctx.warn(E_OTHER, "patient mailbox does not match the PID-3 INS", "PRT-15")
 
 
-def _participant(p: Seg, addr: str | None, enc: Enc, ctx: _Ctx) -> Participant:
+def _participant(p: Segment, addr: str | None, enc: Delimiters, ctx: _Ctx) -> Participant:
     """A PRT RCT as carried: PRT-5 person (5.1 id, 5.2 family, 5.3 given, 5.9.2 OID), PRT-8
     organisation (8.1 name, 8.6 assigning authority, 8.7 type, 8.10 number), PRT-15.4 address."""
-    pers, org = p.f(5), p.f(8)
+    pers, org = p.field(5), p.field(8)
     person = None
-    if ctx.s(comp(pers, enc, 1)) or ctx.s(comp(pers, enc, 2)):
-        person = Person(id=ctx.s(comp(pers, enc, 1)) or None,
-                        id_oid=ctx.s(comp(pers, enc, 9, 2)) or None,
-                        family=ctx.s(comp(pers, enc, 2)) or None,
-                        given=ctx.s(comp(pers, enc, 3)) or None)
+    if ctx.s(enc.component_of(pers, 1)) or ctx.s(enc.component_of(pers, 2)):
+        person = Person(id=ctx.s(enc.component_of(pers, 1)) or None,
+                        id_oid=ctx.s(enc.component_of(pers, 9, 2)) or None,
+                        family=ctx.s(enc.component_of(pers, 2)) or None,
+                        given=ctx.s(enc.component_of(pers, 3)) or None)
     return Participant(address=addr, person=person,
-                       organization_name=ctx.s(comp(org, enc, 1)) or None,
-                       organization_authority=ctx.s(comp(org, enc, 6)) or None,
-                       organization_id_type=ctx.s(comp(org, enc, 7)) or None,
-                       organization_id=ctx.s(comp(org, enc, 10)) or None)
+                       organization_name=ctx.s(enc.component_of(org, 1)) or None,
+                       organization_authority=ctx.s(enc.component_of(org, 6)) or None,
+                       organization_id_type=ctx.s(enc.component_of(org, 7)) or None,
+                       organization_id=ctx.s(enc.component_of(org, 10)) or None)
 
 
-def _read_lps_mail(mail_obx: list[Seg], enc: Enc, ctx: _Ctx) -> MssMail | None:
+def _read_lps_mail(mail_obx: list[Segment], enc: Delimiters, ctx: _Ctx) -> MssMail | None:
     """lps-cda-mssante/profils-messages.md « Le groupe de segments portant les informations du
     courriel MSSanté » (Usage R, [1..1]): OBX-2 ED, OBX-3.1 = Message-ID of the mail, OBX-3.2 =
     subject, OBX-5 = « Contenu du courriel codé en base 64 », OBX-11 fixed to F."""
@@ -863,14 +802,14 @@ def _read_lps_mail(mail_obx: list[Seg], enc: Enc, ctx: _Ctx) -> MssMail | None:
         ctx.error(E_OTHER, "more than one document/mail ED OBX: the LPS MDM carries one document "
                            "and one mail", "OBX")
     s = mail_obx[0]
-    setid = ctx.s(s.f(1))
+    setid = ctx.s(s.field(1))
     loc = f"OBX-{setid or '?'}"
-    mail = MssMail(message_id=ctx.s(unescape(comp(s.f(3), enc, 1), enc)) or None,
-                   subject=ctx.s(unescape(comp(s.f(3), enc, 2), enc)) or None,
+    mail = MssMail(message_id=ctx.s(ctx.unescape(enc.component_of(s.field(3), 1))) or None,
+                   subject=ctx.s(ctx.unescape(enc.component_of(s.field(3), 2))) or None,
                    content=_read_text_obx(s, enc, ctx, loc), obx_set_id=setid or None)
     if mail.message_id is None:
         ctx.warn(E_OTHER, "mail OBX-3.1 (Message-ID) empty", f"{loc}-3")
-    if ctx.s(s.f(11)).upper() != "F":
+    if ctx.s(s.field(11)).upper() != "F":
         ctx.warn(E_OTHER, "mail OBX-11 should be F", f"{loc}-11")
     return mail
 

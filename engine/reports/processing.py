@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from engine import logs
 from engine.steps import Answer, StepResult, finish
 from engine.hl7.ack import AckError
+from engine.hl7.fields import parse_path
 from engine.identity.lookup import make_identity_lookup
 from engine.reports.documents import document_refs
 from engine.router import message_type_matches
@@ -58,16 +59,22 @@ def _issue_error(issue) -> AckError:
 
 
 def _location(loc: str | None) -> str | None:
-    """``OBX[3]-5`` style locations become ERL ``OBX^3^5``; anything else is dropped."""
+    """A submission issue location as ERL ``SEG^occurrence[^field]``; ``None`` when unreadable.
+
+    Locations are :func:`engine.hl7.fields.parse_path` paths (``PID-3.4``, ``OBX[3]-5``) or a bare
+    segment (``PRT[3]``); the CI-SIS reader names an OBX by its set id (``OBX-2-5``), read here as
+    its leading path ``OBX-2``, as before. Components are not part of this ERL."""
     if not loc:
         return None
-    import re
-
-    m = re.match(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+))?", loc)
-    if not m:
+    seg, _, rest = loc.partition("-")
+    field = rest.split("-", 1)[0]
+    field = field[:len(field) - len(field.lstrip("0123456789"))]  # "3.4" -> "3", "?" -> ""
+    try:
+        fp = parse_path(f"{seg}-{field or 1}")
+    except ValueError:
         return None
-    seg, occ, fld = m.groups()
-    return "^".join(x for x in (seg, occ or "1", fld) if x)
+    erl = [fp.segment, str(fp.occurrence)]
+    return "^".join(erl + [field] if field else erl)
 
 
 @dataclass

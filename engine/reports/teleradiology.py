@@ -30,8 +30,8 @@ section; it never quotes patient data (only code values such as ORC-1 or OBR-4.1
 The channel step (:mod:`engine.reports.teleradiology_step`) writes these texts into ERR-8 with
 the published section names instead of the page names.
 
-Pure: no I/O, stdlib only. Only rules the guide states clearly are checked; value sets held
-outside the guide (JDV_*, table 0203) are not.
+Pure: no I/O, reads with engine.hl7.message. Only rules the guide states clearly are checked;
+value sets held outside the guide (JDV_*, table 0203) are not.
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ import binascii
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from engine.hl7.errors import HL7Error
+from engine.hl7.message import Message, Segment
 
 __all__ = [
     "PROFILE_ID",
@@ -87,60 +90,22 @@ class TlrCheck:
 
 
 # --------------------------------------------------------------------------------------------
-# minimal split-based reader
+# reading (engine.hl7.message) and ERR-2 locations
 # --------------------------------------------------------------------------------------------
 
 
-class _Seg:
-    __slots__ = ("name", "occ", "fields", "cs", "rs", "ss")
+def _c(seg: Segment, n: int, comp: int, sub: int | None = None) -> str:
+    """Component ``comp`` (and sub-component) of the first repetition of field n, raw, stripped."""
+    return seg.component(n, comp, sub).strip()
 
-    def __init__(self, name: str, occ: int, fields: list[str], cs: str, rs: str, ss: str):
-        self.name, self.occ, self.fields, self.cs, self.rs, self.ss = name, occ, fields, cs, rs, ss
 
-    def f(self, n: int) -> str:
-        """Field n (HL7 numbering; MSH-1 is the field separator), raw, all repetitions."""
-        return self.fields[n] if 0 < n < len(self.fields) else ""
-
-    def c(self, n: int, comp: int, sub: int | None = None) -> str:
-        """Component ``comp`` (and sub-component) of the first repetition of field n, stripped."""
-        v = self.f(n).split(self.rs, 1)[0]
-        parts = v.split(self.cs)
-        v = parts[comp - 1] if comp - 1 < len(parts) else ""
+def _loc(seg: Segment, n: int, comp: int | None = None, sub: int | None = None) -> str:
+    s = f"{seg.name}^{seg.occurrence}^{n}"
+    if comp is not None:
+        s += f"^1^{comp}"
         if sub is not None:
-            subs = v.split(self.ss)
-            v = subs[sub - 1] if sub - 1 < len(subs) else ""
-        return v.strip()
-
-    def reps(self, n: int) -> list[str]:
-        v = self.f(n)
-        return v.split(self.rs) if v else []
-
-    def loc(self, n: int, comp: int | None = None, sub: int | None = None) -> str:
-        s = f"{self.name}^{self.occ}^{n}"
-        if comp is not None:
-            s += f"^1^{comp}"
-            if sub is not None:
-                s += f"^{sub}"
-        return s
-
-
-def _segments(text: str) -> list[_Seg]:
-    lines = [ln for ln in re.split(r"\r\n|\r|\n", text) if ln.strip()]
-    if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 8:
-        return []
-    fs = lines[0][3]
-    enc = lines[0][4:].split(fs, 1)[0]
-    cs, rs, ss = enc[0], enc[1], enc[3] if len(enc) > 3 else "&"
-    counts: dict[str, int] = {}
-    out = []
-    for ln in lines:
-        parts = ln.split(fs)
-        name = parts[0][:3]
-        if name == "MSH":
-            parts = ["MSH", fs] + parts[1:]     # parts[k] = MSH-k
-        counts[name] = counts.get(name, 0) + 1
-        out.append(_Seg(name, counts[name], parts, cs, rs, ss))
-    return out
+            s += f"^{sub}"
+    return s
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,24 +120,24 @@ class _Ctx:
     def add(self, code: str, location: str, text: str) -> None:
         self.problems.append(Problem(code, location, text))
 
-    def required(self, seg: _Seg, n: int, comp: int | None, where: str, what: str, sub: int | None = None) -> bool:
-        v = seg.c(n, comp, sub) if comp is not None else seg.f(n).strip()
+    def required(self, seg: Segment, n: int, comp: int | None, where: str, what: str, sub: int | None = None) -> bool:
+        v = _c(seg, n, comp, sub) if comp is not None else seg.field(n).strip()
         if not v:
             name = f"{seg.name}-{n}" + (f".{comp}" if comp is not None else "") + (f".{sub}" if sub else "")
-            self.add("101", seg.loc(n, comp, sub), f"{where}: {name} ({what}) is required")
+            self.add("101", _loc(seg, n, comp, sub), f"{where}: {name} ({what}) is required")
             return False
         return True
 
-    def fixed(self, seg: _Seg, n: int, comp: int | None, expected: str | tuple[str, ...], where: str,
+    def fixed(self, seg: Segment, n: int, comp: int | None, expected: str | tuple[str, ...], where: str,
               what: str) -> bool:
-        v = seg.c(n, comp) if comp is not None else seg.c(n, 1)
+        v = _c(seg, n, comp) if comp is not None else _c(seg, n, 1)
         allowed = (expected,) if isinstance(expected, str) else expected
         name = f"{seg.name}-{n}" + (f".{comp}" if comp is not None else "")
         if not v:
-            self.add("101", seg.loc(n, comp), f"{where}: {name} ({what}) is required: {' or '.join(allowed)}")
+            self.add("101", _loc(seg, n, comp), f"{where}: {name} ({what}) is required: {' or '.join(allowed)}")
             return False
         if v not in allowed:
-            self.add("103", seg.loc(n, comp),
+            self.add("103", _loc(seg, n, comp),
                      f"{where}: {name} ({what}) must be {' or '.join(allowed)}, got {_code(v)}")
             return False
         return True
@@ -183,32 +148,32 @@ def _code(v: str) -> str:
     return repr(v) if re.fullmatch(r"[A-Za-z0-9_./ -]{1,40}", v) else "another value"
 
 
-def _check_msh(msh: _Seg, ctx: _Ctx) -> None:
+def _check_msh(msh: Segment, ctx: _Ctx) -> None:
     where = "st-contraintes.md, Eléments de l'entête"
     for n, what in ((3, "sending application"), (4, "sending facility"), (5, "receiving application"),
                     (6, "receiving facility"), (7, "message date/time"), (10, "message control id")):
         ctx.required(msh, n, None, where, what)
-    code, trig, struct = msh.c(9, 1), msh.c(9, 2), msh.c(9, 3)
+    code, trig, struct = _c(msh, 9, 1), _c(msh, 9, 2), _c(msh, 9, 3)
     exp = STRUCTURES.get((code, trig))
     if exp and struct != exp:
-        ctx.add("101" if not struct else "103", msh.loc(9, 3),
+        ctx.add("101" if not struct else "103", _loc(msh, 9, 3),
                 f"{where}: MSH-9 must be {code}^{trig}^{exp} (message structure in MSH-9.3)")
     ctx.fixed(msh, 11, None, ("P", "T", "D"), where, "processing id")
-    v = msh.c(12, 1)
+    v = _c(msh, 12, 1)
     if v != VERSION:
-        ctx.add("203", msh.loc(12), f"{where}: MSH-12 (version) must be {VERSION}, got {_code(v) if v else 'nothing'}")
+        ctx.add("203", _loc(msh, 12), f"{where}: MSH-12 (version) must be {VERSION}, got {_code(v) if v else 'nothing'}")
     ctx.fixed(msh, 17, None, "FRA", where, "country code")
-    v = msh.f(18).split(msh.rs, 1)[0].strip()
+    v = msh.field(18).split(msh.delims.repetition, 1)[0].strip()
     if not v:
-        ctx.add("101", msh.loc(18), f"{where}: MSH-18 (character set) is required: {' or '.join(CHARSETS)}")
+        ctx.add("101", _loc(msh, 18), f"{where}: MSH-18 (character set) is required: {' or '.join(CHARSETS)}")
     elif v not in CHARSETS:
-        ctx.add("103", msh.loc(18), f"{where}: MSH-18 (character set) must be {' or '.join(CHARSETS)}, got {_code(v)}")
-    reps = msh.reps(21)
+        ctx.add("103", _loc(msh, 18), f"{where}: MSH-18 (character set) must be {' or '.join(CHARSETS)}, got {_code(v)}")
+    reps = msh.repetitions(21)
     if not reps:
-        ctx.add("101", msh.loc(21), f"{where}: MSH-21 (message profile) is required: {PROFILE_VERSION}^{PROFILE_ID}")
+        ctx.add("101", _loc(msh, 21), f"{where}: MSH-21 (message profile) is required: {PROFILE_VERSION}^{PROFILE_ID}")
         return
     for i, rep in enumerate(reps, 1):
-        comps = [c.strip() for c in rep.split(msh.cs)]
+        comps = [c.strip() for c in rep.split(msh.delims.component)]
         if len(comps) > 1 and comps[1] == PROFILE_ID:
             if comps[0] != PROFILE_VERSION:
                 ctx.add("103", f"MSH^1^21^{i}^1",
@@ -217,7 +182,7 @@ def _check_msh(msh: _Seg, ctx: _Ctx) -> None:
     ctx.add("103", "MSH^1^21", f"{where}: MSH-21 must name the profile {PROFILE_VERSION}^{PROFILE_ID}")
 
 
-def _check_patient(segs: list[_Seg], flow: int, ctx: _Ctx) -> None:
+def _check_patient(segs: list[Segment], flow: int, ctx: _Ctx) -> None:
     where = "st-contraintes.md, Les données concernant le patient et sa venue"
     pid = next((s for s in segs if s.name == "PID"), None)
     if pid is None:
@@ -231,13 +196,13 @@ def _check_patient(segs: list[_Seg], flow: int, ctx: _Ctx) -> None:
             ctx.add("100", "PV1", f"{where} / st-profils.md flux {flow}: segment PV1 is required")
         return
     if ctx.required(pv1, 2, None, where, "patient class"):
-        if pv1.c(2, 1) in ("E", "I", "O", "R"):
+        if _c(pv1, 2, 1) in ("E", "I", "O", "R"):
             ctx.required(pv1, 19, 1, where, "visit number, required when PV1-2 is E, I, O or R")
 
 
-def _orders(segs: list[_Seg]) -> list[list[_Seg]]:
+def _orders(segs: list[Segment]) -> list[list[Segment]]:
     """ORDER groups: each starts at an ORC and runs to the next ORC."""
-    groups: list[list[_Seg]] = []
+    groups: list[list[Segment]] = []
     for s in segs:
         if s.name == "ORC":
             groups.append([s])
@@ -246,26 +211,26 @@ def _orders(segs: list[_Seg]) -> list[list[_Seg]]:
     return groups
 
 
-def _check_xcn_ps(seg: _Seg, n: int, where: str, what: str, ctx: _Ctx) -> None:
+def _check_xcn_ps(seg: Segment, n: int, where: str, what: str, ctx: _Ctx) -> None:
     """ORC-12 (st_flux1.md, ORC-12 components) - PS_IdNat, names, assigning authority, type."""
-    if not seg.f(n).strip():
-        ctx.add("101", seg.loc(n), f"{where}: {seg.name}-{n} ({what}) is required")
+    if not seg.field(n).strip():
+        ctx.add("101", _loc(seg, n), f"{where}: {seg.name}-{n} ({what}) is required")
         return
     ctx.required(seg, n, 1, where, "professional identifier (PS_IdNat)")
     ctx.required(seg, n, 2, where, "family name")
     ctx.required(seg, n, 3, where, "given name")
-    v = seg.c(n, 9, 2)
+    v = _c(seg, n, 9, 2)
     if not v:
-        ctx.add("101", seg.loc(n, 9, 2), f"{where}: {seg.name}-{n}.9.2 (assigning authority OID) is required: {PS_OID}")
+        ctx.add("101", _loc(seg, n, 9, 2), f"{where}: {seg.name}-{n}.9.2 (assigning authority OID) is required: {PS_OID}")
     elif v != PS_OID:
-        ctx.add("103", seg.loc(n, 9, 2), f"{where}: {seg.name}-{n}.9.2 (assigning authority OID) must be {PS_OID}")
-    v = seg.c(n, 9, 3)
+        ctx.add("103", _loc(seg, n, 9, 2), f"{where}: {seg.name}-{n}.9.2 (assigning authority OID) must be {PS_OID}")
+    v = _c(seg, n, 9, 3)
     if v != "ISO":
-        ctx.add("101" if not v else "103", seg.loc(n, 9, 3), f"{where}: {seg.name}-{n}.9.3 must be ISO")
+        ctx.add("101" if not v else "103", _loc(seg, n, 9, 3), f"{where}: {seg.name}-{n}.9.3 must be ISO")
     ctx.required(seg, n, 13, where, "identifier type code (table 0203)")
 
 
-def _check_orc(orc: _Seg, flow: int, ctx: _Ctx) -> None:
+def _check_orc(orc: Segment, flow: int, ctx: _Ctx) -> None:
     doc = FLOW_FILE[flow]
     where = f"{doc}, Segment ORC"
     expected = {1: "NW", 2: "CA", 3: ("OK", "OC"), 4: "SR"}[flow]
@@ -289,27 +254,27 @@ def _check_orc(orc: _Seg, flow: int, ctx: _Ctx) -> None:
         ctx.required(orc, 21, 10, where, "organization identifier (Struct_IdNat)")
 
 
-def _check_obr(obr: _Seg, orc: _Seg, flow: int, ctx: _Ctx) -> None:
+def _check_obr(obr: Segment, orc: Segment, flow: int, ctx: _Ctx) -> None:
     doc = FLOW_FILE[flow]
     where = f"{doc}, Segment OBR"
-    if ctx.required(obr, 2, None, where, "placer order number") and orc.f(2).strip():
-        if obr.c(2, 1) != orc.c(2, 1) or obr.c(2, 3) != orc.c(2, 3):
-            ctx.add("207", obr.loc(2), f"{where}: OBR-2 (placer order number) must be identical to ORC-2")
+    if ctx.required(obr, 2, None, where, "placer order number") and orc.field(2).strip():
+        if _c(obr, 2, 1) != _c(orc, 2, 1) or _c(obr, 2, 3) != _c(orc, 2, 3):
+            ctx.add("207", _loc(obr, 2), f"{where}: OBR-2 (placer order number) must be identical to ORC-2")
     ctx.fixed(obr, 4, 1, OBR4[flow], f"{where} / table_obr.md", "universal service identifier")
     ctx.fixed(obr, 4, 3, OBR_SYSTEM, f"{where} / table_obr.md", "coding system")
     if flow == 1:
         ctx.required(obr, 13, None, where, "relevant clinical information")
     if flow in (1, 2, 3):
-        if ctx.required(obr, 16, None, where, "ordering provider") and orc.c(12, 1):
-            if obr.c(16, 1) != orc.c(12, 1):
-                ctx.add("207", obr.loc(16, 1), f"{where}: OBR-16 (ordering provider) must be identical to ORC-12")
+        if ctx.required(obr, 16, None, where, "ordering provider") and _c(orc, 12, 1):
+            if _c(obr, 16, 1) != _c(orc, 12, 1):
+                ctx.add("207", _loc(obr, 16, 1), f"{where}: OBR-16 (ordering provider) must be identical to ORC-12")
 
 
-def _obx_code(s: _Seg) -> str:
-    return s.c(3, 1)
+def _obx_code(s: Segment) -> str:
+    return _c(s, 3, 1)
 
 
-def _check_obx_common(obxs: list[_Seg], flow: int, ctx: _Ctx) -> None:
+def _check_obx_common(obxs: list[Segment], flow: int, ctx: _Ctx) -> None:
     doc = FLOW_FILE[flow]
     if flow in OBX11:
         for s in obxs:
@@ -317,39 +282,39 @@ def _check_obx_common(obxs: list[_Seg], flow: int, ctx: _Ctx) -> None:
     local = ("REGION_ANATOMIQUE", "PROTOCOLE_IMAGERIE", "URL_PARTIELLE_VIEWER", "PRODUIT_ADMINISTRE",
              "APPAREIL_IMAGERIE", "MODALITE_IMAGERIE", "CODE_ACTE_IMAGERIE")
     for s in obxs:
-        if _obx_code(s) in local and s.c(3, 3) != OBS_SYSTEM:
-            ctx.add("103", s.loc(3, 3), f"{doc} / table_obs.md: OBX-3.3 of {_obx_code(s)} must be {OBS_SYSTEM}")
+        if _obx_code(s) in local and _c(s, 3, 3) != OBS_SYSTEM:
+            ctx.add("103", _loc(s, 3, 3), f"{doc} / table_obs.md: OBX-3.3 of {_obx_code(s)} must be {OBS_SYSTEM}")
     # sub-id.md: OBX-4 required when several OBX share the same OBX-3 in the message
-    by_code: dict[str, list[_Seg]] = {}
+    by_code: dict[str, list[Segment]] = {}
     for s in obxs:
         by_code.setdefault(_obx_code(s), []).append(s)
     for code, group in by_code.items():
         if code and len(group) > 1:
             for s in group:
-                if not s.f(4).strip():
-                    ctx.add("101", s.loc(4), f"sub-id.md: OBX-4 (sub-id n.m) is required when several OBX share "
+                if not s.field(4).strip():
+                    ctx.add("101", _loc(s, 4), f"sub-id.md: OBX-4 (sub-id n.m) is required when several OBX share "
                                              f"OBX-3 {_code(code)}")
 
 
-def _value_type(s: _Seg, expected: str, where: str, ctx: _Ctx) -> bool:
-    v = s.c(2, 1)
+def _value_type(s: Segment, expected: str, where: str, ctx: _Ctx) -> bool:
+    v = _c(s, 2, 1)
     if v != expected:
-        ctx.add("102" if v else "101", s.loc(2),
+        ctx.add("102" if v else "101", _loc(s, 2),
                 f"{where}: OBX-2 (value type) of {_obx_code(s)} must be {expected}")
         return False
     return True
 
 
-def _subs(obxs: list[_Seg], code: str) -> list[tuple[str, str, _Seg]]:
+def _subs(obxs: list[Segment], code: str) -> list[tuple[str, str, Segment]]:
     out = []
     for s in obxs:
         if _obx_code(s) == code:
-            n, _, m = s.f(4).strip().partition(".")
+            n, _, m = s.field(4).strip().partition(".")
             out.append((n, m, s))
     return out
 
 
-def _check_region(obxs: list[_Seg], flow: int, required: bool, ctx: _Ctx) -> None:
+def _check_region(obxs: list[Segment], flow: int, required: bool, ctx: _Ctx) -> None:
     """st_flux1.md, Groupes OBSERVATION - Localisation anatomique (flow 4: optional, same rules)."""
     where = f"{FLOW_FILE[flow]}, Groupes OBSERVATION - Localisation anatomique"
     regions = _subs(obxs, "REGION_ANATOMIQUE")
@@ -358,77 +323,77 @@ def _check_region(obxs: list[_Seg], flow: int, required: bool, ctx: _Ctx) -> Non
     for n, m, s in regions:
         _value_type(s, "CE", where, ctx)
         if m not in ("1", "2"):
-            ctx.add("103", s.loc(4), f"{where}: OBX-4 of REGION_ANATOMIQUE must be n.1 (location) or n.2 (precision)")
-        if s.c(5, 3) and s.c(5, 3) != "SCT":
-            ctx.add("103", s.loc(5, 3), f"{where}: OBX-5.3 of REGION_ANATOMIQUE must be SCT")
+            ctx.add("103", _loc(s, 4), f"{where}: OBX-4 of REGION_ANATOMIQUE must be n.1 (location) or n.2 (precision)")
+        if _c(s, 5, 3) and _c(s, 5, 3) != "SCT":
+            ctx.add("103", _loc(s, 5, 3), f"{where}: OBX-5.3 of REGION_ANATOMIQUE must be SCT")
     mains = {n for n, m, _ in regions if m == "1"}
     for n, m, s in regions:
         if m == "2" and n not in mains:
-            ctx.add("207", s.loc(4), f"{where}: a topographic precision (n.2) needs its main location (n.1)")
+            ctx.add("207", _loc(s, 4), f"{where}: a topographic precision (n.2) needs its main location (n.1)")
 
 
-def _check_modality(obxs: list[_Seg], flow: int, required: bool, ctx: _Ctx) -> None:
+def _check_modality(obxs: list[Segment], flow: int, required: bool, ctx: _Ctx) -> None:
     where = f"{FLOW_FILE[flow]}, Groupe OBSERVATION - Modalité d'imagerie"
     mods = [s for s in obxs if _obx_code(s) == "MODALITE_IMAGERIE"]
     if required and not mods:
         ctx.add("100", "OBX", f"{where}: an OBX MODALITE_IMAGERIE is required")
     if len(mods) > 1:
-        ctx.add("207", mods[1].loc(3), f"{where}: MODALITE_IMAGERIE appears more than once (cardinality 1..1)")
+        ctx.add("207", _loc(mods[1], 3), f"{where}: MODALITE_IMAGERIE appears more than once (cardinality 1..1)")
     for s in mods:
         _value_type(s, "CE", where, ctx)
         ctx.required(s, 5, 1, where, "modality code")
 
 
-def _check_flow1(obxs: list[_Seg], ctx: _Ctx) -> None:
+def _check_flow1(obxs: list[Segment], ctx: _Ctx) -> None:
     _check_modality(obxs, 1, True, ctx)
     _check_region(obxs, 1, True, ctx)
 
 
-def _check_flow3(orc: _Seg, obxs: list[_Seg], ctx: _Ctx) -> None:
+def _check_flow3(orc: Segment, obxs: list[Segment], ctx: _Ctx) -> None:
     where = "st_flux3.md, Groupe OBSERVATION - Protocole d'imagerie"
     protos = [s for s in obxs if _obx_code(s) == "PROTOCOLE_IMAGERIE"]
-    if orc.c(1, 1) == "OK" and not protos:
+    if _c(orc, 1, 1) == "OK" and not protos:
         ctx.add("100", "OBX", f"{where}: an accepted request (ORC-1 OK) requires an OBX PROTOCOLE_IMAGERIE")
     for s in protos:
-        vt = s.c(2, 1)
+        vt = _c(s, 2, 1)
         if vt == "FT":
             ctx.required(s, 5, None, where, "imaging protocol")
         elif vt == "ED":
             _check_ed(s, where, ctx)
         else:
-            ctx.add("102" if vt else "101", s.loc(2), f"{where}: OBX-2 of PROTOCOLE_IMAGERIE must be FT or ED")
+            ctx.add("102" if vt else "101", _loc(s, 2), f"{where}: OBX-2 of PROTOCOLE_IMAGERIE must be FT or ED")
 
 
-def _check_ed(s: _Seg, where: str, ctx: _Ctx) -> None:
+def _check_ed(s: Segment, where: str, ctx: _Ctx) -> None:
     code = _obx_code(s)
-    if s.c(5, 2) != "TEXT":
-        ctx.add("101" if not s.c(5, 2) else "103", s.loc(5, 2), f"{where}: OBX-5.2 of {code} must be TEXT")
-    if s.c(5, 4) != "Base64":
-        ctx.add("101" if not s.c(5, 4) else "103", s.loc(5, 4), f"{where}: OBX-5.4 of {code} must be Base64")
-    data = s.c(5, 5)
+    if _c(s, 5, 2) != "TEXT":
+        ctx.add("101" if not _c(s, 5, 2) else "103", _loc(s, 5, 2), f"{where}: OBX-5.2 of {code} must be TEXT")
+    if _c(s, 5, 4) != "Base64":
+        ctx.add("101" if not _c(s, 5, 4) else "103", _loc(s, 5, 4), f"{where}: OBX-5.4 of {code} must be Base64")
+    data = _c(s, 5, 5)
     if not data:
-        ctx.add("101", s.loc(5, 5), f"{where}: OBX-5.5 (data) of {code} is required")
+        ctx.add("101", _loc(s, 5, 5), f"{where}: OBX-5.5 (data) of {code} is required")
         return
     try:
         base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        ctx.add("102", s.loc(5, 5), f"{where}: OBX-5.5 of {code} is not valid Base64")
+        ctx.add("102", _loc(s, 5, 5), f"{where}: OBX-5.5 of {code} is not valid Base64")
 
 
-def _check_flow4_order(group: list[_Seg], ctx: _Ctx) -> None:
+def _check_flow4_order(group: list[Segment], ctx: _Ctx) -> None:
     orc = group[0]
     obxs = [s for s in group if s.name == "OBX"]
     tq1s = [s for s in group if s.name == "TQ1"]
     where = "st_flux4.md, Segment TQ1"
     if not tq1s:
-        ctx.add("100", f"ORC^{orc.occ}", f"{where}: a TQ1 segment is required in each ORDER group")
+        ctx.add("100", f"ORC^{orc.occurrence}", f"{where}: a TQ1 segment is required in each ORDER group")
     for t in tq1s[:1]:
         ctx.required(t, 6, None, where, "service duration: image retention in days")
         ctx.required(t, 7, None, where, "start date/time of the imaging exam")
     ipcs = [s for s in group if s.name == "IPC"]
     where = "st_flux4.md, Segment IPC"
     if not ipcs:
-        ctx.add("100", f"ORC^{orc.occ}", f"{where}: an IPC segment is required in each ORDER group")
+        ctx.add("100", f"ORC^{orc.occurrence}", f"{where}: an IPC segment is required in each ORDER group")
     for ipc in ipcs:
         ctx.required(ipc, 1, 1, where, "accession number")
         ctx.required(ipc, 1, 3, where, "accession number assigning authority")
@@ -443,23 +408,23 @@ def _check_flow4_order(group: list[_Seg], ctx: _Ctx) -> None:
     where = "st_flux4.md, Groupe OBSERVATION - URL de viewer DRIMbox"
     urls = [s for s in obxs if _obx_code(s) == "URL_PARTIELLE_VIEWER"]
     if not urls:
-        ctx.add("100", f"ORC^{orc.occ}", f"{where}: an OBX URL_PARTIELLE_VIEWER is required in each ORDER group")
+        ctx.add("100", f"ORC^{orc.occurrence}", f"{where}: an OBX URL_PARTIELLE_VIEWER is required in each ORDER group")
     elif len(urls) > 1:
-        ctx.add("207", urls[1].loc(3), f"{where}: URL_PARTIELLE_VIEWER appears more than once in an ORDER group")
+        ctx.add("207", _loc(urls[1], 3), f"{where}: URL_PARTIELLE_VIEWER appears more than once in an ORDER group")
     for s in urls:
         if _value_type(s, "ED", where, ctx):
             _check_ed(s, where, ctx)
     where = "st_flux4.md, Groupe OBSERVATION - Acte d'imagerie"
     acts = [s for s in obxs if _obx_code(s) == "CODE_ACTE_IMAGERIE"]
     if not acts:
-        ctx.add("100", f"ORC^{orc.occ}", f"{where}: an OBX CODE_ACTE_IMAGERIE is required in each ORDER group")
+        ctx.add("100", f"ORC^{orc.occurrence}", f"{where}: an OBX CODE_ACTE_IMAGERIE is required in each ORDER group")
     elif len(acts) > 1:
-        ctx.add("207", acts[1].loc(3), f"{where}: CODE_ACTE_IMAGERIE appears more than once in an ORDER group")
+        ctx.add("207", _loc(acts[1], 3), f"{where}: CODE_ACTE_IMAGERIE appears more than once in an ORDER group")
     for s in acts:
         _value_type(s, "CE", where, ctx)
         ctx.required(s, 5, 1, where, "imaging act code")
-        if s.c(5, 3) != "LN":
-            ctx.add("101" if not s.c(5, 3) else "103", s.loc(5, 3), f"{where}: OBX-5.3 of CODE_ACTE_IMAGERIE must be LN")
+        if _c(s, 5, 3) != "LN":
+            ctx.add("101" if not _c(s, 5, 3) else "103", _loc(s, 5, 3), f"{where}: OBX-5.3 of CODE_ACTE_IMAGERIE must be LN")
     _check_modality(obxs, 4, False, ctx)
     _check_region(obxs, 4, False, ctx)
     # Produit administré: type (n.1) and lot number (n.2) go together
@@ -469,16 +434,16 @@ def _check_flow4_order(group: list[_Seg], ctx: _Ctx) -> None:
     for n, m, s in prods:
         by_n.setdefault(n, set()).add(m)
         if m == "1":
-            if s.c(5, 1) not in ("V09", "V10"):
-                ctx.add("103", s.loc(5, 1), f"{where}: OBX-5.1 of the product type (n.1) must be ATC level 2 V09 or V10")
-            if s.c(5, 3) != "ATC":
-                ctx.add("103", s.loc(5, 3), f"{where}: OBX-5.3 of the product type (n.1) must be ATC")
+            if _c(s, 5, 1) not in ("V09", "V10"):
+                ctx.add("103", _loc(s, 5, 1), f"{where}: OBX-5.1 of the product type (n.1) must be ATC level 2 V09 or V10")
+            if _c(s, 5, 3) != "ATC":
+                ctx.add("103", _loc(s, 5, 3), f"{where}: OBX-5.3 of the product type (n.1) must be ATC")
         if m not in ("1", "2", "3"):
-            ctx.add("103", s.loc(4), f"{where}: OBX-4 of PRODUIT_ADMINISTRE must be n.1 (type), n.2 (lot) or n.3 (quantity)")
+            ctx.add("103", _loc(s, 4), f"{where}: OBX-4 of PRODUIT_ADMINISTRE must be n.1 (type), n.2 (lot) or n.3 (quantity)")
     for n, ms in by_n.items():
         if ("1" in ms) != ("2" in ms):
             first = next(s for nn, _, s in prods if nn == n)
-            ctx.add("207", first.loc(4), f"{where}: product type (n.1) and lot number (n.2) must be given together")
+            ctx.add("207", _loc(first, 4), f"{where}: product type (n.1) and lot number (n.2) must be given together")
 
 
 def flow_of(message_code: str, trigger: str, order_control: str) -> int | None:
@@ -491,15 +456,16 @@ def flow_of(message_code: str, trigger: str, order_control: str) -> int | None:
 def check_tlr(raw: bytes, codec: str = "utf-8") -> TlrCheck:
     """Check one message against the teleradiology guide; see the module docstring."""
     text = raw.decode(codec, "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
-    segs = _segments(text)
-    if not segs:
+    try:
+        segs = Message(text, codec).segments
+    except HL7Error:
         return TlrCheck(None, [Problem("100", "MSH^1", "st-contraintes.md: the message must start with MSH")])
     msh = segs[0]
     ctx = _Ctx()
-    code, trig = msh.c(9, 1), msh.c(9, 2)
+    code, trig = _c(msh, 9, 1), _c(msh, 9, 2)
     mt = f"{code}^{trig}"
     orcs = [s for s in segs if s.name == "ORC"]
-    oc = orcs[0].c(1, 1) if orcs else ""
+    oc = _c(orcs[0], 1, 1) if orcs else ""
     result = TlrCheck(None, ctx.problems, mt, oc)
     if (code, trig) not in STRUCTURES:
         known = {c for c, _ in STRUCTURES}
@@ -525,7 +491,7 @@ def check_tlr(raw: bytes, codec: str = "utf-8") -> TlrCheck:
         _check_orc(orc, flow, ctx)
         obr = next((s for s in group if s.name == "OBR"), None)
         if obr is None:
-            ctx.add("100", f"ORC^{orc.occ}", f"st-profils.md flux {flow}: an OBR segment is required after each ORC")
+            ctx.add("100", f"ORC^{orc.occurrence}", f"st-profils.md flux {flow}: an OBR segment is required after each ORC")
         else:
             _check_obr(obr, orc, flow, ctx)
         obxs = [s for s in group if s.name == "OBX"]

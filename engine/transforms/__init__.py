@@ -40,6 +40,9 @@ from typing import Any, Callable, Literal, NamedTuple
 
 from pydantic import BaseModel, ValidationError
 
+from engine.hl7.errors import HL7Error
+from engine.hl7.message import Message
+
 __all__ = [
     "Chain",
     "SpecProblem",
@@ -48,6 +51,7 @@ __all__ = [
     "TransformResult",
     "build_chain",
     "chain_from_json",
+    "message_of",
     "register",
     "registered",
     "validate_specs",
@@ -195,6 +199,20 @@ class Chain:
         if data_bytes == raw:
             data_bytes = raw  # unchanged: hand back the very object received
         return TransformResult(data_bytes, notes)
+
+
+def message_of(text: str, ctx: TransformContext, who: str = "") -> Message:
+    """``text`` read with :class:`engine.hl7.message.Message` (escapes decoded with ``ctx.codec``).
+
+    :class:`TransformError` (prefixed with ``who``) when there is no MSH or MSH-2 is incomplete."""
+    prefix = f"{who}: " if who else ""
+    try:
+        m = Message(text, ctx.codec)
+    except HL7Error:
+        raise TransformError(f"{prefix}message does not start with an MSH segment") from None
+    if len(m.segment("MSH").field(2)) < 4:
+        raise TransformError(f"{prefix}MSH-2 (encoding characters) is incomplete")
+    return m
 
 
 def _decode(data: bytes, codec: str) -> str:

@@ -1,9 +1,10 @@
 """Built-in transforms: ``set_field``, ``copy_field``, ``remove_segments``, ``filter``.
 
 They work on the decoded message text (see :mod:`engine.transforms`) and only rewrite what they
-change: field access is :mod:`engine.hl7.fields` (split on the message's own delimiters, read from
-MSH-1/MSH-2, and join back), so every other character, including the segment separators (CR, LF
-or CRLF), is kept as is.
+change: values are read with :class:`engine.hl7.message.Message` and written with
+:func:`engine.hl7.fields.set_field` (split on the message's own delimiters, read from MSH-1/MSH-2,
+and join back), so every other character, including the segment separators (CR, LF or CRLF), is
+kept as is.
 
 Field paths are those of :func:`engine.hl7.fields.parse_path`: ``PID-3`` (whole field, every
 repetition), ``PID-3[2].1``, ``PID-3.4.2``, ``OBX[2]-5`` (segment occurrence), MSH numbering as
@@ -16,9 +17,9 @@ in the standard (MSH-1 and MSH-2 cannot be set).
 * ``copy_field {from, to}`` - copies the raw (still escaped) value of one path into another;
   absent source or target segment: unchanged, with a note.
 * ``remove_segments {segments: [ZBE, ...]}`` - drops every segment with those ids (never MSH).
-* ``filter {field, in: [...]}`` - keeps the message only when the (unescaped) value is in the
-  list (an absent field reads as ""); otherwise the message is filtered out for this destination
-  (payload None).
+* ``filter {field, in: [...]}`` - keeps the message only when the value, unescaped with the
+  message codec (:func:`engine.hl7.escape.unescape`), is in the list (an absent field reads as
+  ""); otherwise the message is filtered out for this destination (payload None).
 
 Notes name paths and segment ids, never field values (patient data).
 """
@@ -29,9 +30,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.hl7.escape import escape, unescape
-from engine.hl7.fields import FieldPath, get_field, parse_path, set_field, split_segments
-from engine.transforms import TransformContext, TransformError, register
+from engine.hl7.fields import parse_path, set_field
+from engine.hl7.message import Message
+from engine.transforms import TransformContext, TransformError, message_of, register
 
 __all__ = ["set_field_transform", "copy_field_transform", "remove_segments_transform", "filter_transform"]
 
@@ -40,43 +41,18 @@ _SPLIT_RE = re.compile(r"(\r\n|\r|\n)")
 
 
 # ---------------------------------------------------------------------------------------------
-# Field access (engine.hl7.fields) helpers
+# Helpers: read with engine.hl7.message, write with engine.hl7.fields.set_field
 # ---------------------------------------------------------------------------------------------
-
-
-def _delims(text: str) -> tuple[str, str]:
-    start = 1 if text.startswith("\ufeff") else 0
-    if text[start:start + 3] != "MSH" or len(text) < start + 8:
-        raise TransformError("message does not start with an MSH segment")
-    fs = text[start + 3]
-    end = text.find(fs, start + 4)
-    enc = text[start + 4:end] if end > 0 else ""
-    if len(enc) < 4:
-        raise TransformError("MSH-2 (encoding characters) is incomplete")
-    return fs, enc
-
-
-def _has_segment(text: str, fp: FieldPath, fs: str) -> bool:
-    seen = 0
-    for seg in split_segments(text):
-        if seg.startswith("\ufeff"):
-            seg = seg[1:]
-        if seg[:3] == fp.segment and (len(seg) == 3 or seg[3] == fs):
-            seen += 1
-            if seen == fp.occurrence:
-                return True
-    return False
 
 
 def _seg_id(seg: str) -> str:
     return seg[1:4] if seg.startswith("\ufeff") else seg[:3]
 
 
-def _write(text: str, path: str, raw_value: str, notes: list[str], name: str) -> str:
+def _write(m: Message, text: str, path: str, raw_value: str, notes: list[str], name: str) -> str:
     """Set the raw (escaped) value; an absent target segment leaves the message unchanged."""
-    fs, _enc = _delims(text)
     fp = parse_path(path)
-    if not _has_segment(text, fp, fs):
+    if m.segment(fp.segment, fp.occurrence) is None:
         # engine.hl7.fields.set_field would append the segment at the end of the message, where
         # it may be structurally wrong: a transform only edits segments that exist.
         notes.append(f"{name}: segment {fp.segment} absent, {path} not set")
@@ -165,18 +141,18 @@ class FilterParams(_Params):
 
 @register("set_field", SetFieldParams)
 def set_field_transform(text: str, params: SetFieldParams, ctx: TransformContext, notes: list[str]) -> str:
-    fs, enc = _delims(text)
-    return _write(text, params.field, escape(params.value, fs, enc), notes, "set_field")
+    m = message_of(text, ctx)
+    return _write(m, text, params.field, m.delims.escape(params.value), notes, "set_field")
 
 
 @register("copy_field", CopyFieldParams)
 def copy_field_transform(text: str, params: CopyFieldParams, ctx: TransformContext, notes: list[str]) -> str:
-    _delims(text)
-    value = get_field(text, params.from_)
+    m = message_of(text, ctx)
+    value = m.get(params.from_)
     if value is None:
         notes.append(f"copy_field: {params.from_} absent, {params.to} not set")
         return text
-    return _write(text, params.to, value, notes, "copy_field")
+    return _write(m, text, params.to, value, notes, "copy_field")
 
 
 @register("remove_segments", RemoveSegmentsParams)
@@ -203,9 +179,7 @@ def remove_segments_transform(
 
 @register("filter", FilterParams)
 def filter_transform(text: str, params: FilterParams, ctx: TransformContext, notes: list[str]) -> str | None:
-    fs, enc = _delims(text)
-    raw = get_field(text, params.field)
-    value = unescape(raw or "", fs, enc)
+    value = message_of(text, ctx).value(params.field) or ""
     if value in params.in_:
         return text
     return None

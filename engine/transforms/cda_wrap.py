@@ -78,8 +78,9 @@ from engine.cda.build import (
     cda_ts, new_document_id,
 )
 from engine.cda.header import INS_OIDS, read_header
-from engine.hl7.escape import escape, unescape
-from engine.hl7.fields import split_segments
+from engine.hl7.errors import HL7Error
+from engine.hl7.escape import escape
+from engine.hl7.message import Message, Segment
 from engine.transforms import TransformContext, TransformError, register
 
 __all__ = ["CdaWrapParams", "CdaWrapError", "WrapResult", "wrap_pacs_report", "cda_wrap_transform",
@@ -207,48 +208,21 @@ class WrapResult:
 
 
 # ----------------------------------------------------------------------------- ORU reading
-class _Msg:
-    def __init__(self, raw: bytes, codec: str):
-        text = raw.decode(codec or "utf-8", "replace") if isinstance(raw, (bytes, bytearray)) \
-            else raw
-        self.segs = [s.lstrip("\ufeff") for s in split_segments(text)]
-        if not self.segs or not self.segs[0].startswith("MSH"):
-            raise CdaWrapError("missing_field", "message does not start with MSH")
-        m = self.segs[0]
-        self.fs = m[3]
-        self.enc = m[4:].split(self.fs, 1)[0]
-        self.cs, self.rs, self.es, self.ss = self.enc[0], self.enc[1], self.enc[2], self.enc[3]
+def _read(raw: bytes | str, codec: str) -> Message:
+    text = raw.decode(codec or "utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
+    try:
+        return Message(text, codec or "utf-8")
+    except HL7Error:
+        raise CdaWrapError("missing_field", "message does not start with MSH") from None
 
-    def all(self, seg: str) -> list[list[str]]:
-        out = []
-        for s in self.segs:
-            if s[:3] == seg and (len(s) == 3 or s[3] == self.fs):
-                parts = s.split(self.fs)
-                if seg == "MSH":
-                    parts = [parts[0], self.fs] + parts[1:]
-                out.append(parts)
-        return out
 
-    def first(self, seg: str) -> Optional[list[str]]:
-        a = self.all(seg)
-        return a[0] if a else None
+def _f(seg: Optional[Segment], n: int) -> str:
+    return seg.field(n) if seg is not None else ""
 
-    @staticmethod
-    def f(parts: Optional[list[str]], n: int) -> str:
-        return parts[n] if parts is not None and n < len(parts) else ""
 
-    def c(self, value: str, n: int, sub: Optional[int] = None) -> str:
-        """Component n (1-based) of the first repetition, unescaped (or sub-component)."""
-        rep = value.split(self.rs)[0]
-        comps = rep.split(self.cs)
-        v = comps[n - 1] if n <= len(comps) else ""
-        if sub is not None:
-            subs = v.split(self.ss)
-            v = subs[sub - 1] if sub <= len(subs) else ""
-        return self.u(v)
-
-    def u(self, v: str) -> str:
-        return unescape(v, self.fs, self.enc).strip()
+def _c(m: Message, value: str, n: int, sub: Optional[int] = None) -> str:
+    """Component n (1-based) of the first repetition (or its sub-component), unescaped, stripped."""
+    return m.text(value.split(m.delims.repetition, 1)[0], n, sub).strip()
 
 
 def _ts(v: str) -> Optional[str]:
@@ -274,21 +248,21 @@ def _national_ps_id(value: str) -> str:
     return "8" + value if len(value) == 11 and value.isdigit() else value
 
 
-def _ei_root(m: _Msg, ei: str) -> Optional[str]:
-    return m.c(ei, 3) if m.c(ei, 4).upper() == "ISO" and m.c(ei, 3) else None
+def _ei_root(m: Message, ei: str) -> Optional[str]:
+    return _c(m, ei, 3) if _c(m, ei, 4).upper() == "ISO" and _c(m, ei, 3) else None
 
 
-def _find_report(m: _Msg) -> tuple[Optional[bytes], Optional[str], Optional[list[str]], list[str]]:
+def _find_report(m: Message) -> tuple[Optional[bytes], Optional[str], Optional[Segment], list[str]]:
     """(pdf bytes, text, report OBX, warnings)."""
     warnings: list[str] = []
     pdf, pdf_obx = None, None
     lines: list[str] = []
     text_obx = None
     for i, obx in enumerate(m.all("OBX"), 1):
-        vt = m.f(obx, 2).upper()
+        vt = _f(obx, 2).upper()
         if vt == "ED":
-            v = m.f(obx, 5)
-            typ, sub, enc = m.c(v, 2).upper(), m.c(v, 3).upper(), m.c(v, 4).upper()
+            v = _f(obx, 5)
+            typ, sub, enc = _c(m, v, 2).upper(), _c(m, v, 3).upper(), _c(m, v, 4).upper()
             if sub != "PDF" and not (typ == "APPLICATION" and sub == "PDF"):
                 warnings.append(f"OBX[{i}]: ED of subtype {sub or '(empty)'} ignored")
                 continue
@@ -297,7 +271,7 @@ def _find_report(m: _Msg) -> tuple[Optional[bytes], Optional[str], Optional[list
                 continue
             if enc != "BASE64":
                 raise CdaWrapError("bad_pdf", f"OBX[{i}]-5.4: encoding must be Base64")
-            data = "".join(m.c(v, 5).split())
+            data = "".join(_c(m, v, 5).split())
             try:
                 pdf = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
             except (binascii.Error, ValueError):
@@ -306,12 +280,12 @@ def _find_report(m: _Msg) -> tuple[Optional[bytes], Optional[str], Optional[list
                 raise CdaWrapError("bad_pdf", f"OBX[{i}]-5.5: decoded data is not a PDF file")
             pdf_obx = obx
         elif vt in ("TX", "FT"):
-            code = m.c(m.f(obx, 3), 1)
+            code = _c(m, _f(obx, 3), 1)
             if code in ("113014", "StudyInstanceUID", "39111-0"):
                 continue
             text_obx = text_obx or obx
-            for rep in m.f(obx, 5).split(m.rs):
-                lines.append(unescape(rep, m.fs, m.enc).rstrip())
+            for rep in obx.field(5).split(m.delims.repetition):
+                lines.append(m.delims.unescape(rep, m.charset).rstrip())
     if pdf is not None:
         if lines:
             warnings.append("text OBX ignored: the PDF OBX is the report")
@@ -321,15 +295,15 @@ def _find_report(m: _Msg) -> tuple[Optional[bytes], Optional[str], Optional[list
     raise CdaWrapError("no_report", "no OBX ED (PDF, Base64) nor TX/FT report text")
 
 
-def _person(m: _Msg, value: str, *, xcn: bool) -> Optional[dict]:
+def _person(m: Message, value: str, *, xcn: bool) -> Optional[dict]:
     """OBR-32 NDL (CNN in component 1, sub-components) or OBX-16 XCN (components)."""
     if not value:
         return None
     if xcn:
-        pid, fam, giv, pre = m.c(value, 1), m.c(value, 2), m.c(value, 3), m.c(value, 6)
+        pid, fam, giv, pre = _c(m, value, 1), _c(m, value, 2), _c(m, value, 3), _c(m, value, 6)
     else:
-        pid, fam, giv, pre = (m.c(value, 1, 1), m.c(value, 1, 2), m.c(value, 1, 3),
-                              m.c(value, 1, 6))
+        pid, fam, giv, pre = (_c(m, value, 1, 1), _c(m, value, 1, 2), _c(m, value, 1, 3),
+                              _c(m, value, 1, 6))
     if not pid:
         return None
     return {"rpps": _national_ps_id(pid), "family": fam or None, "given": giv or None,
@@ -363,10 +337,10 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
     callable receiving ``WrapResult.keys`` and returning it (None: initial version).
     """
     p = params if isinstance(params, CdaWrapParams) else CdaWrapParams.model_validate(params)
-    m = _Msg(raw, codec)
+    m = _read(raw, codec)
     warnings: list[str] = []
-    msh, pid, pv1 = m.first("MSH"), m.first("PID"), m.first("PV1")
-    orc, obr = m.first("ORC"), m.first("OBR")
+    msh, pid, pv1 = m.segment("MSH"), m.segment("PID"), m.segment("PV1")
+    orc, obr = m.segment("ORC"), m.segment("OBR")
     if pid is None:
         raise CdaWrapError("missing_field", "no PID segment")
     if obr is None:
@@ -376,21 +350,21 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
     ipp = ipp_auth = ipp_root = None
     pid_ins = None
     candidates = []
-    for rep in m.f(pid, 3).split(m.rs):
+    for rep in pid.field(3).split(m.delims.repetition):
         if not rep:
             continue
-        idtype = m.c(rep, 5).upper()
-        oid = m.c(rep, 4, 2)
+        idtype = _c(m, rep, 5).upper()
+        oid = _c(m, rep, 4, 2)
         if idtype == "INS" or (oid in INS_OIDS and idtype != "PI"):
-            pid_ins = pid_ins or (m.c(rep, 1), oid)
-        elif m.c(rep, 1):
+            pid_ins = pid_ins or (_c(m, rep, 1), oid)
+        elif _c(m, rep, 1):
             candidates.append((idtype != "PI", rep))  # CX-5 PI first, then the others in order
     if candidates:
         rep = min(candidates, key=lambda t: t[0])[1]
-        oid = m.c(rep, 4, 2)
-        ipp = m.c(rep, 1)
-        ipp_auth = m.c(rep, 4, 1) or oid
-        ipp_root = oid if m.c(rep, 4, 3).upper() == "ISO" and oid else None
+        oid = _c(m, rep, 4, 2)
+        ipp = _c(m, rep, 1)
+        ipp_auth = _c(m, rep, 4, 1) or oid
+        ipp_root = oid if _c(m, rep, 4, 3).upper() == "ISO" and oid else None
     if not ipp:
         raise CdaWrapError("missing_field", "PID-3: no IPP (CX-5 PI) to look the patient up")
     ipp_root = ipp_root or p.ipp_root_oid
@@ -431,19 +405,19 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
         birth_place_cog=ident.get("birth_place_cog"))
 
     # --- order id (ORC-2, else OBR-2) and accession number (OBR-18, else OBR-3)
-    order_ei = m.f(orc, 2) if m.c(m.f(orc, 2), 1) else m.f(obr, 2)
+    order_ei = _f(orc, 2) if _c(m, _f(orc, 2), 1) else _f(obr, 2)
     order_id = None
-    if m.c(order_ei, 1):
+    if _c(m, order_ei, 1):
         root = _ei_root(m, order_ei) or p.order_root_oid
         if not root:
             raise CdaWrapError("missing_field", "ORC-2/OBR-2 has no ISO root and no "
                                                 "order_root_oid parameter")
-        order_id = II(root=root, extension=m.c(order_ei, 1))
+        order_id = II(root=root, extension=_c(m, order_ei, 1))
     else:
         warnings.append("no placer order number (ORC-2/OBR-2)")
-    acc_value, acc_root = m.c(m.f(obr, 18), 1), None
-    if not acc_value and m.c(m.f(obr, 3), 1):
-        acc_value, acc_root = m.c(m.f(obr, 3), 1), _ei_root(m, m.f(obr, 3))
+    acc_value, acc_root = _c(m, _f(obr, 18), 1), None
+    if not acc_value and _c(m, _f(obr, 3), 1):
+        acc_value, acc_root = _c(m, _f(obr, 3), 1), _ei_root(m, _f(obr, 3))
     accession = None
     if acc_value:
         acc_root = acc_root or p.accession_root_oid
@@ -455,30 +429,30 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
         warnings.append("no accession number (OBR-18/OBR-3)")
 
     # --- StudyInstanceUID: ZDS-1.1, else OBX 113014/StudyInstanceUID, else IPC-3
-    study = m.c(m.f(m.first("ZDS"), 1), 1)
+    study = _c(m, _f(m.segment("ZDS"), 1), 1)
     region_codes: list[Code] = []
     for obx in m.all("OBX"):
-        code = m.c(m.f(obx, 3), 1)
+        code = _c(m, _f(obx, 3), 1)
         if code in ("113014", "StudyInstanceUID") and not study:
-            study = m.c(m.f(obx, 5), 1)
+            study = _c(m, _f(obx, 5), 1)
         elif code == "39111-0":
-            v = m.f(obx, 5)
-            if m.c(v, 1):
-                sys_ = m.c(v, 3).upper()
+            v = _f(obx, 5)
+            if _c(m, v, 1):
+                sys_ = _c(m, v, 3).upper()
                 region_codes.append(Code(
-                    code=m.c(v, 1), display_name=m.c(v, 2) or None,
+                    code=_c(m, v, 1), display_name=_c(m, v, 2) or None,
                     code_system=SNOMED_OID if sys_ in ("SCT", "SNM", "SNOMED", "SNOMED CT", "")
-                    else m.c(v, 3), code_system_name="SNOMED CT" if sys_ in (
+                    else _c(m, v, 3), code_system_name="SNOMED CT" if sys_ in (
                         "SCT", "SNM", "SNOMED", "SNOMED CT", "") else None))
-    ipc = m.first("IPC")
-    study = study or m.c(m.f(ipc, 3), 1)
+    ipc = m.segment("IPC")
+    study = study or _c(m, _f(ipc, 3), 1)
     if not study:
         raise CdaWrapError("missing_field", "no StudyInstanceUID (ZDS-1, OBX 113014, IPC-3)")
 
     # --- modality: IPC-5, else OBR-24, else params.default_modality
-    modality = m.c(m.f(ipc, 5), 1).upper()
-    if not modality and m.c(m.f(obr, 24), 1).upper() in MODALITIES:
-        modality = m.c(m.f(obr, 24), 1).upper()
+    modality = _c(m, _f(ipc, 5), 1).upper()
+    if not modality and _c(m, _f(obr, 24), 1).upper() in MODALITIES:
+        modality = _c(m, _f(obr, 24), 1).upper()
     modality = modality or (p.default_modality or "").upper()
     if not modality:
         raise CdaWrapError("missing_field", "no modality (IPC-5, OBR-24) and no default_modality")
@@ -486,11 +460,11 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
         warnings.append(f"modality {modality} outside the known DICOM list")
 
     # --- exam code (OBR-4): LOINC -> serviceEvent/code; CCAM -> translation
-    u4 = m.f(obr, 4)
+    u4 = _f(obr, 4)
     exam = ccam = None
-    exam_text = m.c(u4, 2) or m.c(u4, 5)
+    exam_text = _c(m, u4, 2) or _c(m, u4, 5)
     for off in (0, 3):  # CE triplets: 1-3 and alternate 4-6
-        c, d, s = m.c(u4, 1 + off), m.c(u4, 2 + off), m.c(u4, 3 + off).upper()
+        c, d, s = _c(m, u4, 1 + off), _c(m, u4, 2 + off), _c(m, u4, 3 + off).upper()
         if c and s in ("LN", "LOINC") and exam is None:
             exam = Code(code=c, display_name=d or None, code_system=LOINC_OID,
                         code_system_name="LOINC")
@@ -499,10 +473,10 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
                         code_system_name="CCAM")
 
     # --- times
-    msh7 = _ts(m.f(msh, 7))
-    low = _ts(m.f(obr, 7)) or msh7
-    high = _ts(m.f(obr, 8)) or low
-    eff = _ts(m.f(obr, 22)) or msh7
+    msh7 = _ts(_f(msh, 7))
+    low = _ts(_f(obr, 7)) or msh7
+    high = _ts(_f(obr, 8)) or low
+    eff = _ts(_f(obr, 22)) or msh7
     if not (low and eff):
         raise CdaWrapError("missing_field", "no usable date/time (OBR-7, OBR-22, MSH-7)")
 
@@ -519,7 +493,7 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
 
     # --- author (OBR-32) and legal authenticator (OBX-16, else author)
     org = p.organization.to_org()
-    author_d = _person(m, m.f(obr, 32), xcn=False)
+    author_d = _person(m, _f(obr, 32), xcn=False)
     if author_d is None and p.default_author is not None:
         author_d = p.default_author.model_dump()
         author_d["rpps"] = _national_ps_id(author_d["rpps"])
@@ -527,16 +501,16 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
         raise CdaWrapError("missing_field", "no author: OBR-32 empty and no default_author")
     role = p.author_role.to_code()
     author = HealthProfessional(organization=org, role=role, **author_d)
-    la_d = _person(m, m.f(rep_obx, 16), xcn=True) or author_d
+    la_d = _person(m, _f(rep_obx, 16), xcn=True) or author_d
     legal = HealthProfessional(organization=org, role=role, **la_d)
-    la_time = _ts(m.f(rep_obx, 14)) or eff
+    la_time = _ts(_f(rep_obx, 14)) or eff
 
     # --- ids, replacement
     keys = {"order_id": order_id.key() if order_id else None,
             "accession_number": accession.key() if accession else None,
             "study_instance_uid": study}
     prev = previous(keys) if callable(previous) else previous
-    status = (m.f(rep_obx, 11) or m.f(obr, 25)).strip().upper()
+    status = (_f(rep_obx, 11) or _f(obr, 25)).strip().upper()
     doc_id = new_document_id(p.document_root_oid)
     if prev:
         parent, set_id, version = _previous_dict(prev)
@@ -547,7 +521,7 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
             raise CdaWrapError("no_previous", "corrected report (OBX-11/OBR-25 = C) but the "
                                               "replaced document is unknown")
         parent, set_id, version, action = None, new_document_id(p.document_root_oid), 1, "initial"
-    enc_code = ENCOUNTER.get(m.c(m.f(pv1, 2), 1).upper(), ("AMB", "Ambulatoire"))
+    enc_code = ENCOUNTER.get(_c(m, _f(pv1, 2), 1).upper(), ("AMB", "Ambulatoire"))
     title = p.title + (f" - {exam_text}" if exam_text else "")
 
     inputs = ImagingReportInputs(
@@ -578,12 +552,12 @@ def build_cisis_oru(raw: bytes, codec: str, result: WrapResult, params: CdaWrapP
                     *, now: Optional[datetime] = None) -> bytes:
     """ORU^R01 v2.5 of the CI-SIS guide "Transmission de documents CDA-R2 en HL7 v2" v2.1
     (profils-messages.md) carrying ``result.cda`` in Base64 (OBX ED ``^TEXT^XML^Base64^…``)."""
-    m = _Msg(raw, codec)
-    msh = m.first("MSH")
+    m = _read(raw, codec)
+    msh = m.segment("MSH")
     h = result.header
     e = lambda s: escape(s or "", "|", "^~\\&")  # noqa: E731
     ts = (now or datetime.now(timezone.utc)).astimezone(PARIS).strftime("%Y%m%d%H%M%S")
-    ctrl = hashlib.sha256((m.f(msh, 10) + (h["id_str"] or "")).encode()).hexdigest()[:20].upper()
+    ctrl = hashlib.sha256((_f(msh, 10) + (h["id_str"] or "")).encode()).hexdigest()[:20].upper()
     rt = h["record_target"]
     ins, tr = rt["ins"], rt["traits"]
     ins_ns = INS_NAMESPACE.get(ins["oid"], "ASIP-SANTE-INS-NIR")
@@ -600,7 +574,7 @@ def build_cisis_oru(raw: bytes, codec: str, result: WrapResult, params: CdaWrapP
     a = h["author"] or {}
     org = params.organization
     segs = [
-        "|".join(["MSH", "^~\\&", e(m.c(m.f(msh, 3), 1)) or "PACS", e(m.c(m.f(msh, 4), 1)),
+        "|".join(["MSH", "^~\\&", e(_c(m, _f(msh, 3), 1)) or "PACS", e(_c(m, _f(msh, 4), 1)),
                   e(params.receiving_application), e(params.receiving_facility), ts, "",
                   "ORU^R01^ORU_R01", ctrl, "P", "2.5", "", "", "", "", "FRA", "UNICODE UTF-8",
                   "", "", "2.1^CISIS_CDA_HL7_V2"]),

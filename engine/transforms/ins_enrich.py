@@ -1,5 +1,5 @@
 """``ins_enrich``: put the patient's qualified INS and strict traits into the PID of messages that
-leave the engine (ORM, ORU, MDM, OMI), from the identity registry fed by IHE PAM France (issue 3).
+leave the engine (ORM, ORU, MDM, OMI), from the identity registry fed by IHE PAM France.
 
 Parameters (all optional)::
 
@@ -25,11 +25,11 @@ left exactly as received):
    * an INS repetition already in PID-3 must equal the registry's (value and OID, CX-4.2), else
      ``904``; when there is none, ``<INS>^^^<name>&<OID>&ISO^INS`` is appended to PID-3. The CX-4.1
      name per OID follows the ANS examples and the CI-SIS guide: ``ASIP-SANTE-INS-NIR`` for the
-     NIR (.8) and the test NIR (.10, as in every ANS example of ``shared/corpus/ans-hl7v2``, e.g.
-     ``SGL/admission.er7`` and the ``Trans_Doc-CDA-HL7V2`` MDM), ``ASIP-SANTE-INS-NIA`` for the NIA
-     (.9, "INS-NIA", ``profils-messages.md``), ``ASIP-SANTE-INS-NIR`` for the demo NIR (.11)
-     [UNVERIFIED: no example with .11 in the corpus];
-   * the strict traits are written from the registry (PAM FR 2.11, ``french-specs.md`` §1 PID):
+     NIR (.8) and the test NIR (.10, as in every ANS HL7 v2 example message, e.g. the PAM France
+     admission and the CI-SIS « Transmission de documents CDA en HL7 v2 » MDM),
+     ``ASIP-SANTE-INS-NIA`` for the NIA (.9, "INS-NIA", that guide's profils-messages),
+     ``ASIP-SANTE-INS-NIR`` for the demo NIR (.11) [UNVERIFIED: no ANS example uses .11];
+   * the strict traits are written from the registry (IHE PAM France 2.11, segment PID):
      PID-5 birth-name repetition (XPN-7 ``L``: XPN-1 birth name, XPN-2 first birth given name,
      XPN-3 the space-separated birth given names; the ``L`` repetition, or failing it the first
      repetition without XPN-7, is fixed and moved first; every other repetition, e.g. the ``D``
@@ -44,14 +44,14 @@ left exactly as received):
 3. **No qualified INS** (unknown patient, or an identity whose INS the feed did not take):
    ``require_ins`` (default true) → ``903``; otherwise the message goes on, and with
    ``strip_unqualified`` (default true) every INS repetition is removed from PID-3 (the INS may
-   only travel with a qualified identity: REF-INS [EXI SI 08], quoted in ``french-specs.md`` §1).
+   only travel with a qualified identity: REF-INS [EXI SI 08]).
 
 Errors: :class:`TransformError` whose message starts with the CI-SIS "Transmission de documents
-CDA en HL7 v2" application error code (``shared/specs/ig/transmission-cda-hl7v2/error-codes.md``,
-table *applicationErrorCondition*): ``903`` "INS non présent", ``904`` "L'INS transmis ne
-correspond pas exactement à celui stocké", ``905`` "L'INS transmis n'est pas complet". Texts name
-fields and rules only, never patient data (PHI rule, ``docs/architecture.md``); the delivery
-worker parks the queue entry in error with that text.
+CDA en HL7 v2" application error code (its error codes, table *applicationErrorCondition*):
+``903`` "INS non présent", ``904`` "L'INS transmis ne correspond pas exactement à celui stocké",
+``905`` "L'INS transmis n'est pas complet". Texts name fields and rules only, never patient data
+(PHI rule, ``docs/architecture.md``); the delivery worker parks the queue entry in error with that
+text.
 
 Lookup: ``ctx.extras["identity_lookup"](ipp, authority=None, *, ins=None) -> dict | None`` (the
 registry's ``IdentityView.to_json()``), provided by :mod:`engine.delivery`; it runs in the
@@ -62,9 +62,9 @@ from __future__ import annotations
 import re
 from pydantic import BaseModel, ConfigDict
 
-from engine.hl7.escape import escape, unescape
+from engine.hl7.message import Message
 from engine.identity.model import OID_INS_NIA, OID_INS_NIR, OID_INS_NIR_DEMO, OID_INS_NIR_TEST
-from engine.transforms import TransformContext, TransformError, register
+from engine.transforms import TransformContext, TransformError, message_of, register
 
 __all__ = ["InsEnrichParams", "ins_enrich_transform", "INS_AUTHORITY_NAMES", "ENRICHED_TYPES"]
 
@@ -96,66 +96,32 @@ class InsEnrichParams(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Delimiters and small component helpers (split and re-join: lossless for what is not changed)
+# Component helpers: read with engine.hl7.message, rewrite by split and re-join (lossless for what
+# is not changed)
 # ---------------------------------------------------------------------------------------------
 
 
-class _Delims:
-    __slots__ = ("fs", "enc", "cs", "rs", "esc", "ss")
-
-    def __init__(self, text: str):
-        start = 1 if text.startswith("\ufeff") else 0
-        if text[start:start + 3] != "MSH" or len(text) < start + 8:
-            raise TransformError("ins_enrich: message does not start with an MSH segment")
-        self.fs = text[start + 3]
-        end = text.find(self.fs, start + 4)
-        enc = text[start + 4:end] if end > 0 else ""
-        if len(enc) < 4:
-            raise TransformError("ins_enrich: MSH-2 (encoding characters) is incomplete")
-        self.enc = enc
-        self.cs, self.rs, self.esc, self.ss = enc[0], enc[1], enc[2], enc[3]
-
-    def esc_value(self, value: str) -> str:
-        return escape(value, self.fs, self.enc)
-
-    def plain(self, raw: str) -> str:
-        return unescape(raw, self.fs, self.enc).strip()
-
-
-def _comp(d: _Delims, rep: str, n: int, sub: int | None = None) -> str:
+def _comp(m: Message, rep: str, n: int, sub: int | None = None) -> str:
     """Unescaped component ``n`` (1-based) of a repetition, or its sub-component ``sub``."""
-    parts = rep.split(d.cs)
-    if n > len(parts):
-        return ""
-    value = parts[n - 1]
-    if sub is not None:
-        subs = value.split(d.ss)
-        value = subs[sub - 1] if sub <= len(subs) else ""
-    return d.plain(value)
+    return m.text(rep, n, sub).strip()
 
 
-def _set_comp(d: _Delims, rep: str, n: int, value: str, *, first_sub: bool = False) -> str:
+def _set_comp(m: Message, rep: str, n: int, value: str, *, first_sub: bool = False) -> str:
     """Set component ``n`` to the escaped ``value`` (only its first sub-component when
     ``first_sub``), padding missing components. Unchanged text when the value is already right."""
-    current = _comp(d, rep, n, 1 if first_sub else None)
+    current = _comp(m, rep, n, 1 if first_sub else None)
     if current == value:
         return rep
-    parts = rep.split(d.cs)
+    parts = rep.split(m.delims.component)
     while len(parts) < n:
         parts.append("")
     if first_sub:
-        subs = parts[n - 1].split(d.ss)
-        subs[0] = d.esc_value(value)
-        parts[n - 1] = d.ss.join(subs)
+        subs = parts[n - 1].split(m.delims.subcomponent)
+        subs[0] = m.delims.escape(value)
+        parts[n - 1] = m.delims.subcomponent.join(subs)
     else:
-        parts[n - 1] = d.esc_value(value)
-    return d.cs.join(parts)
-
-
-def _message_code(d: _Delims, msh: str) -> str:
-    parts = msh.split(d.fs)
-    # parts[0] = "MSH", parts[1] = MSH-2, so MSH-n is parts[n - 1].
-    return _comp(d, parts[8], 1) if len(parts) > 8 else ""
+        parts[n - 1] = m.delims.escape(value)
+    return m.delims.component.join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,9 +159,9 @@ def _missing_traits(ident: dict) -> list[str]:
     return missing
 
 
-def _cx_authority(d: _Delims, rep: str) -> str:
+def _cx_authority(m: Message, rep: str) -> str:
     """The registry key of a CX assigning authority: CX-4.1, else the CX-4.2 OID or FINESS."""
-    return _comp(d, rep, 4, 1) or _comp(d, rep, 4, 2)
+    return _comp(m, rep, 4, 1) or _comp(m, rep, 4, 2)
 
 
 def _lookup(lookup, *args, **kw) -> dict | None:
@@ -205,22 +171,22 @@ def _lookup(lookup, *args, **kw) -> dict | None:
         return None
 
 
-def _find(d: _Delims, reps: list[str], params: InsEnrichParams, lookup) -> tuple[dict | None, str]:
+def _find(m: Message, reps: list[str], params: InsEnrichParams, lookup) -> tuple[dict | None, str]:
     """The registry identity of PID-3 (by IPP, then by INS) and how it was found."""
     for rep in reps:
-        if _comp(d, rep, 5) != "PI" or not _comp(d, rep, 1):
+        if _comp(m, rep, 5) != "PI" or not _comp(m, rep, 1):
             continue
-        authority = _cx_authority(d, rep) or None
+        authority = _cx_authority(m, rep) or None
         if params.ipp_authority is not None:
             if authority is not None and authority != params.ipp_authority:
                 continue
             authority = params.ipp_authority
-        ident = _lookup(lookup, _comp(d, rep, 1), authority)
+        ident = _lookup(lookup, _comp(m, rep, 1), authority)
         if ident is not None:
             return ident, "IPP"
     for rep in reps:
-        if _comp(d, rep, 5) == "INS" and _comp(d, rep, 1):
-            ident = _lookup(lookup, None, ins=_comp(d, rep, 1))
+        if _comp(m, rep, 5) == "INS" and _comp(m, rep, 1):
+            ident = _lookup(lookup, None, ins=_comp(m, rep, 1))
             if ident is not None:
                 return ident, "INS"
     return None, ""
@@ -231,64 +197,64 @@ def _pad(fields: list[str], n: int) -> None:
         fields.append("")
 
 
-def _set_pid5(d: _Delims, raw: str, ident: dict) -> str:
-    reps = raw.split(d.rs) if raw else []
-    idx = next((i for i, r in enumerate(reps) if _comp(d, r, 7) == "L"), None)
+def _set_pid5(m: Message, raw: str, ident: dict) -> str:
+    reps = raw.split(m.delims.repetition) if raw else []
+    idx = next((i for i, r in enumerate(reps) if _comp(m, r, 7) == "L"), None)
     if idx is None:  # no birth-name repetition: an untyped one is taken as the name to fix
-        idx = next((i for i, r in enumerate(reps) if not _comp(d, r, 7)), None)
+        idx = next((i for i, r in enumerate(reps) if not _comp(m, r, 7)), None)
     rep = reps[idx] if idx is not None else ""
-    rep = _set_comp(d, rep, 1, ident.get("birth_name") or "", first_sub=True)
-    rep = _set_comp(d, rep, 2, ident.get("first_given_name") or "")
-    rep = _set_comp(d, rep, 3, " ".join(ident.get("given_names") or []))
-    rep = _set_comp(d, rep, 7, "L")
+    rep = _set_comp(m, rep, 1, ident.get("birth_name") or "", first_sub=True)
+    rep = _set_comp(m, rep, 2, ident.get("first_given_name") or "")
+    rep = _set_comp(m, rep, 3, " ".join(ident.get("given_names") or []))
+    rep = _set_comp(m, rep, 7, "L")
     others = [r for i, r in enumerate(reps) if i != idx]
-    return d.rs.join([rep] + others)
+    return m.delims.repetition.join([rep] + others)
 
 
-def _set_pid7(d: _Delims, raw: str, ident: dict) -> str:
+def _set_pid7(m: Message, raw: str, ident: dict) -> str:
     iso = ident.get("birth_date") or ""
     value = iso.replace("-", "")[:8]
-    if not value or _comp(d, raw, 1)[:8] == value:
+    if not value or _comp(m, raw, 1)[:8] == value:
         return raw
-    return _set_comp(d, raw, 1, value)
+    return _set_comp(m, raw, 1, value)
 
 
-def _set_pid11(d: _Delims, raw: str, ident: dict) -> str:
+def _set_pid11(m: Message, raw: str, ident: dict) -> str:
     cog = ident.get("birth_place_cog") or ""
     if not cog:
         return raw
-    reps = raw.split(d.rs) if raw else []
+    reps = raw.split(m.delims.repetition) if raw else []
     for i, r in enumerate(reps):
-        if _comp(d, r, 7) == "BDL":
-            reps[i] = _set_comp(d, r, 9, cog)
-            return d.rs.join(reps)
-    bdl = _set_comp(d, _set_comp(d, "", 7, "BDL"), 9, cog)
-    return d.rs.join(reps + [bdl]) if reps else bdl
+        if _comp(m, r, 7) == "BDL":
+            reps[i] = _set_comp(m, r, 9, cog)
+            return m.delims.repetition.join(reps)
+    bdl = _set_comp(m, _set_comp(m, "", 7, "BDL"), 9, cog)
+    return m.delims.repetition.join(reps + [bdl]) if reps else bdl
 
 
-def _set_pid32(d: _Delims, raw: str, ident: dict) -> str:
+def _set_pid32(m: Message, raw: str, ident: dict) -> str:
     wanted = [c for c in (ident.get("status_raw") or []) if c] or (
         [ident["status"]] if ident.get("status") else [])
     if not wanted:
         return raw
-    current = [_comp(d, r, 1) for r in raw.split(d.rs)] if raw else []
+    current = [_comp(m, r, 1) for r in raw.split(m.delims.repetition)] if raw else []
     if current == wanted:
         return raw
-    return d.rs.join(d.esc_value(c) for c in wanted)
+    return m.delims.repetition.join(m.delims.escape(c) for c in wanted)
 
 
-def _rewrite_pid(d: _Delims, pid: str, params: InsEnrichParams, ctx: TransformContext,
+def _rewrite_pid(m: Message, pid: str, params: InsEnrichParams, ctx: TransformContext,
                  notes: list[str]) -> str:
     lookup = ctx.extras.get("identity_lookup") if ctx.extras else None
     if lookup is None:
         raise TransformError("ins_enrich: no identity registry available to this destination")
-    fields = pid.split(d.fs)
+    fields = pid.split(m.delims.field)
     _pad(fields, 3)
-    reps = [r for r in fields[3].split(d.rs)] if fields[3] else []
-    ident, found_by = _find(d, reps, params, lookup)
+    reps = [r for r in fields[3].split(m.delims.repetition)] if fields[3] else []
+    ident, found_by = _find(m, reps, params, lookup)
     if ident is not None and not ident.get("active", True):
         ident = None  # A29/A23: a deactivated identity is not used
-    ins_reps = [i for i, r in enumerate(reps) if _comp(d, r, 5) == "INS"]
+    ins_reps = [i for i, r in enumerate(reps) if _comp(m, r, 5) == "INS"]
 
     if not _qualified(ident):
         why = "identity unknown to the registry" if ident is None else \
@@ -296,15 +262,15 @@ def _rewrite_pid(d: _Delims, pid: str, params: InsEnrichParams, ctx: TransformCo
         if params.require_ins:
             raise TransformError(f"903: INS required but absent: {why} (PID-3)")
         if ins_reps and params.strip_unqualified:
-            fields[3] = d.rs.join(r for i, r in enumerate(reps) if i not in ins_reps)
+            fields[3] = m.delims.repetition.join(r for i, r in enumerate(reps) if i not in ins_reps)
             notes.append(f"ins_enrich: {len(ins_reps)} INS repetition(s) removed from PID-3 ({why})")
-            return d.fs.join(fields)
+            return m.delims.field.join(fields)
         notes.append(f"ins_enrich: PID not enriched ({why})")
         return pid
 
     ins = ident["ins"]
     for i in ins_reps:
-        value, oid = _comp(d, reps[i], 1), _comp(d, reps[i], 4, 2)
+        value, oid = _comp(m, reps[i], 1), _comp(m, reps[i], 4, 2)
         if value != ins["value"] or oid != ins["oid"]:
             part = "matricule" if value != ins["value"] else "assigning authority OID (CX-4.2)"
             raise TransformError(f"904: INS in PID-3[{i + 1}] does not match the registry identity "
@@ -316,27 +282,28 @@ def _rewrite_pid(d: _Delims, pid: str, params: InsEnrichParams, ctx: TransformCo
                                  + ", ".join(missing))
     if not ins_reps:
         name = INS_AUTHORITY_NAMES.get(ins["oid"], "ASIP-SANTE-INS-NIR")
-        new = (f"{d.esc_value(ins['value'])}{d.cs}{d.cs}{d.cs}{d.esc_value(name)}{d.ss}"
-               f"{d.esc_value(ins['oid'])}{d.ss}ISO{d.cs}INS")
-        fields[3] = d.rs.join(reps + [new])
+        d = m.delims
+        cs, ss = d.component, d.subcomponent
+        new = f"{d.escape(ins['value'])}{cs}{cs}{cs}{d.escape(name)}{ss}{d.escape(ins['oid'])}{ss}ISO{cs}INS"
+        fields[3] = m.delims.repetition.join(reps + [new])
         notes.append("ins_enrich: INS added to PID-3")
 
     _pad(fields, 11)
     before = list(fields)
-    fields[5] = _set_pid5(d, fields[5], ident)
-    fields[7] = _set_pid7(d, fields[7], ident)
-    if ident.get("sex") and _comp(d, fields[8], 1) != ident["sex"]:
-        fields[8] = d.esc_value(ident["sex"])
-    fields[11] = _set_pid11(d, fields[11], ident)
+    fields[5] = _set_pid5(m, fields[5], ident)
+    fields[7] = _set_pid7(m, fields[7], ident)
+    if ident.get("sex") and _comp(m, fields[8], 1) != ident["sex"]:
+        fields[8] = m.delims.escape(ident["sex"])
+    fields[11] = _set_pid11(m, fields[11], ident)
     if ident.get("status_raw") or ident.get("status"):
         _pad(fields, 32)
-        fields[32] = _set_pid32(d, fields[32], ident)
+        fields[32] = _set_pid32(m, fields[32], ident)
     changed = [f"PID-{n}" for n in (5, 7, 8, 11, 32)
                if n < len(fields) and fields[n] != (before[n] if n < len(before) else "")]
     if changed:
         notes.append("ins_enrich: strict traits set in " + ", ".join(changed))
-    out = d.fs.join(fields)
-    if out.rstrip(d.fs) == pid.rstrip(d.fs):
+    out = m.delims.field.join(fields)
+    if out.rstrip(m.delims.field) == pid.rstrip(m.delims.field):
         return pid  # nothing but trailing padding: keep the segment as sent
     return out
 
@@ -344,17 +311,16 @@ def _rewrite_pid(d: _Delims, pid: str, params: InsEnrichParams, ctx: TransformCo
 @register("ins_enrich", InsEnrichParams)
 def ins_enrich_transform(text: str, params: InsEnrichParams, ctx: TransformContext,
                          notes: list[str]) -> str:
-    d = _Delims(text)
+    m = message_of(text, ctx, "ins_enrich")
     parts = _SPLIT_RE.split(text)
-    msh = parts[0][1:] if parts[0].startswith("\ufeff") else parts[0]
-    code = _message_code(d, msh)
+    code = _comp(m, m.segment("MSH").field(9), 1)
     if code not in ENRICHED_TYPES:
         notes.append(f"ins_enrich: {code or 'unknown'} messages are not enriched")
         return text
     for i in range(0, len(parts), 2):
         seg = parts[i]
-        if seg[:3] == "PID" and (len(seg) == 3 or seg[3] == d.fs):
-            new = _rewrite_pid(d, seg, params, ctx, notes)
+        if seg[:3] == "PID" and (len(seg) == 3 or seg[3] == m.delims.field):
+            new = _rewrite_pid(m, seg, params, ctx, notes)
             if new == seg:
                 return text
             parts[i] = new
