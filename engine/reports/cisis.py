@@ -43,6 +43,7 @@ from lxml import etree
 from engine.cda.header import INS_OIDS, RPPS_OID, parse_cda, read_header
 from engine.hl7.errors import HL7Error
 from engine.hl7.message import Delimiters, Message, Segment
+from engine.reports.error_codes import E_INS_ABSENT, E_INS_INCOMPLETE, E_INS_MISMATCH, E_OTHER, E_VERSION
 from engine.reports.submission import (
     FLAG_NAMES,
     INS,
@@ -92,14 +93,6 @@ FLAG_ALIASES = {
 }
 PATIENT_MAIL_DOMAIN = "@patient.mssante.fr"
 
-# error-codes.md, table applicationErrorCondition
-E_VERSION = "900"  # version du document incorrecte (remplacement/suppression)
-E_AUTHOR = "901"  # auteur non autorisé (needs the store: checked by the channel, not here)
-E_UNKNOWN_PATIENT = "902"  # patient inconnu (needs the identity registry: not here)
-E_INS_ABSENT = "903"  # INS non présent dans le document
-E_INS_MISMATCH = "904"  # INS transmis ne correspond pas
-E_INS_INCOMPLETE = "905"  # INS transmis pas complet (traits)
-E_OTHER = "906"  # erreur « Autre »
 
 # HL7 table 0357 (ERR-3) to pair with the guide code (error-codes.md: messageErrorCondition)
 HL7_SEGMENT_SEQUENCE = "100"

@@ -28,21 +28,12 @@ from engine.hl7.ack import AckError
 from engine.hl7.fields import parse_path
 from engine.identity.lookup import make_identity_lookup
 from engine.reports.documents import document_refs
+from engine.reports.error_codes import APP_ERRORS, E_INS_ABSENT, E_INS_MISMATCH, E_OTHER, E_UNKNOWN_PATIENT
 from engine.router import message_type_matches
 from engine.store import Stored
 
 log = logs.get("engine.reports")
 
-# error-codes.md, table "applicationErrorCondition"
-APP_ERROR_LABELS = {
-    "900": "Version du document incorrecte",
-    "901": "Auteur non autorisé à remplacer ou supprimer un document",
-    "902": "Identifiant patient inconnu",
-    "903": "INS non présent dans le document",
-    "904": "INS ne correspondant pas",
-    "905": "INS non complet",
-    "906": "Erreur Autre",
-}
 
 def cda_validator():
     """The process's CDA validator: resources and cache folder set by the engine at start
@@ -53,9 +44,9 @@ def cda_validator():
 
 
 def _issue_error(issue) -> AckError:
-    code = issue.code if issue.code in APP_ERROR_LABELS else "906"
+    code = issue.code if issue.code in APP_ERRORS else E_OTHER
     return AckError(issue.hl7_code or "207", issue.text, "E", _location(issue.location),
-                    app_code=code, app_text=APP_ERROR_LABELS[code])
+                    app_code=code, app_text=APP_ERRORS[code])
 
 
 def _location(loc: str | None) -> str | None:
@@ -106,7 +97,7 @@ def _validate(docs: list[bytes], cfg) -> tuple[dict | None, list[AckError]]:
             n_x, n_s = len(d["xsd_errors"]), len(d["schematron_failures"])
             errors.append(AckError("207", f"document {i + 1}: CDA validation failed "
                                           f"({n_x} XSD errors, {n_s} schematron failures)",
-                                   app_code="906", app_text=APP_ERROR_LABELS["906"]))
+                                   app_code=E_OTHER, app_text=APP_ERRORS[E_OTHER]))
     return {"documents": reports, "schematron": "done" if schematron_now else
             ("pending" if cfg.schematron else "off")}, errors
 
@@ -213,9 +204,9 @@ class CisisReportStep(_ReportStepBase):
 
 
 _WRAP_ERRORS = {  # cda_wrap failure -> error-codes.md applicationErrorCondition
-    "missing_identity": "902",
-    "identity_not_qualified": "903",
-    "ins_mismatch": "904",
+    "missing_identity": E_UNKNOWN_PATIENT,
+    "identity_not_qualified": E_INS_ABSENT,
+    "ins_mismatch": E_INS_MISMATCH,
 }
 
 
@@ -245,13 +236,13 @@ class PacsReportStep(_ReportStepBase):
         try:
             res = wrap_pacs_report(raw, codec, self.params, lookup, previous=_previous_lookup(store))
         except CdaWrapError as exc:
-            code = _WRAP_ERRORS.get(exc.code, "906")
+            code = _WRAP_ERRORS.get(exc.code, E_OTHER)
             err = AckError("207", f"PACS report not wrapped ({exc.code}): {exc}", app_code=code,
-                           app_text=APP_ERROR_LABELS[code])
+                           app_text=APP_ERRORS[code])
             return Prepared(None, [err])
         except TransformError as exc:
-            err = AckError("207", f"PACS report not wrapped: {exc}", app_code="906",
-                           app_text=APP_ERROR_LABELS["906"])
+            err = AckError("207", f"PACS report not wrapped: {exc}", app_code=E_OTHER,
+                           app_text=APP_ERRORS[E_OTHER])
             return Prepared(None, [err])
         wrapped = build_cisis_oru(raw, codec, res, self.params)
         sub = parse_report(wrapped, "utf-8")
