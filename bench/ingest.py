@@ -262,7 +262,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000.0, help="open-loop rate for the latency check (0 = skip)")
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--compare-tree", action="append",
-                    help="also measure the engine of this source tree on SQLite (same venv), e.g. a "
+                    help="also measure the engine of this source tree on the same backends (same venv), e.g. a "
                          "worktree of the previous commit: before/after figures in the same rounds")
     ap.add_argument("--log-level", default="info", help="mini-PFI log level (default: info, the engine's default)")
     ap.add_argument("--keep-logs", help="copy the servers' log files into this directory")
@@ -281,7 +281,9 @@ def main() -> int:
         tmp = Path(td)
         servers = [("mini-pfi/" + b, b) for b in args.backends.split(",") if b]
         for tree in args.compare_tree or []:  # e.g. a worktree of the previous commit
-            servers.append((f"mini-pfi/sqlite @{Path(tree).name}", "sqlite@" + str(Path(tree).resolve())))
+            for b in args.backends.split(","):
+                if b:
+                    servers.append((f"mini-pfi/{b} @{Path(tree).name}", f"{b}@{Path(tree).resolve()}"))
         if args.peer:
             servers.append(("python-hl7 (not durable)", "peer"))
         for rnd in range(1, args.repeat + 1):
