@@ -85,6 +85,31 @@ def _ingest(store, record) -> int:
     return res.message_id
 
 
+def _deliver(store, cfg, script, done) -> dict:
+    """Ingest one message fanned out to the destination's targets, run a real worker with the
+    scripted connector until ``done(statuses)``; return the entries by target and the calls."""
+    mid = _ingest(store, _record([EntrySpec("fan", "all", target=t) for t in expand(cfg)]))
+    connector = ScriptedConnector(cfg, reactor)
+    connector.script = script
+    worker = DestinationWorker("fan", cfg, store, connector, reactor)
+    reactor_thread.call(worker.start)
+    deadline = time.time() + 15
+    while time.time() < deadline and not done([e.status for e in store.get_message(mid).entries]):
+        time.sleep(0.05)
+    reactor_thread.call(worker.stop, 1.0)
+    return {e.target: e for e in store.get_message(mid).entries}, connector.calls
+
+
+@pytest.fixture
+def store(store_url):
+    s = Store(store_url)
+    s.migrate()
+    s.start()
+    yield s
+    s.stop()
+    s.dispose()
+
+
 def test_registry_expands_and_config_knows_the_type():
     cfg = load_config_text(CONFIG)
     assert expand(cfg.destination("fan")) == ("ps", "patient", "dmp")
@@ -94,62 +119,26 @@ def test_registry_expands_and_config_knows_the_type():
     assert [t.destination for t in target] == ["fan"]
 
 
-def test_one_failing_target_is_retried_alone(store_url):
+def test_one_failing_target_is_retried_alone(store):
     cfg = load_config_text(CONFIG).destination("fan")
-    store = Store(store_url)
-    store.migrate()
-    store.start()
-    try:
-        entries = [EntrySpec("fan", "all", target=t) for t in expand(cfg)]
-        mid = _ingest(store, _record(entries))
-        connector = ScriptedConnector(cfg, reactor)
-        connector.script = {"patient": [TRANSIENT, TRANSIENT, ACCEPTED]}
-        worker = DestinationWorker("fan", cfg, store, connector, reactor)
-        reactor_thread.call(worker.start)
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            states = {e.target: e for e in store.get_message(mid).entries}
-            if all(e.status == "sent" for e in states.values()):
-                break
-            time.sleep(0.05)
-        reactor_thread.call(worker.stop, 1.0)
-        states = {e.target: e for e in store.get_message(mid).entries}
-        assert {t: (e.status, e.attempts) for t, e in states.items()} == {
-            "ps": ("sent", 1), "patient": ("sent", 3), "dmp": ("sent", 1)}
-        assert states["patient"].response == b"ok patient"
-        sent = [(t, a) for t, a, _ in connector.calls]
-        assert sorted(sent) == [("dmp", 1), ("patient", 1), ("patient", 2), ("patient", 3), ("ps", 1)]
-        counts = store.stats()["destinations"]["fan"]
-        assert counts["sent"] == 3 and counts["queued"] == 0
-    finally:
-        store.stop()
-        store.dispose()
+    states, calls = _deliver(store, cfg, {"patient": [TRANSIENT, TRANSIENT, ACCEPTED]},
+                             lambda sts: all(st == "sent" for st in sts))
+    assert {t: (e.status, e.attempts) for t, e in states.items()} == {
+        "ps": ("sent", 1), "patient": ("sent", 3), "dmp": ("sent", 1)}
+    assert states["patient"].response == b"ok patient"
+    assert sorted((t, a) for t, a, _ in calls) == [
+        ("dmp", 1), ("patient", 1), ("patient", 2), ("patient", 3), ("ps", 1)]
+    counts = store.stats()["destinations"]["fan"]
+    assert counts["sent"] == 3 and counts["queued"] == 0
 
 
-def test_content_error_of_one_target_parks_only_that_target(store_url):
+def test_content_error_of_one_target_parks_only_that_target(store):
     cfg = load_config_text(CONFIG).destination("fan")
-    store = Store(store_url)
-    store.migrate()
-    store.start()
-    try:
-        mid = _ingest(store, _record([EntrySpec("fan", "all", target=t) for t in expand(cfg)]))
-        connector = ScriptedConnector(cfg, reactor)
-        connector.script = {"dmp": [ERROR]}
-        worker = DestinationWorker("fan", cfg, store, connector, reactor)
-        reactor_thread.call(worker.start)
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            if all(e.status in ("sent", "error") for e in store.get_message(mid).entries):
-                break
-            time.sleep(0.05)
-        reactor_thread.call(worker.stop, 1.0)
-        states = {e.target: e for e in store.get_message(mid).entries}
-        assert {t: e.status for t, e in states.items()} == {"ps": "sent", "patient": "sent", "dmp": "error"}
-        assert "test 42: label" in states["dmp"].last_error  # the structured error reaches the operator
-        assert states["dmp"].attempts == 1
-    finally:
-        store.stop()
-        store.dispose()
+    states, _calls = _deliver(store, cfg, {"dmp": [ERROR]},
+                              lambda sts: all(st in ("sent", "error") for st in sts))
+    assert {t: e.status for t, e in states.items()} == {"ps": "sent", "patient": "sent", "dmp": "error"}
+    assert "test 42: label" in states["dmp"].last_error  # the structured error reaches the operator
+    assert states["dmp"].attempts == 1
 
 
 @pytest.mark.parametrize("hold", [0.0, 30.0])

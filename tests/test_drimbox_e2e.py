@@ -102,6 +102,16 @@ def run(tmp_path, dest):
     return eng
 
 
+def wait_status(eng, key: str, n: int, timeout: float = 10.0) -> dict:
+    """The drimbox destination's /status counters once ``key`` reached ``n`` (or the timeout)."""
+    deadline = time.time() + timeout
+    while True:
+        st = eng.status()["destinations"]["drimbox"]
+        if st[key] == n or time.time() > deadline:
+            return st
+        time.sleep(0.1)
+
+
 def send(eng, raw=REPORT):
     with BlockingMLLPClient("127.0.0.1", eng.port, timeout=30) as c:
         ack = c.send(raw)
@@ -114,10 +124,7 @@ def test_report_reaches_an_acking_drimbox_byte_for_byte(tmp_path):
     try:
         send(eng)
         assert receiver.wait_for(1) == [REPORT]
-        deadline = time.time() + 10
-        while eng.status()["destinations"]["drimbox"]["sent"] != 1 and time.time() < deadline:
-            time.sleep(0.1)
-        assert eng.status()["destinations"]["drimbox"]["sent"] == 1
+        assert wait_status(eng, "sent", 1)["sent"] == 1
     finally:
         assert eng.stop() == 0
         receiver.close()
@@ -129,10 +136,7 @@ def test_drimbox_refusing_with_ae_parks_the_entry(tmp_path):
     try:
         send(eng)
         receiver.wait_for(1)
-        deadline = time.time() + 10
-        while eng.status()["destinations"]["drimbox"]["errored"] != 1 and time.time() < deadline:
-            time.sleep(0.1)
-        st = eng.status()["destinations"]["drimbox"]
+        st = wait_status(eng, "errored", 1)
         assert st["errored"] == 1 and "AE" in st["last_error"]
         time.sleep(0.6)
         assert len(receiver.received) == 1  # a content error is not retried
@@ -149,10 +153,7 @@ def test_report_reaches_a_raw_drimbox_that_never_answers(tmp_path, framing):
         send(eng)
         (got,) = receiver.wait_for(1)
         assert got == (encode_frame(REPORT) if framing == "mllp" else REPORT)
-        deadline = time.time() + 10
-        while eng.status()["destinations"]["drimbox"]["sent"] != 1 and time.time() < deadline:
-            time.sleep(0.1)
-        assert eng.status()["destinations"]["drimbox"]["sent"] == 1
+        assert wait_status(eng, "sent", 1)["sent"] == 1
     finally:
         assert eng.stop() == 0
         receiver.close()
