@@ -72,3 +72,16 @@ def db_url(request):
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(store_url):
+    """A migrated, started store on SQLite and on PostgreSQL (``store_url``)."""
+    from engine.store import Store
+
+    s = Store(store_url)
+    s.migrate()
+    s.start()
+    yield s
+    s.stop()
+    s.dispose()

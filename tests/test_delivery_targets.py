@@ -100,16 +100,6 @@ def _deliver(store, cfg, script, done) -> dict:
     return {e.target: e for e in store.get_message(mid).entries}, connector.calls
 
 
-@pytest.fixture
-def store(store_url):
-    s = Store(store_url)
-    s.migrate()
-    s.start()
-    yield s
-    s.stop()
-    s.dispose()
-
-
 def test_registry_expands_and_config_knows_the_type():
     cfg = load_config_text(CONFIG)
     assert expand(cfg.destination("fan")) == ("ps", "patient", "dmp")

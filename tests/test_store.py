@@ -71,16 +71,6 @@ def run_op(store: Store, op, timeout: float = 10):
     return box[0]
 
 
-@pytest.fixture
-def store(store_url):
-    s = Store(store_url)
-    s.migrate()
-    s.start()
-    yield s
-    s.stop()
-    s.dispose()
-
-
 def count(store: Store, sql: str, **params) -> int:
     with store.engine.connect() as c:
         return c.execute(sa.text(sql), params).scalar()

@@ -18,7 +18,7 @@ from engine.reports.processing import CisisReportStep, PacsReportStep
 from engine.reports.teleradiology import check_tlr
 from engine.reports.teleradiology_step import TeleradiologyStep, err_text
 from engine.router import Router
-from engine.store import Duplicate, Store, Stored
+from engine.store import Duplicate, Stored
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "teleradiology"
@@ -187,16 +187,6 @@ def test_err_texts_name_the_published_guide_sections_without_patient_data():
 
 
 # ----------------------------------------------------------------------------------- with a store
-
-
-@pytest.fixture
-def store(store_url):
-    s = Store(store_url)
-    s.migrate()
-    s.start()
-    yield s
-    s.stop()
-    s.dispose()
 
 
 class _Batcher:
