@@ -1,6 +1,6 @@
 """HL7 v2.5 acknowledgements (§2.9): build the ACK the engine returns, read the ACK a partner returns.
 
-Content rules (shared/notes/mllp-ack-encoding.md "ACK content"):
+Content rules (HL7 v2.5 §2.9.2 "Acknowledgment messages", §2.14.1 MSH, §2.15 ERR):
 
 * MSH-3/4 <- original MSH-5/6 (or ``sending_app``/``sending_facility`` when empty / no MSH),
   MSH-5/6 <- original MSH-3/4, MSH-7 the given timestamp, MSH-9 ``ACK^<trigger>^ACK`` (``ACK`` when

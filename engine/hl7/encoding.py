@@ -1,6 +1,6 @@
 """MSH-18 (HL7 table 0211) to Python codecs, and whole-message decoding with a cp1252 fallback.
 
-Rules (see shared/notes/mllp-ack-encoding.md §5):
+Rules (HL7 v2.5 §2.16.9.18 MSH-18 and table 0211, alternate character sets):
 
 * empty MSH-18 or ``ASCII`` → the channel default (``UNICODE UTF-8`` unless configured);
 * table 0211 codes map without a flag; common non-standard spellings (``UTF-8``, ``ISO-8859-1``,
