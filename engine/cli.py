@@ -202,7 +202,7 @@ def _json_default(v):
 
 def cmd_identities(args) -> int:
     """``identities show KEY``: KEY is an IPP (optionally AUTHORITY:IPP) or a 15-character INS."""
-    from engine.identity.registry import AmbiguousIdentity, find_identity
+    from engine.store.identities import AmbiguousIdentity, find_identity
 
     store = _store(args)
     try:

@@ -238,7 +238,7 @@ class DestinationWorker:
     def _extras(self, stored_view) -> dict:
         """What transforms may read besides the message: registry lookups and the stored view
         (both run in this thread), never the store itself."""
-        from engine.identity.lookup import make_identity_lookup
+        from engine.store.identities import make_identity_lookup
 
         return {"identity_lookup": make_identity_lookup(self.store), "stored": stored_view}
 

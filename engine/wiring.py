@@ -13,7 +13,7 @@ from engine import config
 from engine.connectors.drimbox import DrimboxConnector, DrimboxDestinationConfig
 from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig
 from engine.connectors.registry import ConnectorType, register
-from engine.identity.feed import IdentityFeed
+from engine.steps.identity_feed import IdentityFeed
 from engine.reports.processing import CisisReportStep, PacsReportStep
 from engine.reports.teleradiology_step import TeleradiologyStep
 from engine.transforms import basic, cda_wrap, ins_enrich, validate_specs, wrapped_report  # noqa: F401

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.identity.feed import err_location
+from engine.steps.identity_feed import err_location
 from engine.reports.processing import _location
 
 

@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine.identity import InsPolicy, parse_adt
-from engine.identity.registry import (
+from engine.store.identities import (
     AmbiguousIdentity,
     apply_event,
     create_tables,

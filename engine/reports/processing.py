@@ -26,7 +26,7 @@ from engine import logs
 from engine.steps import Answer, StepResult, finish
 from engine.hl7.ack import AckError
 from engine.hl7.fields import parse_path
-from engine.identity.lookup import make_identity_lookup
+from engine.store.identities import make_identity_lookup
 from engine.reports.documents import document_refs
 from engine.reports.error_codes import APP_ERRORS, E_INS_ABSENT, E_INS_MISMATCH, E_OTHER, E_UNKNOWN_PATIENT
 from engine.router import message_type_matches

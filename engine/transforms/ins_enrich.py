@@ -167,7 +167,7 @@ def _cx_authority(m: Message, rep: str) -> str:
 def _lookup(lookup, *args, **kw) -> dict | None:
     try:
         return lookup(*args, **kw)
-    except LookupError:  # engine.identity.registry.AmbiguousIdentity: several identities match
+    except LookupError:  # engine.store.identities.AmbiguousIdentity: several identities match
         return None
 
 

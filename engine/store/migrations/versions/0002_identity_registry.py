@@ -1,6 +1,6 @@
 """Identity registry (IHE PAM France identity feed): identities, identity_identifiers, identity_history.
 
-The tables are written out here, not derived from ``engine.identity.registry.identity_metadata``,
+The tables are written out here, not derived from ``engine.store.identities.identity_metadata``,
 so that this migration stays frozen when that module evolves; a test checks that both agree.
 
 Revision ID: 0002

@@ -5,7 +5,7 @@ message, so the registry and the message store never disagree, and the ACK can s
 the ADT broke: AE with one ERR per violated rule (field, rule, plain words) when a rule of
 severity E is broken, AA with ERR severity W for warnings. A rejected ADT is stored (nothing lost)
 and, by default, not routed onward; the registry keeps the identity without the refused INS
-(see :mod:`engine.identity.registry`), so it is never corrupted.
+(see :mod:`engine.store.identities`), so it is never corrupted.
 
 Sources: IHE PAM National Extension France 2.11 (events), Ségur vague 2 imagerie requirements
 ("intégrer l'identité INS … en création, mise à jour et suppression, à partir d'un flux IHE PAM"),
@@ -13,18 +13,18 @@ INS rules in :mod:`engine.identity.ins`.
 """
 from __future__ import annotations
 
-
 import sqlalchemy as sa
 
-from engine.steps import Answer, StepResult, finish
 from engine.hl7.ack import AckError
 from engine.hl7.fields import parse_path
 from engine.identity.ins import InsPolicy
 from engine.identity.model import IdentityError
 from engine.identity.pamfr import parse_adt
-from engine.identity.registry import apply_event
 from engine.router import message_type_matches
+from engine.steps import Answer, StepResult, finish
 from engine.store import Stored
+from engine.store.identities import apply_event
+
 
 def err_location(field: str | None) -> str | None:
     """``PID-3[2].1`` -> ``PID^1^3^2^1`` (ERR-2 ERL: segment, sequence, field, repetition, component).

@@ -1,4 +1,5 @@
-"""The contract of processing steps whose outcome decides the ACK (identity feed, report steps).
+"""Processing steps whose outcome decides the ACK: their contract here; the identity feed in
+:mod:`engine.steps.identity_feed` (report steps live with the report parsing, in ``engine.reports``).
 
 Steps are plug-ins of the inbound channel, wired in ``engine.wiring``; this module is what they
 share: the result type and :func:`finish`, which records the verdict through the store.

@@ -7,8 +7,10 @@ creates the same tables, written out with ``op.create_table`` so that it stays f
 module changes.
 
 Every function takes a :class:`sqlalchemy.engine.Connection`; the caller owns the transaction
-(``with engine.begin() as conn: apply_event(conn, ...)``). Parsing and rules are pure
-(:mod:`.pamfr`, :mod:`.ins`); this module only reads and writes the three tables.
+(``with engine.begin() as conn: apply_event(conn, ...)``); the identity feed step calls it in
+the writer op that stores the ADT. Parsing and rules are pure (:mod:`engine.identity.pamfr`,
+:mod:`engine.identity.ins`); this module reads and writes the three tables, as the store's
+module for them.
 
 These tables hold patient data by design (PHI rule, ``docs/architecture.md``): nothing here logs.
 
@@ -38,8 +40,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .ins import InsPolicy, ins_decision
-from .model import Identifier, IdentityEvent, InsInfo, Violation
+from engine.identity.ins import InsPolicy, check_identity, ins_decision
+from engine.identity.model import Identifier, IdentityEvent, InsInfo, Violation
 
 identity_metadata = sa.MetaData()
 
@@ -583,8 +585,6 @@ def _lookup_for_upsert(conn: Connection, event: IdentityEvent):
 def apply_event(conn: Connection, event: IdentityEvent, *, message_id: int | None = None,
                 policy: InsPolicy | None = None, now: datetime | None = None) -> ApplyResult:
     """Apply one parsed ADT to the registry inside the caller's transaction."""
-    from .ins import check_identity
-
     policy = policy or InsPolicy()
     now = now or _utcnow()
     if event.kind == "passthrough" or event.ipp is None:
@@ -769,3 +769,20 @@ def _view(conn: Connection, identity_id: int) -> IdentityView:
                  for r in hist],
         merged_from=merged_from,
     )
+
+
+def make_identity_lookup(store):
+    """``lookup(ipp, authority=None, *, ins=None) -> dict | None`` (``IdentityView.to_json()``):
+    registry reads for code outside the writer (transforms, report steps), one read each."""
+
+    def lookup(ipp=None, authority=None, *, ins=None):
+        def q(conn):
+            if ins:
+                view = find_identity(conn, ins=ins)
+            else:
+                view = find_identity(conn, ipp=ipp, ipp_authority=authority)
+            return view.to_json() if view is not None else None
+
+        return store.read(q)
+
+    return lookup
