@@ -13,7 +13,6 @@ INS rules in :mod:`engine.identity.ins`.
 """
 from __future__ import annotations
 
-import sqlalchemy as sa
 
 from engine.hl7.ack import AckError
 from engine.hl7.fields import parse_path
@@ -64,7 +63,7 @@ class IdentityFeed:
         route_rejected = self.cfg.route_rejected
         policy = self.policy
 
-        def op(conn: sa.Connection) -> StepResult:
+        def op(conn) -> StepResult:  # the writer's connection, handed to the store
             result = store.ingest_within(conn, [record])[0]
             if not isinstance(result, Stored):
                 return StepResult(result)  # duplicate: the stored ACK is replayed, nothing re-applied
