@@ -13,7 +13,6 @@ INS rules in :mod:`engine.identity.ins`.
 """
 from __future__ import annotations
 
-
 from engine.hl7.ack import AckError
 from engine.hl7.fields import parse_path
 from engine.identity.ins import InsPolicy
