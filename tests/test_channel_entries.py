@@ -75,3 +75,47 @@ def test_fifo_only_route_reuses_one_entry_list_until_reload():
     ch.reconfigure(new.channels["in"], new.engine, Router(new))
     ch.handle(adt("3", "IPP-C"), Conn())
     assert [e.route for e in batcher.records[2].entries] == ["adt2"]
+
+
+def test_a_step_that_cannot_process_a_message_answers_ae_and_stores_it(sqlite_url):
+    """A processing step whose ``prepare`` raises (a bug, an input it did not foresee) is a
+    content answer, AE 207 with the message stored as rejected, never a false "store
+    unavailable" AR that makes the sender resend forever."""
+    from twisted.internet import reactor
+
+    from engine.ingest import IngestBatcher
+    from engine.store import Store
+    from tests import reactor_thread
+
+    class Crashing:
+        name = "crashing"
+
+        def applies(self, msh):
+            return True
+
+        def prepare(self, raw, codec, store):
+            raise RuntimeError("unforeseen input")
+
+        def make_op(self, *args):
+            raise AssertionError("never reached")
+
+    store = Store(sqlite_url)
+    store.migrate()
+    store.start()
+    try:
+        cfg = load_config_text(CONFIG)
+        batcher = reactor_thread.call(IngestBatcher, store, reactor)
+        ch = MLLPChannel("in", cfg.channels["in"], cfg.engine, Router(cfg), batcher, ControlIdGenerator(),
+                         steps_for=lambda _c, _e: [Crashing()])
+        ch.store = store
+        ack = reactor_thread.call(ch.handle, adt("C1", "IPP-A"), Conn())
+        segs = ack.split(b"\r")
+        assert segs[1].startswith(b"MSA|AE|C1"), ack
+        err = next(s for s in segs if s.startswith(b"ERR")).split(b"|")
+        assert err[3].startswith(b"207") and b"crashing step" in err[8], err
+        (row,) = store.list_messages()
+        assert row.status == "rejected" and ch.counters.store_failures == 0
+        assert store.get_message(row.id).entries == []  # not routed
+    finally:
+        store.stop()
+        store.dispose()

@@ -40,9 +40,21 @@ def safe_parser(*, huge: bool = True) -> etree.XMLParser:
                            dtd_validation=False, huge_tree=huge, remove_comments=False)
 
 
+class DoctypeNotAllowed(ValueError):
+    """The document declares a DTD. A CDA R2 document is defined by its XML schema and carries no
+    document type declaration; one that does is refused as content, before anything reads it
+    (its entities are never expanded, and XSD validation cannot run on unexpanded entities)."""
+
+
 def parse_cda(cda_bytes: bytes) -> etree._ElementTree:
+    """Parse an untrusted CDA: ``etree.XMLSyntaxError`` when not well-formed,
+    :class:`DoctypeNotAllowed` when it declares a DTD."""
     root = etree.fromstring(cda_bytes, safe_parser())
-    return etree.ElementTree(root)
+    tree = etree.ElementTree(root)
+    info = root.getroottree().docinfo
+    if info.doctype or info.internalDTD is not None:
+        raise DoctypeNotAllowed("document type declaration (DTD) not allowed in a CDA document")
+    return tree
 
 
 def _ii(el) -> dict[str, str | None] | None:

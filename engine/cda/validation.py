@@ -42,7 +42,7 @@ from typing import Any
 from lxml import etree
 
 from engine.cda import resources as res
-from engine.cda.header import safe_parser, parse_cda
+from engine.cda.header import DoctypeNotAllowed, parse_cda, safe_parser
 
 SVRL_NS = "http://purl.oclc.org/dsdl/svrl"
 MISSING_VOC = "voc-1.2.250.1.213.1.1.5.471-DYNAMIC.xml"
@@ -242,11 +242,17 @@ class CdaValidator:
         except etree.XMLSyntaxError as exc:
             return ValidationReport(False, [{"line": exc.lineno, "message": f"not well-formed: {exc.msg}"}],
                                     timings={"parse_ms": (time.perf_counter() - t0) * 1000})
+        except DoctypeNotAllowed as exc:
+            return ValidationReport(False, [{"line": 1, "message": str(exc)}],
+                                    timings={"parse_ms": (time.perf_counter() - t0) * 1000})
         timings["parse_ms"] = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         schema = self.schema
-        ok = schema.validate(tree)
-        xsd_errors = [{"line": e.line, "message": e.message} for e in schema.error_log] if not ok else []
+        try:
+            ok = schema.validate(tree)
+            xsd_errors = [{"line": e.line, "message": e.message} for e in schema.error_log] if not ok else []
+        except etree.XMLSchemaValidateError as exc:  # libxml2 could not validate this tree at all
+            ok, xsd_errors = False, [{"line": None, "message": f"XSD validation could not run: {exc}"}]
         timings["xsd_ms"] = (time.perf_counter() - t1) * 1000
         failures: list[dict[str, Any]] = []
         warnings: list[dict[str, Any]] = []

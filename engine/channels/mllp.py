@@ -166,9 +166,10 @@ class MLLPChannel:
             answer = self._answer_factory(msh, now)
             if step.prepare is not None:  # parsing/validation in a thread, off the reactor
                 d = threads.deferToThread(step.prepare, payload, codec, self.store)
-                d.addCallback(lambda prepared: self.batcher.add_op(
-                    step.make_op(self.store, self._fan_out(record, targets, prepared), prepared,
-                                 codec, answer)))
+                # a step that cannot process the message is a content answer, never a store failure
+                d.addErrback(lambda f: _PrepareFailed(step.name, f.value))
+                d.addCallback(self._after_prepare, step, record, targets, codec, answer,
+                              payload, msh, now, conn)
             else:
                 d = self.batcher.add_op(step.make_op(self.store, record, None, codec, answer))
             d.addCallback(self._step_done, step, msh, conn)
@@ -234,8 +235,21 @@ class MLLPChannel:
                 return step
         return None
 
+    def _after_prepare(self, prepared, step, record, targets, codec, answer, payload, msh, now, conn):
+        if isinstance(prepared, _PrepareFailed):
+            log.error(step.name + ".failed", channel=self.name, control_id=logs.safe(msh.control_id),
+                      error=logs.error_text(prepared.error))
+            err = HL7Error("207", f"the {step.name} step could not process this message "
+                                  f"({type(prepared.error).__name__}); it is stored, not routed")
+            # AE, not AR: resending the same content will not help
+            return self._reject(payload, msh, err, now, conn, outcome="error").addCallback(_Final)
+        return self.batcher.add_op(step.make_op(self.store, self._fan_out(record, targets, prepared),
+                                                prepared, codec, answer))
+
     def _step_done(self, res, step, msh, conn):
         """Pass the store result on; an ACK rewritten by the step replaces the precomputed AA."""
+        if isinstance(res, _Final):
+            return res
         if isinstance(res.result, Stored):
             after = getattr(step, "after_commit", None)
             if after is not None:
@@ -264,6 +278,8 @@ class MLLPChannel:
             if entries and self.on_stored is not None:
                 self._wake_after_turn(entries)
             return self._reply(msh, ack, "accept")
+        if isinstance(result, _Final):  # answered and stored already (a step that failed)
+            return result.ack
         if isinstance(result, _Answered):  # a processing step: AE (not routed) or AA with warnings
             if result.outcome == "error":
                 self.counters.rejected += 1
@@ -319,9 +335,12 @@ class MLLPChannel:
                          timestamp=_hl7_ts(now), errors=[err])
 
     # -- rejected message (stored, not routed) ---------------------------------------------------
-    def _reject(self, payload, msh, err: HL7Error, now, conn, log_reason: bool = True):
+    def _reject(self, payload, msh, err: HL7Error, now, conn, log_reason: bool = True,
+                outcome: str | None = None):
+        """``outcome``: AE ("error") or AR ("reject"); by default from the table 0357 code."""
         self.counters.rejected += 1
-        outcome = "reject" if err.code in _REJECT_CODES else "error"
+        if outcome is None:
+            outcome = "reject" if err.code in _REJECT_CODES else "error"
         code = ack_code(msh, outcome)
         if self.cfg.ack.mode == "mllp_commit":
             ack = COMMIT_NAK
@@ -398,6 +417,24 @@ def _hl7_ts(epoch: float) -> str:
         _ts_cache[0] = sec
         _ts_cache[1] = time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(sec))
     return _ts_cache[1]
+
+
+class _PrepareFailed:
+    """A step's ``prepare`` raised: the message is answered AE 207 and stored as rejected."""
+
+    __slots__ = ("step", "error")
+
+    def __init__(self, step, error):
+        self.step, self.error = step, error
+
+
+class _Final:
+    """The reply to a message that is already stored and answered (no step result to apply)."""
+
+    __slots__ = ("ack",)
+
+    def __init__(self, ack):
+        self.ack = ack
 
 
 class _Answered:

@@ -173,7 +173,11 @@ def _encode(text: str, codec: str, esc: str) -> bytes:
 def build_ack(msh: MSHInfo | None, code: str, *, control_id: str, timestamp: str,
               errors: Sequence[AckError] = (), text: str | None = None,
               sending_app: str = "MINIPFI", sending_facility: str = "") -> bytes:
-    """Build the ACK for ``msh`` (``None`` when the MSH could not be read). Returns bytes, ``\\r`` separated."""
+    """Build the ACK for ``msh`` (``None`` when the MSH could not be read). Returns bytes, ``\\r`` separated.
+
+    The common case, an ACK that is pure ASCII, is built as one string (hot path); any other is
+    built by :func:`_build_ack_exact`, which gives the values copied from the original back as
+    the sender's bytes (MSA-2 is MSH-10 byte for byte, whatever the charset)."""
     if msh is None:
         fs, enc = "|", _DEFAULT_ENC
         app, fac, rapp, rfac = "", "", "", ""
@@ -196,39 +200,103 @@ def build_ack(msh: MSHInfo | None, code: str, *, control_id: str, timestamp: str
         fac = escape(sending_facility, fs, enc)
     cs = enc[0]
     msh9 = f"ACK{cs}{trigger}{cs}ACK" if trigger else "ACK"
+    tail = f"{fs}{fs}{fs}{fs}{fs}{fs}{enc[1].join(charsets)}" if charsets else ""
+    head = (f"MSH{fs}{enc}{fs}{app}{fs}{fac}{fs}{rapp}{fs}{rfac}{fs}{timestamp}{fs}{fs}{msh9}{fs}"
+            f"{control_id}{fs}{processing_id}{fs}{version}{tail}\r")
+    if text:
+        msa = f"MSA{fs}{code}{fs}{ack_of}{fs}{escape(text, fs, enc)}\r"
+    else:
+        msa = f"MSA{fs}{code}{fs}{ack_of}\r"
+    out = head + msa + "".join(_err_segment(err, fs, enc) for err in errors)
+    if out.isascii():
+        return out.encode("ascii")
+    return _build_ack_exact(msh, code, control_id=control_id, timestamp=timestamp, errors=errors,
+                            text=text, sending_app=sending_app, sending_facility=sending_facility)
+
+
+def _err_segment(err: AckError, fs: str, enc: str) -> str:
+    cs = enc[0]
+    loc = _loc_to_erl(err.location, fs, enc) if err.location else ""
+    name = escape(TABLE_0357.get(err.code, ""), fs, enc)
+    app = ""
+    if err.app_code:
+        app = (f"{escape(err.app_code, fs, enc)}{cs}{escape(err.app_text or '', fs, enc)}"
+               f"{cs}{escape(err.app_system, fs, enc)}")
+    return (f"ERR{fs}{fs}{loc}{fs}{escape(err.code, fs, enc)}{cs}{name}{cs}HL70357{fs}"
+            f"{escape(err.severity or 'E', fs, enc)}{fs}{app}{fs}{fs}{fs}{escape(err.text, fs, enc)}\r")
+
+
+def _build_ack_exact(msh: MSHInfo | None, code: str, *, control_id: str, timestamp: str,
+                     errors: Sequence[AckError] = (), text: str | None = None,
+                     sending_app: str = "MINIPFI", sending_facility: str = "") -> bytes:
+    """:func:`build_ack` for an ACK that is not pure ASCII. Values copied from the original MSH
+    (applications, facilities, MSH-9.2, MSH-10 into MSA-2, MSH-11, MSH-12, MSH-18) go back as the sender's bytes, whatever the charset: ``read_msh``
+    holds them as latin-1 text, one character per byte, so they are written back with latin-1.
+    Only what the engine writes (its application name, texts, codes) is encoded with the MSH-18
+    codec."""
+    if msh is None:
+        fs, enc = "|", _DEFAULT_ENC
+        app, fac, rapp, rfac = "", "", "", ""
+        trigger = ""
+        processing_id, version, charsets, ack_of = "P", "2.5", (), ""
+    else:
+        fs, enc = msh.field_sep, msh.encoding_chars
+        app, fac = msh.receiving_app, msh.receiving_facility
+        rapp, rfac = msh.sending_app, msh.sending_facility
+        trigger = msh.trigger
+        processing_id = msh.processing_id or "P"
+        version = msh.version_raw or "2.5"
+        charsets = msh.charsets
+        ack_of = msh.control_id
+    codec = "ascii"
+    msh18 = ""
     if charsets:
         msh18 = enc[1].join(charsets)
         try:
             codec = codec_for(charsets[0], "ASCII")
         except HL7Error:
             codec = "ascii"
-        head = (f"MSH{fs}{enc}{fs}{app}{fs}{fac}{fs}{rapp}{fs}{rfac}{fs}{timestamp}{fs}{fs}{msh9}{fs}"
-                f"{control_id}{fs}{processing_id}{fs}{version}{fs}{fs}{fs}{fs}{fs}{fs}{msh18}\r")
+    parts: list[bytes] = []
+
+    def copied(value: str) -> None:  # the sender's bytes, back as they came
+        parts.append(value.encode("latin-1", "replace"))
+
+    def written(value: str) -> None:  # the engine's own text, in the message's charset
+        parts.append(value.encode("ascii") if value.isascii() else _encode(value, codec, enc[2]))
+
+    copied(f"MSH{fs}{enc}{fs}")
+    if not app:
+        written(escape(sending_app, fs, enc))
+        copied(fs)
+        written(escape(sending_facility, fs, enc) if not fac else "")
+        if fac:
+            copied(fac)
     else:
-        codec = "ascii"
-        head = (f"MSH{fs}{enc}{fs}{app}{fs}{fac}{fs}{rapp}{fs}{rfac}{fs}{timestamp}{fs}{fs}{msh9}{fs}"
-                f"{control_id}{fs}{processing_id}{fs}{version}\r")
+        copied(f"{app}{fs}")
+        if fac:
+            copied(fac)
+        else:
+            written(escape(sending_facility, fs, enc))
+    cs = enc[0]
+    copied(f"{fs}{rapp}{fs}{rfac}{fs}")
+    written(f"{timestamp}{fs}{fs}ACK")
+    if trigger:
+        copied(f"{cs}{trigger}{cs}")
+        written("ACK")
+    copied(fs)
+    written(control_id)
+    copied(f"{fs}{processing_id}{fs}{version}")
+    if charsets:
+        copied(f"{fs}{fs}{fs}{fs}{fs}{fs}{msh18}")
+    copied("\r")
+    written(f"MSA{fs}{code}{fs}")
+    copied(ack_of)
     if text:
-        msa = f"MSA{fs}{code}{fs}{ack_of}{fs}{escape(text, fs, enc)}\r"
-    else:
-        msa = f"MSA{fs}{code}{fs}{ack_of}\r"
-    if errors:
-        segs = [head, msa]
-        for err in errors:
-            loc = _loc_to_erl(err.location, fs, enc) if err.location else ""
-            name = escape(TABLE_0357.get(err.code, ""), fs, enc)
-            app = ""
-            if err.app_code:
-                app = (f"{escape(err.app_code, fs, enc)}{cs}{escape(err.app_text or '', fs, enc)}"
-                       f"{cs}{escape(err.app_system, fs, enc)}")
-            segs.append(f"ERR{fs}{fs}{loc}{fs}{escape(err.code, fs, enc)}{cs}{name}{cs}HL70357{fs}"
-                        f"{escape(err.severity or 'E', fs, enc)}{fs}{app}{fs}{fs}{fs}{escape(err.text, fs, enc)}\r")
-        out = "".join(segs)
-    else:
-        out = head + msa
-    if out.isascii():
-        return out.encode("ascii")
-    return _encode(out, codec, enc[2])
+        written(f"{fs}{escape(text, fs, enc)}")
+    written("\r")
+    for err in errors:
+        written(_err_segment(err, fs, enc))
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- read

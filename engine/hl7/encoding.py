@@ -104,7 +104,7 @@ def _resolve(msh18: str, default: str) -> tuple[str, frozenset[str]]:
         # Last resort: a Python codec name that is ASCII-compatible (flagged as alias).
         try:
             info = codecs.lookup(value)
-        except LookupError:
+        except (LookupError, ValueError):  # ValueError: a NUL byte in the name
             raise HL7Error("103", f"unknown character set {_short(value)!r} in MSH-18 (table 0211)", _LOC) from None
         if info.name.startswith(("utf-16", "utf-32")) or "MSH|".encode(info.name, "replace") != b"MSH|":
             raise HL7Error("103", f"character set {_short(value)!r} (MSH-18) is not ASCII-compatible", _LOC)

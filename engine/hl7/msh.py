@@ -122,6 +122,10 @@ def read_msh(raw: bytes) -> MSHInfo:
             end = cr
             sep = "\r\n" if raw[cr + 1:cr + 2] == b"\n" else "\r"
 
+    if raw.find(b"\x00", start, end) >= 0:
+        # a NUL is no character of any HL7 charset; refused here, it never reaches the store's
+        # text columns (PostgreSQL refuses it there) or a codec lookup
+        raise HL7Error("102", "MSH contains a NUL byte", "MSH^1")
     seg = raw[start:end].decode("latin-1")
     if len(seg) < 4:
         raise HL7Error("101", "MSH-1 (field separator) missing", "MSH^1^1")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from engine.cda.header import INS_OIDS, RPPS_OID, parse_cda, read_header
+from engine.cda.header import INS_OIDS, RPPS_OID, DoctypeNotAllowed, parse_cda, read_header
 from engine.hl7.errors import HL7Error
 from engine.hl7.message import Delimiters, Message, Segment
 from engine.reports.error_codes import E_INS_ABSENT, E_INS_INCOMPLETE, E_INS_MISMATCH, E_OTHER, E_VERSION
@@ -604,8 +604,12 @@ def _read_document(d: _DocOBX, enc: Delimiters, ctx: _Ctx) -> tuple[Document | N
     try:
         header = read_header(parse_cda(body))
     except (etree.XMLSyntaxError, ValueError) as exc:
-        kind = "not well-formed XML" if isinstance(exc, etree.XMLSyntaxError) else \
-            "not a CDA R2 ClinicalDocument"
+        if isinstance(exc, etree.XMLSyntaxError):
+            kind = "not well-formed XML"
+        elif isinstance(exc, DoctypeNotAllowed):
+            kind = "refused: it declares a DTD (a CDA document carries none)"
+        else:
+            kind = "not a CDA R2 ClinicalDocument"
         ctx.error(E_OTHER, f"document in {loc} is {kind}", f"{loc}-5")
         return doc, None
     c = header.get("code") or {}
