@@ -254,13 +254,15 @@ def cmd_inspect(args) -> int:
     from engine.hl7.msh import read_msh
     from engine.reports.cisis import parse_report
 
-    raw = Path(args.file).read_bytes()
+    try:
+        raw = Path(args.file).read_bytes()
+    except OSError as exc:
+        return _inspect_refused(args, "file", f"cannot read {args.file}: {exc.strerror or exc}")
     try:
         msh = read_msh(raw)
         codec = codec_for(msh.charset)
     except HL7Error as err:
-        print(f"minipfi inspect: {err.code} {err.text}", file=sys.stderr)
-        return 1
+        return _inspect_refused(args, err.code, err.text, err.location)
     sub = parse_report(raw, codec, strict_mss_matrix=args.strict_mss_matrix)
     doc = sub.to_inspect_json()
     if args.json:
@@ -279,6 +281,17 @@ def cmd_inspect(args) -> int:
         for e in doc.get("errors", []):
             print(f"ERROR {e['code']}: {e['text']}")
     return 1 if doc.get("errors") else 0
+
+
+def _inspect_refused(args, code: str, text: str, location: str | None = None) -> int:
+    """A message ``inspect`` cannot read: with ``--json`` one JSON object too (scripts rely on
+    it), else one line on stderr. Exit 1 either way."""
+    if args.json:
+        print(json.dumps({"refused": True, "errors": [{"code": code, "text": text, "location": location}]},
+                         ensure_ascii=False))
+    else:
+        print(f"minipfi inspect: {code} {text}", file=sys.stderr)
+    return 1
 
 
 def cmd_cda(args) -> int:

@@ -114,3 +114,16 @@ def test_bom_before_msh_is_accepted_and_kept(eng):
     (row,) = eng.messages()
     shown = json.loads(eng.cli("messages", "show", str(row["id"]), "--json").stdout)
     assert shown["raw"].encode("latin-1") == msg
+
+
+def test_inspect_json_answers_json_for_a_refused_message(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.hl7"
+    bad.write_bytes(b"MSH|^~\\&&|A|B\rPID|1\r")  # MSH-2 with a repeated character
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "inspect", str(bad), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    doc = json.loads(out.stdout)  # one JSON object, not a text line
+    assert doc["refused"] is True and doc["errors"][0]["code"] == "102"

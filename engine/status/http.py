@@ -4,7 +4,13 @@ Authentication happens on the request headers, before any body byte is read or p
 Mirth CVE-2023-43208, a pre-authentication deserialisation of the request body): a request without the bearer token is
 answered 401 and its connection closed as soon as its headers are complete. The endpoints are
 read-only GETs; any request body is refused. A token is required whenever one is configured, and
-configuration refuses a non-loopback bind without one.
+configuration refuses a non-loopback bind without one. The scheme ``Bearer`` is matched without
+regard to case (RFC 7235 §2.1).
+
+Slow or many clients: a connection must complete its request headers within
+``HEADER_TIMEOUT_S`` (a client dribbling a byte at a time is closed, whatever Twisted's idle
+timer says), an idle connection is closed after ``IDLE_TIMEOUT_S``, and at most
+``MAX_CONNECTIONS`` are open at once (more are closed on arrival, logged once per burst).
 """
 from __future__ import annotations
 
@@ -13,17 +19,57 @@ import json
 import time
 
 from twisted.internet import defer, threads
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from engine import logs
 
 log = logs.get("engine.status")
 
 MAX_BODY = 0  # read-only endpoints: no body accepted
+HEADER_TIMEOUT_S = 10.0  # request line and headers complete within this, from the connection
+IDLE_TIMEOUT_S = 30.0    # a keep-alive connection with nothing to do is closed after this
+MAX_CONNECTIONS = 64     # status pollers are few; a flood must not exhaust the process
+
+
+class _StatusChannel(http.HTTPChannel):
+    """An HTTP connection with a deadline for its headers and a place in the site's count."""
+
+    def connectionMade(self):
+        super().connectionMade()
+        site = self.site
+        if site.open_connections >= site.max_connections:
+            if not site.refusing:
+                site.refusing = True
+                log.warning("status.connections_capped", limit=site.max_connections)
+            self._counted = False
+            self.transport.abortConnection()
+            return
+        site.refusing = False
+        site.open_connections += 1
+        self._counted = True
+        self._header_deadline = self.callLater(site.header_timeout, self._headers_too_slow)
+
+    def _headers_too_slow(self):
+        self._header_deadline = None
+        self.transport.abortConnection()
+
+    def headers_complete(self):
+        call = getattr(self, "_header_deadline", None)
+        if call is not None and call.active():
+            call.cancel()
+        self._header_deadline = None
+
+    def connectionLost(self, reason):
+        self.headers_complete()
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.site.open_connections -= 1
+        super().connectionLost(reason)
 
 
 class _AuthRequest(server.Request):
     def gotLength(self, length):
+        self.channel.headers_complete()
         site = self.channel.site
         if not site.authorized(self.requestHeaders.getRawHeaders(b"authorization") or []):
             self._refuse(401, b"Unauthorized", extra=b"WWW-Authenticate: Bearer\r\n")
@@ -55,17 +101,24 @@ class _AuthRequest(server.Request):
 
 class StatusSite(server.Site):
     requestFactory = _AuthRequest
+    protocol = _StatusChannel
 
-    def __init__(self, root, token: str | None):
-        super().__init__(root)
+    def __init__(self, root, token: str | None, *, header_timeout: float = HEADER_TIMEOUT_S,
+                 idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
+        super().__init__(root, timeout=idle_timeout)
         self.token = token.encode() if token else None
         self.displayTracebacks = False
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.refusing = False
 
     def authorized(self, headers: list[bytes]) -> bool:
         if self.token is None:
             return True
         for value in headers:
-            if value.startswith(b"Bearer ") and hmac.compare_digest(value[7:].strip(), self.token):
+            scheme, _, credentials = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token):
                 return True
         return False
 
@@ -189,9 +242,9 @@ class StatusService:
         return 200, body
 
 
-def build_site(service: StatusService, token: str | None) -> StatusSite:
+def build_site(service: StatusService, token: str | None, **limits) -> StatusSite:
     root = resource.Resource()
     root.putChild(b"health", _JSON(service.health))
     root.putChild(b"ready", _JSON(service.ready))
     root.putChild(b"status", _JSON(service.status))
-    return StatusSite(root, token)
+    return StatusSite(root, token, **limits)
