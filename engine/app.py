@@ -48,7 +48,8 @@ def _limits(cfg) -> ListenerLimits:
     f = cfg.framing
     return ListenerLimits(max_frame_size=int(f.max_frame_size), lenient_end=f.lenient_end_block,
                           idle_timeout=float(f.idle_timeout), frame_timeout=float(f.frame_timeout),
-                          max_connections=f.max_connections)
+                          max_connections=f.max_connections,
+                          max_connections_per_peer=f.max_connections_per_peer)
 
 
 def _tls_files(tls) -> TLSFiles | None:

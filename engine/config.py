@@ -270,6 +270,7 @@ class FramingConfig(_Model):
     idle_timeout: Duration = 600.0
     frame_timeout: Duration = 30.0
     max_connections: Annotated[int, Field(ge=1)] = 200
+    max_connections_per_peer: Annotated[int, Field(ge=1)] = 16  # per peer address
 
 
 class EncodingConfig(_Model):

@@ -56,6 +56,7 @@ COUNTER_KEYS = (
     "idle_closes",
     "frame_timeouts",
     "refused_over_cap",
+    "refused_peer_cap",
     "handler_errors",
     "connections_total",
 )
@@ -67,9 +68,12 @@ class ListenerLimits:
 
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     lenient_end: bool = False
-    idle_timeout: float = 600.0  # seconds without bytes (and no pending reply); 0 = none
+    idle_timeout: float = 600.0  # seconds without framed traffic (and no pending reply); 0 = none
     frame_timeout: float = 30.0  # seconds to finish a started frame; 0 = none
     max_connections: int = 200
+    # one peer address (all its ports) may hold at most this many connections, so that one
+    # client cannot take every slot of the listener from the others
+    max_connections_per_peer: int = 16
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,6 @@ class MLLPServerProtocol(Protocol):
         if self._closing or self._close_queued:
             return
         f = self.factory
-        self._last_activity = f.clock.seconds()
         framer = self._framer
         frames = 0
         for ev in framer.feed(data):
@@ -241,6 +244,9 @@ class MLLPServerProtocol(Protocol):
                 break
         if frames:
             f.counters["frames"] += frames
+        if frames or framer.in_frame:
+            # only framed traffic is activity: stray bytes between frames do not keep a slot
+            self._last_activity = f.clock.seconds()
         if self._closing or self._close_queued:
             return
         # In-frame timeout: runs only while a frame is partially received.
@@ -434,6 +440,7 @@ class MLLPServerFactory(ServerFactory):
         self.open_connections = 0
         self.counters: dict[str, int] = {k: 0 for k in COUNTER_KEYS}
         self._connections: set[MLLPServerProtocol] = set()
+        self._per_peer: dict[str, int] = {}  # open connections per peer address
 
     def set_limits(self, limits: ListenerLimits) -> None:
         """Replace the limits (config reload); open connections keep the ones they started with."""
@@ -446,6 +453,18 @@ class MLLPServerFactory(ServerFactory):
             self._emit(
                 "refused_over_cap",
                 {"listener": self.name, "peer": peer, "max_connections": self.limits.max_connections},
+                logging.WARNING,
+            )
+            p = _RefusedProtocol()
+            p.factory = self
+            return p
+        host = getattr(addr, "host", None)
+        if host is not None and self._per_peer.get(host, 0) >= self.limits.max_connections_per_peer:
+            self.counters["refused_peer_cap"] += 1
+            self._emit(
+                "refused_peer_cap",
+                {"listener": self.name, "peer": host,
+                 "max_connections_per_peer": self.limits.max_connections_per_peer},
                 logging.WARNING,
             )
             p = _RefusedProtocol()
@@ -466,11 +485,19 @@ class MLLPServerFactory(ServerFactory):
         self.open_connections += 1
         self.counters["connections_total"] += 1
         self._connections.add(p)
+        host = p.peer.rsplit(":", 1)[0]
+        self._per_peer[host] = self._per_peer.get(host, 0) + 1
 
     def _connection_lost(self, p: MLLPServerProtocol) -> None:
         if p in self._connections:
             self._connections.discard(p)
             self.open_connections -= 1
+            host = p.peer.rsplit(":", 1)[0]
+            left = self._per_peer.get(host, 1) - 1
+            if left > 0:
+                self._per_peer[host] = left
+            else:
+                self._per_peer.pop(host, None)
 
     def _event(self, name: str, p: MLLPServerProtocol, level: int = logging.DEBUG, **detail: Any) -> None:
         detail = {"listener": self.name, "conn_id": p.conn_id, "peer": p.peer, **detail}

@@ -189,6 +189,46 @@ def test_max_connections_cap_enforced(server_factory):
         assert c4.send(make_message("C4")) == ack_for(make_message("C4"))
 
 
+def test_one_peer_address_cannot_take_every_slot(server_factory):
+    """The per-peer cap refuses a third connection from 127.0.0.1 while the listener still has
+    room for other addresses (the listener cap is 10), and counts the refusal."""
+    srv = server_factory(max_connections=10, max_connections_per_peer=2)
+    c1, c2 = srv.client(), srv.client()
+    try:
+        assert wait_for(lambda: srv.factory.open_connections == 2)
+        try:
+            s3 = raw_socket(srv.port)
+        except ConnectionResetError:
+            pass
+        else:
+            with s3:
+                assert_closed_by_peer(s3)
+        assert wait_for(lambda: srv.factory.counters["refused_peer_cap"] == 1)
+        assert srv.factory.counters["refused_over_cap"] == 0
+        assert c1.send(make_message("P1")) == ack_for(make_message("P1"))
+    finally:
+        c1.close()
+        c2.close()
+    assert wait_for(lambda: srv.factory.open_connections == 0)
+    with srv.client() as c4:  # the address has room again
+        assert c4.send(make_message("P4")) == ack_for(make_message("P4"))
+
+
+def test_stray_bytes_between_frames_do_not_keep_a_connection_alive(server_factory):
+    srv = server_factory(idle_timeout=0.4)
+    with srv.client() as c:
+        t0 = time.monotonic()
+        try:
+            for _ in range(20):  # a byte outside any frame every 100 ms: not activity
+                c.send_raw(b"x")
+                time.sleep(0.1)
+        except OSError:
+            pass  # closed under us: what the test expects
+        assert_closed_by_peer(c.sock)
+        assert time.monotonic() - t0 < 1.5
+    assert srv.counter("idle_closes") == 1
+
+
 def _rss_kb() -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -205,7 +245,7 @@ def test_thousand_idle_connections_bounded_memory(server_factory):
         if hard != resource.RLIM_INFINITY and hard < need:
             pytest.skip(f"fd hard limit {hard} < {need}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-    srv = server_factory(max_connections=n + 10)
+    srv = server_factory(max_connections=n + 10, max_connections_per_peer=n + 10)
     socks = []
     rss0 = _rss_kb()
     try:
