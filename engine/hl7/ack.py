@@ -170,6 +170,16 @@ def _encode(text: str, codec: str, esc: str) -> bytes:
         return b"".join(out)
 
 
+def _copied(msh: MSHInfo | None) -> tuple:
+    """What the ACK takes from the original MSH: delimiters, MSH-5/6 (our side), MSH-3/4, MSH-9.2,
+    MSH-11, MSH-12, MSH-18 repetitions and MSH-10; defaults when the MSH could not be read."""
+    if msh is None:
+        return "|", _DEFAULT_ENC, "", "", "", "", "", "P", "2.5", (), ""
+    return (msh.field_sep, msh.encoding_chars, msh.receiving_app, msh.receiving_facility,
+            msh.sending_app, msh.sending_facility, msh.trigger, msh.processing_id or "P",
+            msh.version_raw or "2.5", msh.charsets, msh.control_id)
+
+
 def build_ack(msh: MSHInfo | None, code: str, *, control_id: str, timestamp: str,
               errors: Sequence[AckError] = (), text: str | None = None,
               sending_app: str = "MINIPFI", sending_facility: str = "") -> bytes:
@@ -178,20 +188,7 @@ def build_ack(msh: MSHInfo | None, code: str, *, control_id: str, timestamp: str
     The common case, an ACK that is pure ASCII, is built as one string (hot path); any other is
     built by :func:`_build_ack_exact`, which gives the values copied from the original back as
     the sender's bytes (MSA-2 is MSH-10 byte for byte, whatever the charset)."""
-    if msh is None:
-        fs, enc = "|", _DEFAULT_ENC
-        app, fac, rapp, rfac = "", "", "", ""
-        trigger = ""
-        processing_id, version, charsets, ack_of = "P", "2.5", (), ""
-    else:
-        fs, enc = msh.field_sep, msh.encoding_chars
-        app, fac = msh.receiving_app, msh.receiving_facility
-        rapp, rfac = msh.sending_app, msh.sending_facility
-        trigger = msh.trigger
-        processing_id = msh.processing_id or "P"
-        version = msh.version_raw or "2.5"
-        charsets = msh.charsets
-        ack_of = msh.control_id
+    fs, enc, app, fac, rapp, rfac, trigger, processing_id, version, charsets, ack_of = _copied(msh)
     if not app:
         app = escape(sending_app, fs, enc)
         if not fac:
@@ -234,20 +231,7 @@ def _build_ack_exact(msh: MSHInfo | None, code: str, *, control_id: str, timesta
     holds them as latin-1 text, one character per byte, so they are written back with latin-1.
     Only what the engine writes (its application name, texts, codes) is encoded with the MSH-18
     codec."""
-    if msh is None:
-        fs, enc = "|", _DEFAULT_ENC
-        app, fac, rapp, rfac = "", "", "", ""
-        trigger = ""
-        processing_id, version, charsets, ack_of = "P", "2.5", (), ""
-    else:
-        fs, enc = msh.field_sep, msh.encoding_chars
-        app, fac = msh.receiving_app, msh.receiving_facility
-        rapp, rfac = msh.sending_app, msh.sending_facility
-        trigger = msh.trigger
-        processing_id = msh.processing_id or "P"
-        version = msh.version_raw or "2.5"
-        charsets = msh.charsets
-        ack_of = msh.control_id
+    fs, enc, app, fac, rapp, rfac, trigger, processing_id, version, charsets, ack_of = _copied(msh)
     codec = "ascii"
     msh18 = ""
     if charsets:
