@@ -50,7 +50,7 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 PS320 = "urn:dicom-org:ps3-20"
 H = "{%s}" % V3
 
-#: CI-SIS IMG-CR-IMG 2024.01 N1: exactly these three templateIds (french-specs.md § 3)
+#: CI-SIS IMG-CR-IMG 2024.01 N1: exactly these three templateIds (the N1 example of that model)
 N1_TEMPLATE_IDS = (
     ("2.16.840.1.113883.2.8.2.1", "Conformité spécifications HL7 France"),
     ("1.2.250.1.213.1.1.1.1", "Conformité spécifications CI-SIS"),
@@ -61,7 +61,7 @@ FINESS_OID = "1.2.250.1.71.4.2.2"    # ANS: identifiant national de structure (F
 LOINC_OID = "2.16.840.1.113883.6.1"
 DCM_OID = "1.2.840.10008.2.16.4"
 SNOMED_OID = "2.16.840.1.113883.6.96"
-CCAM_OID = "1.2.250.1.213.2.5"       # french-specs.md § 3: emit the ANS CCAM OID
+CCAM_OID = "1.2.250.1.213.2.5"       # CI-SIS terminologies: the ANS CCAM OID
 G15_OID = "1.2.250.1.213.1.1.4.5"    # TRE_G15 profession / savoir-faire
 R02_OID = "1.2.250.1.71.4.2.4"       # TRE_R02 secteur d'activité (JDV_J61 healthcareFacilityType)
 PRACTICE_OID = "1.2.250.1.213.1.1.4.9"  # TRE_A00 / JDV_J60 practiceSetting (standardIndustryClass)

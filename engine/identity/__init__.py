@@ -1,8 +1,9 @@
-"""IHE PAM France identity feed: pure parsing (:mod:`.pamfr`), INS rules (:mod:`.ins`), the
-registry (:mod:`.registry`, SQLAlchemy Core) and its Alembic operations (:mod:`.migration`).
+"""IHE PAM France identity feed, the pure part: ADT parsing (:mod:`.pamfr`), the data model
+(:mod:`.model`) and the INS rules (:mod:`.ins`). The registry that stores identities is the
+store's (:mod:`engine.store.identities`); the step that applies ADTs is
+:mod:`engine.steps.identity_feed`.
 
-Issue 3. Parsing and rules never touch a database; the registry takes a caller-owned
-``Connection``. Everything here handles patient data: never log these objects (PHI rule).
+Parsing and rules never touch a database. Everything here handles patient data: never log these objects (PHI rule).
 """
 from .ins import InsDecision, InsPolicy, check_identity, ins_decision, nir_key, usable_ins
 from .model import (

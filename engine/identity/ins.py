@@ -163,8 +163,8 @@ TEST_OIDS = frozenset({OID_INS_NIR_TEST, OID_INS_NIR_DEMO})
 def check_oid(ins: InsInfo, policy: InsPolicy) -> list[Violation]:
     """FRCORE OIDs: .8 NIR, .9 NIA (production), .10 test NIR, .11 demo NIR.
 
-    Issue 3 / french-specs.md §1: a production engine refuses the test OID .10 (and the demo
-    .11) unless ``allow_test_ins``; the test environment accepts all four.
+    Référentiel INS (test and demonstration NIR OIDs are for test platforms only): a production
+    engine refuses the test OID .10 (and the demo .11) unless ``allow_test_ins``; the test environment accepts all four.
     """
     loc = f"PID-3[{ins.rep}].4.2"
     if ins.oid not in INS_KIND_BY_OID:

@@ -10,7 +10,7 @@ segments; examples in the ANS "Jeux de données HL7 v2" published with it):
 * PID-7 birth date, PID-8 sex, PID-11 XAD-7 ``BDL`` / XAD-9 = INSEE COG code of the birth place.
 * PID-32 identity reliability code (PROV/RECUP/VALI/QUAL, attributes DOUT/FICT, legacy table 0445).
 * ZFA-1..3 DMP status, ZFA-9/10 information and opposition to feeding the DMP, ZFA-11/12 consent
-  to consulting the DMP (see ``Vague 2/Consentement_DMP_PAMFR/readme.md``).
+  to consulting the DMP (ANS "Jeux de données", DMP consent examples in PAM France).
 * ZFD-1 lunar birth date, ZFD-3 SMS consent, ZFD-4 corrected birth date flag, ZFD-5 how the
   identity was obtained, ZFD-6 INSi query date, ZFD-7/8 identity document type and expiry.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
 
-# OIDs of the INS matricule assigning authority (FR Core INS profile, french-specs.md §1 "OIDs").
+# OIDs of the INS matricule assigning authority (Interop'Santé FR Core, FRCorePatientINSProfile).
 OID_INS_NIR = "1.2.250.1.213.1.4.8"
 OID_INS_NIA = "1.2.250.1.213.1.4.9"
 OID_INS_NIR_TEST = "1.2.250.1.213.1.4.10"
@@ -108,7 +108,7 @@ class IdentityStatus:
 @_masked
 @dataclass(frozen=True)
 class DmpConsent:
-    """ZFA segment (PAM FR 2.11). Values per ``Consentement_DMP_PAMFR/readme.md`` examples:
+    """ZFA segment (PAM FR 2.11). Values per the ANS DMP consent example messages:
 
     * ZFA-9 feeding the DMP: ``INO`` informed, no opposition; ``IO`` informed, opposes;
       ``NA`` information not collected. ZFA-10 its date.

@@ -1,6 +1,6 @@
 """``cda_wrap``: wrap a bare PACS report (ORU^R01) into a CDA R2 N1 "CR d'imagerie médicale".
 
-Issue 4, item 5. The PACS sends its report as an ORU^R01 carrying either a PDF (OBX value type
+The PACS sends its report as an ORU^R01 carrying either a PDF (OBX value type
 ``ED``) or text lines (OBX ``TX``/``FT``); the engine builds the CDA R2 N1 document of the CI-SIS
 IMG-CR-IMG 2024.01 model (:mod:`engine.cda.build`) with the patient's strict INS traits taken from
 the identity registry, never from the PACS message.
