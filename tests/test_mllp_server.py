@@ -166,18 +166,22 @@ def test_slow_sender_in_frame_timeout_closes(server_factory):
     assert detail["size"] == len(b"MSH|^~\\&|SLOW|more")
 
 
+def assert_refused(port: int) -> None:
+    """A connection the listener refuses: closed at once (or reset before connect() returns)."""
+    try:
+        s = raw_socket(port)
+    except ConnectionResetError:
+        return  # aborted so fast that connect() itself saw the reset
+    with s:
+        assert_closed_by_peer(s)
+
+
 def test_max_connections_cap_enforced(server_factory):
     srv = server_factory(max_connections=2)
     c1, c2 = srv.client(), srv.client()
     try:
         assert wait_for(lambda: srv.factory.open_connections == 2)
-        try:
-            s3 = raw_socket(srv.port)
-        except ConnectionResetError:
-            pass  # aborted so fast that connect() itself saw the reset
-        else:
-            with s3:
-                assert_closed_by_peer(s3)
+        assert_refused(srv.port)
         assert wait_for(lambda: srv.factory.counters["refused_over_cap"] == 1)
         assert c1.send(make_message("C1")) == ack_for(make_message("C1"))
         assert c2.send(make_message("C2")) == ack_for(make_message("C2"))
@@ -196,13 +200,7 @@ def test_one_peer_address_cannot_take_every_slot(server_factory):
     c1, c2 = srv.client(), srv.client()
     try:
         assert wait_for(lambda: srv.factory.open_connections == 2)
-        try:
-            s3 = raw_socket(srv.port)
-        except ConnectionResetError:
-            pass
-        else:
-            with s3:
-                assert_closed_by_peer(s3)
+        assert_refused(srv.port)
         assert wait_for(lambda: srv.factory.counters["refused_peer_cap"] == 1)
         assert srv.factory.counters["refused_over_cap"] == 0
         assert c1.send(make_message("P1")) == ack_for(make_message("P1"))

@@ -167,7 +167,7 @@ class MLLPChannel:
             if step.prepare is not None:  # parsing/validation in a thread, off the reactor
                 d = threads.deferToThread(step.prepare, payload, codec, self.store)
                 # a step that cannot process the message is a content answer, never a store failure
-                d.addErrback(lambda f: _PrepareFailed(step.name, f.value))
+                d.addErrback(lambda f: _PrepareFailed(f.value))
                 d.addCallback(self._after_prepare, step, record, targets, codec, answer,
                               payload, msh, now, conn)
             else:
@@ -237,8 +237,9 @@ class MLLPChannel:
 
     def _after_prepare(self, prepared, step, record, targets, codec, answer, payload, msh, now, conn):
         if isinstance(prepared, _PrepareFailed):
+            # the exception's type only: its text may quote a field value (patient data)
             log.error(step.name + ".failed", channel=self.name, control_id=logs.safe(msh.control_id),
-                      error=logs.error_text(prepared.error))
+                      error=type(prepared.error).__name__)
             err = HL7Error("207", f"the {step.name} step could not process this message "
                                   f"({type(prepared.error).__name__}); it is stored, not routed")
             # AE, not AR: resending the same content will not help
@@ -422,10 +423,10 @@ def _hl7_ts(epoch: float) -> str:
 class _PrepareFailed:
     """A step's ``prepare`` raised: the message is answered AE 207 and stored as rejected."""
 
-    __slots__ = ("step", "error")
+    __slots__ = ("error",)
 
-    def __init__(self, step, error):
-        self.step, self.error = step, error
+    def __init__(self, error):
+        self.error = error
 
 
 class _Final:

@@ -204,7 +204,9 @@ def build_ack(msh: MSHInfo | None, code: str, *, control_id: str, timestamp: str
         msa = f"MSA{fs}{code}{fs}{ack_of}{fs}{escape(text, fs, enc)}\r"
     else:
         msa = f"MSA{fs}{code}{fs}{ack_of}\r"
-    out = head + msa + "".join(_err_segment(err, fs, enc) for err in errors)
+    out = head + msa
+    if errors:
+        out += "".join([_err_segment(err, fs, enc) for err in errors])
     if out.isascii():
         return out.encode("ascii")
     return _build_ack_exact(msh, code, control_id=control_id, timestamp=timestamp, errors=errors,
