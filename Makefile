@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= engine/routes.yaml
 DATA_DIR ?= data
-TEST_ONLY := aiosmtpd|atpublic|iniconfig|pluggy|pygments|pypdf|pytest|pytest-timeout
+TEST_ONLY := aiosmtpd|atheris|atpublic|hypothesis|iniconfig|pluggy|pygments|pypdf|pytest|pytest-timeout|sortedcontainers
 
 .PHONY: install install-test run test bench bench-quick bench-identity bench-reports check clean lock
 
