@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first; the same table is in docs/architecture.md ("Floors").
 FLOORS = [
     {"engine", "engine.durations", "engine.logs", "engine.hl7", "engine.reactor", "mllp"},
-    {"engine.config", "engine.cda", "engine.identity"},
+    {"engine.config", "engine.cda", "engine.identity", "engine.xds"},
     {"engine.store", "engine.router"},
-    {"engine.steps", "engine.ingest", "engine.connectors"},
+    {"engine.steps", "engine.ingest", "engine.connectors", "engine.simulators"},
     {"engine.transforms"},
     {"engine.reports"},
     {"engine.channels", "engine.delivery", "engine.status"},
