@@ -8,7 +8,7 @@ CONFIG ?= engine/routes.yaml
 DATA_DIR ?= data
 TEST_ONLY := aiosmtpd|atheris|atpublic|hypothesis|iniconfig|pluggy|pygments|pypdf|pytest|pytest-timeout|sortedcontainers
 
-.PHONY: install install-test run test bench bench-quick bench-identity bench-reports check clean lock
+.PHONY: install install-test run test bench bench-e2e bench-quick bench-identity bench-reports check clean lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: install-test           ## the whole suite (SQLite and PostgreSQL)
 
 bench: install-test          ## durable ingest benchmark against python-hl7's MLLP server, 3 rounds (about 4 min)
 	$(BIN)/python bench/ingest.py --connections 1,8,32 --backends sqlite,postgresql --peer --seconds 5 --repeat 3
+
+bench-e2e: install-test      ## delivery end to end, destination down, backlog of 100,000 drained (SQLite; about 10 min)
+	$(BIN)/python bench/e2e.py --backends sqlite --connections 8 --seconds 5 --backlog 100000 $(E2E_ARGS)
 
 bench-identity: install-test ## identity feed ADT/s at 8 connections versus plain ingest
 	$(BIN)/python bench/identity.py

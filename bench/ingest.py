@@ -70,12 +70,15 @@ def msa2(ack: bytes) -> str:
     return msa(ack)[1]
 
 
-async def _conn_loop(port, prefix, deadline, lat, errors, rate_gap=None, nacks=None):
+async def _conn_loop(port, prefix, deadline, lat, errors, rate_gap=None, nacks=None, sent=None,
+                     stop=None):
+    """One closed-loop sender until ``deadline`` (perf_counter) or until ``stop`` (an
+    asyncio.Event) is set; ``sent`` (a dict) receives control id -> time.time() of each send."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = 0
     next_at = time.perf_counter()
     try:
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline and not (stop is not None and stop.is_set()):
             if rate_gap:
                 now = time.perf_counter()
                 if now < next_at:
@@ -84,6 +87,8 @@ async def _conn_loop(port, prefix, deadline, lat, errors, rate_gap=None, nacks=N
             cid = f"{prefix}{i}"
             i += 1
             t0 = time.perf_counter()
+            if sent is not None:
+                sent[cid] = time.time()
             writer.write(SB + TEMPLATE.format(cid=cid).encode() + EB)
             data = await reader.readuntil(EB)
             lat.append(time.perf_counter() - t0)
@@ -149,10 +154,19 @@ def host_steal(since=None):
     return 100.0 * (reading[0] - since[0]) / (reading[1] - since[1])
 
 
+DISABLED_SINK = """
+            type: mllp
+            host: 127.0.0.1
+            port: 9
+            enabled: false
+"""
+
+
 def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: str | None = None,
-                  channel_extra: str = "", root: Path = ROOT):
-    """A fresh engine (own SQLite file or PostgreSQL schema) with one channel routed to a disabled
-    destination; ``channel_extra`` is YAML added under the channel (indented 12 spaces), e.g. an
+                  channel_extra: str = "", root: Path = ROOT, sink: str = DISABLED_SINK):
+    """A fresh engine (own SQLite file or PostgreSQL schema) with one channel routed to one
+    destination, disabled unless ``sink`` (its YAML body, indented 12 spaces) says otherwise;
+    ``channel_extra`` is YAML added under the channel (indented 12 spaces), e.g. an
     ``identity_feed`` or ``reports`` block. Returns (process, port, cleanup)."""
     label = label or backend
     port, status_port = free_port(), free_port()
@@ -175,10 +189,7 @@ def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: st
             to: [sink]
         destinations:
           sink:
-            type: mllp
-            host: 127.0.0.1
-            port: 9
-            enabled: false
+{sink}
     """))
     env = dict(os.environ)
     cleanup = lambda: None  # noqa: E731
