@@ -1,8 +1,23 @@
 """Delivery workers: claim due queue entries, transform, send, record the outcome, retry or dead-letter.
 
-One worker per destination. The store's claim returns only the head entry of each ordering key, so
-with ``ordering: destination`` a failing message blocks the ones behind it (strict FIFO, Mirth
-"queue on failure" semantics) and with ``ordering: key`` different patients progress in parallel.
+One worker per destination. A claim takes, per ordering key, a window of the due entries at the
+head of that key (``WINDOW``); the worker sends each window in order, one entry after the other
+(a *lane*), so with ``ordering: destination`` a failing message blocks the ones behind it (strict
+FIFO, Mirth "queue on failure" semantics: the rest of the window goes back to the queue untried)
+and with ``ordering: key`` different patients progress in parallel, one lane per key, at most
+``concurrency`` lanes. Claims and outcomes are writer ops (``Store.submit``): they share the
+group commit of ingest, the outcomes of one reactor turn in one op, so a delivered message costs
+no COMMIT of its own and no thread of the pool. Outcomes are fenced by the claim's owner, which
+carries an epoch per worker instance (a worker replaced by a reload cannot record over its
+successor); an outcome not recorded before a crash leaves its entry in flight, re-queued at the
+next start (at-least-once).
+
+No work for a destination that cannot take it: a commit that routes to it wakes it only when
+something may be due. A destination whose peer does not answer (connection refused, timeout:
+a transient outcome without a response) is *down*: it sleeps until the next step of its retry
+policy, counted per destination, then probes with one entry (one connection attempt), and
+resumes full windows once the peer answers. A single FIFO whose head waits for its retry sleeps
+until then (new entries are behind it). A disabled destination only polls.
 Each entry is one delivery target of the destination (``target``): a message fanned out into
 several targets has one entry each, with its own attempts, so a partial failure retries only
 what failed. The worker hands the connector a :class:`engine.connectors.base.Delivery` (ids,
@@ -15,6 +30,7 @@ sends in the reactor.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -22,6 +38,7 @@ import socket
 import time
 
 from twisted.internet import defer, threads
+from twisted.python import failure
 
 from engine import logs
 from engine.connectors.base import (
@@ -29,12 +46,14 @@ from engine.connectors.base import (
     CONTENT_ERROR,
     NO_STORED_VIEW,
     REFUSED,
+    TRANSIENT,
     Delivery,
     Outcome,
     StoredView,
 )
 from engine.hl7.errors import HL7Error
 from engine.hl7.encoding import codec_for
+from engine.store.models import Completion
 from engine.transforms import TransformContext, chain_from_json
 
 log = logs.get("engine.delivery")
@@ -65,6 +84,10 @@ def _codec(charset: str) -> str:
         return "utf-8"
 
 
+_EPOCHS = itertools.count(1)
+WINDOW = 256  # entries of one ordering key per claim
+
+
 def worker_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -76,13 +99,26 @@ class DestinationWorker:
         self.store = store
         self.connector = connector
         self.reactor = reactor
-        self.owner = owner or worker_owner()
+        # the fence of every claim and outcome: process and worker instance (epoch)
+        self.owner = f"{owner or worker_owner()}#{next(_EPOCHS)}"
         self.rng = rng or random.Random()
         self.running = False
-        self.in_flight: dict[int, defer.Deferred] = {}
+        self.held: dict[int, object] = {}      # claimed entries whose outcome is not recorded
+        self._lanes: set = set()               # Deferreds of the lanes being sent
         self._claiming = False
-        self._wake_call = None
         self._rerun = False
+        self._timer = None
+        self._cursor: str | None = None
+        self._sleep_until = 0.0                # a single FIFO whose head waits for its retry
+        self._down_until = 0.0                 # the peer does not answer: next probe
+        self._down_steps = 0
+        self._pending: list[Completion] = []   # outcomes not yet handed to the writer
+        self._flush_scheduled = False
+        self._flushing = False
+        self._recorded = 0                     # outcomes recorded / committed (sequence numbers)
+        self._committed = 0
+        self._waiters: list = []               # (sequence, Deferred)
+        self.claims = 0                        # store claims made (tests, benchmarks)
         self.counters = {"sent": 0, "error": 0, "retry": 0, "filtered": 0}
         self.last_error: str | None = None
         self._chains: dict[str, object] = {}
@@ -92,99 +128,160 @@ class DestinationWorker:
         q = self.cfg.queue
         return 1 if q.ordering == "destination" else max(1, q.concurrency)
 
+    @property
+    def in_flight(self) -> dict:
+        return self.held
+
     def start(self) -> None:
         self.running = True
-        self.wake()
+        self._claim_now()
 
     def reconfigure(self, cfg, connector) -> None:
         old = self.connector
         self.cfg, self.connector = cfg, connector
+        self._down_until = self._sleep_until = 0.0
+        self._down_steps = 0
         if old is not connector:
-            # the old connection closes once its in-flight message is answered
-            defer.DeferredList(list(self.in_flight.values())).addBoth(lambda _: old.close())
+            # the old connection closes once the lanes using it are done
+            defer.DeferredList(list(self._lanes)).addBoth(lambda _: old.close())
         self.wake()
 
+    # -- when to look for work ------------------------------------------------------------------
     def wake(self) -> None:
-        """Look for work now (new messages routed here, or a retry falling due)."""
+        """New entries were committed for this destination: look for work if any can be due."""
         if not self.running:
             return
-        if not self.cfg.enabled and self._wake_call is not None and self._wake_call.active():
-            return  # disabled: nothing to claim, its poll is already scheduled
+        if not self.cfg.enabled:
+            if self._timer is None or not self._timer.active():
+                self._schedule(POLL_INTERVAL)
+            return  # disabled: nothing to claim, its poll is scheduled
+        now = time.time()
+        if now < self._down_until or now < self._sleep_until:
+            return  # its timer is set for that time; new entries cannot be due before
+        self._claim_now()
+
+    def _claim_now(self) -> None:
+        if not self.running:
+            return
         if self._claiming:
             self._rerun = True
             return
-        if self._wake_call is not None and self._wake_call.active():
-            self._wake_call.cancel()
-        self._wake_call = None
+        if len(self._lanes) >= self.capacity:
+            return  # a lane ending claims again
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         self._claim()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._sleep_until = 0.0
+        self._claim_now()
 
     def _schedule(self, delay: float) -> None:
         if not self.running:
             return
-        if self._wake_call is not None and self._wake_call.active():
-            if self._wake_call.getTime() <= self.reactor.seconds() + delay:
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.reactor.seconds() + delay:
                 return
-            self._wake_call.cancel()
-        self._wake_call = self.reactor.callLater(max(0.0, delay), self.wake)
+            self._timer.cancel()
+        self._timer = self.reactor.callLater(max(0.0, delay), self._on_timer)
 
-    @defer.inlineCallbacks
-    def _claim(self):
-        free = self.capacity - len(self.in_flight)
-        if free <= 0 or not self.cfg.enabled:
-            if not self.cfg.enabled:
-                self._schedule(POLL_INTERVAL)
-            return
-        self._claiming = True
-        self._rerun = False
-        lease = max(MIN_LEASE_S, LEASE_FACTOR * float(getattr(self.connector, "timeout", MIN_LEASE_S)))
-        try:
-            entries = yield threads.deferToThread(self.store.claim_due, self.name, free, self.owner, lease)
-            next_due = None
-            if not entries:
-                next_due = yield threads.deferToThread(self.store.next_due_at, self.name)
-        except Exception as exc:  # noqa: BLE001 - store down: try again shortly, visibly
-            log.error("delivery.claim_failed", destination=self.name, error=logs.error_text(exc))
-            self._claiming = False
+    # -- claims ---------------------------------------------------------------------------------
+    def _claim(self) -> None:
+        if not self.cfg.enabled:
             self._schedule(POLL_INTERVAL)
             return
+        free = self.capacity - len(self._lanes)
+        probing = self._down_steps > 0  # one entry, one connection attempt
+        keys, window = (1, 1) if probing else (free, WINDOW)
+        timeout = float(getattr(self.connector, "timeout", MIN_LEASE_S))
+        lease = max(MIN_LEASE_S, LEASE_FACTOR * timeout) + (window - 1) * timeout
+        name, owner, cursor, store = self.name, self.owner, self._cursor, self.store
+        self._claiming = True
+        self._rerun = False
+        self.claims += 1
+        d = self._write(lambda conn: store.claim_windows_within(
+            conn, name, keys, window, owner, lease, time.time(), cursor))
+        d.addCallbacks(self._claimed, self._claim_failed)
+
+    def _claim_failed(self, failure) -> None:
         self._claiming = False
-        for entry in entries:
-            d = self._process(entry)
-            self.in_flight[entry.id] = d
-            d.addBoth(self._finished, entry.id)
-        if entries or self._rerun:
-            if len(self.in_flight) < self.capacity:
-                self.reactor.callLater(0, self.wake)
+        log.error("delivery.claim_failed", destination=self.name, error=logs.error_text(failure.value))
+        self._schedule(POLL_INTERVAL)
+
+    def _claimed(self, claimed) -> None:
+        self._claiming = False
+        self._cursor = claimed.cursor
+        for lane in claimed.lanes:
+            for entry in lane:
+                self.held[entry.id] = entry
+            d = self._run_lane(lane)
+            self._lanes.add(d)
+            d.addBoth(self._lane_done, d)
+        if not self.running:
+            return
+        if claimed.lanes or self._rerun:
+            if self._rerun and len(self._lanes) < self.capacity:
+                self.reactor.callLater(0, self._claim_now)
             return
         delay = POLL_INTERVAL
-        if next_due is not None:
-            delay = min(POLL_INTERVAL, max(0.0, float(next_due) - time.time()))
+        if claimed.next_due is not None:
+            wait = max(0.0, float(claimed.next_due) - time.time())
+            if self.capacity == 1 and self.cfg.queue.ordering != "key":
+                # one FIFO: new entries are behind the waiting head; sleep until it is due
+                self._sleep_until = time.time() + wait
+                delay = wait
+            else:
+                delay = min(POLL_INTERVAL, wait)
         self._schedule(delay)
 
-    def _finished(self, result, entry_id):
-        self.in_flight.pop(entry_id, None)
+    def _lane_done(self, result, d):
+        self._lanes.discard(d)
+        if isinstance(result, failure.Failure):
+            log.error("delivery.lane_failed", destination=self.name, error=logs.error_text(result.value))
         if self.running:
-            self.reactor.callLater(0, self.wake)
+            if time.time() < self._down_until:
+                self._schedule(self._down_until - time.time())
+            else:
+                self.reactor.callLater(0, self._claim_now)
         return None
 
+    # -- one lane: the window of one key, in order ----------------------------------------------
     @defer.inlineCallbacks
-    def _process(self, entry):
+    def _run_lane(self, entries):
+        for i, entry in enumerate(entries):
+            if not self.running:
+                break  # the rest stays held: released by stop()
+            status = yield self._attempt(entry)
+            if status == "retry":
+                # order: nothing behind a failed entry goes before it
+                for rest in entries[i + 1:]:
+                    self._record(Completion(rest.id, "released", rest.attempts))
+                break
+        yield self._all_recorded()
+
+    @defer.inlineCallbacks
+    def _attempt(self, entry):
         attempts = entry.attempts + 1
         try:
             payload, stored = yield self._prepare(entry)
         except Exception as exc:  # noqa: BLE001 - a transform failure parks the entry, visibly
             detail = f"transform failed: {logs.error_text(exc)}"
-            yield self._complete(entry, "error", attempts, detail=detail)
-            return
+            return self._outcome(entry, "error", attempts, detail=detail)
         if payload is None:
-            yield self._complete(entry, "filtered", attempts, detail="filtered by a transform")
-            return
+            return self._outcome(entry, "filtered", attempts, detail="filtered by a transform")
         delivery = Delivery(entry_id=entry.id, message_id=entry.message_id, destination=self.name,
                             target=entry.target, attempt=attempts, channel=entry.channel,
                             message_type=entry.message_type, control_id=entry.control_id,
                             charset=entry.charset, payload=payload, original=entry.raw,
                             action=entry.action, stored=stored)
         outcome: Outcome = yield self.connector.send(delivery)
+        if outcome.kind == TRANSIENT and outcome.response is None:
+            self._peer_down()
+        else:
+            self._down_steps = 0
+            self._down_until = 0.0
         sent_payload = None if payload is entry.raw else payload
         q = self.cfg.queue
         if outcome.kind == ACCEPTED:
@@ -200,7 +297,12 @@ class DestinationWorker:
             outcome = Outcome(outcome.kind, outcome.response,
                               f"{outcome.detail} (gave up after {attempts} attempts)",
                               error=outcome.error)
-        yield self._complete(entry, status, attempts, outcome=outcome, payload=sent_payload)
+        return self._outcome(entry, status, attempts, outcome=outcome, payload=sent_payload)
+
+    def _peer_down(self) -> None:
+        """No answer from the peer: no claim before the next step of the retry policy."""
+        self._down_steps += 1
+        self._down_until = time.time() + self.cfg.queue.retry.delay(self._down_steps, self.rng)
 
     def _prepare(self, entry):
         """The payload after the route's transforms and the stored view, in a thread when
@@ -242,9 +344,9 @@ class DestinationWorker:
 
         return {"identity_lookup": make_identity_lookup(self.store), "stored": stored_view}
 
-    @defer.inlineCallbacks
-    def _complete(self, entry, status, attempts, *, outcome: Outcome | None = None, detail: str = "",
-                  payload: bytes | None = None):
+    def _outcome(self, entry, status, attempts, *, outcome: Outcome | None = None, detail: str = "",
+                 payload: bytes | None = None) -> str:
+        """Count and log an outcome, and queue it for the writer; returns the status."""
         response = outcome.response if outcome else None
         detail = detail or (outcome.detail if outcome else "")
         if outcome is not None and outcome.error is not None:
@@ -265,43 +367,111 @@ class DestinationWorker:
                entry_id=entry.id, message_id=entry.message_id,
                control_id=logs.safe(entry.control_id), attempts=attempts, detail=detail or None,
                next_attempt_in_s=round(next_at - time.time(), 3) if next_at else None)
-        while True:
-            try:
-                ok = yield threads.deferToThread(
-                    self.store.complete, entry.id, self.owner, status=store_status, attempts=attempts,
-                    next_attempt_at=next_at, last_error=detail if status != "sent" else None,
-                    response=response, payload=payload)
-                if not ok:
-                    log.warning("delivery.fenced", destination=self.name, entry_id=entry.id)
-                return
-            except Exception as exc:  # noqa: BLE001 - keep the outcome until the store takes it
-                log.error("delivery.record_failed", destination=self.name, entry_id=entry.id, error=logs.error_text(exc))
-                if not self.running:
-                    return  # the lease expires; recovery re-queues it (at-least-once)
-                d = defer.Deferred()
-                self.reactor.callLater(STORE_RETRY_S, d.callback, None)
-                yield d
+        self._record(Completion(entry.id, store_status, attempts, next_at,
+                                detail if status != "sent" else None, response, payload))
+        return status
+
+    # -- outcomes: one writer op per reactor turn -----------------------------------------------
+    def _write(self, op) -> defer.Deferred:
+        """Run ``op(conn)`` in the store writer's next transaction; fires in the reactor thread
+        once it committed (or with the error)."""
+        d = defer.Deferred()
+        reactor = self.reactor
+
+        def done(result):  # writer thread
+            reactor.callFromThread(_fire, d, result)
+
+        try:
+            self.store.submit(op, done)
+        except Exception as exc:  # noqa: BLE001 - no store: the caller retries later
+            d.errback(exc)
+        return d
+
+    def _record(self, completion: Completion) -> None:
+        self._pending.append(completion)
+        self._recorded += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.reactor.callLater(0, self._flush)
+
+    def _all_recorded(self) -> defer.Deferred:
+        """Fires once every outcome recorded so far is committed."""
+        if self._committed >= self._recorded:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append((self._recorded, d))
+        return d
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._flushing or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        upto = self._recorded
+        self._flushing = True
+        store, owner = self.store, self.owner
+        d = self._write(lambda conn: store.complete_within(conn, owner, batch))
+        d.addCallbacks(self._flushed, self._flush_failed, callbackArgs=(batch, upto),
+                       errbackArgs=(batch,))
+
+    def _flushed(self, recorded, batch, upto) -> None:
+        self._flushing = False
+        for c, ok in zip(batch, recorded):
+            self.held.pop(c.entry_id, None)
+            if not ok:
+                log.warning("delivery.fenced", destination=self.name, entry_id=c.entry_id)
+        self._committed = upto
+        waiters, self._waiters = self._waiters, []
+        for seq, w in waiters:
+            if seq <= upto:
+                w.callback(None)
+            else:
+                self._waiters.append((seq, w))
+        if self._pending and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.reactor.callLater(0, self._flush)
+
+    def _flush_failed(self, fail, batch) -> None:
+        """Keep the outcomes until the store takes them; when stopping, their entries stay in
+        flight and the next start re-queues them (at-least-once)."""
+        self._flushing = False
+        log.error("delivery.record_failed", destination=self.name, entries=len(batch),
+                  error=logs.error_text(fail.value))
+        self._pending[:0] = batch
+        if self.running:
+            self._flush_scheduled = True
+            self.reactor.callLater(STORE_RETRY_S, self._flush)
 
     @defer.inlineCallbacks
     def stop(self, grace: float):
-        """Stop claiming; let in-flight sends finish within ``grace`` seconds, then release them."""
+        """Stop claiming; let the lanes finish their current send within ``grace`` seconds,
+        then put what is still held back in the queue."""
         self.running = False
-        if self._wake_call is not None and self._wake_call.active():
-            self._wake_call.cancel()
-        pending = list(self.in_flight.values())
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        pending = list(self._lanes)
         if pending:
             timeout = defer.Deferred()
             call = self.reactor.callLater(grace, timeout.callback, None)
             yield defer.DeferredList([defer.DeferredList(pending), timeout], fireOnOneCallback=True)
             if call.active():
                 call.cancel()
-        for entry_id in list(self.in_flight):
+        held = [i for i in self.held if i not in {c.entry_id for c in self._pending}]
+        if held:
+            store, owner = self.store, self.owner
             try:
-                yield threads.deferToThread(self.store.release, entry_id, self.owner)
-            except Exception as exc:  # noqa: BLE001 - recovery at next start re-queues it
-                log.error("delivery.release_failed", destination=self.name, entry_id=entry_id, error=logs.error_text(exc))
+                yield self._write(lambda conn: store.release_within(conn, owner, held))
+            except Exception as exc:  # noqa: BLE001 - recovery at next start re-queues them
+                log.error("delivery.release_failed", destination=self.name, entries=len(held),
+                          error=logs.error_text(exc))
         try:
             yield self.connector.close()
         except Exception:  # noqa: BLE001
             pass
 
+
+def _fire(d, result) -> None:
+    if isinstance(result, BaseException):
+        d.errback(result)
+    else:
+        d.callback(result)

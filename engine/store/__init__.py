@@ -5,6 +5,8 @@ See ``engine.store.store`` for the design (writer thread, SQLite/PostgreSQL sett
 """
 from .models import (
     ClaimedEntry,
+    ClaimedWindows,
+    Completion,
     Duplicate,
     EntryRow,
     EntrySpec,
@@ -19,6 +21,8 @@ from .store import Store
 
 __all__ = [
     "ClaimedEntry",
+    "ClaimedWindows",
+    "Completion",
     "Duplicate",
     "EntryRow",
     "EntrySpec",

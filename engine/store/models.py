@@ -5,7 +5,7 @@ All times are float seconds since the Unix epoch (UTC), see ``engine.store.schem
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 
 @dataclass(slots=True)
@@ -78,6 +78,35 @@ class ClaimedEntry:
     charset: str = ""
     doc_key: str | None = None
     action: str | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    """The outcome of one claimed entry, recorded by ``Store.complete_within`` (fenced by the
+    claim's owner). ``status``: sent | error | filtered | queued (retry at ``next_attempt_at``)
+    | released (back to the queue untried, attempts unchanged: the rest of a window behind a
+    failure, or a worker stopping). ``extra(conn)`` writes rows that must commit with the
+    outcome and only if it is recorded (e.g. follow-up messages the outcome asks for)."""
+
+    entry_id: int
+    status: str
+    attempts: int
+    next_attempt_at: float | None = None
+    last_error: str | None = None
+    response: bytes | None = None
+    payload: bytes | None = None
+    extra: Callable[[Any], None] | None = None
+
+
+@dataclass(slots=True)
+class ClaimedWindows:
+    """What one claim took: per ordering key, its due head entries in order (one lane each);
+    ``cursor`` is the last key visited (the next claim starts after it, round robin);
+    ``next_due`` the earliest due time seen among heads not yet due, when nothing was due."""
+
+    lanes: list[list[ClaimedEntry]]
+    cursor: str | None
+    next_due: float | None
 
 
 @dataclass(slots=True)

@@ -1,6 +1,15 @@
 """Queue entries: claims with leases, completion, release, recovery, replay, and the document
 rules (chain keys, cancellation by a deletion). Claims on PostgreSQL lock the head rows with
 ``FOR UPDATE SKIP LOCKED``; on SQLite write transactions start with ``BEGIN IMMEDIATE``.
+
+Delivery workers claim and complete inside the writer's transactions (``claim_windows_within``,
+``complete_within``, ``release_within``, run as writer ops): a claim or a completion shares the
+group commit of ingest instead of paying a COMMIT (and on SQLite a wait for the write lock) of
+its own. A claim takes, per ordering key, a window of the due entries at the head of that key,
+in id order, so that a worker sends many entries per round trip to the store. The heads are
+found by seeking the ``(destination, status, order_key, id)`` index key after key, starting
+after the last key visited (round robin), never by grouping the whole queue: with 100,000
+queued entries the grouping query of ``claim_due`` took 50-190 ms per claim.
 """
 from __future__ import annotations
 
@@ -13,6 +22,8 @@ import sqlalchemy as sa
 
 from .models import (
     ClaimedEntry,
+    ClaimedWindows,
+    Completion,
     EntrySpec,
     UnknownMessage,
 )
@@ -63,13 +74,106 @@ class QueueMixin:
                         "lease_until = :lu, updated_at = :now WHERE id IN :ids")
                 .bindparams(sa.bindparam("ids", expanding=True)),
                 {"o": owner, "lu": now + lease_seconds, "now": now, "ids": list(ids)})
-            rows = conn.execute(
-                sa.text("SELECT q.id, q.message_id, q.destination, q.route, q.order_key, "
-                        "q.transforms, q.attempts, m.raw, m.control_id, m.message_type, m.channel, "
-                        "q.target, m.charset, q.doc_key, q.action "
-                        "FROM queue_entries q JOIN messages m ON m.id = q.message_id "
-                        "WHERE q.id IN :ids ORDER BY q.id")
-                .bindparams(sa.bindparam("ids", expanding=True)), {"ids": list(ids)}).mappings().all()
+            # read in the same transaction as the update (the rows are ours now)
+            claimed = self._claimed_rows(conn, list(ids))
+        return claimed
+
+    def complete(self, entry_id: int, owner: str, *, status: str, attempts: int,
+                 next_attempt_at: float | None = None, last_error: str | None = None,
+                 response: bytes | None = None, payload: bytes | None = None) -> bool:
+        if status not in COMPLETE_KIND:
+            raise ValueError(f"complete(): invalid status {status!r}")
+        done = Completion(entry_id, status, attempts, next_attempt_at, last_error, response, payload)
+        with self._write_tx() as conn:
+            return self.complete_within(conn, owner, [done])[0]
+
+    # -- windows: claims and outcomes inside the writer's transaction ----------------------------
+    def claim_windows(self, destination: str, keys: int, window: int, owner: str,
+                      lease_seconds: float, now: float | None = None,
+                      cursor: str | None = None) -> ClaimedWindows:
+        """``claim_windows_within`` in a transaction of its own (CLI, tests)."""
+        with self._write_tx() as conn:
+            return self.claim_windows_within(conn, destination, keys, window, owner, lease_seconds,
+                                             time.time() if now is None else now, cursor)
+
+    def claim_windows_within(self, conn: sa.Connection, destination: str, keys: int, window: int,
+                             owner: str, lease_seconds: float, now: float,
+                             cursor: str | None = None, max_visit: int = 256) -> ClaimedWindows:
+        """Claim, for at most ``keys`` ordering keys, the due entries at the head of each key (at
+        most ``window`` per key, contiguous from the head, stopping at the first not due). A key
+        whose oldest unfinished entry is in flight, or whose head is not due, is skipped. Keys
+        are visited in ``order_key`` order starting after ``cursor``, wrapping around, at most
+        ``max_visit`` of them."""
+        pg = not self._sqlite
+        seek_after = sa.text(
+            "SELECT order_key, id, next_attempt_at FROM queue_entries WHERE destination = :d "
+            "AND status = 'queued' AND order_key > :k ORDER BY order_key, id LIMIT 1")
+        seek_first = sa.text(
+            "SELECT order_key, id, next_attempt_at FROM queue_entries WHERE destination = :d "
+            "AND status = 'queued' ORDER BY order_key, id LIMIT 1")
+        blocked = sa.text(
+            "SELECT 1 FROM queue_entries WHERE destination = :d AND status = 'in_flight' "
+            "AND order_key = :k AND id < :id LIMIT 1")
+        lock_head = sa.text("SELECT id FROM queue_entries WHERE id = :id AND status = 'queued' "
+                            "FOR UPDATE SKIP LOCKED")
+        window_q = sa.text(
+            "SELECT id, next_attempt_at FROM queue_entries WHERE destination = :d "
+            "AND status = 'queued' AND order_key = :k AND id >= :id ORDER BY id LIMIT :w"
+            + (" FOR UPDATE" if pg else ""))
+        lanes_ids: list[list[int]] = []
+        next_due = None
+        seen: set[str] = set()
+        key = cursor
+        wrapped = cursor is None
+        last = cursor
+        while len(lanes_ids) < keys and len(seen) < max_visit:
+            if key is None:
+                row = conn.execute(seek_first, {"d": destination}).first()
+            else:
+                row = conn.execute(seek_after, {"d": destination, "k": key}).first()
+            if row is None:
+                if wrapped:
+                    break
+                wrapped, key = True, None
+                continue
+            if row.order_key in seen:  # round the whole circle
+                break
+            key = last = row.order_key
+            seen.add(key)
+            if row.next_attempt_at > now:
+                next_due = row.next_attempt_at if next_due is None else min(next_due, row.next_attempt_at)
+            elif conn.execute(blocked, {"d": destination, "k": key, "id": row.id}).first() is None:
+                if pg and conn.execute(lock_head, {"id": row.id}).first() is None:
+                    pass  # another instance is claiming this key
+                else:
+                    ids = []
+                    for r in conn.execute(window_q, {"d": destination, "k": key, "id": row.id,
+                                                     "w": int(window)}):
+                        if r.next_attempt_at > now:
+                            break
+                        ids.append(r.id)
+                    if ids:
+                        lanes_ids.append(ids)
+        if not lanes_ids:
+            return ClaimedWindows([], last, next_due)
+        flat = [i for lane in lanes_ids for i in lane]
+        expand = sa.bindparam("ids", expanding=True)
+        conn.execute(
+            sa.text("UPDATE queue_entries SET status = 'in_flight', lease_owner = :o, "
+                    "lease_until = :lu, updated_at = :now WHERE id IN :ids").bindparams(expand),
+            {"o": owner, "lu": now + lease_seconds, "now": now, "ids": flat})
+        by_id = {e.id: e for e in self._claimed_rows(conn, flat)}
+        return ClaimedWindows([[by_id[i] for i in lane] for lane in lanes_ids], last, next_due)
+
+    @staticmethod
+    def _claimed_rows(conn: sa.Connection, ids: list[int]) -> list[ClaimedEntry]:
+        rows = conn.execute(
+            sa.text("SELECT q.id, q.message_id, q.destination, q.route, q.order_key, "
+                    "q.transforms, q.attempts, m.raw, m.control_id, m.message_type, m.channel, "
+                    "q.target, m.charset, q.doc_key, q.action "
+                    "FROM queue_entries q JOIN messages m ON m.id = q.message_id "
+                    "WHERE q.id IN :ids ORDER BY q.id")
+            .bindparams(sa.bindparam("ids", expanding=True)), {"ids": list(ids)}).mappings().all()
         return [ClaimedEntry(id=r["id"], message_id=r["message_id"], destination=r["destination"],
                              route=r["route"], order_key=r["order_key"], transforms=r["transforms"],
                              attempts=r["attempts"], raw=bytes(r["raw"]), control_id=r["control_id"],
@@ -77,37 +181,71 @@ class QueueMixin:
                              target=r["target"], charset=r["charset"], doc_key=r["doc_key"],
                              action=r["action"]) for r in rows]
 
-    def complete(self, entry_id: int, owner: str, *, status: str, attempts: int,
-                 next_attempt_at: float | None = None, last_error: str | None = None,
-                 response: bytes | None = None, payload: bytes | None = None) -> bool:
-        if status not in COMPLETE_KIND:
-            raise ValueError(f"complete(): invalid status {status!r}")
+    def complete_within(self, conn: sa.Connection, owner: str,
+                        completions: list[Completion]) -> list[bool]:
+        """Record outcomes inside the caller's transaction; an outcome is recorded only if its
+        entry is still in flight under ``owner`` (a stale worker's outcome is dropped: False).
+        One event per recorded outcome (none for a release); each recorded completion's
+        ``extra`` runs after its row is written."""
+        if not completions:
+            return []
         now = time.time()
-        if status == "queued" and next_attempt_at is None:
-            next_attempt_at = now
-        with self._write_tx() as conn:
-            row = conn.execute(sa.text(
+        lock = " FOR UPDATE OF q" if not self._sqlite else ""
+        live = {r.id: r for r in conn.execute(
+            sa.text("SELECT q.id, q.destination, q.message_id, m.channel FROM queue_entries q "
+                    "JOIN messages m ON m.id = q.message_id WHERE q.id IN :ids "
+                    f"AND q.status = 'in_flight' AND q.lease_owner = :o{lock}")
+            .bindparams(sa.bindparam("ids", expanding=True)),
+            {"ids": [c.entry_id for c in completions], "o": owner})}
+        updates, releases, events, ok = [], [], [], []
+        for c in completions:
+            row = live.pop(c.entry_id, None)  # an id given twice is recorded once
+            ok.append(row is not None)
+            if row is None:
+                continue
+            if c.status == "released":
+                releases.append({"id": c.entry_id, "o": owner, "now": now})
+                continue
+            if c.status not in COMPLETE_KIND:
+                raise ValueError(f"complete(): invalid status {c.status!r}")
+            nxt = c.next_attempt_at
+            if c.status == "queued" and nxt is None:
+                nxt = now
+            updates.append({"s": c.status, "a": c.attempts, "n": nxt, "e": c.last_error,
+                            "r": c.response, "p": c.payload, "now": now, "id": c.entry_id, "o": owner})
+            detail: dict[str, Any] = {"attempts": c.attempts}
+            if c.last_error is not None:
+                detail["error"] = c.last_error[:500]
+            if c.status == "queued":
+                detail["next_attempt_at"] = nxt
+            events.append({"at": now, "kind": COMPLETE_KIND[c.status], "ch": row.channel,
+                           "dest": row.destination, "mid": row.message_id, "eid": c.entry_id,
+                           "detail": json.dumps(detail)})
+        if updates:
+            conn.execute(sa.text(
                 "UPDATE queue_entries SET status = :s, attempts = :a, "
                 "next_attempt_at = COALESCE(:n, next_attempt_at), last_error = :e, "
                 "response = COALESCE(:r, response), payload = COALESCE(:p, payload), "
                 "lease_owner = NULL, lease_until = NULL, updated_at = :now "
-                "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o "
-                "RETURNING destination, message_id"),
-                {"s": status, "a": attempts, "n": next_attempt_at, "e": last_error,
-                 "r": response, "p": payload, "now": now, "id": entry_id, "o": owner}).first()
-            if row is None:
-                return False
-            detail: dict[str, Any] = {"attempts": attempts}
-            if last_error is not None:
-                detail["error"] = last_error[:500]
-            if status == "queued":
-                detail["next_attempt_at"] = next_attempt_at
-            conn.execute(sa.text(
-                f"INSERT INTO events ({EVENT_COLS}) SELECT :at, :kind, m.channel, :dest, m.id, "
-                ":eid, :detail FROM messages m WHERE m.id = :mid"),
-                {"at": now, "kind": COMPLETE_KIND[status], "dest": row.destination, "mid": row.message_id,
-                 "eid": entry_id, "detail": json.dumps(detail)})
-        return True
+                "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o"), updates)
+            conn.execute(sa.text(f"INSERT INTO events ({EVENT_COLS}) VALUES "
+                                 "(:at, :kind, :ch, :dest, :mid, :eid, :detail)"), events)
+        if releases:
+            conn.execute(sa.text(self._SQL_RELEASE), releases)
+        for c, recorded in zip(completions, ok):
+            if recorded and c.extra is not None and c.status != "released":
+                c.extra(conn)
+        return ok
+
+    _SQL_RELEASE = ("UPDATE queue_entries SET status = 'queued', lease_owner = NULL, "
+                    "lease_until = NULL, updated_at = :now "
+                    "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o")
+
+    def release_within(self, conn: sa.Connection, owner: str, entry_ids: list[int]) -> None:
+        """Put entries claimed by ``owner`` back in the queue, untried (a worker stopping)."""
+        if entry_ids:
+            now = time.time()
+            conn.execute(sa.text(self._SQL_RELEASE), [{"id": i, "o": owner, "now": now} for i in entry_ids])
 
     # -- documents: chain keys and deletions (inside a writer op's transaction) ---------------
     @staticmethod
@@ -162,11 +300,7 @@ class QueueMixin:
 
     def release(self, entry_id: int, owner: str) -> None:
         with self._write_tx() as conn:
-            conn.execute(sa.text(
-                "UPDATE queue_entries SET status = 'queued', lease_owner = NULL, "
-                "lease_until = NULL, updated_at = :now "
-                "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o"),
-                {"now": time.time(), "id": entry_id, "o": owner})
+            self.release_within(conn, owner, [entry_id])
 
     def next_due_at(self, destination: str) -> float | None:
         """Earliest ``next_attempt_at`` among the claimable heads (queued, first of their
