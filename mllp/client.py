@@ -103,6 +103,16 @@ class _Outstanding:
 
 
 class _SenderProtocol(Protocol):
+    def connectionMade(self) -> None:
+        # one message, then wait for its reply: never hold a frame's last segment back for
+        # the peer's TCP acknowledgement (Nagle), which the reply itself would carry
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+
     def __init__(self, sender: "MLLPSender") -> None:
         self.sender = sender
         self.framer = MLLPFramer(sender.max_frame_size)
@@ -171,6 +181,11 @@ class MLLPSender:
         self._current: Optional[_Outstanding] = None
         self._proto: Optional[_SenderProtocol] = None
         self._connecting: Optional[Deferred] = None
+
+    @property
+    def idle(self) -> bool:
+        """True when no message is outstanding or queued."""
+        return self._current is None and not self._queue
 
     @property
     def connected(self) -> bool:

@@ -78,18 +78,32 @@ def make_sender(cfg, reactor) -> MLLPSender:
 
 
 class MLLPConnector:
+    """One connection per delivery lane: one for a FIFO destination, ``concurrency`` where the
+    order is per key or per document (each lane sends one message at a time and waits for its
+    outcome, so any idle connection keeps the order of its key)."""
+
     kind = "mllp"
     needs_stored = False
 
     def __init__(self, cfg, reactor):
         self.cfg = cfg
         self.timeout = float(cfg.connect_timeout) + float(cfg.ack_timeout)
-        self.sender = make_sender(cfg, reactor)
+        q = cfg.queue
+        lanes = q.concurrency if q.ordering in ("key", "document") else 1
+        self.senders = [make_sender(cfg, reactor) for _ in range(max(1, lanes))]
+        self.sender = self.senders[0]
+
+    def _idle_sender(self):
+        for sender in self.senders:
+            if sender.idle:
+                return sender
+        return self.senders[0]  # more lanes than connections (a reload lowered concurrency)
 
     @defer.inlineCallbacks
     def send(self, delivery: Delivery):
+        sender = self.sender if len(self.senders) == 1 else self._idle_sender()
         try:
-            reply = yield self.sender.send(delivery.payload, control_id_of(delivery) or None)
+            reply = yield sender.send(delivery.payload, control_id_of(delivery) or None)
         except MLLPError as exc:
             return Outcome(TRANSIENT, None, logs.error_text(exc))
         except Exception as exc:  # noqa: BLE001 - connection lost and friends: retry later
@@ -97,4 +111,4 @@ class MLLPConnector:
         return classify_reply(reply)
 
     def close(self):
-        return self.sender.close()
+        return defer.DeferredList([s.close() for s in self.senders])

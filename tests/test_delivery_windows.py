@@ -1,0 +1,267 @@
+"""Delivery in windows: claims of several head entries per ordering key, outcomes recorded as
+writer ops and fenced by the claiming worker's epoch, recovery after a crash in the middle of a
+window, and no store work for a destination whose peer does not answer. Real store (SQLite and
+PostgreSQL), real delivery worker in the reactor thread, a scripted connector (no sockets)."""
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet import defer
+
+from engine.config import load_config_text
+from engine.connectors.base import ACCEPTED, REJECTED, TRANSIENT, Outcome
+from engine.delivery import DestinationWorker
+from engine.store import Completion, EntrySpec
+from tests import reactor_thread
+from tests.test_store import count, ingest, rec
+
+
+def _queue(store, keys, dest="ris", hold=0.0):
+    recs = [rec(f"W{dest}{i}", entries=[EntrySpec(dest, "r", k, hold=hold)]) for i, k in enumerate(keys)]
+    return [r.message_id for r in ingest(store, recs)]
+
+
+def _write(store, op):
+    """Run ``op(conn)`` as a writer op, as the delivery worker does; return its result."""
+    done = threading.Event()
+    box = []
+    store.submit(op, lambda r: (box.append(r), done.set()))
+    assert done.wait(10)
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def _lanes(claimed):
+    return [[e.message_id for e in lane] for lane in claimed.lanes]
+
+
+def test_window_per_key_in_order_and_blocked_keys_skipped(store):
+    mids = _queue(store, ["a", "b", "a", "a", "b", "c"])
+    got = store.claim_windows("ris", 10, 2, "w#1", 60)
+    assert sorted(_lanes(got)) == sorted([[mids[0], mids[2]], [mids[1], mids[4]], [mids[5]]])
+    # every key has its head in flight now: nothing more, although mids[3] is queued and due
+    assert store.claim_windows("ris", 10, 2, "w#1", 60).lanes == []
+    lane_a = next(lane for lane in got.lanes if lane[0].message_id == mids[0])
+    # a fails and asks for a retry later; the rest of its window goes back untried
+    later = time.time() + 3600
+    assert _write(store, lambda c: store.complete_within(c, "w#1", [
+        Completion(lane_a[0].id, "queued", 1, later, "AR"),
+        Completion(lane_a[1].id, "released", 0)])) == [True, True]
+    again = store.claim_windows("ris", 10, 2, "w#1", 60)
+    assert again.lanes == [] and again.next_due == pytest.approx(later)
+    entries = {e.id: e for e in store.get_message(mids[2]).entries}
+    assert entries[lane_a[1].id].status == "queued" and entries[lane_a[1].id].attempts == 0
+    # when the retry is due, the window restarts at the failed head, in order
+    due = store.claim_windows("ris", 10, 5, "w#1", 60, now=later + 1)
+    assert _lanes(due) == [[mids[0], mids[2], mids[3]]]
+
+
+def test_window_stops_at_the_first_entry_not_due(store):
+    first = _queue(store, ["", ""])
+    held = _queue(store, [""], hold=3600)
+    _queue(store, [""])
+    got = store.claim_windows("ris", 1, 10, "w#1", 60)
+    assert _lanes(got) == [first]
+    assert held  # the held entry, and the due one behind it, stay queued
+
+
+def test_keys_are_visited_round_robin(store):
+    _queue(store, [f"k{i}" for i in range(6)] * 2)
+    first = store.claim_windows("ris", 2, 1, "w#1", 60)
+    second = store.claim_windows("ris", 2, 1, "w#1", 60, cursor=first.cursor)
+    third = store.claim_windows("ris", 2, 1, "w#1", 60, cursor=second.cursor)
+    keys = [lane[0].order_key for c in (first, second, third) for lane in c.lanes]
+    assert sorted(keys) == [f"k{i}" for i in range(6)]
+
+
+def test_outcomes_are_fenced_by_the_claiming_epoch_and_carry_extra_rows(store):
+    _queue(store, ["", ""])
+    (lane,) = store.claim_windows("ris", 1, 2, "host:1#1", 60).lanes
+
+    def extra(conn):
+        store._event(conn, "follow_up", destination="ris", entry_id=lane[0].id)
+
+    # a stale worker of the same process (earlier epoch) cannot record over the claim
+    assert _write(store, lambda c: store.complete_within(c, "host:1#0", [
+        Completion(lane[0].id, "sent", 1, extra=extra)])) == [False]
+    assert count(store, "SELECT count(*) FROM events WHERE kind = 'follow_up'") == 0
+    assert _write(store, lambda c: store.complete_within(c, "host:1#1", [
+        Completion(lane[0].id, "sent", 1, response=b"ACK", extra=extra),
+        Completion(lane[1].id, "sent", 1)])) == [True, True]
+    assert count(store, "SELECT count(*) FROM events WHERE kind = 'follow_up'") == 1
+    assert count(store, "SELECT count(*) FROM events WHERE kind = 'sent'") == 2
+    # recorded once: a repeated outcome is refused
+    assert _write(store, lambda c: store.complete_within(c, "host:1#1", [
+        Completion(lane[1].id, "sent", 1)])) == [False]
+
+
+def test_crash_in_the_middle_of_a_window_redelivers_the_rest_in_order(store):
+    """A worker claimed 10, recorded 4, then the process died: at the next start recovery puts
+    the 6 back, the new worker (new epoch) gets them in order, and the dead worker's outcome
+    arriving late is fenced. Delivered at least once: the 6 are sent again (the duplicates)."""
+    mids = _queue(store, [""] * 10)
+    (lane,) = store.claim_windows("ris", 1, 10, "host:1#1", 60).lanes
+    assert [e.message_id for e in lane] == mids
+    _write(store, lambda c: store.complete_within(
+        c, "host:1#1", [Completion(e.id, "sent", 1) for e in lane[:4]]))
+    assert store.recover_in_flight() == 6
+    (again,) = store.claim_windows("ris", 1, 10, "host:2#1", 60).lanes
+    assert [e.message_id for e in again] == mids[4:]
+    assert _write(store, lambda c: store.complete_within(
+        c, "host:1#1", [Completion(lane[5].id, "sent", 1)])) == [False]
+    assert _write(store, lambda c: store.complete_within(
+        c, "host:2#1", [Completion(e.id, "sent", 1) for e in again])) == [True] * 6
+    statuses = [e.status for m in mids for e in store.get_message(m).entries]
+    assert statuses == ["sent"] * 10
+
+
+# --------------------------------------------------------------------------- the worker
+
+class CountingStore:
+    """The real store, counting the ops the worker submits (claims and outcomes)."""
+
+    def __init__(self, store):
+        self._store = store
+        self.ops = 0
+
+    def submit(self, op, callback):
+        self.ops += 1
+        return self._store.submit(op, callback)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+class Scripted:
+    kind = "scripted"
+    needs_stored = False
+    timeout = 5.0
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.sent: list[tuple[str, int]] = []  # (control id, attempt)
+
+    def send(self, delivery):
+        self.sent.append((delivery.control_id, delivery.attempt))
+        return defer.succeed(self.answer(delivery))
+
+    def close(self):
+        return defer.succeed(None)
+
+
+def _cfg(ordering="destination", concurrency=1, initial="1s"):
+    key = "\n    ordering_key: PID-3.1" if ordering == "key" else ""
+    text = f"""
+channels:
+  in: {{type: mllp, port: 0}}
+routes:
+  - {{name: all, from: in, to: [ris]}}
+destinations:
+  ris:
+    type: mllp
+    host: 127.0.0.1
+    port: 9
+    queue:
+      retry: {{initial_delay: {initial}, max_delay: 10s, jitter: 0}}
+      max_attempts: 0
+      ordering: {ordering}{key}
+      concurrency: {concurrency}
+"""
+    return load_config_text(text.replace("    ordering_key", "      ordering_key")).destination("ris")
+
+
+def _run(worker, until, timeout=20.0):
+    reactor_thread.call(worker.start)
+    ok = reactor_thread.wait_for(until, timeout=timeout)
+    return ok
+
+
+def test_worker_keeps_the_order_of_each_key_across_a_failure(store):
+    """Four keys in parallel lanes; one entry of key k1 is refused once: nothing behind it in
+    k1 goes before its retry succeeds, the other keys go on."""
+    keys = [f"k{i % 4}" for i in range(40)]
+    _queue(store, keys)
+    refused = {"Wris5"}
+
+    def answer(d):
+        if d.control_id in refused:
+            refused.discard(d.control_id)
+            return Outcome(REJECTED, b"MSA|AR", "AR")
+        return Outcome(ACCEPTED, b"MSA|AA", "AA")
+
+    connector = Scripted(answer)
+    worker = DestinationWorker("ris", _cfg("key", 4, "50ms"), store, connector, reactor_thread.reactor)
+    try:
+        assert _run(worker, lambda: worker.counters["sent"] >= 40)
+    finally:
+        reactor_thread.call(worker.stop, 1.0)
+    per_key: dict[str, list[str]] = {}
+    for cid, _attempt in connector.sent:
+        per_key.setdefault(keys[int(cid[4:])], []).append(cid)
+    for key, sent in per_key.items():
+        expected = [f"Wris{i}" for i in range(40) if keys[i] == key]
+        if key == "k1":  # Wris5 refused once, then sent again before anything behind it
+            assert sent[:3] == ["Wris1", "Wris5", "Wris5"] and sent[3:] == expected[2:]
+        else:
+            assert sent == expected
+    assert ("Wris5", 2) in connector.sent
+    assert store.stats()["destinations"]["ris"]["sent"] == 40
+
+
+def test_a_down_destination_sleeps_and_probes_once_per_step(store):
+    """The peer does not answer: after the first failure, commits that route more messages to
+    it wake the worker without any store work (no claim, no send); at the next step of the
+    retry policy one probe (one entry, one connection attempt) goes out, not one per key."""
+    _queue(store, [f"p{i}" for i in range(8)])
+    connector = Scripted(lambda d: Outcome(TRANSIENT, None, "connection refused"))
+    counting = CountingStore(store)
+    worker = DestinationWorker("ris", _cfg("key", 4, "1500ms"), counting, connector,
+                               reactor_thread.reactor)
+    try:
+        assert _run(worker, lambda: worker._down_until > 0 and not worker._lanes and not worker.held)
+        ops_down, sent_down = counting.ops, len(connector.sent)
+        assert sent_down <= 4  # the lanes that were already going when the peer failed
+        for i in range(20):  # twenty commits routed to the destination while it is down
+            _queue(store, [f"n{i}"])
+            reactor_thread.call(worker.wake)
+        time.sleep(0.3)
+        assert (counting.ops, len(connector.sent)) == (ops_down, sent_down)
+        # the next step: one probe, then asleep again for a longer step
+        assert reactor_thread.wait_for(lambda: len(connector.sent) > sent_down, timeout=5)
+        time.sleep(0.3)
+        assert len(connector.sent) == sent_down + 1
+        assert worker._down_steps == 2
+    finally:
+        reactor_thread.call(worker.stop, 1.0)
+
+
+def test_a_fifo_waiting_for_its_head_is_not_woken_by_commits(store):
+    """A single FIFO whose head waits for its retry: new entries are behind it, so a commit
+    does not send the worker to the store before the head is due."""
+    _queue(store, [""])
+    connector = Scripted(lambda d: Outcome(REJECTED, b"MSA|AR", "AR"))
+    counting = CountingStore(store)
+    worker = DestinationWorker("ris", _cfg("destination", 1, "2s"), counting, connector,
+                               reactor_thread.reactor)
+    try:
+        assert _run(worker, lambda: worker._sleep_until > 0)
+        ops = counting.ops
+        for i in range(20):
+            _queue(store, [""])
+            reactor_thread.call(worker.wake)
+        time.sleep(0.3)
+        assert counting.ops == ops and len(connector.sent) == 1
+    finally:
+        reactor_thread.call(worker.stop, 1.0)
+
+
+def test_disabled_worker_owner_carries_an_epoch():
+    queue = SimpleNamespace(ordering="destination", concurrency=1)
+    cfg = SimpleNamespace(enabled=False, queue=queue)
+    a = DestinationWorker("d", cfg, None, None, None, owner="h:1")
+    b = DestinationWorker("d", cfg, None, None, None, owner="h:1")
+    assert a.owner.startswith("h:1#") and b.owner.startswith("h:1#") and a.owner != b.owner
