@@ -156,9 +156,19 @@ class Engine:
 
     def _start_worker(self, name, cfg) -> None:
         connector = make_connector(cfg, self.reactor)
-        worker = DestinationWorker(name, cfg, self.store, connector, self.reactor, owner=self.owner)
+        worker = DestinationWorker(name, cfg, self.store, connector, self.reactor, owner=self.owner,
+                                   business_acks_for=self._business_acks_for,
+                                   on_follow_ups=self._wake_destinations,
+                                   engine_name=self.config.engine.name)
         self.workers[name] = worker
         worker.start()
+
+    def _business_acks_for(self, route_name: str) -> str | None:
+        """The destination of the business acknowledgements of a route, as configured now."""
+        for route in self.config.routes:
+            if route.name == route_name:
+                return route.business_acks
+        return None
 
     def _wake_destinations(self, names) -> None:
         for n in names:

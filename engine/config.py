@@ -442,6 +442,11 @@ class Route(_Model):
     filter: RouteFilter = RouteFilter()
     transforms: list[dict[str, Any]] = Field(default_factory=list)
     to: list[str] = Field(min_length=1)
+    # The destination (an MLLP one) that carries the business acknowledgements of this route's
+    # deliveries back to the creator of the report: ZAM^Z01 after the DMP's answer, ZAM^Z02/Z03
+    # after MSSanté receipts, when the report asked for them (CI-SIS "Transmission de documents
+    # CDA en HL7 v2", profils-messages.md « Structure des messages accusés métier HL7 »).
+    business_acks: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,6 +823,14 @@ def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
                 add(("routes", i, "to", j), _unknown("destination", dest, cfg.destinations))
         if route.transforms:
             problems.extend(_transform_problems(route.transforms, ("routes", i, "transforms"), lines))
+        if route.business_acks is not None:
+            acks = cfg.destinations.get(route.business_acks)
+            if acks is None:
+                add(("routes", i, "business_acks"), _unknown("destination", route.business_acks, cfg.destinations))
+            elif getattr(acks, "type", None) != "mllp":
+                add(("routes", i, "business_acks"),
+                    f"business_acks must name an mllp destination ({route.business_acks!r} is {acks.type!r}): "
+                    "ZAM acknowledgements go back to the report's creator over MLLP")
 
     # destinations
     for name, dest in cfg.destinations.items():

@@ -15,6 +15,7 @@ sends in the reactor.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -33,8 +34,12 @@ from engine.connectors.base import (
     Outcome,
     StoredView,
 )
+from engine.hl7.ack import ControlIdGenerator, hl7_timestamp
 from engine.hl7.errors import HL7Error
 from engine.hl7.encoding import codec_for
+from engine.hl7.msh import read_msh
+from engine.reports.zam import ZamFacts, build_zam
+from engine.store.models import FollowUp
 from engine.transforms import TransformContext, chain_from_json
 
 log = logs.get("engine.delivery")
@@ -69,9 +74,54 @@ def worker_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+ZAM_CHANNEL = "engine:zam"  # the pseudo-channel of the ZAM messages the engine writes
+_ZAM_IDS = ControlIdGenerator("ZAM")
+
+
+def business_ack_follow_ups(outcome: Outcome, delivery: Delivery, route: str, acks_to: str | None,
+                            *, engine_name: str, facility: str = "") -> list[FollowUp]:
+    """The ZAM messages a final outcome gives rise to: one per business fact the connector
+    reported, when the report asked for it (ACK_RECEPTION for Z01 and Z02, ACK_LECTURE_MSS for
+    Z03: CI-SIS "Transmission de documents CDA en HL7 v2", meta-dmp-mss.md) and the route names
+    a ``business_acks`` destination. Pure: no I/O."""
+    if not outcome.business_acks or acks_to is None:
+        return []
+    sub = delivery.stored.submission
+    if sub is None:
+        return []
+    wanted = {"Z01": sub.acks.reception, "Z02": sub.acks.reception, "Z03": sub.acks.lecture}
+    try:
+        original = read_msh(delivery.original)
+    except HL7Error:
+        return []
+    out = []
+    for fact in outcome.business_acks:
+        if not wanted.get(fact.event):
+            continue
+        cid = _ZAM_IDS.next()
+        raw = build_zam(ZamFacts(fact.event, fact.ok,
+                                 error_code=fact.error.code if fact.error else None,
+                                 error_label=fact.error.label if fact.error else None,
+                                 address=fact.address),
+                        original, control_id=cid, timestamp=hl7_timestamp(),
+                        sending_app=engine_name, sending_facility=facility)
+        out.append(FollowUp(channel=ZAM_CHANNEL, destination=acks_to, route=route, raw=raw,
+                            message_type=f"ZAM^{fact.event}", control_id=cid, version="2.6",
+                            charset="UNICODE UTF-8", sending_app=engine_name,
+                            sending_facility=facility, receiving_app=original.sending_app,
+                            receiving_facility=original.sending_facility))
+    return out
+
+
 class DestinationWorker:
-    def __init__(self, name, cfg, store, connector, reactor, *, owner=None, rng=None):
+    def __init__(self, name, cfg, store, connector, reactor, *, owner=None, rng=None,
+                 business_acks_for=None, on_follow_ups=None, engine_name: str = "mini-pfi"):
         self.name = name
+        # route name -> the destination of its business acknowledgements (or None)
+        self.business_acks_for = business_acks_for or (lambda route: None)
+        # called with the destinations that got follow-up entries (to wake their workers)
+        self.on_follow_ups = on_follow_ups or (lambda names: None)
+        self.engine_name = engine_name
         self.cfg = cfg
         self.store = store
         self.connector = connector
@@ -197,10 +247,14 @@ class DestinationWorker:
             status = "retry"
         if status == "retry" and q.max_attempts and attempts >= q.max_attempts:
             status = "error"
-            outcome = Outcome(outcome.kind, outcome.response,
-                              f"{outcome.detail} (gave up after {attempts} attempts)",
-                              error=outcome.error)
-        yield self._complete(entry, status, attempts, outcome=outcome, payload=sent_payload)
+            outcome = dataclasses.replace(outcome, detail=f"{outcome.detail} (gave up after {attempts} attempts)")
+        follow_ups = []
+        if status != "retry" and outcome.business_acks:
+            follow_ups = business_ack_follow_ups(outcome, delivery, entry.route,
+                                                 self.business_acks_for(entry.route),
+                                                 engine_name=self.engine_name)
+        yield self._complete(entry, status, attempts, outcome=outcome, payload=sent_payload,
+                             follow_ups=follow_ups)
 
     def _prepare(self, entry):
         """The payload after the route's transforms and the stored view, in a thread when
@@ -244,7 +298,7 @@ class DestinationWorker:
 
     @defer.inlineCallbacks
     def _complete(self, entry, status, attempts, *, outcome: Outcome | None = None, detail: str = "",
-                  payload: bytes | None = None):
+                  payload: bytes | None = None, follow_ups=()):
         response = outcome.response if outcome else None
         detail = detail or (outcome.detail if outcome else "")
         if outcome is not None and outcome.error is not None:
@@ -270,9 +324,14 @@ class DestinationWorker:
                 ok = yield threads.deferToThread(
                     self.store.complete, entry.id, self.owner, status=store_status, attempts=attempts,
                     next_attempt_at=next_at, last_error=detail if status != "sent" else None,
-                    response=response, payload=payload)
+                    response=response, payload=payload, follow_ups=follow_ups)
                 if not ok:
                     log.warning("delivery.fenced", destination=self.name, entry_id=entry.id)
+                elif follow_ups:
+                    for f in follow_ups:
+                        log.info("delivery.business_ack_queued", destination=self.name, entry_id=entry.id,
+                                 message_id=entry.message_id, ack_type=f.message_type, to=f.destination)
+                    self.on_follow_ups(sorted({f.destination for f in follow_ups}))
                 return
             except Exception as exc:  # noqa: BLE001 - keep the outcome until the store takes it
                 log.error("delivery.record_failed", destination=self.name, entry_id=entry.id, error=logs.error_text(exc))

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from .models import (
     ClaimedEntry,
     EntrySpec,
+    FollowUp,
     UnknownMessage,
 )
 from .sql import COMPLETE_KIND, ENTRY_COLS, ENTRY_KEYS, EVENT_COLS, entry_row
@@ -79,7 +80,11 @@ class QueueMixin:
 
     def complete(self, entry_id: int, owner: str, *, status: str, attempts: int,
                  next_attempt_at: float | None = None, last_error: str | None = None,
-                 response: bytes | None = None, payload: bytes | None = None) -> bool:
+                 response: bytes | None = None, payload: bytes | None = None,
+                 follow_ups: "tuple[FollowUp, ...] | list[FollowUp]" = ()) -> bool:
+        """Record the outcome of an entry in flight (fenced by its lease owner), with the
+        messages the outcome gives rise to (``follow_ups``: stored and queued in the same
+        transaction). False when the lease was lost: nothing is written."""
         if status not in COMPLETE_KIND:
             raise ValueError(f"complete(): invalid status {status!r}")
         now = time.time()
@@ -107,7 +112,32 @@ class QueueMixin:
                 ":eid, :detail FROM messages m WHERE m.id = :mid"),
                 {"at": now, "kind": COMPLETE_KIND[status], "dest": row.destination, "mid": row.message_id,
                  "eid": entry_id, "detail": json.dumps(detail)})
+            for f in follow_ups:
+                self._insert_follow_up(conn, f, now, cause=(row.message_id, entry_id))
         return True
+
+    @staticmethod
+    def _insert_follow_up(conn: sa.Connection, f: FollowUp, now: float, *, cause: tuple[int, int]) -> int:
+        from hashlib import sha256
+
+        mid = conn.execute(sa.text(
+            "INSERT INTO messages (channel, received_at, sending_app, sending_facility, receiving_app, "
+            "receiving_facility, message_type, control_id, version, charset, size, sha256, dedup_key, "
+            "status, ack_code, ack, error_code, raw, flags) VALUES (:ch, :at, :sa, :sf, :ra, :rf, :mt, "
+            ":cid, :v, :cs, :size, :sha, NULL, 'routed', '', :ack, NULL, :raw, NULL) RETURNING id"),
+            {"ch": f.channel, "at": now, "sa": f.sending_app, "sf": f.sending_facility,
+             "ra": f.receiving_app, "rf": f.receiving_facility, "mt": f.message_type,
+             "cid": f.control_id, "v": f.version, "cs": f.charset, "size": len(f.raw),
+             "sha": sha256(f.raw).hexdigest(), "ack": b"", "raw": f.raw}).scalar_one()
+        conn.execute(sa.text(
+            f"INSERT INTO queue_entries ({ENTRY_COLS}) VALUES (:m, :d, :r, 'queued', '', '[]', 0, "
+            ":at, :at, :at, '', NULL, NULL, NULL)"), {"m": mid, "d": f.destination, "r": f.route, "at": now})
+        conn.execute(sa.text(
+            f"INSERT INTO events ({EVENT_COLS}) VALUES (:at, 'generated', :ch, :d, :mid, NULL, :detail)"),
+            {"at": now, "ch": f.channel, "d": f.destination, "mid": mid,
+             "detail": json.dumps({"message_type": f.message_type, "cause_message_id": cause[0],
+                                   "cause_entry_id": cause[1]})})
+        return mid
 
     # -- documents: chain keys and deletions (inside a writer op's transaction) ---------------
     @staticmethod
