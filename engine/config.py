@@ -842,6 +842,11 @@ def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
             add(qpath + ("ordering",), "ordering: key requires ordering_key (a field path such as 'PID-3.1')")
         if q.ordering != "key" and q.ordering_key:
             add(qpath + ("ordering_key",), f"ordering_key is only used with ordering: key (ordering is {q.ordering!r})")
+        if (cfg.engine.environment == "production" and getattr(type(dest), "hold_required_in_production", False)
+                and not dest.hold):
+            add(("destinations", name, "hold"), "hold: 0 is allowed only outside production (the DMP's "
+                "deferred sending, SC.DMP/ALI/PROG.02: a report waits so that a correction or a "
+                "deletion can replace it before it leaves)")
         if q.ordering == "destination" and q.concurrency > 1:
             add(qpath + ("concurrency",), "concurrency > 1 requires ordering: key or none (ordering: destination is one FIFO)")
     return problems
