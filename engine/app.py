@@ -23,7 +23,7 @@ from twisted.internet import defer
 from engine import __version__, logs, wiring  # noqa: F401 - wiring registers the plug-ins
 from engine.channels.mllp import MLLPChannel
 from engine.config import ConfigError, Problem, config_fingerprint, load_config
-from engine.connectors.registry import build as make_connector
+from engine.connectors.registry import build as make_connector, problems as connector_problems
 from engine.delivery import DestinationWorker, worker_owner
 from engine.hl7.ack import ControlIdGenerator
 from engine.ingest import IngestBatcher
@@ -95,6 +95,9 @@ class Engine:
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
+        bad = connector_problems(self.config)
+        if bad:
+            raise ConfigError(bad, source=str(self.config_path))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.cda_resources = self._configure_cda_validation()
         eng = self.config.engine
@@ -156,9 +159,19 @@ class Engine:
 
     def _start_worker(self, name, cfg) -> None:
         connector = make_connector(cfg, self.reactor)
-        worker = DestinationWorker(name, cfg, self.store, connector, self.reactor, owner=self.owner)
+        worker = DestinationWorker(name, cfg, self.store, connector, self.reactor, owner=self.owner,
+                                   business_acks_for=self._business_acks_for,
+                                   on_follow_ups=self._wake_destinations,
+                                   engine_name=self.config.engine.name)
         self.workers[name] = worker
         worker.start()
+
+    def _business_acks_for(self, route_name: str) -> str | None:
+        """The destination of the business acknowledgements of a route, as configured now."""
+        for route in self.config.routes:
+            if route.name == route_name:
+                return route.business_acks
+        return None
 
     def _wake_destinations(self, names) -> None:
         for n in names:
@@ -178,6 +191,11 @@ class Engine:
             return False
         except Exception as exc:  # noqa: BLE001 - unreadable file and the like
             log.error("config.reload_refused", path=str(self.config_path), problems=logs.safe(exc, ERROR_TEXT_MAX))
+            return False
+        bad = connector_problems(new)
+        if bad:
+            log.error("config.reload_refused", path=str(self.config_path),
+                      problems=str(ConfigError(bad, source=str(self.config_path))))
             return False
         try:
             self._apply(new)

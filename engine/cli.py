@@ -59,6 +59,12 @@ def cmd_check(args) -> int:
     except OSError as err:
         print(f"{args.file}: {err.strerror}", file=sys.stderr)
         return 1
+    from engine.connectors.registry import problems
+
+    bad = problems(cfg)
+    if bad:
+        print(str(ConfigError(bad, source=str(args.file))), file=sys.stderr)
+        return 1
     print(f"{args.file}: OK ({len(cfg.channels)} channels, {len(cfg.routes)} routes, "
           f"{len(cfg.destinations)} destinations)")
     return 0

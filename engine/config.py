@@ -442,6 +442,11 @@ class Route(_Model):
     filter: RouteFilter = RouteFilter()
     transforms: list[dict[str, Any]] = Field(default_factory=list)
     to: list[str] = Field(min_length=1)
+    # The destination (an MLLP one) that carries the business acknowledgements of this route's
+    # deliveries back to the creator of the report: ZAM^Z01 after the DMP's answer, ZAM^Z02/Z03
+    # after MSSanté receipts, when the report asked for them (CI-SIS "Transmission de documents
+    # CDA en HL7 v2", profils-messages.md « Structure des messages accusés métier HL7 »).
+    business_acks: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,6 +823,14 @@ def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
                 add(("routes", i, "to", j), _unknown("destination", dest, cfg.destinations))
         if route.transforms:
             problems.extend(_transform_problems(route.transforms, ("routes", i, "transforms"), lines))
+        if route.business_acks is not None:
+            acks = cfg.destinations.get(route.business_acks)
+            if acks is None:
+                add(("routes", i, "business_acks"), _unknown("destination", route.business_acks, cfg.destinations))
+            elif getattr(acks, "type", None) != "mllp":
+                add(("routes", i, "business_acks"),
+                    f"business_acks must name an mllp destination ({route.business_acks!r} is {acks.type!r}): "
+                    "ZAM acknowledgements go back to the report's creator over MLLP")
 
     # destinations
     for name, dest in cfg.destinations.items():
@@ -829,6 +842,11 @@ def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
             add(qpath + ("ordering",), "ordering: key requires ordering_key (a field path such as 'PID-3.1')")
         if q.ordering != "key" and q.ordering_key:
             add(qpath + ("ordering_key",), f"ordering_key is only used with ordering: key (ordering is {q.ordering!r})")
+        if (cfg.engine.environment == "production" and getattr(type(dest), "hold_required_in_production", False)
+                and not dest.hold):
+            add(("destinations", name, "hold"), "hold: 0 is allowed only outside production (the DMP's "
+                "deferred sending, SC.DMP/ALI/PROG.02: a report waits so that a correction or a "
+                "deletion can replace it before it leaves)")
         if q.ordering == "destination" and q.concurrency > 1:
             add(qpath + ("concurrency",), "concurrency > 1 requires ordering: key or none (ordering: destination is one FIFO)")
     return problems

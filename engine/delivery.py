@@ -25,11 +25,12 @@ attempt, payload after transforms, the stored view when the connector needs it) 
 generic :class:`Outcome`: accepted -> sent; content error -> error unless ``on_ae: retry``;
 refused -> retry unless ``on_ar: error``; transient -> retry with exponential backoff and jitter
 (or the receiver's ``retry_after``) until ``max_attempts``, then error (dead letter). The lease of
-an entry in flight follows from the connector's own ``timeout``. Database calls run in threads,
-sends in the reactor.
+an entry in flight follows from the connector's own ``timeout`` (times the window). Claims and
+outcomes are writer ops, transforms and stored-view reads run in threads, sends in the reactor.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -51,9 +52,12 @@ from engine.connectors.base import (
     Outcome,
     StoredView,
 )
+from engine.hl7.ack import ControlIdGenerator, hl7_timestamp
 from engine.hl7.errors import HL7Error
 from engine.hl7.encoding import codec_for
-from engine.store.models import Completion
+from engine.hl7.msh import read_msh
+from engine.reports.zam import ZamFacts, build_zam
+from engine.store.models import Completion, FollowUp
 from engine.transforms import TransformContext, chain_from_json
 
 log = logs.get("engine.delivery")
@@ -97,9 +101,54 @@ def worker_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+ZAM_CHANNEL = "engine:zam"  # the pseudo-channel of the ZAM messages the engine writes
+_ZAM_IDS = ControlIdGenerator("ZAM")
+
+
+def business_ack_follow_ups(outcome: Outcome, delivery: Delivery, route: str, acks_to: str | None,
+                            *, engine_name: str, facility: str = "") -> list[FollowUp]:
+    """The ZAM messages a final outcome gives rise to: one per business fact the connector
+    reported, when the report asked for it (ACK_RECEPTION for Z01 and Z02, ACK_LECTURE_MSS for
+    Z03: CI-SIS "Transmission de documents CDA en HL7 v2", meta-dmp-mss.md) and the route names
+    a ``business_acks`` destination. Pure: no I/O."""
+    if not outcome.business_acks or acks_to is None:
+        return []
+    sub = delivery.stored.submission
+    if sub is None:
+        return []
+    wanted = {"Z01": sub.acks.reception, "Z02": sub.acks.reception, "Z03": sub.acks.lecture}
+    try:
+        original = read_msh(delivery.original)
+    except HL7Error:
+        return []
+    out = []
+    for fact in outcome.business_acks:
+        if not wanted.get(fact.event):
+            continue
+        cid = _ZAM_IDS.next()
+        raw = build_zam(ZamFacts(fact.event, fact.ok,
+                                 error_code=fact.error.code if fact.error else None,
+                                 error_label=fact.error.label if fact.error else None,
+                                 address=fact.address),
+                        original, control_id=cid, timestamp=hl7_timestamp(),
+                        sending_app=engine_name, sending_facility=facility)
+        out.append(FollowUp(channel=ZAM_CHANNEL, destination=acks_to, route=route, raw=raw,
+                            message_type=f"ZAM^{fact.event}", control_id=cid, version="2.6",
+                            charset="UNICODE UTF-8", sending_app=engine_name,
+                            sending_facility=facility, receiving_app=original.sending_app,
+                            receiving_facility=original.sending_facility))
+    return out
+
+
 class DestinationWorker:
-    def __init__(self, name, cfg, store, connector, reactor, *, owner=None, rng=None):
+    def __init__(self, name, cfg, store, connector, reactor, *, owner=None, rng=None,
+                 business_acks_for=None, on_follow_ups=None, engine_name: str = "mini-pfi"):
         self.name = name
+        # route name -> the destination of its business acknowledgements (or None)
+        self.business_acks_for = business_acks_for or (lambda route: None)
+        # called with the destinations that got follow-up entries (to wake their workers)
+        self.on_follow_ups = on_follow_ups or (lambda names: None)
+        self.engine_name = engine_name
         self.cfg = cfg
         self.store = store
         self.connector = connector
@@ -303,10 +352,14 @@ class DestinationWorker:
             status = "retry"
         if status == "retry" and q.max_attempts and attempts >= q.max_attempts:
             status = "error"
-            outcome = Outcome(outcome.kind, outcome.response,
-                              f"{outcome.detail} (gave up after {attempts} attempts)",
-                              error=outcome.error)
-        return self._outcome(entry, status, attempts, outcome=outcome, payload=sent_payload)
+            outcome = dataclasses.replace(outcome, detail=f"{outcome.detail} (gave up after {attempts} attempts)")
+        follow_ups = ()
+        if status != "retry" and outcome.business_acks:
+            follow_ups = tuple(business_ack_follow_ups(outcome, delivery, entry.route,
+                                                       self.business_acks_for(entry.route),
+                                                       engine_name=self.engine_name))
+        return self._outcome(entry, status, attempts, outcome=outcome, payload=sent_payload,
+                             follow_ups=follow_ups)
 
     def _peer_down(self) -> None:
         """No answer from the peer: no claim before the next step of the retry policy (lanes
@@ -357,8 +410,9 @@ class DestinationWorker:
         return {"identity_lookup": make_identity_lookup(self.store), "stored": stored_view}
 
     def _outcome(self, entry, status, attempts, *, outcome: Outcome | None = None, detail: str = "",
-                 payload: bytes | None = None) -> str:
-        """Count and log an outcome, and queue it for the writer; returns the status."""
+                 payload: bytes | None = None, follow_ups: tuple = ()) -> str:
+        """Count and log an outcome, and queue it for the writer (with the messages it gives
+        rise to, stored and queued in the same transaction); returns the status."""
         response = outcome.response if outcome else None
         detail = detail or (outcome.detail if outcome else "")
         if outcome is not None and outcome.error is not None:
@@ -380,7 +434,8 @@ class DestinationWorker:
                control_id=logs.safe(entry.control_id), attempts=attempts, detail=detail or None,
                next_attempt_in_s=round(next_at - time.time(), 3) if next_at else None)
         self._record(Completion(entry.id, store_status, attempts, next_at,
-                                detail if status != "sent" else None, response, payload))
+                                detail if status != "sent" else None, response, payload,
+                                follow_ups=follow_ups))
         return status
 
     # -- outcomes: one writer op per reactor turn -----------------------------------------------
@@ -439,10 +494,19 @@ class DestinationWorker:
 
     def _flushed(self, recorded, batch, upto) -> None:
         self._flushing = False
+        woken: set[str] = set()
         for c, ok in zip(batch, recorded):
-            self.held.pop(c.entry_id, None)
+            entry = self.held.pop(c.entry_id, None)
             if not ok:
                 log.warning("delivery.fenced", destination=self.name, entry_id=c.entry_id)
+            elif c.follow_ups:
+                for f in c.follow_ups:
+                    log.info("delivery.business_ack_queued", destination=self.name, entry_id=c.entry_id,
+                             message_id=entry.message_id if entry is not None else None,
+                             ack_type=f.message_type, to=f.destination)
+                woken.update(f.destination for f in c.follow_ups)
+        if woken:
+            self.on_follow_ups(sorted(woken))
         self._committed = upto
         waiters, self._waiters = self._waiters, []
         for seq, w in waiters:

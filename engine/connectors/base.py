@@ -50,12 +50,28 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True)
+class BusinessAck:
+    """A business fact the creator of a report may have asked to hear about (CI-SIS ZAM
+    acknowledgements): ``Z01`` the DMP registered the document (or refused it), ``Z02`` an
+    MSSanté mail reached the recipient's server, ``Z03`` it was read. ``address``: the MSSanté
+    recipient or reader (Z02/Z03). Delivery turns it into a ZAM message queued, in the same
+    transaction as the outcome, to the route's ``business_acks`` destination."""
+
+    event: str                       # Z01 | Z02 | Z03
+    ok: bool
+    error: ErrorInfo | None = None
+    address: str | None = None
+
+
+@dataclass(frozen=True)
 class Outcome:
     kind: str
     response: bytes | None = None
     detail: str = ""                 # technical, no patient data: goes to logs and /status
     retry_after: float | None = None  # seconds, when the receiver said when to come back
     error: ErrorInfo | None = None
+    #: business acknowledgements this final outcome gives rise to (ignored on a retry)
+    business_acks: tuple[BusinessAck, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from engine.config import register_destination_type
+from engine.config import Problem, register_destination_type
 from engine.connectors.base import NO_STORED_VIEW, StoredView, TargetsFn
 
 SINGLE_TARGET = ("",)
@@ -24,6 +24,9 @@ class ConnectorType:
     config_model: type
     factory: Callable[[Any, Any], Any]       # (destination cfg, reactor) -> Connector
     targets: TargetsFn | None = None         # (cfg, StoredView) -> target names; None: one
+    #: what ``minipfi check`` and ``run`` refuse beyond the model: files that cannot be used
+    #: (missing, unreadable, expired certificates): (cfg) -> [(path under the destination, message)]
+    check: Callable[[Any], list[tuple[str, str]]] | None = None
 
 
 _TYPES: dict[str, ConnectorType] = {}
@@ -60,6 +63,19 @@ def expand(cfg, stored: StoredView = NO_STORED_VIEW) -> tuple[str, ...]:
     if fn is None:
         return SINGLE_TARGET
     return tuple(dict.fromkeys(fn(cfg, stored)))
+
+
+def problems(config) -> list[Problem]:
+    """The file problems of every enabled destination whose type checks its files (certificates
+    missing, unreadable or expired): ``minipfi check`` reports them, ``run`` and ``reload``
+    refuse to start with them."""
+    out = []
+    for name, cfg in config.destinations.items():
+        fn = connector_type(cfg.type).check
+        if fn is None or not getattr(cfg, "enabled", True):
+            continue
+        out.extend(Problem(f"destinations.{name}.{path}", None, msg) for path, msg in fn(cfg))
+    return out
 
 
 def fans_out(cfg) -> bool:

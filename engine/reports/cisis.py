@@ -338,6 +338,7 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
             # CI-SIS annexe INS / PAM FR 2.11: an INS is only usable with a qualified identity
             # (PID-32 = VALI); in the ANS examples PID-32 VALI with an INS is the normal case
             pid32 = ctx.s(pid.field(32)).upper()
+            sub.identity_reliability = pid32 or None
             if pid32 and pid32 != "VALI":
                 ctx.warn(E_OTHER, f"PID-32 identity reliability is {pid32!r}, not VALI: the INS "
                                   "must not be used as the patient identifier", "PID-32")

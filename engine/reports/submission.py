@@ -176,6 +176,8 @@ class Submission(_Model):
     action: Action | None = None
     parent_document_id: str | None = None
     ins: INS | None = None
+    #: PID-32 (identity reliability, IHE PAM France): the INS is qualified only with VALI
+    identity_reliability: str | None = None
     ipp: str | None = None
     patient: PatientTraits = Field(default_factory=PatientTraits)
     documents: list[Document] = Field(default_factory=list)

@@ -46,6 +46,27 @@ class IngestRecord:
 
 
 @dataclass(slots=True)
+class FollowUp:
+    """A message the engine writes itself because of a delivery outcome (a ZAM business
+    acknowledgement), stored and queued to ``destination`` in the transaction that records the
+    outcome: either both are durable or neither. ``channel`` is a pseudo-channel (with a ``:``,
+    which no configured channel name may contain), e.g. ``engine:zam``."""
+
+    channel: str
+    destination: str
+    route: str
+    raw: bytes
+    message_type: str
+    control_id: str
+    version: str
+    charset: str
+    sending_app: str = ""
+    sending_facility: str = ""
+    receiving_app: str = ""
+    receiving_facility: str = ""
+
+
+@dataclass(slots=True)
 class Stored:
     message_id: int
 
@@ -95,6 +116,7 @@ class Completion:
     last_error: str | None = None
     response: bytes | None = None
     payload: bytes | None = None
+    follow_ups: tuple = ()           # FollowUp messages stored and queued with the outcome
     extra: Callable[[Any], None] | None = None
 
 

@@ -25,6 +25,7 @@ from .models import (
     ClaimedWindows,
     Completion,
     EntrySpec,
+    FollowUp,
     UnknownMessage,
 )
 from .sql import COMPLETE_KIND, ENTRY_COLS, ENTRY_KEYS, EVENT_COLS, entry_row
@@ -80,10 +81,15 @@ class QueueMixin:
 
     def complete(self, entry_id: int, owner: str, *, status: str, attempts: int,
                  next_attempt_at: float | None = None, last_error: str | None = None,
-                 response: bytes | None = None, payload: bytes | None = None) -> bool:
+                 response: bytes | None = None, payload: bytes | None = None,
+                 follow_ups: "tuple[FollowUp, ...] | list[FollowUp]" = ()) -> bool:
+        """Record the outcome of an entry in flight (fenced by its lease owner), with the
+        messages the outcome gives rise to (``follow_ups``: stored and queued in the same
+        transaction). False when the lease was lost: nothing is written."""
         if status not in COMPLETE_KIND:
             raise ValueError(f"complete(): invalid status {status!r}")
-        done = Completion(entry_id, status, attempts, next_attempt_at, last_error, response, payload)
+        done = Completion(entry_id, status, attempts, next_attempt_at, last_error, response, payload,
+                          follow_ups=tuple(follow_ups))
         with self._write_tx() as conn:
             return self.complete_within(conn, owner, [done])[0]
 
@@ -186,7 +192,8 @@ class QueueMixin:
         """Record outcomes inside the caller's transaction; an outcome is recorded only if its
         entry is still in flight under ``owner`` (a stale worker's outcome is dropped: False).
         One event per recorded outcome (none for a release); each recorded completion's
-        ``extra`` runs after its row is written."""
+        follow-up messages are stored and queued, and its ``extra`` runs, in the same
+        transaction."""
         if not completions:
             return []
         now = time.time()
@@ -197,6 +204,7 @@ class QueueMixin:
                     f"AND q.status = 'in_flight' AND q.lease_owner = :o{lock}")
             .bindparams(sa.bindparam("ids", expanding=True)),
             {"ids": [c.entry_id for c in completions], "o": owner})}
+        live_cause = {i: r.message_id for i, r in live.items()}
         updates, releases, events, ok = [], [], [], []
         for c in completions:
             row = live.pop(c.entry_id, None)  # an id given twice is recorded once
@@ -233,8 +241,12 @@ class QueueMixin:
         if releases:
             conn.execute(sa.text(self._SQL_RELEASE), releases)
         for c, recorded in zip(completions, ok):
-            if recorded and c.extra is not None and c.status != "released":
-                c.extra(conn)
+            if recorded and c.status != "released":
+                cause = (live_cause[c.entry_id], c.entry_id)
+                for f in c.follow_ups:
+                    self._insert_follow_up(conn, f, now, cause=cause)
+                if c.extra is not None:
+                    c.extra(conn)
         return ok
 
     _SQL_RELEASE = ("UPDATE queue_entries SET status = 'queued', lease_owner = NULL, "
@@ -246,6 +258,29 @@ class QueueMixin:
         if entry_ids:
             now = time.time()
             conn.execute(sa.text(self._SQL_RELEASE), [{"id": i, "o": owner, "now": now} for i in entry_ids])
+
+    @staticmethod
+    def _insert_follow_up(conn: sa.Connection, f: FollowUp, now: float, *, cause: tuple[int, int]) -> int:
+        from hashlib import sha256
+
+        mid = conn.execute(sa.text(
+            "INSERT INTO messages (channel, received_at, sending_app, sending_facility, receiving_app, "
+            "receiving_facility, message_type, control_id, version, charset, size, sha256, dedup_key, "
+            "status, ack_code, ack, error_code, raw, flags) VALUES (:ch, :at, :sa, :sf, :ra, :rf, :mt, "
+            ":cid, :v, :cs, :size, :sha, NULL, 'routed', '', :ack, NULL, :raw, NULL) RETURNING id"),
+            {"ch": f.channel, "at": now, "sa": f.sending_app, "sf": f.sending_facility,
+             "ra": f.receiving_app, "rf": f.receiving_facility, "mt": f.message_type,
+             "cid": f.control_id, "v": f.version, "cs": f.charset, "size": len(f.raw),
+             "sha": sha256(f.raw).hexdigest(), "ack": b"", "raw": f.raw}).scalar_one()
+        conn.execute(sa.text(
+            f"INSERT INTO queue_entries ({ENTRY_COLS}) VALUES (:m, :d, :r, 'queued', '', '[]', 0, "
+            ":at, :at, :at, '', NULL, NULL, NULL)"), {"m": mid, "d": f.destination, "r": f.route, "at": now})
+        conn.execute(sa.text(
+            f"INSERT INTO events ({EVENT_COLS}) VALUES (:at, 'generated', :ch, :d, :mid, NULL, :detail)"),
+            {"at": now, "ch": f.channel, "d": f.destination, "mid": mid,
+             "detail": json.dumps({"message_type": f.message_type, "cause_message_id": cause[0],
+                                   "cause_entry_id": cause[1]})})
+        return mid
 
     # -- documents: chain keys and deletions (inside a writer op's transaction) ---------------
     @staticmethod

@@ -1,0 +1,252 @@
+"""HTTPS with a client certificate, through Twisted: what the SOAP connectors (DMP) post with.
+
+zeep runs on requests/httpx, not Twisted, and cannot send MTOM (python-zeep issues #599, #674),
+so the connector builds its body itself and posts it here with ``twisted.web.client.Agent``:
+
+* mutual TLS, TLS 1.2 minimum (the DMP's "Guide d'intégration DMP" asks for an authentication
+  certificate of the organisation, presented at the TLS handshake);
+* the client identity from PEM files or a PKCS#12 bundle, its password from an environment
+  variable (never from routes.yaml), read with ``cryptography``;
+* the server verified against a given CA bundle (the DMP's chain), name checked;
+* one deadline for the whole exchange (connect, send, answer), a cap on the answer's size.
+
+Failures are raised as :class:`HttpsFailure` with a short technical reason that names what failed
+(connection refused, TLS handshake: certificate unknown / expired / bad name, timeout) and never
+any content.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+from OpenSSL import SSL
+from twisted.internet import defer, error as terror, ssl as tssl
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+MAX_ANSWER = 20 * 1024 * 1024
+
+
+class HttpsFailure(Exception):
+    """No usable HTTP answer (connection, TLS, timeout, oversized answer); ``str`` is technical."""
+
+
+class IdentityError(ValueError):
+    """The client certificate, key or CA bundle cannot be used (missing, unreadable, expired)."""
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """A private key and its certificate chain (leaf first), from PEM or PKCS#12."""
+
+    key: object
+    chain: tuple[x509.Certificate, ...]
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def password_from_env(name: str | None) -> bytes | None:
+    if not name:
+        return None
+    value = os.environ.get(name)
+    if value is None:
+        raise IdentityError(f"environment variable {name} (key password) is not set")
+    return value.encode("utf-8")
+
+
+def load_identity(cert: str | Path, key: str | Path | None = None, password: bytes | None = None) -> ClientIdentity:
+    """``cert`` a PKCS#12 file (``.p12``/``.pfx``, key inside) or a PEM certificate (chain after
+    the leaf allowed) with ``key`` a PEM private key. Raises :class:`IdentityError`."""
+    cert = Path(cert)
+    try:
+        data = cert.read_bytes()
+    except OSError as exc:
+        raise IdentityError(f"cannot read certificate file {cert}: {exc.strerror}") from None
+    try:
+        if cert.suffix.lower() in (".p12", ".pfx"):
+            pkey, leaf, extra = pkcs12.load_key_and_certificates(data, password)
+            if pkey is None or leaf is None:
+                raise IdentityError(f"{cert}: the PKCS#12 bundle holds no key or no certificate")
+            return ClientIdentity(pkey, (leaf, *extra))
+        chain = tuple(x509.load_pem_x509_certificates(data))
+        if key is None:
+            raise IdentityError(f"{cert}: a PEM certificate needs its key file")
+        try:
+            key_data = Path(key).read_bytes()
+        except OSError as exc:
+            raise IdentityError(f"cannot read key file {key}: {exc.strerror}") from None
+        pkey = serialization.load_pem_private_key(key_data, password)
+    except IdentityError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(f"{cert}: unreadable certificate or key ({type(exc).__name__}: wrong "
+                            "format or password)") from None
+    if pkey.public_key().public_numbers() != chain[0].public_key().public_numbers():
+        raise IdentityError(f"{cert}: the key does not match the certificate")
+    return ClientIdentity(pkey, chain)
+
+
+def load_ca(path: str | Path) -> tuple[x509.Certificate, ...]:
+    try:
+        certs = tuple(x509.load_pem_x509_certificates(Path(path).read_bytes()))
+    except OSError as exc:
+        raise IdentityError(f"cannot read CA bundle {path}: {exc.strerror}") from None
+    except ValueError:
+        raise IdentityError(f"{path}: not a PEM certificate bundle") from None
+    if not certs:
+        raise IdentityError(f"{path}: no certificate in the CA bundle")
+    return certs
+
+
+def validity_problem(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
+    """'expired on ...' / 'not valid before ...' or None."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if cert.not_valid_after_utc < now:
+        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    if cert.not_valid_before_utc > now:
+        return f"not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
+    return None
+
+
+@implementer(IPolicyForHTTPS)
+class _MutualTLSPolicy:
+    def __init__(self, identity: ClientIdentity | None, ca: tuple[x509.Certificate, ...]):
+        from OpenSSL import crypto
+
+        self._trust = tssl.trustRootFromCertificates(
+            [tssl.Certificate(crypto.X509.from_cryptography(c)) for c in ca])
+        self._client = None
+        self._extra = []
+        if identity is not None:
+            self._client = tssl.PrivateCertificate.fromCertificateAndKeyPair(
+                tssl.Certificate(crypto.X509.from_cryptography(identity.certificate)),
+                tssl.KeyPair(crypto.PKey.from_cryptography_key(identity.key)))
+            self._extra = [crypto.X509.from_cryptography(c) for c in identity.chain[1:]]
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        extra = {"raiseMinimumTo": tssl.TLSVersion.TLSv1_2}
+        if self._extra:
+            extra["extraCertChain"] = self._extra
+        return tssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust,
+                                        clientCertificate=self._client, extraCertificateOptions=extra)
+
+
+@dataclass(frozen=True)
+class Answer:
+    code: int
+    headers: dict[str, str]   # lower-case names, last value
+    body: bytes
+
+
+class HttpsClient:
+    """POSTs over one persistent connection pool; ``post`` fires with an :class:`Answer` or fails
+    with :class:`HttpsFailure`."""
+
+    def __init__(self, reactor, *, identity: ClientIdentity | None, ca: tuple[x509.Certificate, ...],
+                 connect_timeout: float = 10.0, timeout: float = 60.0, max_answer: int = MAX_ANSWER):
+        self.reactor = reactor
+        self.timeout = timeout
+        self.max_answer = max_answer
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 2
+        self.pool.retryAutomatically = False   # a POST is not idempotent: never resent silently
+        self.agent = Agent(reactor, contextFactory=_MutualTLSPolicy(identity, ca),
+                           connectTimeout=connect_timeout, pool=self.pool)
+
+    @defer.inlineCallbacks
+    def post(self, url: str, body: bytes, headers: dict[str, str]):
+        from twisted.web.client import FileBodyProducer
+        from io import BytesIO
+
+        hdrs = Headers({k.encode("ascii"): [v.encode("ascii")] for k, v in headers.items()})
+        d = self.agent.request(b"POST", url.encode("ascii"), hdrs, FileBodyProducer(BytesIO(body)))
+        timed_out = []
+
+        def on_timeout(result, timeout):
+            timed_out.append(True)
+            return result
+
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=on_timeout)
+        try:
+            response = yield d
+            if response.length is not None and response.length > self.max_answer:
+                response.deliverBody(_Discard())
+                raise HttpsFailure(f"answer too large ({response.length} bytes)")
+            rb = readBody(response)
+            rb.addTimeout(self.timeout, self.reactor)
+            data = yield rb
+        except HttpsFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every transport failure becomes one reason
+            if timed_out:
+                raise HttpsFailure(f"no answer within {self.timeout:g} s") from None
+            raise HttpsFailure(describe_failure(exc)) from None
+        if len(data) > self.max_answer:
+            raise HttpsFailure(f"answer too large ({len(data)} bytes)")
+        out = {}
+        for name, values in response.headers.getAllRawHeaders():
+            out[name.decode("latin-1").lower()] = values[-1].decode("latin-1")
+        return Answer(response.code, out, data)
+
+    def close(self):
+        return self.pool.closeCachedConnections()
+
+
+class _Discard:
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        pass
+
+    def makeConnection(self, transport):
+        transport.stopProducing()
+
+
+_TLS_HINTS = (
+    ("certificate verify failed", "the server's certificate is not trusted by the configured CA bundle"),
+    ("unknown ca", "the server does not trust our client certificate (unknown CA)"),
+    ("certificate expired", "a certificate has expired"),
+    ("bad certificate", "the server refused our client certificate"),
+    ("certificate required", "the server requires a client certificate"),
+    ("handshake failure", "no common TLS version or cipher (TLS 1.2 minimum)"),
+    ("wrong version number", "the server does not speak TLS on this port"),
+)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short technical reason for a failed exchange, naming the TLS problem when there is one."""
+    reasons = [exc]
+    if getattr(exc, "reasons", None):  # ResponseFailed, RequestTransmissionFailed, ...
+        reasons = [getattr(f, "value", f) for f in exc.reasons]
+    for r in reasons:
+        if isinstance(r, defer.TimeoutError) or isinstance(r, defer.CancelledError):
+            return "no answer within the timeout"
+        if isinstance(r, terror.ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(r, (terror.TimeoutError, terror.TCPTimedOutError)):
+            return "connection timed out"
+        if isinstance(r, terror.DNSLookupError):
+            return "host name not found"
+        if isinstance(r, SSL.Error):
+            text = str(r).lower()
+            for needle, hint in _TLS_HINTS:
+                if needle in text:
+                    return f"TLS handshake failed: {hint}"
+            return "TLS handshake failed"
+        if "VerificationError" in type(r).__name__:  # service_identity: name check
+            return "TLS handshake failed: the server's name does not match its certificate"
+        if isinstance(r, terror.ConnectionLost) or isinstance(r, terror.ConnectionDone):
+            return "connection closed before the answer"
+    if isinstance(exc, defer.TimeoutError):
+        return "no answer within the timeout"
+    return f"connection failed ({type(reasons[0]).__name__})"
