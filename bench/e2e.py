@@ -102,6 +102,28 @@ class ReceiverProcess:
         stop(self.proc)
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process, from /proc."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_share(pid: int, before: dict, seconds: float) -> tuple[float, float]:
+    """(main thread = the reactor, every other thread: store writer and thread pool) CPU over
+    ``seconds``, in % of one core."""
+    after = thread_cpu(pid)
+    main = after.get(pid, 0.0) - before.get(pid, 0.0)
+    rest = sum(v - before.get(t, 0.0) for t, v in after.items() if t != pid)
+    return 100 * main / seconds, 100 * rest / seconds
+
+
 def _q(values, p):
     v = sorted(values)
     return v[min(len(v) - 1, int(p * len(v)))] * 1000 if v else float("nan")
@@ -217,14 +239,17 @@ def run_scenario(scenario, kind, label, tmp, args, rnd) -> dict:
             time.sleep(1.0)  # let the warm-up's messages go out
         steal0 = host_steal()
         load0 = os.getloadavg()[0]
+        cpu0, t0 = thread_cpu(proc.pid), time.time()
         if scenario in ("disabled", "unreachable"):
             r = run_load(port, args.connections, args.seconds)
         elif scenario == "e2e":
             r = measure_e2e(port, receiver, args.connections, args.seconds, args.drain_wait)
         else:
             r = measure_backlog(port, rport, tmp, args.connections, args.backlog, args.backlog_max_s)
+        reactor_pct, others_pct = cpu_share(proc.pid, cpu0, time.time() - t0)
         r.update(scenario=scenario, server=label, round=rnd, connections=args.connections,
-                 host_steal_pct=host_steal(steal0), loadavg=load0)
+                 host_steal_pct=host_steal(steal0), loadavg=load0, cpu_reactor_pct=reactor_pct,
+                 cpu_other_threads_pct=others_pct)
         return r
     finally:
         if receiver is not None:
@@ -243,7 +268,8 @@ def describe(r) -> str:
         drain = f"{r['drain_s']:.1f} s" if r["drain_s"] else "NOT DRAINED"
         s += (f"  backlog {r['backlog']} (filled at {r['fill_per_s']:.0f} msg/s) drained in {drain}: "
               f"{r['drain_per_s']:.0f} msg/s ({r['backlog_delivered']} delivered)")
-    s += f"  [load {r['loadavg']:.1f}, steal {r['host_steal_pct']:.1f} %]"
+    s += (f"  [CPU reactor {r['cpu_reactor_pct']:.0f} %, writer+pool {r['cpu_other_threads_pct']:.0f} %;"
+          f" load {r['loadavg']:.1f}, steal {r['host_steal_pct']:.1f} %]")
     bad = r["msa2_mismatches"] + r["not_accepted"]
     if bad:
         s += f"  BAD ACKS {bad}"

@@ -61,6 +61,9 @@ from engine.store.models import Completion, FollowUp
 from engine.transforms import TransformContext, chain_from_json
 
 log = logs.get("engine.delivery")
+# the one event per delivered message, rendered on the fast path (logs.HotEvent)
+_log_sent = logs.HotEvent("engine.delivery", "delivery.sent",
+                          ("destination", "target", "entry_id", "message_id", "control_id", "attempts"))
 
 POLL_INTERVAL = 1.0  # catches entries made by other processes (CLI replay, other instances)
 MIN_LEASE_S = 60.0   # an entry in flight is leased at least this long ...
@@ -428,11 +431,15 @@ class DestinationWorker:
         self.counters[status] = self.counters.get(status, 0) + 1
         if status in ("error", "retry"):
             self.last_error = detail
-        log_fn = log.info if status in ("sent", "filtered") else log.warning
-        log_fn("delivery." + status, destination=self.name, target=entry.target or None,
-               entry_id=entry.id, message_id=entry.message_id,
-               control_id=logs.safe(entry.control_id), attempts=attempts, detail=detail or None,
-               next_attempt_in_s=round(next_at - time.time(), 3) if next_at else None)
+        if status == "sent":
+            _log_sent(self.name, entry.target or None, entry.id, entry.message_id,
+                      logs.safe(entry.control_id), attempts)
+        else:
+            log_fn = log.info if status == "filtered" else log.warning
+            log_fn("delivery." + status, destination=self.name, target=entry.target or None,
+                   entry_id=entry.id, message_id=entry.message_id,
+                   control_id=logs.safe(entry.control_id), attempts=attempts, detail=detail or None,
+                   next_attempt_in_s=round(next_at - time.time(), 3) if next_at else None)
         self._record(Completion(entry.id, store_status, attempts, next_at,
                                 detail if status != "sent" else None, response, payload,
                                 follow_ups=follow_ups))
