@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 
+from mllp.direct import can_write_now, write_now
 from mllp.framing import (
     COMMIT_ACK,
     COMMIT_NAK,
@@ -103,7 +104,10 @@ class _Outstanding:
 
 
 class _SenderProtocol(Protocol):
+    direct = False  # plain TCP: messages are written at once (mllp.direct)
+
     def connectionMade(self) -> None:
+        self.direct = can_write_now(self.transport)
         # one message, then wait for its reply: never hold a frame's last segment back for
         # the peer's TCP acknowledgement (Nagle), which the reply itself would carry
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -233,7 +237,10 @@ class MLLPSender:
         msg.proto = proto
         self._current = msg
         msg.timer = self.reactor.callLater(self.ack_timeout, self._ack_timed_out, msg)
-        proto.transport.write(encode_frame(msg.payload))
+        if proto.direct:
+            write_now(proto.transport, encode_frame(msg.payload))
+        else:
+            proto.transport.write(encode_frame(msg.payload))
 
     def _connected(self, proto: _SenderProtocol, d: Deferred) -> None:
         if self._connecting is not d:  # close() cancelled this attempt meanwhile

@@ -19,12 +19,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+from mllp.direct import can_write_now, write_now
 from mllp.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     Frame,
@@ -177,8 +177,7 @@ class MLLPServerProtocol(Protocol):
             self.peer = "?"
         self._framer = MLLPFramer(limits.max_frame_size, limits.lenient_end)
         t = self.transport
-        self._direct = isinstance(t, tcp.Connection) and all(
-            hasattr(t, a) for a in ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnected", "socket"))
+        self._direct = can_write_now(t)
         f._connection_made(self)
         self._last_activity = f.clock.seconds()
         if limits.idle_timeout > 0:
@@ -320,25 +319,11 @@ class MLLPServerProtocol(Protocol):
             self._send(encode_frame(value))
 
     def _send(self, data: bytes) -> None:
-        """Write a reply. ``transport.write`` only buffers and registers for writability: the
-        bytes leave on the next reactor iteration after two ``epoll_ctl`` calls (about 25 µs of
-        system calls per ACK on the benchmark VM, plus a poll round of latency). On a plain TCP
-        transport whose buffer is empty, the reply is sent right away on the transport's socket
-        (order is kept: nothing is buffered before it); whatever the socket does not take (or
-        any error) goes through ``transport.write``, which buffers it or reports the error."""
-        t = self.transport
-        if (self._direct and t.connected and not t.disconnecting and not t._writeDisconnected
-                and not t._tempDataLen and t.offset >= len(t.dataBuffer)):
-            # not writeSomeData: its memoryview slice and EINTR loop (Python retries EINTR
-            # itself since PEP 475) cost more than the send on this path
-            try:
-                n = t.socket.send(data)
-            except OSError:
-                n = 0
-            if n >= len(data):
-                return
-            data = data[n:]
-        t.write(data)
+        """Write a reply: at once on a plain TCP transport (``mllp.direct``)."""
+        if self._direct:
+            write_now(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def _resolved(self, result: Any, slot: list) -> None:
         if self._lost:
