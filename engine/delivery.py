@@ -286,11 +286,11 @@ class DestinationWorker:
         if claimed.next_due is not None:
             wait = max(0.0, float(claimed.next_due) - time.time())
             if self.capacity == 1 and self.cfg.queue.ordering != "key":
-                # one FIFO: new entries are behind the waiting head; sleep until it is due
+                # one FIFO: new entries are behind the waiting head, so commits do not wake it
+                # before the head is due (a look per POLL_INTERVAL still sees a head cancelled
+                # by a deletion, or entries written by another process)
                 self._sleep_until = time.time() + wait
-                delay = wait
-            else:
-                delay = min(POLL_INTERVAL, wait)
+            delay = min(POLL_INTERVAL, wait)
         self._schedule(delay)
 
     def _lane_done(self, result, d):
