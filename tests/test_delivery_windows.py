@@ -122,7 +122,8 @@ def test_crash_in_the_middle_of_a_window_redelivers_the_rest_in_order(store):
 # --------------------------------------------------------------------------- the worker
 
 class CountingStore:
-    """The real store, counting the ops the worker submits (claims and outcomes)."""
+    """The real store, counting the ops the worker runs (claims and outcomes: writer ops on
+    SQLite, transactions of their own on PostgreSQL)."""
 
     def __init__(self, store):
         self._store = store
@@ -131,6 +132,10 @@ class CountingStore:
     def submit(self, op, callback):
         self.ops += 1
         return self._store.submit(op, callback)
+
+    def in_transaction(self, op):
+        self.ops += 1
+        return self._store.in_transaction(op)
 
     def __getattr__(self, name):
         return getattr(self._store, name)

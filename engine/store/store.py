@@ -175,6 +175,11 @@ class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, Re
         with self.engine.connect() as conn:
             yield conn
 
+    def in_transaction(self, op: Callable[[sa.Connection], T]) -> T:
+        """``op(conn)`` in a write transaction of its own, from the calling thread."""
+        with self._write_tx() as conn:
+            return op(conn)
+
     def _event(self, conn: sa.Connection, kind: str, *, channel=None, destination=None,
                message_id=None, entry_id=None, detail: dict | None = None, at=None) -> None:
         conn.execute(
