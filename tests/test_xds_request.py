@@ -21,7 +21,7 @@ from engine.reports.cisis import parse_report
 from engine.transforms.cda_wrap import CdaWrapParams, build_cisis_oru, wrap_pacs_report
 from engine.xds import mtom, schemas
 from engine.xds.document_facts import read_document_facts
-from engine.xds.envelope import build_iti41, build_iti57_delete
+from engine.xds.envelope import build_iti41, build_iti57_delete, validate_request
 from engine.xds.metadata import (
     DE_CLASS, DE_CONFIDENTIALITY, DE_FORMAT, DE_PATIENT_ID, DE_TYPE, DE_UNIQUE_ID, DMP_DELETED,
     HAS_MEMBER, RPLC, SIGNS, SS_PATIENT_ID, UPDATE_AVAILABILITY, MetadataError, entry_uuid_for,
@@ -211,6 +211,7 @@ def test_every_report_gives_a_valid_signed_request_equal_to_its_cda(name, settin
     sub = _pacs_submission() if name == "PACS-wrapped ORU" else _submission(name)
     assert sub.ok and sub.recipients.dmp
     request = _build(sub, settings, signer)
+    assert validate_request(request) == []
     root, parts = _read_back(request)
     _check_vihf(root, sub, files)
     if sub.action == "delete":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import copy
 import re
+import threading
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -102,11 +103,15 @@ def _xop_infoset(element: etree._Element, attachments: Mapping[str, bytes] | Non
     return element
 
 
+_VALIDATING = threading.Lock()   # one XMLSchema, one error_log: a validation at a time
+
+
 def _schema_errors(element: etree._Element) -> list[str]:
     schema = xds_schema()
-    if schema.validate(element):
-        return []
-    return [f"line {e.line}: {e.message}" for e in schema.error_log]
+    with _VALIDATING:
+        if schema.validate(element):
+            return []
+        return [f"line {e.line}: {e.message}" for e in schema.error_log]
 
 
 def _body_child(envelope: etree._Element, action: str, errors: list[str]) -> etree._Element | None:
