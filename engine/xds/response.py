@@ -23,7 +23,7 @@ Building: the DMP simulator answers with :func:`build_success` (shaped like the 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from lxml import etree
