@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from twisted.internet import defer, reactor as default_reactor, threads
+from twisted.internet import defer, threads
 from twisted.web import http, resource, server
 
 from engine import logs
@@ -118,7 +118,9 @@ class DMPSimulator:
         self.expected_to = expected_to
         self.validate_schema = validate_schema
         self.max_body = max_body
-        self.reactor = reactor or default_reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
         self.accepted: list[Submission] = []
         self.refused: list[CheckResult] = []
         self.requests = 0
@@ -440,3 +442,4 @@ class _Admin(resource.Resource):
         if path == b"/behaviour":
             return self.render_PUT(request)
         return self._json(request, {"error": "not found"}, 404)
+
