@@ -398,3 +398,77 @@ def test_admin_endpoint_switches_behaviour_and_lists_accepted(pki, sim, signer):
         urllib.request.urlopen(bad, timeout=5)
     assert exc.value.code == 400
     assert call(lambda: sim._ports[-1].getHost().host) == "127.0.0.1"
+
+
+# -------------------------------------------------------------------- the engine's own builder
+
+def _built(kind: str, folder: str, name: str, pki, *, delete: bool = False):
+    import datetime as dt
+
+    from engine.hl7.encoding import codec_for
+    from engine.hl7.msh import read_msh
+    from engine.reports.cisis import parse_report
+    from engine.xds.envelope import build_iti41, build_iti57_delete
+    from engine.xds.settings import DmpRequestSettings, VihfSettings, XdsSettings
+    from engine.xds.signing import load_signing_identity
+
+    _, signing, _ = pki
+    raw = (CORPUS / kind / folder / name).read_bytes()
+    sub = parse_report(raw, codec_for(read_msh(raw).charset))
+    settings = DmpRequestSettings(
+        vihf=VihfSettings(lps_name="mini-PFI", lps_version="1.0", lps_homologation_id="TEST-0001",
+                          structure_id="1120456789", secteur_activite={"code": "SA07", "scheme": "1.2.250.1.71.4.2.4"}),
+        xds=XdsSettings(endpoint="https://localhost/si-dmp-server/v2/services/repository",
+                        source_id="1.2.250.1.999.1"))
+    signer = load_signing_identity(signing.signer_cert, key_path=signing.signer_key)
+    build = build_iti57_delete if delete else build_iti41
+    return sub, build(sub, settings, signer, now=dt.datetime.now(dt.timezone.utc))
+
+
+def _send_built(pki, sim, req):
+    status, rct, rbody = post(pki, sim, req.body, req.content_type)
+    r = read_response(rbody, rct)
+    assert r.relates_to == req.message_id
+    return status, r
+
+
+def test_mdm_chain_built_by_the_engine_is_accepted(pki, sim):
+    """Corpus MDM T02 -> T10 -> T04 (CDA R2 N1), built by engine.xds.envelope, all accepted."""
+    import hashlib
+
+    call(sim.reset)
+    sub, req = _built("MDM", "Transmission initiale MDM", "message_MDM_CR_Radio_INIT_N1_Base64.er7", pki)
+    status, r = _send_built(pki, sim, req)
+    assert status == 200 and r.success, sim.refused[-1:]
+    accepted = sim.accepted[-1]
+    report = next(d for d in accepted.documents if not d.is_signature)
+    cda_bytes = sub.documents[0].raw_bytes()
+    assert report.content == cda_bytes and report.hash == hashlib.sha1(cda_bytes).hexdigest()
+    assert report.entry_uuid == req.document_entry_uuids[0]
+    assert report.code("formatCode") == "urn:ihe:iti:xds-sd:pdf:2008"
+    assert any(d.is_signature for d in accepted.documents) == bool(req.signature_entry_uuid)
+
+    _, req2 = _built("MDM", "Remplacement MDM", "message_MDM_CR_Radio_RPLC_N1.er7", pki)
+    status, r = _send_built(pki, sim, req2)
+    assert r.success, sim.refused[-1:]
+    assert next(d for d in sim.accepted[-1].documents if not d.is_signature).replaces == report.entry_uuid
+
+    _, req3 = _built("MDM", "Suppression MDM", "message_MDM_CR_Radio_DEL_N1.er7", pki, delete=True)
+    status, r = _send_built(pki, sim, req3)
+    assert r.success and r.action == "urn:ihe:iti:2010:UpdateDocumentSetResponse", sim.refused[-1:]
+    update = sim.accepted[-1].status_updates[0]
+    assert update["to"] == "urn:asip:ci-sis:2010:StatusType:Deleted"
+    assert update["target"] == req2.document_entry_uuids[0]
+
+
+def test_oru_replacement_of_a_document_never_sent_is_refused(pki, sim):
+    """The corpus ORU T02 message carries document 1.2.250.1.213.1.1.9 while its replacement
+    names 1.2.250.1.213.1.1.12 as parent: the simulator accepts the first and refuses the RPLC."""
+    call(sim.reset)
+    _, req = _built("ORU", "Transmission initiale ORU", "message_ORU_CR_Bio_INIT_N3_SEGUR.hl7", pki)
+    assert _send_built(pki, sim, req)[1].success, sim.refused[-1:]
+    _, req2 = _built("ORU", "Remplacement ORU", "message_ORU_CR_Bio_RPLC_N3_SEGUR.hl7", pki)
+    status, r = _send_built(pki, sim, req2)
+    assert status == 200 and r.status == "Failure"
+    assert r.errors[0].error_code == "XDSUnresolvedReferenceException"
+    assert r.errors[0].location == req2.document_entry_uuids[0]

@@ -15,7 +15,8 @@ sending the builder's output to the simulator proves something:
   entry and the VIHF resource-id, formatCode (N1 ``urn:ihe:iti:xds-sd:pdf:2008``), one
   confidentiality code N/R/V equal to the CDA's plus at most one classification per DMP mask
   (value set JDV_J08-XdsConfidentialityCode-CISIS), author and legalAuthenticator present,
-  HasMember for every entry, RPLC to an entry accepted before, ITI-57 targets known.
+  HasMember for every entry, RPLC to an entry accepted before, ITI-57 targets known (status
+  Approved -> Deprecated, or Deleted, the DMP's deletion).
 
 A failed check is a :class:`Refusal`: a SOAP fault for what WS-Security (§12) or WS-Addressing
 (SOAP binding §6) define as faults, a ``RegistryError`` (ITI TF-3 Table 4.2.4.1-2 codes) for the
@@ -77,6 +78,9 @@ SIGNS = "urn:ihe:iti:2007:AssociationType:signs"
 UPDATE_STATUS = "urn:ihe:iti:2010:AssociationType:UpdateAvailabilityStatus"
 STATUS_APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
 STATUS_DEPRECATED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Deprecated"
+# The DMP's deletion (transaction « TD3.3c » of the DMP, as the DMP/DRIMbox material names it):
+# ITI-57 UpdateAvailabilityStatus to this CI-SIS status.
+STATUS_DELETED = "urn:asip:ci-sis:2010:StatusType:Deleted"
 
 # CI-SIS JDV_J08-XdsConfidentialityCode-CISIS.
 CONFIDENTIALITY_SYSTEM = "2.16.840.1.113883.5.25"
@@ -687,7 +691,7 @@ def check_iti57(env, known: Mapping[str, KnownEntry], vihf_ins: str, message_id:
             raise _Stop(Refusal("XDSPatientIdDoesNotMatch", "the target belongs to another patient", assoc.get("id", "")))
         if original != target.status:
             raise _Stop(Refusal("XDSMetadataUpdateError", "OriginalStatus is not the entry's status", assoc.get("id", "")))
-        if new not in (STATUS_APPROVED, STATUS_DEPRECATED) or new == original:
+        if new not in (STATUS_APPROVED, STATUS_DEPRECATED, STATUS_DELETED) or new == original:
             raise _Stop(Refusal("XDSMetadataUpdateError", "NewStatus is not a valid change", assoc.get("id", "")))
         updates.append({"target": target.entry_uuid, "unique_id": target.unique_id, "from": original, "to": new})
     if not updates:
