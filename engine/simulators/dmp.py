@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -109,7 +110,9 @@ class DMPSimulator:
                  signer_cert: Optional[str] = None, store_dir: Optional[str] = None,
                  expected_to: str = "", validate_schema: bool = True,
                  vihf_versions: tuple[str, ...] = ("4.0", "3.0"), max_body: int = 64 * 1024 * 1024,
-                 reactor=None) -> None:
+                 keep: Optional[int] = None, reactor=None) -> None:
+        """``keep``: how many accepted and refused requests stay in memory (None: all; a
+        benchmark sets a bound, the documents' bytes being kept with them)."""
         if not (signer_ca or signer_cert):
             raise ValueError("the simulator needs signer_ca or signer_cert to verify VIHF signatures")
         self.tls = TLSFiles(cert=cert, key=key, ca=client_ca, require_client_cert=True)
@@ -121,8 +124,9 @@ class DMPSimulator:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.accepted: list[Submission] = []
-        self.refused: list[CheckResult] = []
+        self.accepted: deque[Submission] = deque(maxlen=keep)
+        self.refused: deque[CheckResult] = deque(maxlen=keep)
+        self.accepted_count = 0
         self.requests = 0
         self.known: dict[str, KnownEntry] = {}
         self._behaviour = Behaviour()
@@ -148,6 +152,7 @@ class DMPSimulator:
         self.refused.clear()
         self.known.clear()
         self.requests = 0
+        self.accepted_count = 0
         self._behaviour = Behaviour()
 
     def _take_behaviour(self) -> Behaviour:
@@ -229,6 +234,7 @@ class DMPSimulator:
                 self.known[upd["target"]] = KnownEntry(old.entry_uuid, old.unique_id, old.patient_id,
                                                        old.hash, upd["to"])
         self.accepted.append(sub)
+        self.accepted_count += 1
         self._store(sub)
         log.info("dmp_simulator.accepted", message_id=logs.safe(sub.message_id),
                  action="ITI-41" if sub.action == ITI41_ACTION else "ITI-57",
@@ -418,7 +424,7 @@ class _Admin(resource.Resource):
             return self._json(request, [{"message_id": r.message_id, "refusals": [asdict(x) for x in r.refusals]}
                                         for r in self.sim.refused])
         if path == b"/health":
-            return self._json(request, {"requests": self.sim.requests, "accepted": len(self.sim.accepted),
+            return self._json(request, {"requests": self.sim.requests, "accepted": self.sim.accepted_count,
                                         "refused": len(self.sim.refused)})
         return self._json(request, {"error": "not found"}, 404)
 

@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--signer-cert", help="or: the one certificate allowed to sign VIHFs")
     p.add_argument("--store-dir", help="write each accepted request here (summary.json + documents)")
     p.add_argument("--admin-port", type=int, help="admin endpoint port on 127.0.0.1 (plain HTTP)")
+    p.add_argument("--keep", type=int, default=1000,
+                   help="accepted/refused requests kept in memory for the admin endpoint (default 1000)")
     p.add_argument("--expected-to", default="", help="refuse requests whose wsa:To differs")
     p.add_argument("--make-pki", metavar="DIR",
                    help="generate a demo PKI in DIR (if absent) and use it for every file not given")
@@ -52,7 +54,8 @@ def run_from_args(args) -> int:
               f"(or use --make-pki DIR)", file=sys.stderr)
         return 2
     sim = DMPSimulator(cert=args.cert, key=args.key, client_ca=args.client_ca, signer_ca=args.signer_ca,
-                       signer_cert=args.signer_cert, store_dir=args.store_dir, expected_to=args.expected_to)
+                       signer_cert=args.signer_cert, store_dir=args.store_dir, expected_to=args.expected_to,
+                       keep=args.keep)
     port = sim.start(args.port, args.interface)
     print(f"DMP simulator: https://{args.interface}:{port}/ (client certificate required)", file=sys.stderr)
     if args.admin_port is not None:
