@@ -472,3 +472,73 @@ def test_oru_replacement_of_a_document_never_sent_is_refused(pki, sim):
     assert status == 200 and r.status == "Failure"
     assert r.errors[0].error_code == "XDSUnresolvedReferenceException"
     assert r.errors[0].location == req2.document_entry_uuids[0]
+
+
+# -------------------------------------------------------------------- pinned signer, command line
+
+def test_pinned_signer_certificate(pki, signer):
+    from engine.simulators.dmp_checks import VihfTrust, check_request
+    from engine.xds.mtom import parse_related
+
+    _, signing, other = pki
+    content, pid, uid, _ = new_cda()
+    body, ct, _ = R.iti41(signer, [R.Doc(content, unique_id=uid)], pid)
+    pinned = VihfTrust(cert_pem=str(signing.signer_cert))
+    assert check_request(parse_related(body, ct), trust=pinned, known={}).accepted
+    wrong = VihfTrust(cert_pem=str(other.signer_cert))
+    res = check_request(parse_related(body, ct), trust=wrong, known={})
+    assert not res.accepted and res.refusals[0].fault_ns and res.refusals[0].code in ("FailedCheck", "FailedAuthentication")
+
+
+def test_command_line_simulator_with_a_demo_pki(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "dmp-simulator", "--make-pki", str(tmp_path / "pki"), "--port", "0",
+         "--admin-port", "0", "--store-dir", str(tmp_path / "store")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        ports = {}
+        deadline = time.monotonic() + 30
+        while len(ports) < 2 and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            m = re.search(r"(https|http)://127\.0\.0\.1:(\d+)/", line)
+            if m:
+                ports[m.group(1)] = int(m.group(2))
+        assert len(ports) == 2, "the simulator did not print its ports"
+        d = tmp_path / "pki"
+        signer = R.Signer((d / "signer.pem").read_bytes(), (d / "signer.key").read_bytes())
+        content, pid, uid, _ = new_cda()
+        body, ct, mid = R.iti41(signer, [R.Doc(content, unique_id=uid)], pid)
+        ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+        ctx.load_cert_chain(str(d / "client.pem"), str(d / "client.key"))
+        conn = http.client.HTTPSConnection("localhost", ports["https"], context=ctx, timeout=10)
+        conn.request("POST", "/", body=body, headers={"Content-Type": ct})
+        resp = conn.getresponse()
+        r = read_response(resp.read(), resp.getheader("content-type"))
+        assert r.success and r.relates_to == mid
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/health", timeout=5).read())
+        assert health["accepted"] == 1
+        assert len(list((tmp_path / "store").iterdir())) == 1
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("body, ct", [
+    (b"garbage", "multipart/related; boundary=zz"),
+    (b"garbage", "application/json"),
+    (b"<not-xml", "application/soap+xml"),
+    (b'<!DOCTYPE e [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;&a;">]><e>&b;</e>', "application/soap+xml"),
+    (b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body/></s:Envelope>', "text/xml"),
+])
+def test_unreadable_requests_get_a_sender_fault(pki, sim, body, ct):
+    before = len(sim.accepted)
+    status, rct, rbody = post(pki, sim, body, ct)
+    r = read_response(rbody, rct)
+    assert status in (400, 500) and r.fault is not None and r.fault.code in ("Sender", "VersionMismatch")
+    assert len(sim.accepted) == before
