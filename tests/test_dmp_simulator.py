@@ -305,6 +305,11 @@ def test_replacement_needs_an_entry_accepted_before(pki, sim, signer):
     v2, _, uid2, _ = new_cda(CDA_V2)
     status, r, _ = send_doc(pki, sim, signer, R.Doc(v2, unique_id=uid2, replaces=first.entry_uuid), pid)
     assert r.success and sim.accepted[-1].documents[0].replaces == first.entry_uuid
+    # the same replacement again is accepted as a re-send; it stores nothing new
+    second = R.Doc(v2, unique_id=uid2, replaces=first.entry_uuid)
+    status, r, _ = send_doc(pki, sim, signer, second, pid)
+    assert r.success and sim.accepted[-1].documents[0].duplicate_of
+    assert second.entry_uuid not in sim.known
     # the replaced entry is deprecated: replacing it again is refused
     v3, _, uid3, _ = new_cda(CDA_V2)
     e = _registry_error(pki, sim, signer, R.Doc(v3, unique_id=uid3, replaces=first.entry_uuid), pid)
@@ -329,12 +334,18 @@ def test_deletion_targets_a_known_document(pki, sim, signer):
     r = read_response(rbody, rct)
     assert r.success and r.relates_to == mid and r.action == "urn:ihe:iti:2010:UpdateDocumentSetResponse"
     assert sim.accepted[-1].status_updates[0]["target"] == doc.entry_uuid
-    # deleting it again, or an unknown entry, is refused
-    for target, code in ((doc.entry_uuid, "XDSMetadataUpdateError"),
-                         ("urn:uuid:00000000-0000-0000-0000-000000000002", "XDSUnresolvedReferenceException")):
-        body, ct, _ = R.iti57_delete(signer, target, pid)
-        r = read_response(*reversed(post(pki, sim, body, ct)[1:]))
-        assert r.status == "Failure" and r.errors[0].error_code == code
+    # the same deletion again (a re-send after a lost answer) changes nothing and is accepted
+    body, ct, _ = R.iti57_delete(signer, doc.entry_uuid, pid)
+    assert read_response(*reversed(post(pki, sim, body, ct)[1:])).success
+    update = sim.accepted[-1].status_updates[0]
+    assert update["from"] == update["to"] == "urn:oasis:names:tc:ebxml-regrep:StatusType:Deprecated"
+    # a deleted entry cannot be replaced; an unknown entry cannot be deleted
+    v2, _, uid2, _ = new_cda(CDA_V2)
+    e = _registry_error(pki, sim, signer, R.Doc(v2, unique_id=uid2, replaces=doc.entry_uuid), pid)
+    assert e.error_code == "XDSUnresolvedReferenceException"
+    body, ct, _ = R.iti57_delete(signer, "urn:uuid:00000000-0000-0000-0000-000000000002", pid)
+    r = read_response(*reversed(post(pki, sim, body, ct)[1:]))
+    assert r.status == "Failure" and r.errors[0].error_code == "XDSUnresolvedReferenceException"
 
 
 # -------------------------------------------------------------------- behaviours

@@ -9,6 +9,8 @@ The Twisted edge of the simulator; every rule lives in :mod:`engine.simulators.d
   "response.xml" (multipart/related, ``RelatesTo`` = the request's ``MessageID``), with a
   ``RegistryErrorList`` or a SOAP 1.2 fault when a rule fails (HTTP 200 for a registry answer;
   for a fault 400 when the sender is at fault, 500 otherwise, per SOAP 1.2 Part 2 §7.5.1.2).
+* A request sent again after a lost answer (same uniqueId and bytes, same replacement, same
+  deletion) is accepted and changes nothing: the connector's retries stay harmless.
 * What it accepts is kept in memory (:attr:`DMPSimulator.accepted`) and, with ``store_dir``,
   written as one directory per request: ``summary.json`` and the document bytes.
 * Behaviours (:meth:`DMPSimulator.set_behaviour`): answer a registry error list, a SOAP fault
@@ -27,7 +29,7 @@ import json
 import re
 import threading
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -226,13 +228,11 @@ class DMPSimulator:
                     continue
                 if doc.replaces:
                     old = self.known[doc.replaces]
-                    self.known[doc.replaces] = KnownEntry(old.entry_uuid, old.unique_id, old.patient_id,
-                                                          old.hash, _DEPRECATED)
-                self.known[doc.entry_uuid] = KnownEntry(doc.entry_uuid, doc.unique_id, doc.patient_id, doc.hash)
+                    self.known[doc.replaces] = replace(old, status=_DEPRECATED)
+                self.known[doc.entry_uuid] = KnownEntry(doc.entry_uuid, doc.unique_id, doc.patient_id, doc.hash,
+                                                        replaces=doc.replaces)
             for upd in sub.status_updates:
-                old = self.known[upd["target"]]
-                self.known[upd["target"]] = KnownEntry(old.entry_uuid, old.unique_id, old.patient_id,
-                                                       old.hash, upd["to"])
+                self.known[upd["target"]] = replace(self.known[upd["target"]], status=upd["to"])
         self.accepted.append(sub)
         self.accepted_count += 1
         self._store(sub)
@@ -247,12 +247,12 @@ class DMPSimulator:
         """A target changed between the check (in a thread) and now: refuse the later request."""
         with self._lock:
             for doc in sub.documents:
-                if doc.replaces and self.known.get(doc.replaces, None) is not None \
+                if doc.replaces and not doc.duplicate_of and self.known.get(doc.replaces) is not None \
                         and self.known[doc.replaces].status != STATUS_APPROVED:
                     return Refusal("XDSUnresolvedReferenceException", "RPLC target was replaced meanwhile",
                                    doc.entry_id)
             for upd in sub.status_updates:
-                if self.known[upd["target"]].status != upd["from"]:
+                if self.known[upd["target"]].status not in (upd["from"], upd["to"]):
                     return Refusal("XDSMetadataUpdateError", "the entry's status changed meanwhile")
         return None
 

@@ -209,6 +209,7 @@ class KnownEntry:
     patient_id: str
     hash: str = ""
     status: str = STATUS_APPROVED
+    replaces: str = ""
 
 
 @dataclass(frozen=True)
@@ -617,6 +618,12 @@ def _attachments(request, related: Related) -> dict[str, bytes]:
     return docs
 
 
+def _resent(known: Mapping[str, KnownEntry], entry: DocumentEntry, target: str) -> bool:
+    """``entry`` was already accepted, same bytes, as the replacement of ``target``."""
+    return any(k.unique_id == entry.unique_id and k.hash == entry.hash and k.replaces == target
+               for k in known.values())
+
+
 def check_iti41(env, related: Related, known: Mapping[str, KnownEntry], vihf_ins: str,
                 message_id: str, vihf: dict) -> Submission:
     request = env.find(f"{{{SOAP12_NS}}}Body/{{{XDSB_NS}}}ProvideAndRegisterDocumentSetRequest")
@@ -647,7 +654,9 @@ def check_iti41(env, related: Related, known: Mapping[str, KnownEntry], vihf_ins
             if src not in by_id:
                 raise _Stop(Refusal("XDSRegistryMetadataError", "RPLC source is not an entry of this submission", src or ""))
             target = known.get(tgt or "")
-            if target is None or target.status != STATUS_APPROVED:
+            if target is not None and target.status != STATUS_APPROVED and _resent(known, by_id[src], tgt):
+                pass      # the same replacement again (a re-send after a lost answer)
+            elif target is None or target.status != STATUS_APPROVED:
                 raise _Stop(Refusal("XDSUnresolvedReferenceException",
                                     "RPLC target is not an approved entry of this registry", src))
             if target.patient_id != info["patient_id"]:
@@ -692,6 +701,10 @@ def check_iti57(env, known: Mapping[str, KnownEntry], vihf_ins: str, message_id:
                                 "the status update targets no entry of this registry", assoc.get("id", "")))
         if target.patient_id != info["patient_id"]:
             raise _Stop(Refusal("XDSPatientIdDoesNotMatch", "the target belongs to another patient", assoc.get("id", "")))
+        if target.status == new and original != new:
+            # the same update again (a re-send after a lost answer): accepted, changes nothing
+            updates.append({"target": target.entry_uuid, "unique_id": target.unique_id, "from": new, "to": new})
+            continue
         if original != target.status:
             raise _Stop(Refusal("XDSMetadataUpdateError", "OriginalStatus is not the entry's status", assoc.get("id", "")))
         if new not in (STATUS_APPROVED, STATUS_DEPRECATED, STATUS_DELETED) or new == original:
@@ -721,4 +734,8 @@ def check_request(related: Related, *, trust: VihfTrust, known: Mapping[str, Kno
             sub = check_iti57(env, known, vihf_ins, message_id, vihf)
     except _Stop as stop:
         return CheckResult(message_id=message_id, action=action, refusals=(stop.refusal,))
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        # only reachable without the XSD check (a structure the schemas would have refused)
+        return CheckResult(message_id=message_id, action=action, refusals=(Refusal(
+            "XDSRepositoryError", f"unreadable request structure ({type(exc).__name__})", fault_ns=SOAP12_NS),))
     return CheckResult(message_id=message_id, action=action, submission=sub)
