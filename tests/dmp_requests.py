@@ -139,7 +139,7 @@ def _doc_entry(objs, doc: Doc, patient_id: str, i: int):
 
 
 def vihf(signer: Signer, patient_id: str, *, version: str = "3.0", drop: tuple[str, ...] = (),
-         tamper: Optional[Callable] = None) -> etree._Element:
+         tamper: Optional[Callable] = None, overrides: Optional[dict] = None) -> etree._Element:
     """A signed VIHF for an automated sender (guide « Exemple d'un VIHF avec automate »)."""
     from signxml import XMLSigner, methods
 
@@ -162,6 +162,7 @@ def vihf(signer: Signer, patient_id: str, *, version: str = "3.0", drop: tuple[s
         "Identifiant_Structure": "1120456789", "LPS_Nom": "mini-PFI", "LPS_Version": "1.0",
         "LPS_ID_HOMOLOGATION_DMP": "TEST-0001",
     }
+    attrs.update(overrides or {})
     for name, value in attrs.items():
         if name in drop:
             continue

@@ -212,6 +212,16 @@ def test_vihf_without_a_required_attribute_is_refused(pki, sim, signer, missing)
     assert r.fault.subcodes == ("InvalidSecurityToken",) and missing in r.fault.reason
 
 
+@pytest.mark.parametrize("name, value", [("Secteur_Activite", "SA07"), ("VIHF_Version", "2.0"),
+                                         ("Authentification_Mode", "DIRECTE"), ("Ressource_URN", "urn:other")])
+def test_vihf_with_a_wrong_value_is_refused(pki, sim, signer, name, value):
+    content, pid, uid, _ = new_cda()
+    a = R.vihf(signer, pid, overrides={name: value})
+    body, ct, _ = R.iti41(signer, [R.Doc(content, unique_id=uid)], pid, assertion=a)
+    _, r = _fault(pki, sim, body, ct)
+    assert r.fault.subcodes == ("InvalidSecurityToken",) and name in r.fault.reason
+
+
 def test_vihf_for_another_patient_is_refused(pki, sim, signer):
     content, pid, uid, _ = new_cda()
     other = "248000000000040^^^&1.2.250.1.213.1.4.10&ISO^NH"

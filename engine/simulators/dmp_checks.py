@@ -78,8 +78,8 @@ SIGNS = "urn:ihe:iti:2007:AssociationType:signs"
 UPDATE_STATUS = "urn:ihe:iti:2010:AssociationType:UpdateAvailabilityStatus"
 STATUS_APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
 STATUS_DEPRECATED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Deprecated"
-# The DMP's deletion (transaction « TD3.3c » of the DMP, as the DMP/DRIMbox material names it):
-# ITI-57 UpdateAvailabilityStatus to this CI-SIS status.
+# The DMP's deletion (its transaction TD3.3c): ITI-57 UpdateAvailabilityStatus to this status,
+# « Version dépubliée » of the ANS terminology TRE_R270-AvailabilityStatus.
 STATUS_DELETED = "urn:asip:ci-sis:2010:StatusType:Deleted"
 
 # CI-SIS JDV_J08-XdsConfidentialityCode-CISIS.
@@ -417,6 +417,8 @@ def check_vihf(env: etree._Element, trust: VihfTrust) -> dict[str, list[str]]:
         raise _Stop(_wsse_fault("InvalidSecurityToken", "VIHF_Version not accepted"))
     if attrs["Authentification_Mode"][0] != trust.authentication_mode:
         raise _Stop(_wsse_fault("InvalidSecurityToken", "Authentification_Mode not accepted"))
+    if not re.fullmatch(r"[^^\s]+\^[0-9]+(\.[0-9]+)+", attrs["Secteur_Activite"][0].strip()):
+        raise _Stop(_wsse_fault("InvalidSecurityToken", "Secteur_Activite is not code^OID"))
     if attrs["Ressource_URN"][0] != "urn:dmp":
         raise _Stop(_wsse_fault("InvalidSecurityToken", "Ressource_URN is not urn:dmp"))
     if attrs["urn:oasis:names:tc:xspa:1.0:subject:purposeofuse"][0] != "normal":
