@@ -21,7 +21,7 @@ from engine.reports.cisis import parse_report
 from engine.transforms.cda_wrap import CdaWrapParams, build_cisis_oru, wrap_pacs_report
 from engine.xds import mtom, schemas
 from engine.xds.document_facts import read_document_facts
-from engine.xds.envelope import build_iti41, build_iti57_delete
+from engine.xds.envelope import build_iti41, build_iti57_delete, validate_request
 from engine.xds.metadata import (
     DE_CLASS, DE_CONFIDENTIALITY, DE_FORMAT, DE_PATIENT_ID, DE_TYPE, DE_UNIQUE_ID, DMP_DELETED,
     HAS_MEMBER, RPLC, SIGNS, SS_PATIENT_ID, UPDATE_AVAILABILITY, MetadataError, entry_uuid_for,
@@ -211,6 +211,7 @@ def test_every_report_gives_a_valid_signed_request_equal_to_its_cda(name, settin
     sub = _pacs_submission() if name == "PACS-wrapped ORU" else _submission(name)
     assert sub.ok and sub.recipients.dmp
     request = _build(sub, settings, signer)
+    assert validate_request(request) == []
     root, parts = _read_back(request)
     _check_vihf(root, sub, files)
     if sub.action == "delete":
@@ -309,3 +310,30 @@ def test_signing_identity_from_pem_and_pkcs12(files):
         load_signing_identity(files.p12, "not-it")
     with pytest.raises(SigningIdentityError, match="does not match"):
         load_signing_identity(files.cert_pem, key_path=files.other_key_pem)
+
+
+def test_settings_default_to_the_guide_and_refuse_unknown_keys(settings):
+    assert settings.vihf.version == "4.0" and settings.vihf.authentication_mode == "INDIRECTE"
+    assert settings.vihf.signature_algorithm == "rsa-sha256" and settings.vihf.resource_urn == "urn:dmp"
+    assert settings.xds.content_type_by_patient_class == {"I": "03", "O": "07", "R": "19", "N": "97", "E": "07"}
+    with pytest.raises(ValueError, match="extra"):
+        XdsSettings(endpoint=ENDPOINT, source_id="1.2.3", key_password="never here")
+
+
+def test_an_ec_signing_key_signs_both_signatures(settings, tmp_path):
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path)
+    ec_signer = load_signing_identity(pki.client_cert, key_path=pki.client_key)
+    ec_settings = settings.model_copy(update={
+        "vihf": settings.vihf.model_copy(update={"signature_algorithm": "ecdsa-sha256"}),
+        "xds": settings.xds.model_copy(update={"signature_algorithm": "ecdsa-sha256"})})
+    sub = _submission("MDM/Transmission initiale MDM/message_MDM_CR_Radio_INIT_N1_Base64.er7")
+    request = _build(sub, ec_settings, ec_signer)
+    root, parts = _read_back(request)
+    cert = ec_signer.certificate
+    XMLVerifier().verify(etree.tostring(root), x509_cert=cert, id_attribute="ID")
+    include = root.find(f".//{{{schemas.XDSB_NS}}}Document[@id='{request.signature_entry_uuid}']/"
+                        f"{{{schemas.XOP_NS}}}Include")
+    XMLVerifier().verify(parts[mtom.cid_of(include.get("href"))], x509_cert=cert, id_attribute="Id",
+                         validate_schema=False, expect_config=SignatureConfiguration(expect_references=2))

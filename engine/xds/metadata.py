@@ -17,6 +17,11 @@ goes to availabilityStatus Deleted); IHE ITI TF-3 §4.2.3 (attributes), §4.2.5 
 * a deletion (ITI-57) is a SubmissionSet and an UpdateAvailabilityStatus association to the
   entry, new status ``urn:asip:ci-sis:2010:StatusType:Deleted`` (DMP « TD3.3c »).
 
+MODIF_CONF_CODE (profils-messages.md « Modification Confidentiality Code »: the request changes
+the masking or the visibility) needs nothing of its own: in indirect authentication such a change
+is a replacement carrying the new confidentiality classifications (contexte-metier.md), which this
+module writes from the flags like any other. CONNEXION_SECRETE is a VIHF attribute (``vihf``).
+
 entryUUIDs: the registry keeps the UUIDs a source gives (IHE ITI TF-3 §4.2.3.1.5), so each
 DocumentEntry gets ``urn:uuid:`` + UUIDv5 of its uniqueId (:func:`entry_uuid_for`): a replacement or
 a deletion finds the entry to point to from the CDA ids alone when the connector has not stored it.
