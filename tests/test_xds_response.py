@@ -95,3 +95,30 @@ def test_dmp_code_from_an_own_subcode_or_a_detail_element():
 def test_unreadable_answers_raise_one_error_type(body, ct, why):
     with pytest.raises(ResponseError, match=why):
         read_response(body, ct)
+
+
+def _answers():
+    yield build_success("urn:uuid:1")
+    yield build_error_list("urn:uuid:2", [RegistryError("XDSRegistryError", "x", "Error", "l")])
+    yield build_fault("urn:uuid:3", dmp_code="C", dmp_label="L")
+
+
+def test_mangled_answers_give_a_result_or_response_error():
+    """Property: whatever the bytes, the reader returns a result or raises ResponseError."""
+    from hypothesis import given, settings, strategies as st
+
+    answers = list(_answers())
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.sampled_from(range(len(answers))), st.integers(0, 10_000), st.binary(max_size=8),
+           st.integers(0, 40))
+    def check(which, pos, insert, cut):
+        body, ct = answers[which]
+        pos %= len(body) + 1
+        mangled = body[:pos] + insert + body[pos + cut:]
+        try:
+            read_response(mangled, ct)
+        except ResponseError:
+            pass
+
+    check()
