@@ -367,6 +367,12 @@ def cmd_version(args) -> int:
     return 0 if "error" not in resources else 1
 
 
+def cmd_dmp_simulator(args) -> int:
+    from engine.simulators.dmp_cli import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minipfi", description="mini-PFI HL7 v2 / IHE integration engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -440,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("reload", help="ask the running engine to reload its routes file")
     data_opts(rl)
     rl.set_defaults(fn=cmd_reload)
+
+    from engine.simulators.dmp_cli import add_arguments as dmp_simulator_arguments
+
+    dsim = sub.add_parser("dmp-simulator", help="a DMP (ITI-41 / ITI-57) simulator for tests and demos")
+    dmp_simulator_arguments(dsim)
+    dsim.set_defaults(fn=cmd_dmp_simulator)
 
     v = sub.add_parser("version")
     v.add_argument("--config", help="routes file whose engine.cda_resources to report")
