@@ -10,6 +10,7 @@ here; a transform: its module under ``engine/transforms/`` registers itself with
 from __future__ import annotations
 
 from engine import config
+from engine.connectors.dmp import DmpConnector, DmpDestinationConfig, check_files as dmp_check_files, dmp_targets
 from engine.connectors.drimbox import DrimboxConnector, DrimboxDestinationConfig
 from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig
 from engine.connectors.registry import ConnectorType, register
@@ -25,6 +26,8 @@ def wire() -> None:
     config.set_transform_validator(validate_specs)
     register(ConnectorType("mllp", MLLPDestinationConfig, MLLPConnector))
     register(ConnectorType("drimbox", DrimboxDestinationConfig, DrimboxConnector))
+    register(ConnectorType("dmp", DmpDestinationConfig, DmpConnector, targets=dmp_targets,
+                           check=dmp_check_files))
 
 
 wire()

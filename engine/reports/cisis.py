@@ -356,9 +356,12 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     if code == "MDM" and txa is None:
         ctx.error(E_OTHER, "TXA segment missing (required for MDM)", "TXA", HL7_SEGMENT_SEQUENCE)
 
+    pv1 = (by_name.get("PV1") or [None])[0]
+    if pv1 is not None:
+        # PV1-2: the XDS contentTypeCode (mapping.md « Mapping XDS », « Lot de soumission »)
+        sub.patient_class = ctx.s(pv1.field(2)).upper() or None
     if lps:
         # lps-cda-mssante/profils-messages.md « PV1-2 Classe du patient : N (Not applicable) »
-        pv1 = (by_name.get("PV1") or [None])[0]
         if pv1 is None:
             ctx.error(E_OTHER, "PV1 segment missing", "PV1", HL7_SEGMENT_SEQUENCE)
         elif ctx.s(pv1.field(2)).upper() != "N":

@@ -179,6 +179,8 @@ class Submission(_Model):
     #: PID-32 (identity reliability, IHE PAM France): the INS is qualified only with VALI
     identity_reliability: str | None = None
     ipp: str | None = None
+    #: PV1-2 patient class (I, O, E, R, N...): the DMP metadata's contentTypeCode
+    patient_class: str | None = None
     patient: PatientTraits = Field(default_factory=PatientTraits)
     documents: list[Document] = Field(default_factory=list)
     flags: dict[str, bool] = Field(default_factory=dict)
