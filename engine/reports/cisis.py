@@ -512,6 +512,12 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
                           "OBX-5")
     if txa is not None:
         _check_txa(txa, sub, enc, ctx, code, event)
+    # profils-messages.md « Le segment OBR »: OBR-4.1 « Code du document », a copy of the CDA code
+    obr = (by_name.get("OBR") or [None])[0]
+    obr4 = ctx.s(enc.component_of(obr.field(4), 1)) if obr is not None else ""
+    cda_codes = {d.type_code for d in sub.documents if d.type_code}
+    if obr4 and cda_codes and obr4 not in cda_codes:
+        ctx.report("cisis.copy.type-code", "OBR-4.1 differs from the CDA ClinicalDocument/code", "OBR-4")
 
     # --- INS: PID-3 vs CDA recordTarget (profils-messages.md: « Le PID-3 doit être identique aux
     # identifiants de patient portés par le document CDA »; error-codes.md 903/904/905)

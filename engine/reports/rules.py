@@ -121,8 +121,8 @@ RULES: tuple[Rule, ...] = (
     # ---------------------------------------------------------------- copies of CDA metadata
     _r("cisis.copy.document-id", REP, CISIS, f"{PROFILES}, TXA-12", "906", W,
        "TXA-12 differs from ClinicalDocument/id (the CDA's id is the one carried)"),
-    _r("cisis.copy.type-code", REP, CISIS, f"{PROFILES}, TXA-2 and OBX-3.1", "906", W,
-       "TXA-2 or OBX-3.1 differs from ClinicalDocument/code (the CDA's code is the one carried)"),
+    _r("cisis.copy.type-code", REP, CISIS, f"{PROFILES}, TXA-2, OBR-4.1 and OBX-3.1", "906", W,
+       "TXA-2, OBR-4.1 or OBX-3.1 differs from ClinicalDocument/code (the CDA's code is carried)"),
     # ---------------------------------------------------------------- replacement and versions
     _r("cisis.txa.document-id-missing", REP, CISIS, f"{PROFILES}, TXA-12", "906", R,
        "TXA-12 (unique document number) missing"),
