@@ -319,8 +319,13 @@ class CdaValidationConfig(_Model):
     on_failure: Literal["warn", "reject"] | None = None
 
 
+def _rule_severity(value: Any) -> Any:
+    """YAML 1.1 reads a bare ``off`` as false: take it as the severity ``off``."""
+    return "off" if value is False else value
+
+
 #: ``rules:`` of a report block: rule id (``minipfi inspect --rules``) -> severity
-RuleOverrides = dict[str, Literal["reject", "warn", "off"]]
+RuleOverrides = dict[str, Annotated[Literal["reject", "warn", "off"], BeforeValidator(_rule_severity)]]
 
 
 class ReportsConfig(_Model):

@@ -455,7 +455,7 @@ RULES_BASE = BASE.replace("    port: 2575\n", """    port: 2575
       enabled: true
       rules:
         cisis.copy.document-id: reject
-        cda.schematron: "off"
+        cda.schematron: off
     teleradiology:
       enabled: true
       rules: {tlr.obr.copy: warn}
@@ -464,6 +464,7 @@ RULES_BASE = BASE.replace("    port: 2575\n", """    port: 2575
 
 def test_report_rules_load():
     ch = load_config_text(RULES_BASE).channel("in")
+    # a bare `off` (a YAML 1.1 boolean) is the severity off
     assert ch.reports.rules == {"cisis.copy.document-id": "reject", "cda.schematron": "off"}
     assert ch.teleradiology.rules == {"tlr.obr.copy": "warn"}
     assert ch.pacs_reports.rules == {}

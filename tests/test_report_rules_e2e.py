@@ -210,15 +210,19 @@ def messages() -> list[tuple[str, str, bytes]]:
     return out
 
 
-def rules_block(block: str, level: str | None) -> str:
+def rules_block(block: str, level: str | dict | None) -> str:
+    """Every relaxable rule of the block at ``level``; a dict: exactly these overrides."""
     if level is None:
         return "{}"
+    if isinstance(level, dict):
+        steps = catalogue.BLOCK_STEPS[block]
+        return "{" + ", ".join(f"{i}: {v!r}" for i, v in level.items() if catalogue.rule(i).step in steps) + "}"
     steps = catalogue.BLOCK_STEPS[block]
     ids = [r.id for r in catalogue.RULES if r.step in steps and r.relaxable]
     return "{" + ", ".join(f"{i}: {level!r}" for i in ids) + "}"
 
 
-def config(port, status_port, out_port, level: str | None) -> str:
+def config(port, status_port, out_port, level: str | dict | None) -> str:
     return f"""
         engine:
           status: {{bind: 127.0.0.1, port: {status_port}}}
@@ -271,7 +275,7 @@ def ack_fields(ack: bytes) -> tuple[str, list[list[str]]]:
 def engine_for(tmp_path):
     started = []
 
-    def start(level: str | None, db_url: str | None = None):
+    def start(level: str | dict | None, db_url: str | None = None):
         receiver = Receiver()
         port, status_port = free_port(), free_port()
         home = tmp_path / f"engine-{len(started)}"
@@ -349,8 +353,7 @@ def _txa12_altered() -> bytes:
     return seg_edit(mutate(base), "MSH", 10, "TXA12-COPY").encode("utf-8") + b"\r"
 
 
-def _show(eng, cid: str, *extra: str):
-    mid = next(r["id"] for r in eng.messages() if r["control_id"] == cid)
+def _show(eng, mid: int, *extra: str) -> str:
     return eng.cli("messages", "show", str(mid), *extra).stdout
 
 
@@ -364,23 +367,45 @@ def test_txa12_copy_warned_by_default_and_the_cda_id_carried(engine_for, pg_url)
     assert (w[2], w[3].split("^")[0], w[4], w[5].split("^")[0]) == ("TXA^1^12", "207", "W", "906")
     assert "TXA-12 differs" in w[8]
     assert control_id(receiver.wait_for(1)[0]) == "TXA12-COPY"
-    stored = json.loads(_show(eng, "TXA12-COPY", "--json"))["submission"]["submission"]
+    (row,) = eng.messages()
+    stored = json.loads(_show(eng, row["id"], "--json"))["submission"]["submission"]
     assert [d["id"] for d in stored["documents"]] == [CDA_ID]  # the CDA's id, not TXA-12's
     assert stored["errors"] == []
     assert [(x["rule"], x["code"], x["location"]) for x in stored["warnings"]
             if x["rule"] == "cisis.copy.document-id"] == [("cisis.copy.document-id", "906", "TXA-12")]
-    assert "warning: 906 [cisis.copy.document-id] TXA-12: TXA-12 differs" in _show(eng, "TXA12-COPY")
+    assert "warning: 906 [cisis.copy.document-id] TXA-12: TXA-12 differs" in _show(eng, row["id"])
 
 
 def test_txa12_copy_refused_when_its_rule_rejects(engine_for):
-    eng, receiver = engine_for("reject")
+    eng, receiver = engine_for({"cisis.copy.document-id": "reject"})  # the other rules: defaults
     with BlockingMLLPClient("127.0.0.1", eng.port, timeout=30) as c:
         code, errs = ack_fields(c.send(_txa12_altered()))
     assert code == "AE"
-    (e,) = [e for e in errs if e[7] == "cisis.copy.document-id"]
-    assert (e[3].split("^")[0], e[4], e[5].split("^")[0]) == ("207", "E", "906")
-    assert {r["control_id"]: r["status"] for r in eng.messages()} == {"TXA12-COPY": "rejected"}
+    (e,) = [e for e in errs if e[4] == "E"]  # the one refusal; the corpus's own warnings stay W
+    assert (e[7], e[3].split("^")[0], e[5].split("^")[0]) == ("cisis.copy.document-id", "207", "906")
+    (row,) = eng.messages()
+    assert (row["control_id"], row["status"]) == ("TXA12-COPY", "rejected")
     time.sleep(0.5)
     assert receiver.received == []
-    stored = json.loads(_show(eng, "TXA12-COPY", "--json"))["submission"]["submission"]
+    stored = json.loads(_show(eng, row["id"], "--json"))["submission"]["submission"]
     assert [d["id"] for d in stored["documents"]] == [CDA_ID]
+
+
+def test_cli_lists_the_rules_and_inspects_with_overrides(tmp_path):
+    eng = EngineProcess(tmp_path, "engine: {}\n")
+    listed = json.loads(eng.cli("inspect", "--rules", "--json").stdout)
+    assert [r["id"] for r in listed] == [r.id for r in catalogue.RULES]
+    txa12 = next(r for r in listed if r["id"] == "cisis.copy.document-id")
+    assert (txa12["default"], txa12["code"], txa12["step"]) == ("warn", "906", "reports")
+    assert "TXA-12" in txa12["section"] and "Transmission de documents CDA en HL7 v2" in txa12["guide"]
+    text = eng.cli("inspect", "--rules").stdout
+    assert "pacs.identity.unknown" in text and "(cannot be relaxed)" in text
+
+    path = tmp_path / "txa12.hl7"
+    path.write_bytes(_txa12_altered())
+    r = eng.cli("inspect", str(path))
+    assert "WARNING 906 [cisis.copy.document-id] TXA-12: TXA-12 differs" in r.stdout
+    r = eng.cli("inspect", str(path), "--rule", "cisis.copy.document-id=reject", check=False)
+    assert r.returncode == 1 and "ERROR 906 [cisis.copy.document-id] TXA-12" in r.stdout
+    r = eng.cli("inspect", str(path), "--rule", "cisis.copy.documentid=reject", "--json", check=False)
+    assert r.returncode == 1 and "did you mean 'cisis.copy.document-id'" in json.loads(r.stdout)["errors"][0]["text"]
