@@ -183,9 +183,10 @@ class _ReportStepBase:
             result = store.ingest_within(conn, [record])[0]
             if not isinstance(result, Stored):
                 return StepResult(result)
+            refusals = sum(1 for e in prepared.errors if e.severity == "E")  # warnings are not errors
             store.insert_submission(
                 conn, result.message_id, kind=kind, action=getattr(sub, "action", None),
-                documents=len(getattr(sub, "documents", []) or []), errors=len(prepared.errors),
+                documents=len(getattr(sub, "documents", []) or []), errors=refusals,
                 submission_json=sub.model_dump_json() if sub is not None else "{}",
                 validation=prepared.validation, wrapped=prepared.wrapped, doc_key=prepared.doc_key,
                 cda_header=prepared.cda_header)
