@@ -21,6 +21,11 @@ d'un courriel MSSanté », below "the LPS guide":
 * ``evenements-declenchants.md`` - T02/OBX-11 F, T04/OBX-11 D, T10/OBX-11 C;
 * ``error-codes.md`` - the same 900-906 codes.
 
+Every finding is reported under a rule of the catalogue (:mod:`engine.reports.rules`): whether
+it is an error (AE), a warning or nothing is the channel's choice, per rule; by default a copy in
+the HL7 message of CDA metadata (TXA-12, TXA-2, OBR-4.1, OBX-3.1) that differs from the CDA is
+a warning, and the submission carries the CDA's value.
+
 Pure function, no I/O. Tolerant reading: CR, LF or CRLF segment separators (the message is read
 with :class:`engine.hl7.message.Message`, escapes with :func:`engine.hl7.escape.unescape`);
 spaces in assigning-authority names (``ASIP-SANTE- PS``); ``ACK_LECTURE`` for ``ACK_LECTURE_MSS``;
@@ -151,8 +156,9 @@ def _b64decode_tolerant(data: bytes, ctx: _Ctx, where: str, *, truncated_ok: boo
     if re.fullmatch(rb"[A-Za-z0-9+/]*={0,2}", clean):
         try:
             out = base64.b64decode(clean.rstrip(b"=") + b"=" * (-len(clean.rstrip(b"=")) % 4))
-            ctx.report("cisis.encoding.tolerated", "Base64 data without its final padding: padding restored on reading",
-                     where)
+            ctx.report("cisis.encoding.tolerated",
+                       "Base64 data without its final padding: padding restored on reading",
+                       where)
             return out
         except (binascii.Error, ValueError):
             pass
@@ -161,8 +167,9 @@ def _b64decode_tolerant(data: bytes, ctx: _Ctx, where: str, *, truncated_ok: boo
         # whole quanta
         body = clean.rstrip(b"=")
         body = body[: len(body) - len(body) % 4]
-        ctx.report("cisis.encoding.tolerated", "truncated Base64 text: the incomplete last characters were dropped",
-                 where)
+        ctx.report("cisis.encoding.tolerated",
+                   "truncated Base64 text: the incomplete last characters were dropped",
+                   where)
         return base64.b64decode(body)
     ctx.report("cisis.document.encoding", "OBX-5 data is not valid Base64", where, HL7_DATA_TYPE)
     return None
@@ -300,29 +307,35 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     # --- MSH (profils-messages.md, segment MSH: MSH-9, MSH-12, MSH-21)
     expected_version = (LPS_SUPPORTED if lps else SUPPORTED).get((code, event))
     if lps and code != "MDM":
-        ctx.report("cisis.msh.message-type", f"unsupported message type {code!r}: the LPS profile uses MDM^T02/T10/T04 "
-                           "only", "MSH-9", HL7_UNSUPPORTED_TYPE)
+        ctx.report("cisis.msh.message-type",
+                   f"unsupported message type {code!r}: the LPS profile uses MDM^T02/T10/T04 "
+                   "only", "MSH-9", HL7_UNSUPPORTED_TYPE)
     elif code not in ("ORU", "MDM"):
-        ctx.report("cisis.msh.message-type", f"unsupported message type {code!r}: ORU^R01 or MDM^T02/T10/T04 expected",
-                  "MSH-9", HL7_UNSUPPORTED_TYPE)
+        ctx.report("cisis.msh.message-type",
+                   f"unsupported message type {code!r}: ORU^R01 or MDM^T02/T10/T04 expected",
+                   "MSH-9", HL7_UNSUPPORTED_TYPE)
     elif expected_version is None:
         ctx.report("cisis.msh.message-type", f"unsupported trigger event {code}^{event}", "MSH-9",
-                  HL7_UNSUPPORTED_EVENT)
+                   HL7_UNSUPPORTED_EVENT)
     elif version != expected_version:
-        ctx.report("cisis.msh.message-type", f"{code} must use HL7 v{expected_version}, MSH-12 is {version!r}",
-                  "MSH-12", HL7_UNSUPPORTED_VERSION)
+        ctx.report("cisis.msh.message-type",
+                   f"{code} must use HL7 v{expected_version}, MSH-12 is {version!r}",
+                   "MSH-12", HL7_UNSUPPORTED_VERSION)
     prof = next((p for p in msh21 if PROFILE_ID in p.upper().replace(" ", "")), None)
     if lps:
         sub.profile = lps_prof
         if lps_prof.split("^")[0] != LPS_PROFILE_VERSION:
-            ctx.report("cisis.msh.profile-version", f"MSH-21 profile version is not {LPS_PROFILE_VERSION}", "MSH-21")
+            ctx.report("cisis.msh.profile-version",
+                       f"MSH-21 profile version is not {LPS_PROFILE_VERSION}", "MSH-21")
     elif prof is None:
-        ctx.report("cisis.msh.profile", f"MSH-21 must carry {PROFILE_VERSION}^{PROFILE_ID}", "MSH-21",
-                  HL7_REQUIRED_FIELD)
+        ctx.report("cisis.msh.profile",
+                   f"MSH-21 must carry {PROFILE_VERSION}^{PROFILE_ID}", "MSH-21",
+                   HL7_REQUIRED_FIELD)
     else:
         sub.profile = prof.replace(" ", "")
         if sub.profile.split("^")[0] != PROFILE_VERSION:
-            ctx.report("cisis.msh.profile-version", f"MSH-21 profile version is not {PROFILE_VERSION}", "MSH-21")
+            ctx.report("cisis.msh.profile-version",
+                       f"MSH-21 profile version is not {PROFILE_VERSION}", "MSH-21")
 
     by_name: dict[str, list[Segment]] = {}
     for s in segs:
@@ -344,17 +357,19 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
             sex=ctx.s(pid.field(8)) or None,
         )
         if sub.ins is None:
-            ctx.report("cisis.ins.not-given", "no INS in PID-3 (CX-5 = INS): identity not qualified", "PID-3")
+            ctx.report("cisis.ins.not-given",
+                       "no INS in PID-3 (CX-5 = INS): identity not qualified", "PID-3")
         else:
             if sub.ins.oid not in INS_OIDS:
                 ctx.report("cisis.ins.oid", "PID-3 INS assigning authority is not an INS OID",
-                          "PID-3.4", HL7_TABLE_VALUE)
+                           "PID-3.4", HL7_TABLE_VALUE)
             # CI-SIS annexe INS / PAM FR 2.11: an INS is only usable with a qualified identity
             # (PID-32 = VALI); in the ANS examples PID-32 VALI with an INS is the normal case
             pid32 = ctx.s(pid.field(32)).upper()
             if pid32 and pid32 != "VALI":
-                ctx.report("cisis.ins.reliability", f"PID-32 identity reliability is {pid32!r}, not VALI: the INS "
-                                  "must not be used as the patient identifier", "PID-32")
+                ctx.report("cisis.ins.reliability",
+                           f"PID-32 identity reliability is {pid32!r}, not VALI: the INS "
+                           "must not be used as the patient identifier", "PID-32")
 
     # --- ORC-1 and event (profils-messages.md « Le segment ORC »)
     orc = (by_name.get("ORC") or [None])[0]
@@ -362,12 +377,14 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     if orc is None:
         ctx.report("cisis.segment.missing", "ORC segment missing", "ORC", HL7_SEGMENT_SEQUENCE)
     elif orc1 not in ORC_ACTION:
-        ctx.report("cisis.action.code", f"ORC-1 must be NW, RO or CA (got {orc1!r})", "ORC-1", HL7_TABLE_VALUE)
+        ctx.report("cisis.action.code",
+                   f"ORC-1 must be NW, RO or CA (got {orc1!r})", "ORC-1", HL7_TABLE_VALUE)
     if not by_name.get("OBR"):
         ctx.report("cisis.segment.missing", "OBR segment missing", "OBR", HL7_SEGMENT_SEQUENCE)
     txa = (by_name.get("TXA") or [None])[0]
     if code == "MDM" and txa is None:
-        ctx.report("cisis.segment.missing", "TXA segment missing (required for MDM)", "TXA", HL7_SEGMENT_SEQUENCE)
+        ctx.report("cisis.segment.missing",
+                   "TXA segment missing (required for MDM)", "TXA", HL7_SEGMENT_SEQUENCE)
 
     if lps:
         # lps-cda-mssante/profils-messages.md « PV1-2 Classe du patient : N (Not applicable) »
@@ -411,12 +428,14 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
                     sub.mail_bodies[name] = body
                 continue
             if name not in FLAG_NAMES:
-                ctx.report("cisis.flags.unknown", f"unknown MetaDMPMSS code {name!r} ignored", f"{loc}-3")
+                ctx.report("cisis.flags.unknown",
+                           f"unknown MetaDMPMSS code {name!r} ignored", f"{loc}-3")
                 continue
             # meta-dmp-mss.md + profils-messages.md: OBX-5.1 from HL7 table 0136 (Y/N)
             val = _yes_no(ctx.s(enc.component_of(s.field(5), 1)))
             if val is None:
-                ctx.report("cisis.flags.value", f"{name}: OBX-5 must be Y or N", f"{loc}-5", HL7_TABLE_VALUE)
+                ctx.report("cisis.flags.value",
+                           f"{name}: OBX-5 must be Y or N", f"{loc}-5", HL7_TABLE_VALUE)
                 bad_flags.add(name)
                 continue
             if name in flags and flags[name] != val:
@@ -425,7 +444,8 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
             flag_seen[name] = s.index
             last_flag = name
             if vtype not in ("CE", "CWE"):
-                ctx.report("cisis.flags.form", f"{name}: OBX-2 should be CE (ORU) or CWE (MDM)", f"{loc}-2")
+                ctx.report("cisis.flags.form",
+                           f"{name}: OBX-2 should be CE (ORU) or CWE (MDM)", f"{loc}-2")
             # profils-messages.md: « Le champ OBX-11 ... est arbitrairement fixé à F »
             if ctx.s(s.field(11)).upper() not in ("F", ""):
                 ctx.report("cisis.flags.form", f"{name}: OBX-11 should be F", f"{loc}-11")
@@ -438,7 +458,8 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
         elif vtype == "ED":
             doc_obx.append(_DocOBX(s, setid, ctx.s(s.field(11)).upper()))
         else:
-            ctx.report("cisis.obx.ignored", f"OBX with value type {vtype!r} ignored (documents use ED)", loc)
+            ctx.report("cisis.obx.ignored",
+                       f"OBX with value type {vtype!r} ignored (documents use ED)", loc)
 
     # required flags (profils-messages.md « Ces métadonnées sont requises » sauf CORPSMAIL_*;
     # ACK_RECEPTION / ACK_LECTURE_MSS are « Usage = Optional »)
@@ -446,7 +467,7 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     for name in required:
         if name not in flags and name not in bad_flags:
             ctx.report("cisis.flags.required", f"required MetaDMPMSS flag {name} missing", "OBX",
-                      HL7_REQUIRED_FIELD)
+                       HL7_REQUIRED_FIELD)
     if lps:
         # the LPS profile carries only its four restriction flags: keep what is carried (the
         # four required ones always present), no DEST*/ACK_* defaults
@@ -457,12 +478,14 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     # the guide asks for the flags in its order; tolerate, but say so
     order = [flag_seen[n] for n in (LPS_REQUIRED_FLAGS if lps else FLAG_NAMES) if n in flag_seen]
     if order != sorted(order):
-        ctx.report("cisis.flags.form", "MetaDMPMSS flag OBX are not in the order of the guide", "OBX")
+        ctx.report("cisis.flags.form",
+                   "MetaDMPMSS flag OBX are not in the order of the guide", "OBX")
 
     # --- documents (profils-messages.md « Les données concernant la demande de traitement »)
     if not doc_obx:
-        ctx.report("cisis.document.missing", "no document OBX (value type ED) in the message", "OBX",
-                  HL7_SEGMENT_SEQUENCE)
+        ctx.report("cisis.document.missing",
+                   "no document OBX (value type ED) in the message", "OBX",
+                   HL7_SEGMENT_SEQUENCE)
     if lps:
         sub.mail = _read_lps_mail(mail_obx, enc, ctx)
     if code == "ORU" and len(doc_obx) > 2:
@@ -485,13 +508,14 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
             candidates[f"OBX-{d.set_id}-11"] = OBX11_ACTION[d.status]
         else:
             ctx.report("cisis.action.code", f"document OBX-11 must be F, C or D (got {d.status!r})",
-                      f"OBX-{d.set_id}-11", HL7_TABLE_VALUE)
+                       f"OBX-{d.set_id}-11", HL7_TABLE_VALUE)
     if code == "MDM" and event in EVENT_ACTION:
         candidates["MSH-9.2"] = EVENT_ACTION[event]
     if len(set(candidates.values())) > 1:
         detail = ", ".join(f"{k}={v}" for k, v in candidates.items())
-        ctx.report("cisis.action.inconsistent", f"inconsistent request: ORC-1, OBX-11 and event disagree ({detail})",
-                  "ORC-1")
+        ctx.report("cisis.action.inconsistent",
+                   f"inconsistent request: ORC-1, OBX-11 and event disagree ({detail})",
+                   "ORC-1")
         sub.action = None  # ambiguous request: no action-specific check, message rejected
     else:
         sub.action = next(iter(candidates.values()), None)
@@ -502,14 +526,17 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     sub.parent_document_id = parent if sub.action == "replace" else None
     if sub.action == "replace":
         if parent is None and any(h for h in headers):
-            ctx.report("cisis.version.parent", "replacement without relatedDocument[@typeCode='RPLC'] parent id "
-                                 "in the document", "OBX-5")
+            ctx.report("cisis.version.parent",
+                       "replacement without relatedDocument[@typeCode='RPLC'] parent id "
+                       "in the document", "OBX-5")
         for d in sub.documents:
             if d.version_number is not None and d.version_number < 2:
-                ctx.report("cisis.version.number", "replacement document has versionNumber < 2", "OBX-5")
+                ctx.report("cisis.version.number",
+                           "replacement document has versionNumber < 2", "OBX-5")
             if d.replaces and d.id and d.replaces == d.id:
-                ctx.report("cisis.version.number", "document replaces itself (same id as its RPLC parent)",
-                          "OBX-5")
+                ctx.report("cisis.version.number",
+                           "document replaces itself (same id as its RPLC parent)",
+                           "OBX-5")
     if txa is not None:
         _check_txa(txa, sub, enc, ctx, code, event)
     # profils-messages.md « Le segment OBR »: OBR-4.1 « Code du document », a copy of the CDA code
@@ -517,7 +544,8 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     obr4 = ctx.s(enc.component_of(obr.field(4), 1)) if obr is not None else ""
     cda_codes = {d.type_code for d in sub.documents if d.type_code}
     if obr4 and cda_codes and obr4 not in cda_codes:
-        ctx.report("cisis.copy.type-code", "OBR-4.1 differs from the CDA ClinicalDocument/code", "OBR-4")
+        ctx.report("cisis.copy.type-code",
+                   "OBR-4.1 differs from the CDA ClinicalDocument/code", "OBR-4")
 
     # --- INS: PID-3 vs CDA recordTarget (profils-messages.md: « Le PID-3 doit être identique aux
     # identifiants de patient portés par le document CDA »; error-codes.md 903/904/905)
@@ -534,16 +562,19 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
         # Expéditeur » with « PRT-15 (Requis) »; RCT is « Requis si connu », REPLY optional.
         # No DESTDMP / DESTMSSANTE* / ACK_* flags in this profile: no DMP, no matrix.
         if sub.recipients.sender is None:
-            ctx.report("lps.sender.missing", "PRT SB (mail sender) missing", "PRT", HL7_SEGMENT_SEQUENCE)
+            ctx.report("lps.sender.missing",
+                       "PRT SB (mail sender) missing", "PRT", HL7_SEGMENT_SEQUENCE)
         elif not sub.recipients.sender.address:
-            ctx.report("lps.sender.missing", "PRT SB without the sender mail address in PRT-15.4", "PRT-15",
-                      HL7_REQUIRED_FIELD)
+            ctx.report("lps.sender.missing",
+                       "PRT SB without the sender mail address in PRT-15.4", "PRT-15",
+                       HL7_REQUIRED_FIELD)
         sub.acks = Acks(reception=sub.flags.get("ACK_RECEPTION", False),
                         lecture=sub.flags.get("ACK_LECTURE_MSS", False))
         if sub.flags.get("MASQUE_PS"):
             # « Cet OBX permet au Consommateur de vérifier que le document n'est pas masqué aux
             # professionnels de santé » (MASQUE_PS)
-            ctx.report("lps.masked", "MASQUE_PS=Y: the document is masked to health professionals", "OBX")
+            ctx.report("lps.masked",
+                       "MASQUE_PS=Y: the document is masked to health professionals", "OBX")
         sub.errors = ctx.errors
         sub.warnings = ctx.warnings
         return sub
@@ -591,15 +622,17 @@ def _read_document(d: _DocOBX, enc: Delimiters, ctx: _Ctx) -> tuple[Document | N
     loc = f"OBX-{d.set_id or '?'}"
     parts = d.seg.field(5).split(enc.component, 4)
     if len(parts) < 5:
-        ctx.report("cisis.document.encoding", "document OBX-5 is not an ED value (source^type^subtype^encoding^data)",
-                  f"{loc}-5", HL7_DATA_TYPE)
+        ctx.report("cisis.document.encoding",
+                   "document OBX-5 is not an ED value (source^type^subtype^encoding^data)",
+                   f"{loc}-5", HL7_DATA_TYPE)
         return None, None
     dtype = ctx.s(parts[1]).upper()
     subtype = ctx.s(parts[2]).upper()
     encoding = ctx.s(parts[3]).upper()
     data = parts[4].rstrip(" \t")
     if dtype not in ("TEXT", "APPLICATION") or subtype not in ("XML", ""):
-        ctx.report("cisis.document.media-type", "document OBX-5.2/5.3 should be TEXT|text and XML", f"{loc}-5")
+        ctx.report("cisis.document.media-type",
+                   "document OBX-5.2/5.3 should be TEXT|text and XML", f"{loc}-5")
     if encoding == "BASE64":
         body = _b64decode_tolerant(ctx.msg.encode(data), ctx, f"{loc}-5.5")
         if body is None:
@@ -610,11 +643,13 @@ def _read_document(d: _DocOBX, enc: Delimiters, ctx: _Ctx) -> tuple[Document | N
         try:
             body = bytes.fromhex(data)
         except ValueError:
-            ctx.report("cisis.document.encoding", "OBX-5 data is not valid hexadecimal", f"{loc}-5.5", HL7_DATA_TYPE)
+            ctx.report("cisis.document.encoding",
+                       "OBX-5 data is not valid hexadecimal", f"{loc}-5.5", HL7_DATA_TYPE)
             return None, None
     else:
-        ctx.report("cisis.document.encoding", f"unsupported OBX-5.4 encoding {encoding!r}", f"{loc}-5.4",
-                  HL7_TABLE_VALUE)
+        ctx.report("cisis.document.encoding",
+                   f"unsupported OBX-5.4 encoding {encoding!r}", f"{loc}-5.4",
+                   HL7_TABLE_VALUE)
         return None, None
     obx3 = d.seg.field(3)
     doc = Document(sha256=hashlib.sha256(body).hexdigest(), size=len(body),
@@ -660,10 +695,12 @@ def _read_document(d: _DocOBX, enc: Delimiters, ctx: _Ctx) -> tuple[Document | N
     ins = header["record_target"]["ins"]
     doc.record_target_ins = INS(**ins) if ins else None
     if doc.id is None:
-        ctx.report("cisis.document.no-id", f"document in {loc} has no ClinicalDocument/id", f"{loc}-5")
+        ctx.report("cisis.document.no-id",
+                   f"document in {loc} has no ClinicalDocument/id", f"{loc}-5")
     # profils-messages.md OBX-3.1 « Code du document »: same code as the CDA
     if obx_type and c.get("code") and obx_type != c.get("code"):
-        ctx.report("cisis.copy.type-code", "OBX-3.1 differs from the CDA ClinicalDocument/code", f"{loc}-3")
+        ctx.report("cisis.copy.type-code",
+                   "OBX-3.1 differs from the CDA ClinicalDocument/code", f"{loc}-3")
     return doc, header
 
 
@@ -672,17 +709,21 @@ def _check_txa(txa: Segment, sub: Submission, enc: Delimiters, ctx: _Ctx, code: 
     txa12 = _ei_to_id(txa.field(12), enc, ctx)
     txa13 = _ei_to_id(txa.field(13), enc, ctx)
     if not txa12:
-        ctx.report("cisis.txa.document-id-missing", "TXA-12 (unique document number) missing", "TXA-12", HL7_REQUIRED_FIELD)
+        ctx.report("cisis.txa.document-id-missing",
+                   "TXA-12 (unique document number) missing", "TXA-12", HL7_REQUIRED_FIELD)
     ids = {d.id for d in sub.documents if d.id}
     if txa12 and ids and txa12 not in ids:
-        ctx.report("cisis.copy.document-id", "TXA-12 differs from the CDA ClinicalDocument/id", "TXA-12")
+        ctx.report("cisis.copy.document-id",
+                   "TXA-12 differs from the CDA ClinicalDocument/id", "TXA-12")
     if sub.action == "replace":
         if not txa13:
-            ctx.report("cisis.version.parent", "TXA-13 (parent document number) missing for a replacement",
-                      "TXA-13", HL7_REQUIRED_FIELD)
+            ctx.report("cisis.version.parent",
+                       "TXA-13 (parent document number) missing for a replacement",
+                       "TXA-13", HL7_REQUIRED_FIELD)
         elif sub.parent_document_id and txa13 != sub.parent_document_id:
-            ctx.report("cisis.version.parent", "TXA-13 differs from the CDA relatedDocument RPLC parent id",
-                      "TXA-13")
+            ctx.report("cisis.version.parent",
+                       "TXA-13 differs from the CDA relatedDocument RPLC parent id",
+                       "TXA-13")
         elif not sub.parent_document_id:
             sub.parent_document_id = txa13
     txa2 = ctx.s(txa.field(2))
@@ -704,7 +745,8 @@ def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
         return
     if cda_ins["value"] != sub.ins.value or cda_ins["oid"] != sub.ins.oid:
         # error-codes.md 904 + profils-messages.md « Le PID-3 doit être identique ... »
-        ctx.report("cisis.ins.mismatch", "INS of PID-3 differs from the document recordTarget INS", loc)
+        ctx.report("cisis.ins.mismatch",
+                   "INS of PID-3 differs from the document recordTarget INS", loc)
         return
     t = rt["traits"]
     # error-codes.md 905: INS present but the INS traits are not all present (nom de naissance,
@@ -714,7 +756,7 @@ def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
         missing.append("given_names")
     if missing:
         ctx.report("cisis.ins.incomplete", "INS traits incomplete in the document: missing "
-                  + ", ".join(missing), loc)
+                   + ", ".join(missing), loc)
         return
     # error-codes.md 904: « les traits ou le matricule ne correspondent pas exactement »
     p = sub.patient
@@ -727,7 +769,7 @@ def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
         diffs.append("sex")
     if diffs:
         ctx.report("cisis.ins.traits-mismatch", "patient traits of PID differ from the document: "
-                  + ", ".join(diffs), loc)
+                   + ", ".join(diffs), loc)
 
 
 def _read_prts(prts: list[Segment], sub: Submission, enc: Delimiters, ctx: _Ctx, *, lps: bool = False
@@ -762,13 +804,15 @@ def _read_prts(prts: list[Segment], sub: Submission, enc: Delimiters, ctx: _Ctx,
             )
             # LPS: PRT-8 « requis si connu si l'expéditeur est une organisation » only
             if sub.recipients.sender.organization_id is None and not (lps and person):
-                ctx.report("cisis.prt.sender-organisation", "PRT SB without PRT-8.10 organisation identifier", loc)
+                ctx.report("cisis.prt.sender-organisation",
+                           "PRT SB without PRT-8.10 organisation identifier", loc)
         elif role == "RCT":
             addr = _xtn_address(p.field(15), enc, ctx)
             sub.recipients.rct.append(_participant(p, addr, enc, ctx))
             if not addr:
-                ctx.report("cisis.prt.recipient-address", "PRT RCT without a mail address in PRT-15.4", loc,
-                          HL7_REQUIRED_FIELD)
+                ctx.report("cisis.prt.recipient-address",
+                           "PRT RCT without a mail address in PRT-15.4", loc,
+                           HL7_REQUIRED_FIELD)
                 continue
             is_patient = (ctx.s(enc.component_of(p.field(5), 13)).upper() == "INS"
                           or addr.lower().endswith(PATIENT_MAIL_DOMAIN))
@@ -781,12 +825,14 @@ def _read_prts(prts: list[Segment], sub: Submission, enc: Delimiters, ctx: _Ctx,
             ctx.report("cisis.prt.role", f"PRT-4 role {role!r} ignored", loc)
     sub.recipients.mss_ps = list(dict.fromkeys(mss_ps))
     if len(set(patients)) > 1:
-        ctx.report("cisis.prt.patient-mailbox", "several patient mailboxes given: the first one is used", "PRT")
+        ctx.report("cisis.prt.patient-mailbox",
+                   "several patient mailboxes given: the first one is used", "PRT")
     sub.recipients.mss_patient = patients[0] if patients else None
     if sub.recipients.mss_patient and sub.ins:
         if sub.recipients.mss_patient.lower() != f"{sub.ins.value}{PATIENT_MAIL_DOMAIN}":
             # MSSanté patient mailboxes are <INS>@patient.mssante.fr
-            ctx.report("cisis.prt.patient-mailbox", "patient mailbox does not match the PID-3 INS", "PRT-15")
+            ctx.report("cisis.prt.patient-mailbox",
+                       "patient mailbox does not match the PID-3 INS", "PRT-15")
 
 
 def _participant(p: Segment, addr: str | None, enc: Delimiters, ctx: _Ctx) -> Participant:
@@ -811,13 +857,15 @@ def _read_lps_mail(mail_obx: list[Segment], enc: Delimiters, ctx: _Ctx) -> MssMa
     courriel MSSanté » (Usage R, [1..1]): OBX-2 ED, OBX-3.1 = Message-ID of the mail, OBX-3.2 =
     subject, OBX-5 = « Contenu du courriel codé en base 64 », OBX-11 fixed to F."""
     if not mail_obx:
-        ctx.report("lps.mail.missing", "OBX with the MSSanté mail information (OBX 2) missing", "OBX",
-                  HL7_SEGMENT_SEQUENCE)
+        ctx.report("lps.mail.missing",
+                   "OBX with the MSSanté mail information (OBX 2) missing", "OBX",
+                   HL7_SEGMENT_SEQUENCE)
         return None
     if len(mail_obx) > 1:
         # « Le message HL7 MDM ne peut transmettre qu'un seul document médical »
-        ctx.report("lps.mail.count", "more than one document/mail ED OBX: the LPS MDM carries one document "
-                           "and one mail", "OBX")
+        ctx.report("lps.mail.count",
+                   "more than one document/mail ED OBX: the LPS MDM carries one document "
+                   "and one mail", "OBX")
     s = mail_obx[0]
     setid = ctx.s(s.field(1))
     loc = f"OBX-{setid or '?'}"
@@ -852,18 +900,23 @@ def _check_mss_rules(sub: Submission, ctx: _Ctx) -> None:
     r = sub.recipients
     # PRT RCT « requis si le document est échangé via MSSanté » (profils-messages.md)
     if ps and not r.mss_ps:
-        ctx.report("cisis.mss.recipient-missing", "DESTMSSANTEPS=Y but no PRT RCT professional address", "PRT")
+        ctx.report("cisis.mss.recipient-missing",
+                   "DESTMSSANTEPS=Y but no PRT RCT professional address", "PRT")
     if pat and not r.mss_patient:
-        ctx.report("cisis.mss.recipient-missing", "DESTMSSANTEPAT=Y but no PRT RCT patient mailbox", "PRT")
+        ctx.report("cisis.mss.recipient-missing",
+                   "DESTMSSANTEPAT=Y but no PRT RCT patient mailbox", "PRT")
     if not ps and r.mss_ps:
-        ctx.report("cisis.mss.recipient-ignored", "PRT RCT professional addresses ignored: DESTMSSANTEPS=N", "PRT")
+        ctx.report("cisis.mss.recipient-ignored",
+                   "PRT RCT professional addresses ignored: DESTMSSANTEPS=N", "PRT")
         r.mss_ps = []
     if not pat and r.mss_patient:
-        ctx.report("cisis.mss.recipient-ignored", "PRT RCT patient mailbox ignored: DESTMSSANTEPAT=N", "PRT")
+        ctx.report("cisis.mss.recipient-ignored",
+                   "PRT RCT patient mailbox ignored: DESTMSSANTEPAT=N", "PRT")
         r.mss_patient = None
     # PRT SB « requis ... dans le cas d'une publication du document sur le DMP » (VIHF)
     if f["DESTDMP"] and r.sender is None:
-        ctx.report("cisis.mss.dmp-sender", "DESTDMP=Y but no PRT SB sender (needed for the VIHF token)", "PRT")
+        ctx.report("cisis.mss.dmp-sender",
+                   "DESTDMP=Y but no PRT SB sender (needed for the VIHF token)", "PRT")
     if not (ps or pat):
         return  # no MSSanté exchange: the matrix does not apply
     explicit = False
@@ -871,12 +924,14 @@ def _check_mss_rules(sub: Submission, ctx: _Ctx) -> None:
     # exchanged between PS over MSSanté (matrix rows 1-2: MASQUE_PS = N)
     if f["MASQUE_PS"] and ps:
         explicit = True
-        ctx.report("cisis.mss.forbidden-combination", "MSSanté rule: MASQUE_PS=Y forbids DESTMSSANTEPS=Y", "OBX")
+        ctx.report("cisis.mss.forbidden-combination",
+                   "MSSanté rule: MASQUE_PS=Y forbids DESTMSSANTEPS=Y", "OBX")
     # profils-messages.md INVISIBLE_PATIENT « Point d'attention »: a document hidden from the
     # patient must not be sent to the patient (matrix rows 1 and 3: INVISIBLE_PATIENT = N)
     if f["INVISIBLE_PATIENT"] and pat:
         explicit = True
-        ctx.report("cisis.mss.forbidden-combination", "MSSanté rule: INVISIBLE_PATIENT=Y forbids DESTMSSANTEPAT=Y", "OBX")
+        ctx.report("cisis.mss.forbidden-combination",
+                   "MSSanté rule: INVISIBLE_PATIENT=Y forbids DESTMSSANTEPAT=Y", "OBX")
     if explicit:
         return
     if mss_matrix_row(f) is None:

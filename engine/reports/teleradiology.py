@@ -166,7 +166,8 @@ def _check_msh(msh: Segment, ctx: _Ctx) -> None:
     ctx.fixed(msh, 11, None, ("P", "T", "D"), where, "processing id")
     v = _c(msh, 12, 1)
     if v != VERSION:
-        ctx.add("203", _loc(msh, 12), f"{where}: MSH-12 (version) must be {VERSION}, got {_code(v) if v else 'nothing'}",
+        ctx.add("203", _loc(msh, 12),
+                f"{where}: MSH-12 (version) must be {VERSION}, got {_code(v) if v else 'nothing'}",
                 "tlr.msh.version")
     ctx.fixed(msh, 17, None, "FRA", where, "country code")
     v = msh.field(18).split(msh.delims.repetition, 1)[0].strip()
@@ -278,8 +279,8 @@ def _check_obr(obr: Segment, orc: Segment, flow: int, ctx: _Ctx) -> None:
     if flow in (1, 2, 3):
         if ctx.required(obr, 16, None, where, "ordering provider") and _c(orc, 12, 1):
             if _c(obr, 16, 1) != _c(orc, 12, 1):
-                ctx.add("207", _loc(obr, 16, 1), f"{where}: OBR-16 (ordering provider) must be identical to ORC-12",
-                        "tlr.obr.copy")
+                ctx.add("207", _loc(obr, 16, 1),
+                        f"{where}: OBR-16 (ordering provider) must be identical to ORC-12", "tlr.obr.copy")
 
 
 def _obx_code(s: Segment) -> str:
@@ -510,8 +511,8 @@ def check_tlr(raw: bytes, codec: str = "utf-8") -> TlrCheck:
         _check_orc(orc, flow, ctx)
         obr = next((s for s in group if s.name == "OBR"), None)
         if obr is None:
-            ctx.add("100", f"ORC^{orc.occurrence}", f"st-profils.md flux {flow}: an OBR segment is required after each ORC",
-                    "tlr.obr")
+            ctx.add("100", f"ORC^{orc.occurrence}",
+                    f"st-profils.md flux {flow}: an OBR segment is required after each ORC", "tlr.obr")
         else:
             _check_obr(obr, orc, flow, ctx)
         obxs = [s for s in group if s.name == "OBX"]

@@ -82,7 +82,7 @@ def ack_errors(problems: list[Problem], rules: Mapping[str, str] | None = None) 
     defines no application error code). A rule set to ``off`` gives no ERR."""
     out = []
     for p in problems:
-        level = severity(p.rule, rules)
+        level = severity(p.rule, rules) if p.rule else "reject"  # a finding without a rule refuses
         if level != "off":
             out.append(AckError(p.code, err_text(p), "E" if level == "reject" else "W",
                                 p.location or None, diagnostic=p.rule))
