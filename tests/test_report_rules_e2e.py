@@ -345,11 +345,18 @@ def test_each_rule_in_each_severity_over_mllp(engine_for, level):
     while time.time() < end and set(receiver.control_ids()) != routed:
         time.sleep(0.1)
     assert set(receiver.control_ids()) == routed
-    statuses = {r["control_id"]: r["status"] for r in eng.messages()}
+    rows = eng.messages()
+    statuses = {r["control_id"]: r["status"] for r in rows}
     assert len(statuses) == len(CASES) + len(PACS_CASES)
     assert {cid for cid, s in statuses.items() if s == "rejected"} == set(statuses) - routed
     if level == "warn":
         assert len(routed) == len(CASES)  # everything but the PACS reports, whose rules stay reject
+        # a warning is stored with the submission, the CDA validation's too
+        cid = next(c for r, c, _ in messages() if r == "cda.xsd")
+        mid = next(r["id"] for r in rows if r["control_id"] == cid)
+        shown = json.loads(_show(eng, mid, "--json"))["submission"]
+        assert shown["errors"] == 0
+        assert "cda.xsd" in {w["rule"] for w in shown["submission"]["warnings"]}
     if level == "reject":
         assert routed == set()
 

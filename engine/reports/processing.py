@@ -117,15 +117,18 @@ def _schematron_before_ack(cfg, rules: dict[str, str]) -> bool:
     return cfg.validation.schematron and severity("cda.schematron", rules) == "reject"
 
 
-def _validate(docs: list[bytes], cfg, rules: dict[str, str]) -> tuple[dict | None, list[AckError]]:
-    """XSD (and schematron when it decides the ACK) of each XML document; an ERR per failing
-    document under the rule ``cda.xsd`` / ``cda.schematron`` (reject: E, warn: W, off: none)."""
+def _validate(docs: list[bytes], cfg, rules: dict[str, str], sub) -> dict | None:
+    """XSD (and schematron when it decides the ACK) of each XML document; a finding per failing
+    document under the rule ``cda.xsd`` / ``cda.schematron``, added to the submission's errors
+    or warnings as the rule's severity says (off: none)."""
     vcfg = cfg.validation
     if not (vcfg.xsd or vcfg.schematron) or not docs:
-        return None, []
+        return None
+    from engine.reports.submission import Issue
+
     schematron_now = _schematron_before_ack(cfg, rules)
     v = cda_validator()
-    reports, errors = [], []
+    reports = []
     for i, doc in enumerate(docs):
         if not vcfg.xsd and not schematron_now:
             break
@@ -137,11 +140,11 @@ def _validate(docs: list[bytes], cfg, rules: dict[str, str]) -> tuple[dict | Non
                                  ("cda.schematron", n_s, "schematron failures")):
             level = severity(rule_id, rules)
             if n and level != "off":
-                errors.append(AckError("207", f"document {i + 1}: CDA validation failed ({n} {what})",
-                                       "E" if level == "reject" else "W", app_code=E_OTHER,
-                                       app_text=APP_ERRORS[E_OTHER], diagnostic=rule_id))
+                issue = Issue(code=rule(rule_id).code, text=f"document {i + 1}: CDA validation failed "
+                              f"({n} {what})", hl7_code="207", rule=rule_id)
+                (sub.errors if level == "reject" else sub.warnings).append(issue)
     return {"documents": reports, "schematron": "done" if schematron_now else
-            ("pending" if vcfg.schematron else "off")}, errors
+            ("pending" if vcfg.schematron else "off")}
 
 
 def _report_dict(rep) -> dict:
@@ -241,8 +244,8 @@ class CisisReportStep(_ReportStepBase):
         from engine.reports.cisis import parse_report
 
         sub = parse_report(raw, codec, rules=self.rules)
-        validation, verrors = _validate(_xml_documents(sub), self.cfg, self.rules)
-        return Prepared(sub, ack_errors(sub) + verrors, validation, kind=self.kind)
+        validation = _validate(_xml_documents(sub), self.cfg, self.rules, sub)
+        return Prepared(sub, ack_errors(sub), validation, kind=self.kind)
 
 
 _WRAP_RULES = {  # cda_wrap failure -> the catalogue's rule (its applicationErrorCondition code)
@@ -291,11 +294,10 @@ class PacsReportStep(_ReportStepBase):
             return Prepared(None, [_wrap_error("pacs.wrap.failed", f"PACS report not wrapped: {exc}")])
         wrapped = build_cisis_oru(raw, codec, res, self.params)
         sub = parse_report(wrapped, "utf-8", rules=self.rules)
-        errors = ack_errors(sub)
-        validation, verrors = _validate([res.cda], self.cfg, self.rules)
+        validation = _validate([res.cda], self.cfg, self.rules, sub)
         keys = res.keys or {}
         doc_key = keys.get("accession_number") or keys.get("order_id")
-        return Prepared(sub, errors + verrors, validation, wrapped=wrapped,
+        return Prepared(sub, ack_errors(sub), validation, wrapped=wrapped,
                         doc_key=str(doc_key) if doc_key else None, cda_header=res.header,
                         kind=self.kind)
 
