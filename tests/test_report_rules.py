@@ -71,3 +71,16 @@ def test_severity_and_overrides():
 def test_override_problem(block, rule_id, level, problem):
     got = rules.override_problem(block, rule_id, level)
     assert (got is None) if problem is None else (problem in got), got
+
+
+def test_the_rule_id_goes_into_err_7():
+    from engine.hl7.ack import AckError, build_ack
+
+    ack = build_ack(None, "AA", control_id="1", timestamp="20260101000000", errors=[
+        AckError("207", "TXA-12 differs from the CDA ClinicalDocument/id", "W", "TXA^1^12", app_code="906",
+                 app_text="Erreur Autre", diagnostic="cisis.copy.document-id"),
+        AckError("101", "no rule", "E")])
+    errs = [s.split("|") for s in ack.decode().split("\r") if s.startswith("ERR")]
+    assert [(e[3].split("^")[0], e[4], e[5].split("^")[0], e[7], e[8]) for e in errs] == [
+        ("207", "W", "906", "cisis.copy.document-id", "TXA-12 differs from the CDA ClinicalDocument/id"),
+        ("101", "E", "", "", "no rule")]
