@@ -15,6 +15,7 @@ from engine.connectors.drimbox import DrimboxConnector, DrimboxDestinationConfig
 from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig
 from engine.connectors.registry import ConnectorType, register
 from engine.steps.identity_feed import IdentityFeed
+from engine.reports import rules
 from engine.reports.processing import CisisReportStep, PacsReportStep
 from engine.reports.teleradiology_step import TeleradiologyStep
 from engine.transforms import basic, cda_wrap, ins_enrich, validate_specs, wrapped_report  # noqa: F401
@@ -24,6 +25,7 @@ TRANSFORM_MODULES = (basic, cda_wrap, ins_enrich, wrapped_report)
 
 def wire() -> None:
     config.set_transform_validator(validate_specs)
+    config.set_rule_checker(rules.override_problem)
     register(ConnectorType("mllp", MLLPDestinationConfig, MLLPConnector))
     register(ConnectorType("drimbox", DrimboxDestinationConfig, DrimboxConnector))
     register(ConnectorType("dmp", DmpDestinationConfig, DmpConnector, targets=dmp_targets,
