@@ -317,3 +317,15 @@ def test_deferred_nothing_before_the_hold_and_a_deletion_within_it_cancels(rig, 
     t1 = time.time()
     wait(lambda: sim.requests >= 1, timeout=15, what="the held report")
     assert time.time() - t1 >= 2.5 and t1 - t0 < 30
+
+
+def test_txa12_copy_differing_from_the_cda_is_warned_and_the_dmp_gets_the_cda_id(rig, sim):
+    eng, _ = rig
+    cda_id = read_header(cda_of(MDM_T02))["id_str"]
+    root, ext = cda_id.rsplit(".", 1)
+    altered = MDM_T02.replace(f"|{root}.{ext}^".encode(), f"|{root}.999{ext}^".encode(), 1)
+    assert altered != MDM_T02
+    (ack,) = send_all(eng, set_control_id(altered, "TXA12-1"))
+    assert b"MSA|AA" in ack and b"|W|" in ack                     # accepted with a warning (ERR-4 W)
+    wait(lambda: len(sim.accepted) == 1, what="the report at the DMP")
+    assert docs(sim.accepted[0])[0].unique_id == cda_id            # the CDA is the document of record
