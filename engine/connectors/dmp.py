@@ -6,7 +6,9 @@ What it sends comes from the canonical submission the report channel stored (CI-
 MDM^T02/T10/T04 as received, or the CI-SIS message the PACS step built around its CDA R2 N1):
 the raw HL7 is never parsed again here, and the CDA bytes travel unchanged (MTOM attachment).
 The request is built by :mod:`engine.xds` (pure: metadata, VIHF, envelope, MTOM), in a thread
-since it signs; it is posted with :class:`engine.connectors.https.HttpsClient`.
+since it signs; it is posted with :class:`engine.connectors.https.HttpsClient`. zeep is not used
+here: it cannot send MTOM (python-zeep issues #599, #674) and posts through requests/httpx, not
+Twisted; the answer (a RegistryResponse or a SOAP fault) is read by :mod:`engine.xds.response`.
 
 Who gets an entry (``targets``): a report whose DESTDMP flag is Y and whose patient has a
 qualified INS (an INS OID in PID-3 and a qualified PID-32, see ``QUALIFIED_STATUSES``): CI-SIS "Transmission de documents CDA
