@@ -12,6 +12,7 @@ from __future__ import annotations
 from engine import config
 from engine.connectors.drimbox import DrimboxConnector, DrimboxDestinationConfig
 from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig
+from engine.connectors.mssante import MssanteConnector, MssanteDestinationConfig, check_files, mssante_targets
 from engine.connectors.registry import ConnectorType, register
 from engine.steps.identity_feed import IdentityFeed
 from engine.reports.processing import CisisReportStep, PacsReportStep
@@ -25,6 +26,7 @@ def wire() -> None:
     config.set_transform_validator(validate_specs)
     register(ConnectorType("mllp", MLLPDestinationConfig, MLLPConnector))
     register(ConnectorType("drimbox", DrimboxDestinationConfig, DrimboxConnector))
+    register(ConnectorType("mssante", MssanteDestinationConfig, MssanteConnector, mssante_targets, check_files))
 
 
 wire()
