@@ -391,7 +391,7 @@ class DestinationWorker:
         ZAM^Z02 / ZAM^Z03 its report asked for, in one transaction. Raises if the store fails."""
         entry = self.store.mail_entry(receipt.original_message_id)
         if entry is None:
-            log.warning("delivery.receipt_unmatched", destination=self.name, event=receipt.event)
+            log.warning("delivery.receipt_unmatched", destination=self.name, receipt=receipt.event)
             return
         error = (ErrorInfo(receipt.error_code, "", receipt.error_label or "")
                  if receipt.error_code else None)
@@ -402,7 +402,7 @@ class DestinationWorker:
         recorded = self.store.record_receipt(entry, key=receipt.key, event=receipt.event, ok=receipt.ok,
                                              error_code=receipt.error_code, follow_ups=follow_ups)
         log.info("delivery.receipt", destination=self.name, entry_id=entry["id"],
-                 message_id=entry["message_id"], event=receipt.event, ok=receipt.ok,
+                 message_id=entry["message_id"], receipt=receipt.event, ok=receipt.ok,
                  error_code=receipt.error_code, new=recorded, business_acks=len(follow_ups) if recorded else 0)
         if recorded and follow_ups:
             names = sorted({f.destination for f in follow_ups})
