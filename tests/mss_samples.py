@@ -12,6 +12,8 @@ INIT = (MDM_DIR / "Transmission initiale MDM" / "message_MDM_CR_Radio_INIT_N1_Ba
 REPLACE = (MDM_DIR / "Remplacement MDM" / "message_MDM_CR_Radio_RPLC_N1.er7").read_bytes()
 DELETE = (MDM_DIR / "Suppression MDM" / "message_MDM_CR_Radio_DEL_N1.er7").read_bytes()
 
+ORU = (MDM_DIR.parent / "ORU" / "Transmission initiale ORU" / "message_ORU_CR_Bio_INIT_N3_SEGUR.hl7").read_bytes()
+
 INS = "279035121518989"          # the corpus test patient's INS
 PS = "adam.hoda@test-ci-sis.mssante.fr"
 PATIENT = f"{INS}@patient.mssante.fr"

@@ -14,7 +14,7 @@ from engine.hl7.message import Message
 from mllp.blocking import BlockingMLLPClient
 from tests.enginectl import EngineProcess, free_port
 from tests.mail_rig import ImapRig, SmtpRig, make_dsn, make_mdn
-from tests.mss_samples import (BOTH_FLAGS, DELETE, INIT, INS, PATIENT, PS, PS2, PS_ONLY_FLAGS, REPLACE, REPLY,
+from tests.mss_samples import (BOTH_FLAGS, DELETE, INIT, INS, ORU, PATIENT, PS, PS2, PS_ONLY_FLAGS, REPLACE, REPLY,
                                variant)
 from tests.peers import Receiver
 from tests.pki import make_pki
@@ -166,7 +166,14 @@ def test_corpus_reports_give_the_mails_their_flags_ask_for(rig_factory):
     assert r.status("sent", 6)["sent"] == 6
     time.sleep(0.5)
     assert [m.rcpt_tos for m in r.smtp.received[5:]] == [[PS]]
-    # each mail's Message-ID is stored with its entry
+    # the corpus ORU (CDA N3, PS + patient, receipts asked; its PRT names a mistyped patient
+    # mailbox: the mail goes to the INS's, meta-dmp-mss.md)
+    r.send(variant(ORU, control_id="MSS-ORU"))
+    mails = by_rcpt(r.smtp.wait_for(8)[6:])
+    assert sorted(mails) == [PATIENT, PS]
+    assert all(m.xdm_problems() == [] and m.message["X-MSS-CODECDA"] == "11502-2" for m in mails.values())
+    assert mails[PS].message["Disposition-Notification-To"] == BAL
+    # each report's targets are stored with its entries
     row = next(x for x in r.eng.messages() if x["control_id"] == "MSS-BOTH")
     shown = json.loads(r.eng.cli("messages", "show", str(row["id"]), "--json", "--data-dir",
                                  str(r.eng.data_dir)).stdout)
