@@ -357,3 +357,26 @@ def test_receipt_recorded_once_with_its_zam(store):
     zam = Message.parse(store.get_message(rec["zam_message_id"]).raw, "utf-8")
     assert zam.value("MSH-9") == "ZAM^Z03^ZAM_Z01" and zam.value("OBX-4") == sub.control_id
     assert INS.encode() not in str(rec).encode()
+
+
+# -- configuration ---------------------------------------------------------------------------
+def test_check_reports_unusable_certificates(pki, tmp_path):
+    good = _cfg(25, pki)
+    assert check_files(good) == []
+    expired = good.model_copy(update={"identity": good.identity.model_copy(
+        update={"cert": str(pki.expired_cert), "key": str(pki.expired_key)})})
+    assert check_files(expired) == [("identity.cert", check_files(expired)[0][1])]
+    assert "expired" in check_files(expired)[0][1]
+    missing = good.model_copy(update={"ca": str(tmp_path / "none.pem")})
+    assert check_files(missing)[0][0] == "ca"
+
+
+def test_config_refuses_a_bad_mailbox_and_unknown_keys(pki):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        _cfg(25, pki, mailbox="not-an-address")
+    with pytest.raises(ValidationError):
+        _cfg(25, pki, smtp={"host": "x", "port": 25, "starttls": False})
+    cfg = _cfg(25, pki)
+    assert cfg.xdm.xds.endpoint == "urn:ihe:iti:xdm:2008" and cfg.xdm.xds.sign_submission is False

@@ -198,6 +198,7 @@ class MssanteConnector:
             xds=cfg.xdm.xds if cfg.xdm else None,
             xdm_sender=XdmSender(cfg.xdm.organisation, cfg.xdm.application) if cfg.xdm else XdmSender(""))
         self._ctx = self._build_context()
+        self._pool = None
         self.receipt_poll_interval = float(cfg.imap.poll_interval) if cfg.imap else None
         self._not_receipts: set[tuple[str, bytes]] = set()
 
@@ -230,7 +231,15 @@ class MssanteConnector:
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, delivery: Delivery):
-        return threads.deferToThread(self.send_blocking, delivery)
+        """In the connector's own thread pool (as many threads as the queue's concurrency): a
+        slow SMTP server never starves the reactor's pool, which the store's calls use."""
+        if self._pool is None:
+            from twisted.python.threadpool import ThreadPool
+
+            self._pool = ThreadPool(minthreads=0, maxthreads=max(1, self.cfg.queue.concurrency),
+                                    name="mssante-smtp")
+            self._pool.start()
+        return threads.deferToThreadPool(self.reactor, self._pool, self.send_blocking, delivery)
 
     def send_blocking(self, delivery: Delivery) -> Outcome:
         sub = delivery.stored.submission
@@ -369,6 +378,9 @@ class MssanteConnector:
         return counts
 
     def close(self):
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            return threads.deferToThread(pool.stop)   # waits for the sends in progress
         return defer.succeed(None)
 
 
