@@ -26,9 +26,10 @@ from email.message import EmailMessage
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AioSMTP
-from twisted.cred import checkers, portal
+from twisted.cred import checkers, credentials, portal
 from twisted.internet import protocol, reactor
 from twisted.mail import imap4
+from twisted.mail.interfaces import IChallengeResponse
 from zope.interface import implementer
 
 from engine.xds.xdm import check_package
@@ -314,14 +315,59 @@ class _Realm:
         return imap4.IAccount, self.account, lambda: None
 
 
+class ICertificateSubject(credentials.ICredentials):
+    """SASL EXTERNAL (RFC 4422 appendix A): the identity is the TLS client certificate's."""
+
+
+@implementer(IChallengeResponse, ICertificateSubject)
+class _External:
+    def __init__(self, transport):
+        self.transport = transport
+
+    def getChallenge(self):
+        return b""
+
+    def setResponse(self, response):
+        self.authzid = response
+
+    def moreChallenges(self):
+        return False
+
+
+@implementer(checkers.ICredentialsChecker)
+class _CertificateChecker:
+    """Accepts a client whose certificate (verified by the TLS layer against the CA) has the
+    expected common name."""
+
+    credentialInterfaces = (ICertificateSubject,)
+
+    def __init__(self, user: str, common_name: str):
+        self.user, self.common_name = user, common_name
+
+    def requestAvatarId(self, creds):
+        from twisted.cred.error import UnauthorizedLogin
+        from twisted.internet import defer
+
+        cert = creds.transport.getPeerCertificate()
+        from cryptography.x509.oid import NameOID
+
+        names = cert.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME) if cert else []
+        cn = names[0].value if names else None
+        if cn != self.common_name:
+            return defer.fail(UnauthorizedLogin("no acceptable client certificate"))
+        return defer.succeed(self.user.encode())
+
+
 class _ServerFactory(protocol.Factory):
-    def __init__(self, portal_):
-        self.portal = portal_
+    def __init__(self, portal_, external: bool):
+        self.portal, self.external = portal_, external
 
     def buildProtocol(self, addr):
         p = imap4.IMAP4Server()
         p.portal = self.portal
         p.factory = self
+        if self.external:
+            p.challengers = {**p.challengers, b"EXTERNAL": lambda: _External(p.transport)}
         return p
 
 
@@ -329,12 +375,16 @@ class ImapRig:
     """IMAP4 over TLS (implicit, port 993 style) on 127.0.0.1 with one user; ``inbox`` holds
     the mails (touch it only through :meth:`drop` and :meth:`flags`, which run in the reactor)."""
 
-    def __init__(self, pki, user: str, password: str, *, port: int = 0):
+    def __init__(self, pki, user: str, password: str, *, port: int = 0, client_cn: str | None = None):
+        """``client_cn``: also accept SASL EXTERNAL from a client certificate (issued by the
+        PKI's CA) with this common name."""
         self.inbox = _Mailbox()
         checker = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{user: password.encode()})
-        self.portal = portal.Portal(_Realm(_Account(user, self.inbox)), [checker])
-        opts = server_context_factory(TLSFiles(cert=str(pki.server_cert), key=str(pki.server_key)))
-        self.listening = call(reactor.listenSSL, port, _ServerFactory(self.portal), opts,
+        found = [checker] + ([_CertificateChecker(user, client_cn)] if client_cn else [])
+        self.portal = portal.Portal(_Realm(_Account(user, self.inbox)), found)
+        opts = server_context_factory(TLSFiles(cert=str(pki.server_cert), key=str(pki.server_key),
+                                               ca=str(pki.ca) if client_cn else None))
+        self.listening = call(reactor.listenSSL, port, _ServerFactory(self.portal, bool(client_cn)), opts,
                               interface="127.0.0.1")
         self.port = self.listening.getHost().port
 

@@ -380,3 +380,19 @@ def test_config_refuses_a_bad_mailbox_and_unknown_keys(pki):
         _cfg(25, pki, smtp={"host": "x", "port": 25, "starttls": False})
     cfg = _cfg(25, pki)
     assert cfg.xdm.xds.endpoint == "urn:ihe:iti:xdm:2008" and cfg.xdm.xds.sign_submission is False
+
+
+def test_imap_sasl_external_with_the_client_certificate(pki):
+    imap = ImapRig(pki, BAL, "unused-password", client_cn="client.test")
+    try:
+        imap.drop(make_mdn("<a.7@pfi.test.mssante.fr>", PS))
+        cfg = _cfg(1, pki, imap_port=imap.port)
+        cfg = cfg.model_copy(update={"imap": cfg.imap.model_copy(update={"password_env": None})})
+        got = []
+        assert MssanteConnector(cfg, None).poll_receipts(got.append) == {"receipts": 1, "other": 0}
+        assert got[0].event == "Z03"
+        no_cert = cfg.model_copy(update={"identity": None})
+        with pytest.raises(Exception):
+            MssanteConnector(no_cert, None).poll_receipts(got.append)
+    finally:
+        imap.close()
