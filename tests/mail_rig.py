@@ -127,7 +127,10 @@ class _Handler:
 
 
 class SmtpRig:
-    def __init__(self, pki, *, port: int = 0, client_ca=None, policy=None):
+    def __init__(self, pki, *, port: int = 0, client_ca=None, policy=None, implicit_tls: bool = False,
+                 plain: bool = False):
+        """``implicit_tls``: TLS from the first byte (port 465 style) instead of STARTTLS;
+        ``plain``: no TLS at all (to show that the connector refuses to send in clear)."""
         self.lock = threading.Lock()
         self.received: list[Received] = []
         self.rcpt_count: dict[str, int] = {}
@@ -140,9 +143,10 @@ class SmtpRig:
         handler = _Handler(self)
         self.controller = Controller(
             handler, hostname="127.0.0.1", port=port or _free_port(), server_hostname="localhost",
-            ready_timeout=10)
-        self.controller.factory = lambda: _DsnSMTP(handler, tls_context=ctx, require_starttls=True,
-                                                   hostname="localhost")
+            ready_timeout=10, ssl_context=ctx if implicit_tls else None)
+        starttls = not (implicit_tls or plain)
+        self.controller.factory = lambda: _DsnSMTP(handler, tls_context=ctx if starttls else None,
+                                                   require_starttls=starttls, hostname="localhost")
         self.controller.start()
         self.port = self.controller.port
 

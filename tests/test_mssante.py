@@ -396,3 +396,34 @@ def test_imap_sasl_external_with_the_client_certificate(pki):
             MssanteConnector(no_cert, None).poll_receipts(got.append)
     finally:
         imap.close()
+
+
+def test_rig_refuses_mail_before_starttls(pki, smtp):
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", smtp.port, timeout=5) as plain:
+        plain.ehlo()
+        assert plain.has_extn("starttls") and not plain.has_extn("dsn")
+        assert plain.mail(BAL)[0] == 530
+
+
+def test_a_server_without_starttls_gets_nothing_in_clear(pki):
+    rig = SmtpRig(pki, plain=True)
+    try:
+        out = MssanteConnector(_cfg(rig.port, pki), None).send_blocking(_delivery(INIT, "ps-1"))
+        assert out.kind == REJECTED and "STARTTLS" in out.detail
+        assert rig.received == []
+    finally:
+        rig.close()
+
+
+def test_implicit_tls(pki):
+    rig = SmtpRig(pki, implicit_tls=True)
+    try:
+        cfg = _cfg(rig.port, pki)
+        cfg = cfg.model_copy(update={"smtp": cfg.smtp.model_copy(update={"security": "tls"})})
+        out = MssanteConnector(cfg, None).send_blocking(_delivery(INIT, "ps-1"))
+        assert out.kind == ACCEPTED, out.detail
+        assert rig.wait_for(1)[0].rcpt_tos == [PS]
+    finally:
+        rig.close()
