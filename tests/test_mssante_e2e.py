@@ -260,13 +260,17 @@ def test_server_down_for_a_while_then_delivered(rig_factory, pki):
     assert r.status("sent", 1)["sent"] == 1
 
 
-def test_no_client_certificate_is_retried_then_parked(rig_factory):
+def test_no_client_certificate_is_retried_then_parked_with_a_zam(rig_factory):
     r = rig_factory(identity=False, max_attempts=2)
-    r.send(INIT)
+    r.send(variant(flags=PS_ONLY_FLAGS, control_id="MSS-NOCERT"))
     st = r.status("errored", 1)
     assert st["errored"] == 1, st
     assert "client certificate" in st["last_error"] and "gave up after 2 attempts" in st["last_error"], st
     assert r.smtp.received == []
+    (zam,) = r.zam.wait_for(1)               # receipts asked: the creator hears of the failure
+    msg = Message.parse(zam, "utf-8")
+    assert msg.value("MSH-9") == "ZAM^Z02^ZAM_Z01" and msg.value("OBX-5.1") == "N"
+    assert (msg.value("ERR-5.1"), msg.value("ERR-5.3")) == ("111", "SMTPERRORCODE")
 
 
 def test_canary_no_patient_data_in_logs_or_status(rig_factory):

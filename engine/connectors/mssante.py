@@ -288,14 +288,17 @@ class MssanteConnector:
         try:
             smtp = self._connect()
         except _Refused as r:
-            return Outcome(r.kind, None, r.detail)
+            return _failed(r.kind, r.detail, "111", mail)
         except ssl.SSLError as exc:
-            return Outcome(TRANSIENT, None, _tls_hint(exc), error=smtp_error("111"))
+            return _failed(TRANSIENT, _tls_hint(exc), "111", mail)
+        except smtplib.SMTPResponseException as exc:     # e.g. 421 in the greeting
+            return _failed(TRANSIENT, f"SMTP {exc.smtp_code} on connection", str(exc.smtp_code), mail)
         except (ConnectionRefusedError, socket.gaierror) as exc:
-            return Outcome(TRANSIENT, None, "connection refused" if isinstance(exc, ConnectionRefusedError)
-                           else "host name not found", error=smtp_error("111"))
+            return _failed(TRANSIENT, "connection refused" if isinstance(exc, ConnectionRefusedError)
+                           else "host name not found", "111", mail)
         except (OSError, smtplib.SMTPException) as exc:
-            return Outcome(TRANSIENT, None, _transport_detail(exc), error=smtp_error("101"))
+            return _failed(TRANSIENT, _transport_detail(exc), "101", mail)
+        step = "MAIL"
         try:
             dsn = smtp.has_extn("dsn")
             mail_opts = ["RET=HDRS", f"ENVID={_xtext(mail.message_id.strip('<>'))}"] if dsn else []
@@ -303,17 +306,19 @@ class MssanteConnector:
             for step, call in (("MAIL", lambda: smtp.mail(mail.mail_from, mail_opts)),
                                ("RCPT", lambda: smtp.rcpt(mail.rcpt, rcpt_opts)),
                                ("DATA", lambda: smtp.data(mail.as_bytes()))):
-                code, reply = call()
+                code, _reply = call()     # the reply text may name the recipient: never kept
                 if not 200 <= code < 400:
-                    return self._refusal(step, code, mail)
+                    return _refusal(step, code, mail)
             try:
                 smtp.quit()
             except (OSError, smtplib.SMTPException):
                 pass
+        except smtplib.SMTPResponseException as exc:     # DATA refused before the content
+            return _refusal(step, exc.smtp_code, mail)
         except ssl.SSLError as exc:
-            return Outcome(TRANSIENT, None, _tls_hint(exc), error=smtp_error("442"))
+            return _failed(TRANSIENT, _tls_hint(exc), "442", mail)
         except (OSError, smtplib.SMTPException) as exc:
-            return Outcome(TRANSIENT, None, _transport_detail(exc), error=smtp_error("442"))
+            return _failed(TRANSIENT, _transport_detail(exc), "442", mail)
         finally:
             try:
                 smtp.close()
@@ -324,14 +329,6 @@ class MssanteConnector:
         return Outcome(ACCEPTED, response.encode("ascii"),
                        f"accepted by the MSSanté server ({len(mail.attachments)} attachment(s))",
                        business_acks=acks)
-
-    @staticmethod
-    def _refusal(step: str, code: int, mail) -> Outcome:
-        error = smtp_error(code)
-        if 400 <= code < 500:
-            return Outcome(REJECTED, None, f"SMTP {code} on {step}: retry later", error=error)
-        return Outcome(ERROR, None, f"SMTP {code} on {step}: refused", error=error,
-                       business_acks=(BusinessAck("Z02", False, error, mail.rcpt),))
 
     # -- receipts --------------------------------------------------------------------------------
     def poll_receipts(self, handle: Callable[[Receipt], object]) -> dict[str, int]:
@@ -382,6 +379,21 @@ class MssanteConnector:
         if pool is not None:
             return threads.deferToThread(pool.stop)   # waits for the sends in progress
         return defer.succeed(None)
+
+
+def _failed(kind: str, detail: str, code: str, mail) -> Outcome:
+    """A failed attempt, with its SMTPERRORCODE and the ZAM^Z02 « N » it gives rise to if it is
+    final (a content error, or the last attempt of a retried one: delivery ignores it on a retry)."""
+    error = smtp_error(code)
+    return Outcome(kind, None, detail, error=error,
+                   business_acks=(BusinessAck("Z02", False, error, mail.rcpt),))
+
+
+def _refusal(step: str, code: int, mail) -> Outcome:
+    """The server's reply to MAIL, RCPT or DATA: 4xx refused (retry later), 5xx content error."""
+    if 400 <= code < 500:
+        return _failed(REJECTED, f"SMTP {code} on {step}: retry later", str(code), mail)
+    return _failed(ERROR, f"SMTP {code} on {step}: refused", str(code), mail)
 
 
 class _Refused(Exception):
