@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email import policy as email_policy
 from email.message import EmailMessage
 

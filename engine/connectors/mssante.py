@@ -52,7 +52,7 @@ from engine.connectors.https import (
     IdentityError, load_ca, load_identity, password_from_env, validity_problem,
 )
 from engine.connectors.mss_receipts import Receipt, parse_receipt
-from engine.connectors.mssante_mail import MailSettings, build_mail, recipient_for, recipients
+from engine.connectors.mssante_mail import DEFAULT_BODIES, MailSettings, build_mail, recipient_for, recipients
 from engine.connectors.smtp_codes import smtp_error
 from engine.xds.settings import XdsSettings
 from engine.xds.xdm import XdmSender
@@ -194,7 +194,7 @@ class MssanteConnector:
         self.domain = cfg.mailbox.rsplit("@", 1)[1]
         self.settings = MailSettings(
             from_address=cfg.mailbox, software_id=cfg.software_id, subject=cfg.subject,
-            bodies={**MailSettings("x").bodies, **cfg.bodies},
+            bodies={**DEFAULT_BODIES, **cfg.bodies},
             xds=cfg.xdm.xds if cfg.xdm else None,
             xdm_sender=XdmSender(cfg.xdm.organisation, cfg.xdm.application) if cfg.xdm else XdmSender(""))
         self._ctx = self._build_context()
