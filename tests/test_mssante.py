@@ -210,7 +210,7 @@ def test_sends_over_starttls_with_the_client_certificate_and_dsn(pki, smtp):
     mid = got.message["Message-ID"]
     assert mid.endswith(".7@pfi.test.mssante.fr>")
     assert got.mail_options == ["RET=HDRS", f"ENVID={mid.strip('<>')}"]
-    assert got.rcpt_options == ["NOTIFY=SUCCESS,FAILURE,DELAY"]
+    assert got.rcpt_options == ["NOTIFY=SUCCESS,FAILURE,DELAY", f"ORCPT=rfc822;{PS}"]
     assert got.xdm_problems() == []
     assert out.response.startswith(f"Message-ID: {mid}\r\n".encode())
     assert out.business_acks == ()                         # DSN offered: the Z02 comes from the DSN

@@ -141,7 +141,7 @@ def test_corpus_reports_give_the_mails_their_flags_ask_for(rig_factory):
     assert m.get_body(("plain",)).get_content().startswith("Cher confrère")
     assert sorted(first.attachments()) == ["CDA.xml", "IHE_XDM.zip"]
     assert first.xdm_problems() == []
-    assert first.rcpt_options == ["NOTIFY=FAILURE,DELAY"]      # no ACK_RECEPTION in the corpus file
+    assert first.rcpt_options == ["NOTIFY=FAILURE,DELAY", f"ORCPT=rfc822;{PS}"]      # no ACK_RECEPTION in the corpus file
     # replacement, then deletion, without CORPSMAIL: the default bodies
     r.send(variant(REPLACE, drop_body=True, control_id="MSS-RPLC"))
     r.smtp.wait_for(2)
@@ -159,7 +159,7 @@ def test_corpus_reports_give_the_mails_their_flags_ask_for(rig_factory):
     assert ps["Reply-To"] == REPLY and pat["Reply-To"] == REPLY
     assert pat["X-MSS-MES"] == "FIN" and ps["X-MSS-MES"] is None
     assert ps["Disposition-Notification-To"] == BAL and ps["Return-Receipt-To"] == BAL
-    assert mails[PS].rcpt_options == ["NOTIFY=SUCCESS,FAILURE,DELAY"]
+    assert mails[PS].rcpt_options == ["NOTIFY=SUCCESS,FAILURE,DELAY", f"ORCPT=rfc822;{PS}"]
     assert mails[PATIENT].xdm_problems() == []
     # INVISIBLE_PATIENT=Y: nothing to the patient even with a patient PRT
     r.send(variant(flags={**PS_ONLY_FLAGS}, patient=True, control_id="MSS-INVIS"))

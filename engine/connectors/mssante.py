@@ -9,8 +9,8 @@ and handed to the organisation's MSSanté SMTP server:
   certificate checked against a CA bundle and its name. ``smtplib`` in a thread (Twisted's SMTP
   client cannot pass the RFC 3461 parameters): the reactor never waits on the server.
 * When the server offers DSN (RFC 3461): ``MAIL FROM ... RET=HDRS ENVID=<the mail's id>`` and
-  ``RCPT TO ... NOTIFY=SUCCESS,FAILURE,DELAY`` when the report asked for a delivery receipt
-  (ACK_RECEPTION), ``NOTIFY=FAILURE,DELAY`` otherwise.
+  ``RCPT TO ... NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;<address>`` when the report asked for
+  a delivery receipt (ACK_RECEPTION), ``NOTIFY=FAILURE,DELAY`` otherwise.
 * Outcomes: 250 after DATA = accepted (the mail's Message-ID is stored as the entry's response,
   to match receipts later); a 5xx reply (MAIL, RCPT or DATA) = content error for this target, with
   the code in the SMTPERRORCODE table and a ZAM^Z02 « N » when receipts were asked; a 4xx reply =
@@ -302,7 +302,7 @@ class MssanteConnector:
         try:
             dsn = smtp.has_extn("dsn")
             mail_opts = ["RET=HDRS", f"ENVID={_xtext(mail.message_id.strip('<>'))}"] if dsn else []
-            rcpt_opts = [f"NOTIFY={mail.notify}"] if dsn else []
+            rcpt_opts = [f"NOTIFY={mail.notify}", f"ORCPT=rfc822;{_xtext(mail.rcpt)}"] if dsn else []
             for step, call in (("MAIL", lambda: smtp.mail(mail.mail_from, mail_opts)),
                                ("RCPT", lambda: smtp.rcpt(mail.rcpt, rcpt_opts)),
                                ("DATA", lambda: smtp.data(mail.as_bytes()))):

@@ -137,7 +137,8 @@ def build_mail(sub: Any, recipient: Recipient, settings: MailSettings, *, messag
     titles = [d.title for d in sub.documents if d.title]
     action = sub.action or "initial"
     prefix = {"replace": "Remplacement ", "delete": "Suppression "}.get(action, "")
-    msg["Subject"] = f"{settings.subject}+{prefix}{titles[0] if titles else 'document'}"
+    title = " ".join((titles[0] if titles else "document").split())    # one line, whatever the CDA
+    msg["Subject"] = f"{settings.subject}+{prefix}{title}"
     attach = action != "delete" and bool(sub.documents)
     # MSSanté client rules §3.8.1: X-MSS-CODECDA, the type codes of the attached CDA documents
     codes = [d.type_code for d in sub.documents if d.type_code]
