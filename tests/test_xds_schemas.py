@@ -47,11 +47,21 @@ def test_envelope_checks_action_and_body():
     assert any("expected" in e for e in schemas.validate_iti41(root))
 
 
+def test_documents_and_entries_must_name_each_other():
+    root = _envelope((EXAMPLES / "publication.xml").read_bytes())
+    doc = root.find(f".//{{{schemas.XDSB_NS}}}Document")
+    doc.set("id", "Elsewhere")
+    errors = schemas.validate_iti41(root)
+    assert "xdsb:Document 'Elsewhere' names no ExtrinsicObject" in errors
+    assert "ExtrinsicObject 'DocumentKOS' has no xdsb:Document" in errors
+
+
 def test_xop_include_must_resolve_when_attachments_are_given():
     request = etree.fromstring(
         f'<x:ProvideAndRegisterDocumentSetRequest xmlns:x="{schemas.XDSB_NS}" xmlns:lcm="{schemas.LCM_NS}"'
         f' xmlns:rim="{schemas.RIM_NS}" xmlns:xop="{schemas.XOP_NS}">'
-        '<lcm:SubmitObjectsRequest><rim:RegistryObjectList/></lcm:SubmitObjectsRequest>'
+        '<lcm:SubmitObjectsRequest><rim:RegistryObjectList><rim:ExtrinsicObject id="Doc1"/>'
+        '</rim:RegistryObjectList></lcm:SubmitObjectsRequest>'
         '<x:Document id="Doc1"><xop:Include href="cid:doc1@x"/></x:Document>'
         '</x:ProvideAndRegisterDocumentSetRequest>')
     assert schemas.validate_iti41(request) == []

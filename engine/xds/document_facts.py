@@ -18,15 +18,9 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from engine.cda.header import INS_OIDS, NS, parse_cda, read_header
+from engine.xds.settings import Coded as Code
 
 H = "{urn:hl7-org:v3}"
-
-
-@dataclass(frozen=True)
-class Code:
-    code: str
-    scheme: str
-    display: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +89,7 @@ def xds_time(ts: str | None) -> str | None:
 def _code(el) -> Code | None:
     if el is None or not el.get("code") or not el.get("codeSystem"):
         return None
-    return Code(el.get("code"), el.get("codeSystem"), el.get("displayName"))
+    return Code(code=el.get("code"), scheme=el.get("codeSystem"), display=el.get("displayName"))
 
 
 def _actor(assigned) -> Actor | None:

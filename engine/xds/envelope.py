@@ -24,7 +24,9 @@ from engine.xds import mtom
 from engine.xds.metadata import (
     SubmissionMetadata, build_deletion_metadata, build_submission_metadata,
 )
-from engine.xds.schemas import ITI41_ACTION, ITI57_ACTION, SOAP12_NS, WSA_NS, XDSB_NS, XOP_NS
+from engine.xds.schemas import (
+    ITI41_ACTION, ITI57_ACTION, SOAP12_NS, WSA_NS, XDSB_NS, XOP_NS, validate_iti41, validate_iti57,
+)
 from engine.xds.settings import DmpRequestSettings
 from engine.xds.signing import SigningIdentity
 from engine.xds.vihf import build_vihf
@@ -138,3 +140,14 @@ def build_iti57_delete(submission: Any, settings: DmpRequestSettings, signer: Si
     content_type = f'{mtom.SOAP12_TYPE}; charset=UTF-8; action="{ITI57_ACTION}"'
     return Request(body=body, content_type=content_type, action=ITI57_ACTION,
                    message_id=message_id, to=to, **_ids(meta))
+
+
+def validate_request(request: Request) -> list[str]:
+    """The XSD and envelope errors of a built request, read back from its bytes as the DMP reads
+    them (empty when valid): for a check before sending, at run time or in tests."""
+    related = mtom.parse_related(request.body, request.content_type)
+    root = etree.fromstring(related.root, etree.XMLParser(resolve_entities=False, no_network=True,
+                                                          load_dtd=False, huge_tree=True))
+    if request.action == ITI57_ACTION:
+        return validate_iti57(root)
+    return validate_iti41(root, {cid: part.data for cid, part in related.parts.items()})

@@ -17,6 +17,11 @@ goes to availabilityStatus Deleted); IHE ITI TF-3 §4.2.3 (attributes), §4.2.5 
 * a deletion (ITI-57) is a SubmissionSet and an UpdateAvailabilityStatus association to the
   entry, new status ``urn:asip:ci-sis:2010:StatusType:Deleted`` (DMP « TD3.3c »).
 
+MODIF_CONF_CODE (profils-messages.md « Modification Confidentiality Code »: the request changes
+the masking or the visibility) needs nothing of its own: in indirect authentication such a change
+is a replacement carrying the new confidentiality classifications (contexte-metier.md), which this
+module writes from the flags like any other. CONNEXION_SECRETE is a VIHF attribute (``vihf``).
+
 entryUUIDs: the registry keeps the UUIDs a source gives (IHE ITI TF-3 §4.2.3.1.5), so each
 DocumentEntry gets ``urn:uuid:`` + UUIDv5 of its uniqueId (:func:`entry_uuid_for`): a replacement or
 a deletion finds the entry to point to from the CDA ids alone when the connector has not stored it.
@@ -33,7 +38,7 @@ from typing import Any
 
 from lxml import etree
 
-from engine.xds.document_facts import Actor, Code, DocumentFacts, read_document_facts
+from engine.xds.document_facts import Actor, DocumentFacts, read_document_facts
 from engine.xds.schemas import LCM_NS, RIM_NS
 from engine.xds.settings import Coded, XdsSettings
 from engine.xds.signature_document import build_signature_document
@@ -153,7 +158,7 @@ class _Writer:
         etree.SubElement(etree.SubElement(parent, f"{_R}{tag}"), f"{_R}LocalizedString",
                          {XML_LANG: "fr-FR"}, charset="UTF-8", value=text)
 
-    def coded(self, parent, scheme: str, obj: str, coded: Coded | Code) -> None:
+    def coded(self, parent, scheme: str, obj: str, coded: Coded) -> None:
         cl = etree.SubElement(parent, f"{_R}Classification", classificationScheme=scheme,
                               classifiedObject=obj, id=self.local_id("cl"),
                               nodeRepresentation=coded.code)
@@ -245,7 +250,7 @@ def _submission_set(root, w: _Writer, submission: Any, settings: XdsSettings, *,
     w.external_id(ss, SS_UNIQUE_ID, entry_uuid, unique_id, "XDSSubmissionSet.uniqueId")
 
 
-def _confidentiality(w: _Writer, parent, obj: str, first: Code | Coded | None, flags: Mapping[str, bool],
+def _confidentiality(w: _Writer, parent, obj: str, first: Coded | None, flags: Mapping[str, bool],
                      settings: XdsSettings) -> None:
     """mapping.md « Fiche », confidentialityCode: the CDA's first, then the MetaDMPMSS ones."""
     if first is None:
@@ -356,16 +361,36 @@ def _signature_entry(root, w: _Writer, data: bytes, facts: DocumentFacts, submis
     w.external_id(eo, DE_UNIQUE_ID, entry_uuid, unique_id, "XDSDocumentEntry.uniqueId")
 
 
-def _new_request() -> tuple[etree._Element, etree._Element]:
-    request = etree.Element(f"{{{LCM_NS}}}SubmitObjectsRequest", nsmap={"lcm": LCM_NS, "rim": RIM_NS})
-    return request, etree.SubElement(request, f"{_R}RegistryObjectList")
+@dataclass
+class _Draft:
+    """A SubmitObjectsRequest with its submission set written, and the documents read."""
+
+    request: etree._Element
+    objects: etree._Element
+    writer: _Writer
+    ss_uuid: str
+    ss_unique: str
+    blobs: list[bytes]
+    facts: list[DocumentFacts]
 
 
-def _checked_ins(submission: Any) -> Any:
-    ins = getattr(submission, "ins", None)
-    if ins is None:
+def _start(submission: Any, settings: XdsSettings, *, now: dt.datetime,
+           uuid_factory: Callable[[], uuid.UUID], patient_class: str | None) -> _Draft:
+    if getattr(submission, "ins", None) is None:
         raise MetadataError("no qualified INS: nothing goes to the DMP without one")
-    return ins
+    docs = list(getattr(submission, "documents", []) or [])
+    if not docs:
+        raise MetadataError("the message carries no document")
+    blobs = [d.raw_bytes() for d in docs]
+    facts = [read_document_facts(b) for b in blobs]
+    request = etree.Element(f"{{{LCM_NS}}}SubmitObjectsRequest", nsmap={"lcm": LCM_NS, "rim": RIM_NS})
+    objects = etree.SubElement(request, f"{_R}RegistryObjectList")
+    draft = _Draft(request, objects, _Writer(), f"urn:uuid:{uuid_factory()}",
+                   oid_from_uuid(uuid_factory()), blobs, facts)
+    _submission_set(objects, draft.writer, submission, settings, entry_uuid=draft.ss_uuid,
+                    unique_id=draft.ss_unique, now=now,
+                    content_type=_content_type(submission, facts, settings, patient_class))
+    return draft
 
 
 def build_submission_metadata(submission: Any, settings: XdsSettings, signer: SigningIdentity | None, *,
@@ -377,18 +402,8 @@ def build_submission_metadata(submission: Any, settings: XdsSettings, signer: Si
 
     ``replaced_entry_uuids``: replaced document uniqueId -> its entryUUID in the DMP, when the
     connector knows it; otherwise the entryUUID this engine gave it (:func:`entry_uuid_for`)."""
-    _checked_ins(submission)
-    docs = list(getattr(submission, "documents", []) or [])
-    if not docs:
-        raise MetadataError("the message carries no document")
-    blobs = [d.raw_bytes() for d in docs]
-    facts = [read_document_facts(b) for b in blobs]
-    request, objects = _new_request()
-    w = _Writer()
-    ss_uuid = f"urn:uuid:{uuid_factory()}"
-    ss_unique = oid_from_uuid(uuid_factory())
-    _submission_set(objects, w, submission, settings, entry_uuid=ss_uuid, unique_id=ss_unique,
-                    now=now, content_type=_content_type(submission, facts, settings, patient_class))
+    d = _start(submission, settings, now=now, uuid_factory=uuid_factory, patient_class=patient_class)
+    objects, w, ss_uuid, ss_unique, blobs, facts = d.objects, d.writer, d.ss_uuid, d.ss_unique, d.blobs, d.facts
     entries: list[EntryIds] = []
     for fact, blob in zip(facts, blobs):
         entry = entry_uuid_for(fact.unique_id)
@@ -427,7 +442,7 @@ def build_submission_metadata(submission: Any, settings: XdsSettings, signer: Si
                       original)
         w.association(objects, SIGNS, signature.entry_uuid, ss_uuid, f"urn:uuid:{uuid_factory()}",
                       original)
-    return SubmissionMetadata(request=request, attachments=tuple(attachments),
+    return SubmissionMetadata(request=d.request, attachments=tuple(attachments),
                               submission_set_unique_id=ss_unique, submission_set_entry_uuid=ss_uuid,
                               documents=tuple(entries), signature=signature)
 
@@ -441,22 +456,13 @@ def build_deletion_metadata(submission: Any, settings: XdsSettings, *, now: dt.d
     its entry, OriginalStatus Approved, NewStatus ``urn:asip:ci-sis:2010:StatusType:Deleted``.
 
     ``entry_uuids``: document uniqueId -> entryUUID in the DMP when known (else :func:`entry_uuid_for`)."""
-    _checked_ins(submission)
-    docs = list(getattr(submission, "documents", []) or [])
-    if not docs:
-        raise MetadataError("the deletion message names no document")
-    facts = [read_document_facts(d.raw_bytes()) for d in docs]
-    request, objects = _new_request()
-    w = _Writer()
-    ss_uuid = f"urn:uuid:{uuid_factory()}"
-    ss_unique = oid_from_uuid(uuid_factory())
-    _submission_set(objects, w, submission, settings, entry_uuid=ss_uuid, unique_id=ss_unique,
-                    now=now, content_type=_content_type(submission, facts, settings, patient_class))
+    d = _start(submission, settings, now=now, uuid_factory=uuid_factory, patient_class=patient_class)
+    objects, w, ss_uuid, ss_unique, facts = d.objects, d.writer, d.ss_uuid, d.ss_unique, d.facts
     entries = []
     for fact in facts:
         target = (entry_uuids or {}).get(fact.unique_id) or entry_uuid_for(fact.unique_id)
         w.association(objects, UPDATE_AVAILABILITY, ss_uuid, target, f"urn:uuid:{uuid_factory()}",
                       {"OriginalStatus": APPROVED, "NewStatus": DMP_DELETED})
         entries.append(EntryIds(fact.unique_id, target))
-    return SubmissionMetadata(request=request, attachments=(), submission_set_unique_id=ss_unique,
+    return SubmissionMetadata(request=d.request, attachments=(), submission_set_unique_id=ss_unique,
                               submission_set_entry_uuid=ss_uuid, documents=tuple(entries))

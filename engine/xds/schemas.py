@@ -7,7 +7,9 @@ What is checked (IHE ITI TF-2b §3.41, TF-3 §4.2; ITI-57: IHE ITI "XDS Metadata
 * ITI-57: the body holds one ``lcm:SubmitObjectsRequest`` valid against ``lcm.xsd``;
 * answers: one ``rs:RegistryResponse`` valid against ``rs.xsd``;
 * the envelope around them, in code (no SOAP / WS-Addressing XSD is shipped): SOAP 1.2 namespace,
-  one Header with the WS-Addressing ``Action`` (the transaction's own) and ``MessageID``, one Body.
+  one Header with the WS-Addressing ``Action`` (the transaction's own) and ``MessageID``, one Body;
+* what the XSD cannot say for ITI-41: each ``xdsb:Document`` names an ExtrinsicObject of the
+  metadata and each ExtrinsicObject has its Document (ITI TF-2b §3.41.4.1.2).
 
 A body sent as MTOM carries ``<xop:Include href="cid:…"/>`` where the XSD expects base64 content.
 Validation runs on the XOP infoset (W3C XOP 1.0 §3.2): each ``xop:Include`` is replaced, in a copy,
@@ -20,6 +22,7 @@ from __future__ import annotations
 import base64
 import copy
 import re
+import threading
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -100,11 +103,15 @@ def _xop_infoset(element: etree._Element, attachments: Mapping[str, bytes] | Non
     return element
 
 
+_VALIDATING = threading.Lock()   # one XMLSchema, one error_log: a validation at a time
+
+
 def _schema_errors(element: etree._Element) -> list[str]:
     schema = xds_schema()
-    if schema.validate(element):
-        return []
-    return [f"line {e.line}: {e.message}" for e in schema.error_log]
+    with _VALIDATING:
+        if schema.validate(element):
+            return []
+        return [f"line {e.line}: {e.message}" for e in schema.error_log]
 
 
 def _body_child(envelope: etree._Element, action: str, errors: list[str]) -> etree._Element | None:
@@ -140,8 +147,20 @@ def _validate(root: etree._Element, action: str, expected: str,
             return errors
     if element.tag != expected:
         return errors + [f"body element is {element.tag}, expected {expected}"]
+    if expected == f"{{{XDSB_NS}}}ProvideAndRegisterDocumentSetRequest":
+        errors += _document_links(element)
     element = _xop_infoset(element, attachments, errors)
     return errors + _schema_errors(element)
+
+
+def _document_links(request: etree._Element) -> list[str]:
+    entries = {e.get("id") for e in request.iter(f"{{{RIM_NS}}}ExtrinsicObject")}
+    documents = [d.get("id") for d in request.findall(f"{{{XDSB_NS}}}Document")]
+    errors = [f"xdsb:Document {d!r} names no ExtrinsicObject" for d in documents if d not in entries]
+    errors += [f"ExtrinsicObject {e!r} has no xdsb:Document" for e in sorted(entries - set(documents), key=str)]
+    if len(set(documents)) != len(documents):
+        errors.append("two xdsb:Document elements with the same id")
+    return errors
 
 
 def validate_iti41(root: etree._Element, attachments: Mapping[str, bytes] | None = None) -> list[str]:
