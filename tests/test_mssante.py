@@ -140,6 +140,15 @@ def test_xdm_checker_finds_wrong_hash_and_missing_uri():
             w.writestr(n, body)
     problems = check_package(out.getvalue())
     assert any("hash slot" in p for p in problems) and any("size slot" in p for p in problems)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as w:
+        for n in z.namelist():
+            body = z.read(n)
+            if n.endswith("METADATA.XML"):   # a SOAP envelope around it, as in the ANS sample
+                body = (b'<s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-envelope"><s:Body>'
+                        + body.split(b"?>", 1)[1] + b"</s:Body></s:Envelope>")
+            w.writestr(n, body)
+    assert any("METADATA.XML line" in p for p in check_package(out.getvalue()))
 
 
 # -- receipts (pure) -------------------------------------------------------------------------

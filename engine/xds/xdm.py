@@ -26,7 +26,8 @@ from typing import Any
 from lxml import etree
 
 from engine.xds.metadata import build_submission_metadata
-from engine.xds.schemas import RIM_NS, xds_schema
+# the schemas module's validation: one compiled XMLSchema shared by every thread, behind its lock
+from engine.xds.schemas import RIM_NS, _schema_errors
 from engine.xds.settings import XdsSettings
 
 _R = f"{{{RIM_NS}}}"
@@ -147,8 +148,8 @@ def check_package(package: bytes, *, validate_schema: bool = True) -> list[str]:
         except etree.XMLSyntaxError as exc:
             problems.append(f"{meta_name}: not well-formed ({exc.msg})")
             continue
-        if validate_schema and not xds_schema().validate(root):
-            problems.extend(f"{meta_name} line {e.line}: {e.message}" for e in xds_schema().error_log)
+        if validate_schema:
+            problems.extend(f"{meta_name} {e}" for e in _schema_errors(root))
         entries = root.findall(f".//{_R}ExtrinsicObject")
         if not entries:
             problems.append(f"{meta_name}: no DocumentEntry")
