@@ -363,11 +363,11 @@ class _CertificateChecker:
 
 
 class _ServerFactory(protocol.Factory):
-    def __init__(self, portal_, external: bool):
-        self.portal, self.external = portal_, external
+    def __init__(self, portal_, external: bool, starttls_options=None):
+        self.portal, self.external, self.starttls_options = portal_, external, starttls_options
 
     def buildProtocol(self, addr):
-        p = imap4.IMAP4Server()
+        p = imap4.IMAP4Server(contextFactory=self.starttls_options)
         p.portal = self.portal
         p.factory = self
         if self.external:
@@ -379,17 +379,23 @@ class ImapRig:
     """IMAP4 over TLS (implicit, port 993 style) on 127.0.0.1 with one user; ``inbox`` holds
     the mails (touch it only through :meth:`drop` and :meth:`flags`, which run in the reactor)."""
 
-    def __init__(self, pki, user: str, password: str, *, port: int = 0, client_cn: str | None = None):
+    def __init__(self, pki, user: str, password: str, *, port: int = 0, client_cn: str | None = None,
+                 starttls: bool = False):
         """``client_cn``: also accept SASL EXTERNAL from a client certificate (issued by the
-        PKI's CA) with this common name."""
+        PKI's CA) with this common name; ``starttls``: plain port 143 style, STARTTLS required
+        before LOGIN (Twisted refuses LOGIN before it)."""
         self.inbox = _Mailbox()
         checker = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{user: password.encode()})
         found = [checker] + ([_CertificateChecker(user, client_cn)] if client_cn else [])
         self.portal = portal.Portal(_Realm(_Account(user, self.inbox)), found)
         opts = server_context_factory(TLSFiles(cert=str(pki.server_cert), key=str(pki.server_key),
                                                ca=str(pki.ca) if client_cn else None))
-        self.listening = call(reactor.listenSSL, port, _ServerFactory(self.portal, bool(client_cn)), opts,
-                              interface="127.0.0.1")
+        if starttls:
+            self.listening = call(reactor.listenTCP, port, _ServerFactory(self.portal, bool(client_cn), opts),
+                                  interface="127.0.0.1")
+        else:
+            self.listening = call(reactor.listenSSL, port, _ServerFactory(self.portal, bool(client_cn)), opts,
+                                  interface="127.0.0.1")
         self.port = self.listening.getHost().port
 
     def drop(self, raw: bytes) -> int:

@@ -436,3 +436,16 @@ def test_implicit_tls(pki):
         assert rig.wait_for(1)[0].rcpt_tos == [PS]
     finally:
         rig.close()
+
+
+def test_imap_with_starttls(pki, monkeypatch):
+    monkeypatch.setenv("MSS_TEST_IMAP_PW", "imap-secret")
+    imap = ImapRig(pki, BAL, "imap-secret", starttls=True)
+    try:
+        imap.drop(make_dsn("<a.9@pfi.test.mssante.fr>", PS))
+        cfg = _cfg(1, pki, imap_port=imap.port)
+        cfg = cfg.model_copy(update={"imap": cfg.imap.model_copy(update={"security": "starttls"})})
+        got = []
+        assert MssanteConnector(cfg, None).poll_receipts(got.append)["receipts"] == 1
+    finally:
+        imap.close()
