@@ -9,8 +9,6 @@ import io
 import zipfile
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs12
 
 from engine.connectors.base import ACCEPTED, ERROR, REJECTED, TRANSIENT, Delivery, StoredView
 from engine.connectors.mss_receipts import parse_receipt
@@ -25,7 +23,7 @@ from engine.xds.xdm import XdmSender, check_package
 from tests.mail_rig import ImapRig, SmtpRig, make_dsn, make_mdn
 from tests.mss_samples import (BOTH_FLAGS, DELETE, INIT, INS, PATIENT, PS, PS2, PS_ONLY_FLAGS, REPLACE, REPLY,
                                variant)
-from tests.pki import make_pki
+from tests.pki import make_pki, write_pkcs12
 
 BAL = "bal@pfi.test.mssante.fr"
 XDS = XdsSettings(endpoint="urn:ihe:iti:xdm:2008", source_id="1.2.250.1.999.1", sign_submission=False)
@@ -226,18 +224,11 @@ def test_sends_over_starttls_with_the_client_certificate_and_dsn(pki, smtp):
 
 
 def test_pkcs12_identity_with_password_from_the_environment(pki, smtp, tmp_path, monkeypatch):
-    key = serialization.load_pem_private_key(pki.client_key.read_bytes(), None)
-    from cryptography import x509
-
-    cert = x509.load_pem_x509_certificate(pki.client_cert.read_bytes())
-    p12 = tmp_path / "client.p12"
-    p12.write_bytes(pkcs12.serialize_key_and_certificates(
-        b"c", key, cert, None, serialization.BestAvailableEncryption(b"s3cret")))
+    p12 = write_pkcs12(pki, tmp_path / "client.p12", b"s3cret")
     monkeypatch.setenv("MSS_TEST_P12_PW", "s3cret")
-    cfg = _cfg(smtp.port, pki, identity=False,
-               identity_override=None) if False else _cfg(smtp.port, pki, identity=False)
-    cfg = cfg.model_copy(update={"identity": type(cfg).model_fields["identity"].annotation.__args__[0](
-        cert=str(p12), password_env="MSS_TEST_P12_PW")})
+    cfg = _cfg(smtp.port, pki)
+    cfg = cfg.model_copy(update={"identity": cfg.identity.model_copy(
+        update={"cert": str(p12), "key": None, "password_env": "MSS_TEST_P12_PW"})})
     assert check_files(cfg) == []
     out = MssanteConnector(cfg, None).send_blocking(_delivery(INIT, "ps-1"))
     assert out.kind == ACCEPTED, out.detail
