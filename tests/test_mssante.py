@@ -66,6 +66,10 @@ def test_no_qualified_ins_no_patient_mail():
     sub = sub_of(raw)
     sub.identity_reliability = "PROV"
     assert [r.target for r in recipients(sub)] == ["ps-1"]
+    sub.identity_reliability = "QUAL"
+    assert [r.target for r in recipients(sub)] == ["ps-1", "patient"]
+    sub.identity_reliability = None
+    assert [r.target for r in recipients(sub)] == ["ps-1"]
     sub.identity_reliability, sub.ins = "VALI", None
     assert [r.target for r in recipients(sub)] == ["ps-1"]
 

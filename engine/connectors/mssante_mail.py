@@ -49,9 +49,14 @@ class Recipient:
     patient: bool
 
 
+#: PID-32 codes of a qualified identity (IHE PAM France): « QUAL », and « VALI » with an INS, as
+#: the engine's INS rules take it (engine.identity.ins, ``vali_counts_as_qualified``)
+QUALIFIED = ("QUAL", "VALI")
+
+
 def ins_is_qualified(sub: Any) -> bool:
-    """A qualified INS: present, and PID-32 « VALI » (IHE PAM France identity reliability)."""
-    return sub.ins is not None and (sub.identity_reliability or "").upper() == "VALI"
+    """A qualified INS: present, with PID-32 in :data:`QUALIFIED`."""
+    return sub.ins is not None and (sub.identity_reliability or "").upper() in QUALIFIED
 
 
 def patient_mailbox(sub: Any) -> str | None:
