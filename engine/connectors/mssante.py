@@ -15,8 +15,11 @@ and handed to the organisation's MSSanté SMTP server:
   to match receipts later); a 5xx reply (MAIL, RCPT or DATA) = content error for this target, with
   the code in the SMTPERRORCODE table and a ZAM^Z02 « N » when receipts were asked; a 4xx reply =
   refused, retried with backoff; no usable answer (connection refused, TLS failure, timeout) =
-  transient, retried with backoff. When the server does not offer DSN, no delivery receipt will
-  ever come: the 250 itself gives the ZAM^Z02 « Y ».
+  transient, retried with backoff. Every failed attempt carries its ZAM^Z02 « N » (code 101/111
+  when the server could not be reached): delivery sends it only when the outcome is final (a
+  content error, or the last attempt). When the server does not offer DSN, no delivery receipt
+  will ever come: the 250 itself gives the ZAM^Z02 « Y ». Sends run in the connector's own
+  thread pool, one SMTP session per mail.
 
 Receipts: :meth:`MssanteConnector.poll_receipts` reads the application mailbox over IMAP (TLS,
 client certificate, password from the environment or SASL EXTERNAL), turns every DSN / MDN into
