@@ -6,13 +6,16 @@ patient data in the logs or /status."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
 from engine.hl7.message import Message
 from mllp.blocking import BlockingMLLPClient
-from tests.enginectl import EngineProcess, free_port
+from tests.enginectl import ROOT, EngineProcess, free_port
 from tests.mail_rig import ImapRig, SmtpRig, make_dsn, make_mdn
 from tests.mss_samples import (BOTH_FLAGS, DELETE, INIT, INS, ORU, PATIENT, PS, PS2, PS_ONLY_FLAGS, REPLACE, REPLY,
                                variant)
@@ -287,3 +290,18 @@ def test_canary_no_patient_data_in_logs_or_status(rig_factory):
     text = r.eng.log_text() + status_text
     for secret in (INS, given, family, "19790328", "patient.mssante.fr", "Dupont"):
         assert secret not in text, secret
+
+
+def test_minipfi_check_names_an_unusable_certificate(tmp_path, pki):
+    def check(text):
+        cfg = tmp_path / "routes.yaml"
+        cfg.write_text(textwrap.dedent(text))
+        return subprocess.run([sys.executable, "-m", "engine.cli", "check", str(cfg)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    text = config(pki, free_port(), free_port(), 1, 2)
+    bad = check(text.replace(str(pki.client_key), str(tmp_path / "gone.key")))
+    assert bad.returncode != 0
+    assert "destinations.mss.identity" in bad.stdout + bad.stderr and "gone.key" in bad.stdout + bad.stderr
+    ok = check(text)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
