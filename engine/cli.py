@@ -139,6 +139,9 @@ def cmd_messages(args) -> int:
                 sub = _submission_of(store, int(mid))
                 if sub is not None:
                     d["submission"] = sub
+                receipts = store.mail_receipts(int(mid))
+                if receipts:
+                    d["receipts"] = receipts   # mail receipts (DSN, MDN): no patient data
                 raw = d.pop("raw", b"")
                 ack = d.pop("ack", b"")
                 if args.json:

@@ -13,6 +13,8 @@ from engine import config
 from engine.connectors.dmp import DmpConnector, DmpDestinationConfig, check_files as dmp_check_files, dmp_targets
 from engine.connectors.drimbox import DrimboxConnector, DrimboxDestinationConfig
 from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig
+from engine.connectors.mssante import MssanteConnector, MssanteDestinationConfig, mssante_targets
+from engine.connectors.mssante import check_files as mssante_check_files
 from engine.connectors.registry import ConnectorType, register
 from engine.steps.identity_feed import IdentityFeed
 from engine.reports import rules
@@ -30,6 +32,8 @@ def wire() -> None:
     register(ConnectorType("drimbox", DrimboxDestinationConfig, DrimboxConnector))
     register(ConnectorType("dmp", DmpDestinationConfig, DmpConnector, targets=dmp_targets,
                            check=dmp_check_files))
+    register(ConnectorType("mssante", MssanteDestinationConfig, MssanteConnector, mssante_targets,
+                           mssante_check_files))
 
 
 wire()
