@@ -67,7 +67,8 @@ def test_sample_routes_yaml_loads():
     assert ch.framing.idle_timeout == 600.0
     assert cfg.engine.status.bind == "127.0.0.1" and cfg.engine.status.port == 8575
     assert cfg.engine.duplicates.window == 7 * 86400
-    assert set(cfg.destinations) == {"ris-adt", "teleradiology", "reports-out", "drimbox"}
+    assert set(cfg.destinations) == {"ris-adt", "teleradiology", "reports-out", "drimbox", "dmp"}
+    assert cfg.destination("dmp").enabled is False and cfg.destination("dmp").hold == 600  # needs certificates
     drimbox = cfg.destination("drimbox")
     assert (drimbox.type, drimbox.port, drimbox.expect_ack, drimbox.queue.ordering) == (
         "drimbox", 2579, True, "document")

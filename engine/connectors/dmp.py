@@ -48,10 +48,12 @@ from engine.config import DestinationBase, Duration, _Model
 from engine.connectors.base import (
     ACCEPTED, ERROR, TRANSIENT, BusinessAck, Delivery, ErrorInfo, Outcome, StoredView,
 )
-from engine.connectors.https import HttpsClient, HttpsFailure, load_ca, validity_problem
+from engine.connectors.https import (
+    HttpsClient, HttpsFailure, IdentityError, load_ca, load_identity, password_from_env, validity_problem,
+)
 from engine.xds import envelope, response as xds_response
 from engine.xds.settings import DmpRequestSettings, VihfSettings, XdsSettings
-from engine.xds.signing import SigningIdentity, SigningIdentityError, load_signing_identity
+from engine.xds.signing import SigningIdentity
 
 #: INS OIDs (NIR, NIA, and the test and demonstration NIRs the report channel accepts outside
 #: production): IHE PAM France / "Référentiel INS"
@@ -93,19 +95,8 @@ class DmpDestinationConfig(DestinationBase):
     validate_requests: bool = False  # check each request against the XDS XSDs before sending
 
 
-def _password(env_name: str | None) -> bytes | None:
-    import os
-
-    if not env_name:
-        return None
-    value = os.environ.get(env_name)
-    if value is None:
-        raise SigningIdentityError(f"environment variable {env_name} (key password) is not set")
-    return value.encode("utf-8")
-
-
 def _identity(files: KeyFiles) -> SigningIdentity:
-    return load_signing_identity(files.cert, _password(files.password_env), files.key)
+    return load_identity(files.cert, files.key, password_from_env(files.password_env))
 
 
 def check_files(cfg: DmpDestinationConfig) -> list[tuple[str, str]]:
@@ -115,8 +106,8 @@ def check_files(cfg: DmpDestinationConfig) -> list[tuple[str, str]]:
     for where, files in (("tls", cfg.tls), ("signing", cfg.signing)):
         try:
             ident = _identity(files)
-        except (SigningIdentityError, OSError) as exc:
-            problems.append((f"{where}.cert", _short(exc)))
+        except IdentityError as exc:
+            problems.append((f"{where}.cert", str(exc)))
             continue
         bad = validity_problem(ident.certificate)
         if bad:
@@ -126,15 +117,9 @@ def check_files(cfg: DmpDestinationConfig) -> list[tuple[str, str]]:
             bad = validity_problem(cert)
             if bad:
                 problems.append(("tls.ca", f"a CA certificate is {bad}"))
-    except ValueError as exc:
-        problems.append(("tls.ca", _short(exc)))
+    except IdentityError as exc:
+        problems.append(("tls.ca", str(exc)))
     return problems
-
-
-def _short(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return f"cannot read {getattr(exc, 'filename', '') or 'file'}: {exc.strerror}"
-    return str(exc)
 
 
 #: PID-32 statuses with which the INS may identify the patient's DMP: QUAL (identité qualifiée)

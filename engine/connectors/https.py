@@ -18,6 +18,7 @@ any content.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from engine.xds.signing import SigningIdentity
+from engine.xds.signing import SigningIdentity, SigningIdentityError, load_signing_identity
 
 MAX_ANSWER = 20 * 1024 * 1024
 
@@ -39,7 +40,29 @@ class HttpsFailure(Exception):
 
 
 class IdentityError(ValueError):
-    """The CA bundle cannot be used (missing, unreadable, empty)."""
+    """A certificate, key or CA bundle cannot be used (missing, unreadable, wrong password, key of
+    another certificate), or the variable naming a key password is not set."""
+
+
+def password_from_env(name: str | None) -> bytes | None:
+    """The password held by the environment variable ``name`` (None when no name is given)."""
+    if not name:
+        return None
+    value = os.environ.get(name)
+    if value is None:
+        raise IdentityError(f"environment variable {name} (key password) is not set")
+    return value.encode("utf-8")
+
+
+def load_identity(cert: str | Path, key: str | Path | None = None, password: bytes | None = None) -> SigningIdentity:
+    """A client identity (PEM certificate + key, or a PKCS#12 bundle) through the one loader of
+    keys and certificates; every failure as :class:`IdentityError` (its text names the file)."""
+    try:
+        return load_signing_identity(cert, password, key)
+    except SigningIdentityError as exc:
+        raise IdentityError(str(exc)) from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read {exc.filename or cert}: {exc.strerror}") from None
 
 
 def load_ca(path: str | Path) -> tuple[x509.Certificate, ...]:

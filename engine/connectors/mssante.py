@@ -223,7 +223,7 @@ class MssanteConnector:
             tmp.write(loaded.key.private_bytes(serialization.Encoding.PEM,
                                                serialization.PrivateFormat.PKCS8,
                                                serialization.BestAvailableEncryption(secret)))
-            for cert in loaded.chain:
+            for cert in (loaded.certificate, *loaded.chain):
                 tmp.write(cert.public_bytes(serialization.Encoding.PEM))
             tmp.flush()
             ctx.load_cert_chain(tmp.name, password=secret)
