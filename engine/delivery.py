@@ -467,8 +467,6 @@ class DestinationWorker:
         own in a pool thread, so that ingest keeps its one-statement autocommit path (a writer
         transaction holding an op takes the general path: measured, ingest fell to 0.27x of the
         disabled case while delivering)."""
-        if getattr(self.store, "dialect", "sqlite") == "postgresql":
-            return threads.deferToThread(self.store.in_transaction, op)
         d = defer.Deferred()
         reactor = self.reactor
 
@@ -476,6 +474,8 @@ class DestinationWorker:
             reactor.callFromThread(_fire, d, result)
 
         try:
+            if getattr(self.store, "dialect", "sqlite") == "postgresql":
+                return threads.deferToThread(self.store.in_transaction, op)
             self.store.submit(op, done)
         except Exception as exc:  # noqa: BLE001 - no store: the caller retries later
             d.errback(exc)
