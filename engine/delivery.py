@@ -299,7 +299,7 @@ class DestinationWorker:
         delay = POLL_INTERVAL
         if claimed.next_due is not None:
             wait = max(0.0, float(claimed.next_due) - time.time())
-            if self.capacity == 1 and self.cfg.queue.ordering != "key":
+            if self.cfg.queue.ordering in ("destination", "none"):
                 # one FIFO: new entries are behind the waiting head, so commits do not wake it
                 # before the head is due (a look per POLL_INTERVAL still sees a head cancelled
                 # by a deletion, or entries written by another process)
