@@ -72,7 +72,8 @@ def test_targets_only_with_destdmp_and_a_qualified_ins():
     assert dmp_targets(None, _stored(reliability=None)) == ()
     assert dmp_targets(None, _stored(ins=None)) == ()
     assert dmp_targets(None, _stored(ins=INS(value="1", oid="1.2.3"))) == ()
-    assert dmp_targets(None, _stored(kind="pacs", reliability=None)) == ("",)   # wrap checked it
+    assert dmp_targets(None, _stored(kind="pacs", reliability="VALI")) == ("",)
+    assert dmp_targets(None, _stored(kind="pacs", reliability=None)) == ()
     assert dmp_targets(None, StoredView()) == ()
 
 

@@ -129,15 +129,12 @@ QUALIFIED_STATUSES = ("QUAL", "VALI")
 
 
 def ins_is_qualified(stored: StoredView) -> bool:
-    """An INS OID and value in PID-3 and a qualified PID-32. A PACS report's submission is the
-    message the PACS step built from the identity registry, which it does only for the statuses
-    of ``cda_wrap.accepted_identity_statuses`` (QUAL, VALI by default)."""
+    """An INS OID and value in PID-3 and a qualified PID-32 (for a PACS report, the message the
+    PACS step built writes the registry status that allowed the INS into PID-32)."""
     sub = stored.submission
     ins = getattr(sub, "ins", None)
     if ins is None or ins.oid not in INS_OIDS or not ins.value:
         return False
-    if stored.kind == "pacs":
-        return True
     return (getattr(sub, "identity_reliability", None) or "").upper() in QUALIFIED_STATUSES
 
 
