@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ingest  # noqa: E402
 from ingest import (  # noqa: E402
     ROOT,
     _conn_loop,
@@ -288,11 +289,15 @@ def main() -> int:
     ap.add_argument("--drain-wait", type=float, default=30.0,
                     help="e2e: wait at most this long after the senders stop for the last deliveries")
     ap.add_argument("--ordering", choices=("destination", "key"), default="destination")
+    ap.add_argument("--patients", type=int, default=1,
+                    help="distinct patients (PID-3.1) among the messages: with --ordering key, "
+                         "the keys the lanes can take in parallel")
     ap.add_argument("--compare-tree", action="append", default=[])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--json")
     args = ap.parse_args()
+    ingest.PATIENTS = args.patients
     if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
         os.sched_setaffinity(0, {1})
     servers = []

@@ -32,6 +32,7 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,13 +42,21 @@ PG_URL = os.environ.get("MINIPFI_TEST_PG_URL", "postgresql+psycopg://postgres@12
 TEMPLATE = (
     "MSH|^~\\&|GAM|CHU-X|DPI|CHU-X|20240306111154||ADT^A01^ADT_A01|{cid}|P|2.5^FRA^2.11|||||FRA|UNICODE UTF-8|FR||2.11^IHE_FRANCE-2.11-PAM\r"
     "EVN||20240306111154||||20240306111154\r"
-    "PID|1||000003^^^CHU-X&000897406&N^PI~279035121518989^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.10&ISO^INS^^20101207||"
+    "PID|1||{ipp}^^^CHU-X&000897406&N^PI~279035121518989^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.10&ISO^INS^^20101207||"
     "PAT-TROIS^DOMINIQUE^DOMINIQUE^^^^L||19790328|F|||28 Av de Breteuil^^PARIS^^75007^FRA^H~^^^^^^BDL^^63220|||||S||"
     "24000006^^^CHU-X&000897406&M^AN|||||||1|||||N||VALI|20240306111153\r"
     "PV1|1|I|^^^CHU-X&000897406&M^O^^||||||||||||||||000897406^^^CHU-X&000897406&M^VN^^20210409||||||||||||||||||||||||||||||||V\r"
     "ZBE|001^CHU-X^000897406|20240306110000||INSERT|N||Chir V^^^^^CHU-X&000897406&N^UF^^^6268|Chir V^^^^^CHU-X&000897406&N^UF^^^6268|HMS\r"
     "ZFA|ACTIF|20240306111154|||||||INO|20240306111154|IC|20240306111154\r"
 )
+
+
+# distinct patients (PID-3.1) among the messages sent: 1 = every message is the same patient
+PATIENTS = 1
+
+
+def ipp_of(cid: str) -> str:
+    return "000003" if PATIENTS <= 1 else f"{zlib.crc32(cid.encode()) % PATIENTS:06d}"
 
 
 def free_port() -> int:
@@ -89,7 +98,7 @@ async def _conn_loop(port, prefix, deadline, lat, errors, rate_gap=None, nacks=N
             t0 = time.perf_counter()
             if sent is not None:
                 sent[cid] = time.time()
-            writer.write(SB + TEMPLATE.format(cid=cid).encode() + EB)
+            writer.write(SB + TEMPLATE.format(cid=cid, ipp=ipp_of(cid)).encode() + EB)
             data = await reader.readuntil(EB)
             lat.append(time.perf_counter() - t0)
             code, answered = msa(data[data.find(SB) + 1 : -2])
