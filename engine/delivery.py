@@ -94,7 +94,8 @@ def _codec(charset: str) -> str:
 
 
 _EPOCHS = itertools.count(1)
-WINDOW = 256  # entries of one ordering key per claim
+WINDOW = 256  # entries of one ordering key per claim, and per lane
+KEYS_PER_LANE = 32  # keys a claim may hand one lane (many patients with a message or two each)
 # Outcomes are handed to the writer in groups: when this many are waiting, when a lane ends, or
 # this long after the first (a writer op of one outcome cost about 1 ms of the writer's time,
 # and often a commit of its own, measured under the end-to-end benchmark)
@@ -265,7 +266,7 @@ class DestinationWorker:
             return
         free = self.capacity - len(self._lanes)
         probing = self._down_steps > 0  # one entry, one connection attempt
-        keys, window = (1, 1) if probing else (free, WINDOW)
+        keys, window, most = (1, 1, 1) if probing else (free * KEYS_PER_LANE, WINDOW, free * WINDOW)
         timeout = float(getattr(self.connector, "timeout", MIN_LEASE_S))
         lease = max(MIN_LEASE_S, LEASE_FACTOR * timeout) + (window - 1) * timeout
         name, owner, cursor, store = self.name, self.owner, self._cursor, self.store
@@ -273,7 +274,7 @@ class DestinationWorker:
         self._rerun = False
         self.claims += 1
         d = self._write(lambda conn: store.claim_windows_within(
-            conn, name, keys, window, owner, lease, time.time(), cursor))
+            conn, name, keys, window, owner, lease, time.time(), cursor, max_entries=most))
         d.addCallbacks(self._claimed, self._claim_failed)
 
     def _claim_failed(self, failure) -> None:
@@ -284,10 +285,15 @@ class DestinationWorker:
     def _claimed(self, claimed) -> None:
         self._claiming = False
         self._cursor = claimed.cursor
-        for lane in claimed.lanes:
-            for entry in lane:
+        # each key's window goes to one lane (its order kept), the keys spread over the lanes
+        free = max(1, self.capacity - len(self._lanes))
+        lanes: list[list] = [[] for _ in range(min(free, len(claimed.lanes)))]
+        for i, window in enumerate(claimed.lanes):
+            for entry in window:
                 self.held[entry.id] = entry
-            d = self._run_lane(lane)
+            lanes[i % len(lanes)].append(window)
+        for windows in lanes:
+            d = self._run_lane(windows)
             self._lanes.add(d)
             d.addBoth(self._lane_done, d)
         if not self.running:
@@ -320,20 +326,22 @@ class DestinationWorker:
 
     # -- one lane: the window of one key, in order ----------------------------------------------
     @defer.inlineCallbacks
-    def _run_lane(self, entries):
-        for i, entry in enumerate(entries):
-            if not self.running:
-                break  # the rest stays held: released by stop()
-            if time.time() < self._down_until:
-                status = "retry"  # another lane found the peer down: no attempt of our own
-                i -= 1
-            else:
-                status = yield self._attempt(entry)
-            if status == "retry":
-                # order: nothing behind a failed entry goes before it
-                for rest in entries[i + 1:]:
-                    self._record(Completion(rest.id, "released", rest.attempts))
-                break
+    def _run_lane(self, windows):
+        """Send the windows of the lane's keys one key after the other, each in order."""
+        for entries in windows:
+            for i, entry in enumerate(entries):
+                if not self.running:
+                    break  # the rest stays held: released by stop()
+                if time.time() < self._down_until:
+                    status = "retry"  # the peer is down: no attempt of our own
+                    i -= 1
+                else:
+                    status = yield self._attempt(entry)
+                if status == "retry":
+                    # order: nothing behind a failed entry of its key goes before it
+                    for rest in entries[i + 1:]:
+                        self._record(Completion(rest.id, "released", rest.attempts))
+                    break
         yield self._all_recorded()
 
     @defer.inlineCallbacks

@@ -185,10 +185,12 @@ def _run(worker, until, timeout=20.0):
     return ok
 
 
-def test_worker_keeps_the_order_of_each_key_across_a_failure(store):
-    """Four keys in parallel lanes; one entry of key k1 is refused once: nothing behind it in
-    k1 goes before its retry succeeds, the other keys go on."""
-    keys = [f"k{i % 4}" for i in range(40)]
+@pytest.mark.parametrize("nkeys,lanes", [(4, 4), (12, 2)])
+def test_worker_keeps_the_order_of_each_key_across_a_failure(store, nkeys, lanes):
+    """Keys in parallel lanes (more keys than lanes: a lane takes several keys one after the
+    other); one entry of key k1 is refused once: nothing behind it in k1 goes before its retry
+    succeeds, the other keys go on."""
+    keys = [f"k{i % nkeys}" for i in range(40)]
     _queue(store, keys)
     refused = {"Wris5"}
 
@@ -199,7 +201,7 @@ def test_worker_keeps_the_order_of_each_key_across_a_failure(store):
         return Outcome(ACCEPTED, b"MSA|AA", "AA")
 
     connector = Scripted(answer)
-    worker = DestinationWorker("ris", _cfg("key", 4, "50ms"), store, connector, reactor_thread.reactor)
+    worker = DestinationWorker("ris", _cfg("key", lanes, "50ms"), store, connector, reactor_thread.reactor)
     try:
         assert _run(worker, lambda: worker.counters["sent"] >= 40)
     finally:
@@ -209,8 +211,9 @@ def test_worker_keeps_the_order_of_each_key_across_a_failure(store):
         per_key.setdefault(keys[int(cid[4:])], []).append(cid)
     for key, sent in per_key.items():
         expected = [f"Wris{i}" for i in range(40) if keys[i] == key]
-        if key == "k1":  # Wris5 refused once, then sent again before anything behind it
-            assert sent[:3] == ["Wris1", "Wris5", "Wris5"] and sent[3:] == expected[2:]
+        if key == keys[5]:  # Wris5 refused once, then sent again before anything behind it
+            at = expected.index("Wris5")
+            assert sent[:at + 2] == expected[:at] + ["Wris5", "Wris5"] and sent[at + 2:] == expected[at + 1:]
         else:
             assert sent == expected
     assert ("Wris5", 2) in connector.sent

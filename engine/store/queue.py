@@ -104,12 +104,13 @@ class QueueMixin:
 
     def claim_windows_within(self, conn: sa.Connection, destination: str, keys: int, window: int,
                              owner: str, lease_seconds: float, now: float,
-                             cursor: str | None = None, max_visit: int = 256) -> ClaimedWindows:
+                             cursor: str | None = None, max_visit: int = 256,
+                             max_entries: int | None = None) -> ClaimedWindows:
         """Claim, for at most ``keys`` ordering keys, the due entries at the head of each key (at
         most ``window`` per key, contiguous from the head, stopping at the first not due). A key
         whose oldest unfinished entry is in flight, or whose head is not due, is skipped. Keys
         are visited in ``order_key`` order starting after ``cursor``, wrapping around, at most
-        ``max_visit`` of them."""
+        ``max_visit`` of them, until ``max_entries`` entries are taken."""
         pg = not self._sqlite
         seek_after = sa.text(
             "SELECT order_key, id, next_attempt_at FROM queue_entries WHERE destination = :d "
@@ -132,7 +133,8 @@ class QueueMixin:
         key = cursor
         wrapped = cursor is None
         last = cursor
-        while len(lanes_ids) < keys and len(seen) < max_visit:
+        taken = 0
+        while len(lanes_ids) < keys and len(seen) < max_visit and (max_entries is None or taken < max_entries):
             if key is None:
                 row = conn.execute(seek_first, {"d": destination}).first()
             else:
@@ -153,13 +155,15 @@ class QueueMixin:
                     pass  # another instance is claiming this key
                 else:
                     ids = []
+                    room = window if max_entries is None else min(window, max_entries - taken)
                     for r in conn.execute(window_q, {"d": destination, "k": key, "id": row.id,
-                                                     "w": int(window)}):
+                                                     "w": int(room)}):
                         if r.next_attempt_at > now:
                             break
                         ids.append(r.id)
                     if ids:
                         lanes_ids.append(ids)
+                        taken += len(ids)
         if not lanes_ids:
             return ClaimedWindows([], last, next_due)
         flat = [i for lane in lanes_ids for i in lane]
