@@ -1,11 +1,11 @@
 """Delivery workers: claim due queue entries, transform, send, record the outcome, retry or dead-letter.
 
 One worker per destination. A claim takes, per ordering key, a window of the due entries at the
-head of that key (``WINDOW``); the worker sends each window in order, one entry after the other
-(a *lane*), so with ``ordering: destination`` a failing message blocks the ones behind it (strict
-FIFO, Mirth "queue on failure" semantics: the rest of the window goes back to the queue untried)
-and with ``ordering: key`` different patients progress in parallel, one lane per key, at most
-``concurrency`` lanes. Claims and outcomes are writer ops (``Store.submit``): they share the
+head of that key (``WINDOW``); the worker sends each window in order, one entry after the other,
+in a *lane* (a key in one lane only; a lane may take several keys, one after the other), so with
+``ordering: destination`` a failing message blocks the ones behind it (strict FIFO, Mirth "queue
+on failure" semantics: the rest of the window goes back to the queue untried) and with
+``ordering: key`` different patients progress in parallel, at most ``concurrency`` lanes. Claims and outcomes are writer ops (``Store.submit``): they share the
 group commit of ingest, the outcomes of one reactor turn in one op, so a delivered message costs
 no COMMIT of its own and no thread of the pool. Outcomes are fenced by the claim's owner, which
 carries an epoch per worker instance (a worker replaced by a reload cannot record over its
