@@ -12,6 +12,7 @@ from .models import (
     IngestResult,
     MessageRow,
     MessageSummary,
+    ReplayedTarget,
     Stored,
     UnknownMessage,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "IngestResult",
     "MessageRow",
     "MessageSummary",
+    "ReplayedTarget",
     "Store",
     "Stored",
     "UnknownMessage",
