@@ -416,7 +416,29 @@ def _check_profiles(value: Any) -> Any:
     return value
 
 
-class RouteFilter(_Model):
+class _FilterKeys(_Model):
+    message_types: list[MessageTypePattern] = Field(default_factory=lambda: ["*"], min_length=1)
+    sending_applications: list[str] = Field(default_factory=list)
+    sending_facilities: list[str] = Field(default_factory=list)
+    receiving_applications: list[str] = Field(default_factory=list)
+    versions: list[VersionStr] = Field(default_factory=list)
+    profiles: Annotated[list[str], BeforeValidator(_check_profiles)] = Field(default_factory=list)
+
+
+class ExclusionFilter(_FilterKeys):
+    """``not:`` of a route filter, with the same keys: a message is excluded when it matches
+    every key given here (an empty list, or a key left out, says nothing)."""
+
+    message_types: list[MessageTypePattern] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "ExclusionFilter":
+        if not any(getattr(self, k) for k in type(self).model_fields):
+            raise ValueError("not: give at least one key (message_types, sending_applications, ...)")
+        return self
+
+
+class RouteFilter(_FilterKeys):
     """Empty lists match anything. Applications/facilities match MSH-3/4/5 first component
     (namespace id) or the whole field.
 
@@ -426,14 +448,12 @@ class RouteFilter(_Model):
     component and its *name* in the second (``2.1^CISIS_CDA_HL7_V2``, ``1.0^CISIS_TLR_HL7_V2``), so
     list the name: ``profiles: [CISIS_TLR_HL7_V2]``. Blanks around components are ignored. The
     empty string ``""`` in the list matches a message with an empty MSH-21 (no profile declared).
+
+    ``not`` (an :class:`ExclusionFilter`, same keys): the route does not match a message that
+    matches it, e.g. ``message_types: ["ADT^*"]`` with ``not: {message_types: ["ADT^A08"]}``.
     """
 
-    message_types: list[MessageTypePattern] = Field(default_factory=lambda: ["*"], min_length=1)
-    sending_applications: list[str] = Field(default_factory=list)
-    sending_facilities: list[str] = Field(default_factory=list)
-    receiving_applications: list[str] = Field(default_factory=list)
-    versions: list[VersionStr] = Field(default_factory=list)
-    profiles: Annotated[list[str], BeforeValidator(_check_profiles)] = Field(default_factory=list)
+    exclude: ExclusionFilter | None = Field(default=None, alias="not")
 
 
 class Route(_Model):
@@ -447,6 +467,9 @@ class Route(_Model):
     # after MSSanté receipts, when the report asked for them (CI-SIS "Transmission de documents
     # CDA en HL7 v2", profils-messages.md « Structure des messages accusés métier HL7 »).
     business_acks: str | None = None
+    # true: when this route matches, the routes after it (same channel) are not tried: first
+    # match wins from here on (earlier matching routes still deliver)
+    stop: bool = False
 
 
 # --------------------------------------------------------------------------------------------
