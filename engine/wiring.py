@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from engine import config
 from engine.connectors.drimbox import DrimboxConnector, DrimboxDestinationConfig
-from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig
+from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig, check_tls_files
 from engine.connectors.registry import ConnectorType, register
 from engine.steps.identity_feed import IdentityFeed
 from engine.reports.processing import CisisReportStep, PacsReportStep
@@ -23,8 +23,8 @@ TRANSFORM_MODULES = (basic, cda_wrap, ins_enrich, wrapped_report)
 
 def wire() -> None:
     config.set_transform_validator(validate_specs)
-    register(ConnectorType("mllp", MLLPDestinationConfig, MLLPConnector))
-    register(ConnectorType("drimbox", DrimboxDestinationConfig, DrimboxConnector))
+    register(ConnectorType("mllp", MLLPDestinationConfig, MLLPConnector, check=check_tls_files))
+    register(ConnectorType("drimbox", DrimboxDestinationConfig, DrimboxConnector, check=check_tls_files))
 
 
 wire()
