@@ -135,6 +135,7 @@ class DestinationWorker:
         self._rerun = False
         self.counters = {"sent": 0, "error": 0, "retry": 0, "filtered": 0}
         self.last_error: str | None = None
+        self.last_error_at: float | None = None   # epoch seconds of last_error
         self._chains: dict[str, object] = {}
 
     @property
@@ -313,7 +314,7 @@ class DestinationWorker:
             store_status = "queued"
         self.counters[status] = self.counters.get(status, 0) + 1
         if status in ("error", "retry"):
-            self.last_error = detail
+            self.last_error, self.last_error_at = detail, time.time()
         log_fn = log.info if status in ("sent", "filtered") else log.warning
         log_fn("delivery." + status, destination=self.name, target=entry.target or None,
                entry_id=entry.id, message_id=entry.message_id,

@@ -154,11 +154,15 @@ class ReadModelMixin:
         now = time.time()
         with self._stats_lock, self._read() as conn:
             msgs, dups = dict(self._stats_msgs), dict(self._stats_dups)
+            codes = dict(self._stats_codes)
             msg_mark, dup_mark = self._stats_msg_mark, self._stats_dup_mark
-            for chan, status, n, top in conn.execute(sa.text(
-                    "SELECT channel, status, count(*), max(id) FROM messages WHERE id > :w "
-                    "GROUP BY channel, status"), {"w": self._stats_msg_mark}).all():
+            for chan, status, ack_code, error_code, n, top in conn.execute(sa.text(
+                    "SELECT channel, status, ack_code, error_code, count(*), max(id) FROM messages "
+                    "WHERE id > :w GROUP BY channel, status, ack_code, error_code"),
+                    {"w": self._stats_msg_mark}).all():
                 msgs[(chan, status)] = msgs.get((chan, status), 0) + n
+                key = (chan, status, ack_code or "", error_code or "")
+                codes[key] = codes.get(key, 0) + n
                 msg_mark = max(msg_mark, top)
             for chan, n, top in conn.execute(sa.text(
                     "SELECT channel, count(*), max(id) FROM events "
@@ -176,7 +180,7 @@ class ReadModelMixin:
                     "FROM queue_entries WHERE destination = :d AND status = 'queued')"),
                     {"d": dest}).scalar()
             # every query succeeded: keep the new counts and marks
-            self._stats_msgs, self._stats_dups = msgs, dups
+            self._stats_msgs, self._stats_dups, self._stats_codes = msgs, dups, codes
             self._stats_msg_mark, self._stats_dup_mark = msg_mark, dup_mark
         msg = [(c, st, n) for (c, st), n in msgs.items()]
         q = [(d, st, n, oldest.get(d) if st == "queued" else None) for d, st, n in counts]
@@ -207,4 +211,7 @@ class ReadModelMixin:
             d[status] = d.get(status, 0) + n
             if status == "queued" and oldest is not None:
                 d["oldest_queued_age_s"] = max(0.0, now - oldest)
-        return {"channels": channels, "destinations": dests}
+        # stored messages per (channel, status, MSA-1, ERR-3 code), for /metrics
+        by_code = [{"channel": c, "status": st, "ack_code": a, "error_code": e, "count": n}
+                   for (c, st, a, e), n in sorted(codes.items())]
+        return {"channels": channels, "destinations": dests, "messages_by_code": by_code}
