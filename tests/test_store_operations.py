@@ -4,8 +4,11 @@ handled leaving the current counts, and message search filters."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
+
+import engine.store as _store_mod
 
 from engine.store import EntrySpec, ReplayedTarget, UnknownMessage
 from tests.test_store import count, ingest_one, rec
@@ -115,3 +118,33 @@ def test_list_messages_filters(store):
     assert ids(status="queued", limit=1) == [c]
     assert store.message_ids_by_control_id("F2") == [c, a]
     assert store.message_ids_by_control_id("nope") == []
+
+
+def test_migration_0007_adds_the_link_to_an_existing_store(store_url):
+    """A store at 0006 with entries upgrades in place: old entries link to nothing."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+
+    from engine.store import Store
+
+    s = Store(store_url)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(_store_mod.__file__).parent / "migrations"))
+        with s._wengine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0006")
+        with s._wengine.begin() as conn:
+            mid = conn.execute(sa.text(
+                "INSERT INTO messages (channel, received_at, size, sha256, status, ack, raw) "
+                "VALUES ('c', 1, 1, 'x', 'routed', :b, :b) RETURNING id"), {"b": b"x"}).scalar_one()
+            conn.execute(sa.text(
+                "INSERT INTO queue_entries (message_id, destination, route, status, next_attempt_at, "
+                "created_at, updated_at) VALUES (:m, 'ris', 'r', 'error', 1, 1, 1)"), {"m": mid})
+        s.migrate()
+        assert [e.replay_of for e in s.get_message(mid).entries] == [None]
+        assert s.replay([mid]) == {mid: 1}
+        assert s.get_message(mid).entries[-1].replay_of == s.get_message(mid).entries[0].id
+    finally:
+        s.dispose()
