@@ -148,3 +148,28 @@ def test_migration_0007_adds_the_link_to_an_existing_store(store_url):
         assert s.get_message(mid).entries[-1].replay_of == s.get_message(mid).entries[0].id
     finally:
         s.dispose()
+
+
+def test_concurrent_replays_add_one_entry(store):
+    """Replays of one message from several threads (two operators, two CLIs) add one entry."""
+    import threading
+
+    mid = ingest_one(store, rec("P5", entries=[EntrySpec("ris", "r")])).message_id
+    _fail(store, "ris")
+    added, errors = [], []
+    start = threading.Barrier(6)
+
+    def replay():
+        start.wait()
+        try:
+            added.append(store.replay([mid])[mid])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replay) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and sorted(added) == [0, 0, 0, 0, 0, 1]
+    assert count(store, "SELECT count(*) FROM queue_entries WHERE message_id = :m AND status = 'queued'", m=mid) == 1

@@ -230,9 +230,13 @@ class QueueMixin:
         wanted = list(dict.fromkeys(destinations)) if destinations else None
         now = time.time()
         expand = sa.bindparam("ids", expanding=True)
+        # two replays of one message at once must not both find no live entry: on PostgreSQL
+        # the message rows are locked (nothing on the ingest or delivery path locks them); on
+        # SQLite the write transaction already holds the database lock
+        lock = "" if self._sqlite else " FOR UPDATE"
         with self._write_tx() as conn:
             chans = dict(conn.execute(
-                sa.text("SELECT id, channel FROM messages WHERE id IN :ids").bindparams(expand),
+                sa.text(f"SELECT id, channel FROM messages WHERE id IN :ids ORDER BY id{lock}").bindparams(expand),
                 {"ids": ids}).all())
             missing = [i for i in ids if i not in chans]
             if missing:
