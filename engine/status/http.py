@@ -167,12 +167,10 @@ class _NotFound(resource.Resource):
         return _json_error(request, 404, "not found")
 
 
-class _JSON(resource.Resource):
-    isLeaf = True
+class _ReadOnly(resource.Resource):
+    """A read-only leaf answered later: ``answer()`` gives ``(code, content type, body)``."""
 
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
+    isLeaf = True
 
     def render(self, request):
         if request.method not in (b"GET", b"HEAD"):
@@ -180,27 +178,50 @@ class _JSON(resource.Resource):
             return _json_error(request, 405, "method not allowed")
         if request.postpath not in ([], [b""]):
             return _json_error(request, 404, "not found")
-        return super().render(request)
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        d = defer.maybeDeferred(self.fn)
+        d = self.answer()
 
         def ok(result):
-            code, body = result
+            code, content_type, body = result
             request.setResponseCode(code)
-            request.write(json.dumps(body, default=str, indent=1).encode())
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(body)
             request.finish()
 
         def fail(failure):
-            log.error("status.failed", error=logs.error_text(failure.value))
-            request.setResponseCode(500)
-            request.write(b'{"error": "internal error"}')
+            log.error("status.failed", path=request.path.decode("ascii", "replace")[:64],
+                      error=logs.error_text(failure.value))
+            request.write(_json_error(request, 500, "internal error"))
             request.finish()
 
         d.addCallbacks(ok, fail)
         return server.NOT_DONE_YET
+
+    def answer(self) -> defer.Deferred:
+        raise NotImplementedError
+
+
+class _JSON(_ReadOnly):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def answer(self):
+        d = defer.maybeDeferred(self.fn)
+        return d.addCallback(lambda r: (r[0], b"application/json",
+                                        json.dumps(r[1], default=str, indent=1).encode()))
+
+
+class _Metrics(_ReadOnly):
+    """``/metrics``: the Prometheus exposition, built in a thread (it reads the store)."""
+
+    def __init__(self, registry):
+        super().__init__()
+        self.registry = registry
+
+    def answer(self):
+        d = threads.deferToThread(render_metrics, self.registry)
+        return d.addCallback(lambda body: (200, CONTENT_TYPE_LATEST.encode(), body))
 
 
 class StatusService:
@@ -292,36 +313,6 @@ class StatusService:
                 "last_error_at": _iso(w.last_error_at) if w and w.last_error_at else None,
             }
         return 200, body
-
-
-class _Metrics(resource.Resource):
-    """``/metrics``: the Prometheus exposition, built in a thread (it reads the store)."""
-
-    isLeaf = True
-
-    def __init__(self, registry):
-        super().__init__()
-        self.registry = registry
-
-    def render(self, request):
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return _json_error(request, 405, "method not allowed")
-        d = threads.deferToThread(render_metrics, self.registry)
-
-        def ok(body):
-            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-            request.setHeader(b"cache-control", b"no-store")
-            request.write(body)
-            request.finish()
-
-        def fail(failure):
-            log.error("status.metrics_failed", error=logs.error_text(failure.value))
-            request.write(_json_error(request, 500, "internal error"))
-            request.finish()
-
-        d.addCallbacks(ok, fail)
-        return server.NOT_DONE_YET
 
 
 def _iso(epoch: float) -> str:
