@@ -13,9 +13,9 @@ import sqlalchemy as sa
 
 from .models import (
     ClaimedEntry,
-    ReplayedTarget,
     EntrySpec,
     FollowUp,
+    ReplayedTarget,
     UnknownMessage,
 )
 from .sql import COMPLETE_KIND, ENTRY_COLS, ENTRY_KEYS, EVENT_COLS, entry_row
