@@ -8,7 +8,7 @@ CONFIG ?= engine/routes.yaml
 DATA_DIR ?= data
 TEST_ONLY := aiosmtpd|atheris|atpublic|hypothesis|iniconfig|pluggy|pygments|pypdf|pytest|pytest-timeout|sortedcontainers
 
-.PHONY: install install-test run test bench bench-quick bench-identity bench-reports check clean lock
+.PHONY: install install-test run test bench bench-dmp bench-quick bench-identity bench-reports check clean lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-identity: install-test ## identity feed ADT/s at 8 connections versus plai
 
 bench-reports: install-test  ## report channel: 286 KB ORU with a 212 KB CDA, and schematron cost
 	$(BIN)/python bench/reports.py
+
+bench-dmp: install-test       ## DMP end to end: MDM reports over MLLP to the DMP simulator, versus ingest only
+	$(BIN)/python bench/dmp.py --connections 8 --reports 400
 
 bench-quick: install-test
 	$(BIN)/python bench/ingest.py --connections 8 --backends sqlite --peer --seconds 5

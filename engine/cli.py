@@ -197,6 +197,9 @@ def _messages_show(store, args) -> int:
         sub = _submission_of(store, mid)
         if sub is not None:
             d["submission"] = sub
+        receipts = store.mail_receipts(mid)
+        if receipts:
+            d["receipts"] = receipts   # mail receipts (DSN, MDN): no patient data
         raw = d.pop("raw", b"")
         ack = d.pop("ack", b"")
         if args.json:
@@ -209,6 +212,8 @@ def _messages_show(store, args) -> int:
                     print(f"{k}: {v}")
             for e in d.get("entries", []):
                 print(f"entry: {json.dumps(e, default=_json_default)}")
+            for line in _finding_lines(sub):
+                print(line)
             print("--- raw ---")
             print(raw.replace(b"\r", b"\n").decode("utf-8", "replace"))
             print("--- ack ---")
@@ -271,6 +276,17 @@ def _submission_of(store, message_id: int) -> dict | None:
     if row["wrapped"] is not None:
         out["wrapped"] = bytes(row["wrapped"]).decode("utf-8", "replace")
     return out
+
+
+def _finding_lines(sub: dict | None) -> list[str]:
+    """The errors and warnings stored with a report's submission, one line each (rule, code,
+    location, text: texts the engine wrote, no patient data)."""
+    if not sub:
+        return []
+    canonical = sub.get("submission") or {}
+    return [f"{label}: {i.get('code')} [{i.get('rule') or '-'}] {i.get('location') or '-'}: {i.get('text')}"
+            for label, key in (("error", "errors"), ("warning", "warnings"))
+            for i in canonical.get(key) or []]
 
 
 def _row_dict(row) -> dict:
@@ -344,12 +360,22 @@ def cmd_identities(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    """Parse a report message file and print its canonical submission (no store, no network)."""
+    """Parse a report message file and print its canonical submission (no store, no network);
+    ``--rules``: the catalogue of the report checks instead."""
     from engine.hl7.encoding import codec_for
     from engine.hl7.errors import HL7Error
     from engine.hl7.msh import read_msh
     from engine.reports.cisis import parse_report
 
+    if args.rules:
+        return _print_rules(args)
+    if not args.file:
+        print("minipfi inspect: give a message file, or --rules", file=sys.stderr)
+        return 2
+    overrides = {}
+    for item in args.rule or []:
+        rule_id, _, level = item.partition("=")
+        overrides[rule_id] = level
     try:
         raw = Path(args.file).read_bytes()
     except OSError as exc:
@@ -359,7 +385,12 @@ def cmd_inspect(args) -> int:
         codec = codec_for(msh.charset)
     except HL7Error as err:
         return _inspect_refused(args, err.code, err.text, err.location)
-    sub = parse_report(raw, codec, strict_mss_matrix=args.strict_mss_matrix)
+    from engine.reports.rules import override_problem
+
+    bad = [p for p in (override_problem("reports", k, v) for k, v in overrides.items()) if p]
+    if bad:
+        return _inspect_refused(args, "rule", "; ".join(bad))
+    sub = parse_report(raw, codec, strict_mss_matrix=args.strict_mss_matrix, rules=overrides)
     doc = sub.to_inspect_json()
     if args.json:
         print(json.dumps(doc, ensure_ascii=False, indent=1, default=str))
@@ -375,8 +406,25 @@ def cmd_inspect(args) -> int:
         for d in doc.get("documents", []):
             print(f"document   {d.get('id')}  {d.get('type_code')}  {d.get('level')}  sha256 {d.get('sha256')}")
         for e in doc.get("errors", []):
-            print(f"ERROR {e['code']}: {e['text']}")
+            print(f"ERROR {e['code']} [{e['rule']}] {e['location'] or '-'}: {e['text']}")
+        for w in doc.get("warnings", []):
+            print(f"WARNING {w['code']} [{w['rule']}] {w['location'] or '-'}: {w['text']}")
     return 1 if doc.get("errors") else 0
+
+
+def _print_rules(args) -> int:
+    """The catalogue of the report checks: id, step, default, code, guide and section."""
+    from engine.reports.rules import catalogue
+
+    rows = catalogue()
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        return 0
+    for r in rows:
+        fixed = "" if r["relaxable"] else "  (cannot be relaxed)"
+        print(f"{r['id']:<34} {r['default']:<6} {r['code']:<4} {r['step']:<13} {r['summary']}{fixed}")
+        print(f"{'':<34} {r['guide']}, {r['section']}")
+    return 0
 
 
 def _inspect_refused(args, code: str, text: str, location: str | None = None) -> int:
@@ -497,6 +545,12 @@ def _format_all(parser: argparse.ArgumentParser) -> None:
                 _format_all(sp)
 
 
+def cmd_dmp_simulator(args) -> int:
+    from engine.simulators.dmp_cli import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _DefaultsFormatter
     p = argparse.ArgumentParser(prog="minipfi", description="mini-PFI HL7 v2 / IHE integration engine",
@@ -570,10 +624,14 @@ def build_parser() -> argparse.ArgumentParser:
     ids.set_defaults(fn=cmd_identities)
 
     ins_p = sub.add_parser("inspect", help="parse a report message file, print its canonical submission")
-    ins_p.add_argument("file")
+    ins_p.add_argument("file", nargs="?")
     ins_p.add_argument("--json", action="store_true")
     ins_p.add_argument("--strict-mss-matrix", action="store_true",
                        help="combinations absent from the MSSanté matrix are errors, not warnings")
+    ins_p.add_argument("--rules", action="store_true",
+                       help="list the catalogue of the report checks (id, default severity, code, guide)")
+    ins_p.add_argument("--rule", action="append", metavar="ID=SEVERITY",
+                       help="read the file with this rule set to reject, warn or off (repeatable)")
     ins_p.set_defaults(fn=cmd_inspect)
 
     cda = sub.add_parser("cda", help="CDA documents")
@@ -591,6 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_opts(rl)
     rl.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the engine's answer")
     rl.set_defaults(fn=cmd_reload)
+
+    from engine.simulators.dmp_cli import add_arguments as dmp_simulator_arguments
+
+    dsim = sub.add_parser("dmp-simulator", help="a DMP (ITI-41 / ITI-57) simulator for tests and demos")
+    dmp_simulator_arguments(dsim)
+    dsim.set_defaults(fn=cmd_dmp_simulator)
 
     v = sub.add_parser("version")
     v.add_argument("--config", help="routes file whose engine.cda_resources to report")

@@ -30,8 +30,8 @@ written; the ``MINIPFI_DB_URL`` override is applied by the caller.
 
 Pure: imports pydantic and PyYAML only. What it cannot know by itself is given to it by the
 wiring module (``engine.wiring``): the destination types of the connectors
-(:func:`register_destination_type`) and the validator of transform specs
-(:func:`set_transform_validator`).
+(:func:`register_destination_type`), the validator of transform specs
+(:func:`set_transform_validator`) and the check of report rule ids (:func:`set_rule_checker`).
 """
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ __all__ = [
     "config_fingerprint",
     "destination_types",
     "register_destination_type",
+    "set_rule_checker",
     "set_transform_validator",
     "is_loopback",
     "load_config",
@@ -328,7 +329,18 @@ class CdaValidationConfig(_Model):
 
     xsd: bool = True
     schematron: bool = False
-    on_failure: Literal["warn", "reject"] = "warn"
+    # None: the rules ``cda.xsd`` (reject) and ``cda.schematron`` (warn) keep their defaults;
+    # warn / reject sets both (a block's ``rules`` still wins)
+    on_failure: Literal["warn", "reject"] | None = None
+
+
+def _rule_severity(value: Any) -> Any:
+    """YAML 1.1 reads a bare ``off`` as false: take it as the severity ``off``."""
+    return "off" if value is False else value
+
+
+#: ``rules:`` of a report block: rule id (``minipfi inspect --rules``) -> severity
+RuleOverrides = dict[str, Annotated[Literal["reject", "warn", "off"], BeforeValidator(_rule_severity)]]
 
 
 class ReportsConfig(_Model):
@@ -343,6 +355,7 @@ class ReportsConfig(_Model):
     strict_mss_matrix: bool = False
     validation: CdaValidationConfig = CdaValidationConfig()
     route_rejected: bool = False
+    rules: RuleOverrides = Field(default_factory=dict)
 
 
 _transform_validator: Callable[[Any], list] | None = None
@@ -361,6 +374,16 @@ def validate_transform_specs(specs: Any) -> list:
     return _transform_validator(specs)
 
 
+_rule_checker: Callable[[str, str, str], str | None] | None = None
+
+
+def set_rule_checker(fn: Callable[[str, str, str], str | None]) -> None:
+    """Given by the wiring module: ``fn(block, rule_id, severity) -> problem or None``, the report
+    rule catalogue's check of a block's ``rules:`` (unknown ids, rules that cannot be relaxed)."""
+    global _rule_checker
+    _rule_checker = fn
+
+
 class TeleradiologyConfig(_Model):
     """CI-SIS "Volet Téléradiologie" flows (ORM^O01 NW/CA, ORU^R01 OK/OC, OMI^O23 SR with MSH-21
     naming the profile) checked before the ACK (``engine.reports.teleradiology.check_tlr``): a flow
@@ -371,6 +394,7 @@ class TeleradiologyConfig(_Model):
         default_factory=lambda: ["ORM^O01", "OMI^O23", "ORU^R01"], min_length=1)
     profile: Annotated[str, Field(min_length=1)] = "CISIS_TLR_HL7_V2"
     route_rejected: bool = False
+    rules: RuleOverrides = Field(default_factory=dict)
 
 
 class PacsReportsConfig(_Model):
@@ -384,6 +408,7 @@ class PacsReportsConfig(_Model):
     cda_wrap: dict[str, Any] = Field(default_factory=dict)  # parameters of the cda_wrap transform
     validation: CdaValidationConfig = CdaValidationConfig()
     route_rejected: bool = False
+    rules: RuleOverrides = Field(default_factory=dict)
 
     @field_validator("cda_wrap")
     @classmethod
@@ -859,6 +884,17 @@ def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
             binds[(bind, port)] = name
         if port == cfg.engine.status.port and (bind == cfg.engine.status.bind or wildcard):
             add(("channels", name, "port"), f"channel {name!r} binds {bind}:{port}, already used by engine.status")
+
+    # report rules: every id must be in the catalogue, for the step of its block
+    for name, ch in cfg.channels.items():
+        for block in ("reports", "pacs_reports", "teleradiology"):
+            rules = getattr(getattr(ch, block, None), "rules", None) or {}
+            if rules and _rule_checker is None:
+                raise RuntimeError("report rules cannot be checked: import engine.wiring first")
+            for rule_id, level in rules.items():
+                problem = _rule_checker(block, rule_id, level)
+                if problem:
+                    add(("channels", name, block, "rules", rule_id), problem)
 
     # routes
     seen_routes: dict[str, int] = {}

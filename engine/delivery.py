@@ -22,7 +22,7 @@ import random
 import socket
 import time
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 
 from engine import logs
 from engine.connectors.base import (
@@ -30,7 +30,9 @@ from engine.connectors.base import (
     CONTENT_ERROR,
     NO_STORED_VIEW,
     REFUSED,
+    BusinessAck,
     Delivery,
+    ErrorInfo,
     Outcome,
     StoredView,
 )
@@ -84,18 +86,26 @@ def business_ack_follow_ups(outcome: Outcome, delivery: Delivery, route: str, ac
     reported, when the report asked for it (ACK_RECEPTION for Z01 and Z02, ACK_LECTURE_MSS for
     Z03: CI-SIS "Transmission de documents CDA en HL7 v2", meta-dmp-mss.md) and the route names
     a ``business_acks`` destination. Pure: no I/O."""
-    if not outcome.business_acks or acks_to is None:
+    if not outcome.business_acks:
         return []
-    sub = delivery.stored.submission
-    if sub is None:
+    return zam_follow_ups(outcome.business_acks, delivery.stored.submission, delivery.original,
+                          route, acks_to, engine_name=engine_name, facility=facility)
+
+
+def zam_follow_ups(facts, submission, original_raw: bytes, route: str, acks_to: str | None,
+                   *, engine_name: str, facility: str = "") -> list[FollowUp]:
+    """The ZAM messages of business facts about the report ``original_raw`` (at delivery time,
+    or later from a mail receipt), for those its submission asked for. Pure: no I/O."""
+    if acks_to is None or submission is None:
         return []
+    sub = submission
     wanted = {"Z01": sub.acks.reception, "Z02": sub.acks.reception, "Z03": sub.acks.lecture}
     try:
-        original = read_msh(delivery.original)
+        original = read_msh(original_raw)
     except HL7Error:
         return []
     out = []
-    for fact in outcome.business_acks:
+    for fact in facts:
         if not wanted.get(fact.event):
             continue
         cid = _ZAM_IDS.next()
@@ -137,6 +147,7 @@ class DestinationWorker:
         self.last_error: str | None = None
         self.last_error_at: float | None = None   # epoch seconds of last_error
         self._chains: dict[str, object] = {}
+        self._receipts_loop = None
 
     @property
     def capacity(self) -> int:
@@ -146,6 +157,7 @@ class DestinationWorker:
     def start(self) -> None:
         self.running = True
         self.wake()
+        self._start_receipts()
 
     def reconfigure(self, cfg, connector) -> None:
         old = self.connector
@@ -153,6 +165,8 @@ class DestinationWorker:
         if old is not connector:
             # the old connection closes once its in-flight message is answered
             defer.DeferredList(list(self.in_flight.values())).addBoth(lambda _: old.close())
+            self._stop_receipts()
+            self._start_receipts()
         self.wake()
 
     def wake(self) -> None:
@@ -342,12 +356,66 @@ class DestinationWorker:
                 self.reactor.callLater(STORE_RETRY_S, d.callback, None)
                 yield d
 
+    # -- mail receipts: connectors that read them back (MSSanté: DSN and MDN over IMAP) ---------
+    def _start_receipts(self) -> None:
+        interval = getattr(self.connector, "receipt_poll_interval", None)
+        if not self.running or not interval or not self.cfg.enabled:
+            return
+        loop = task.LoopingCall(self._poll_receipts)
+        loop.clock = self.reactor
+        self._receipts_loop = loop
+        loop.start(float(interval), now=True).addErrback(
+            lambda f: log.error("delivery.receipts_stopped", destination=self.name,
+                                error=logs.error_text(f.value)))
+
+    def _stop_receipts(self) -> None:
+        loop, self._receipts_loop = self._receipts_loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+
+    def _poll_receipts(self):
+        """One pass over the receipts mailbox, in a thread; a failure is logged and the next
+        pass tries again (nothing is flagged read before it is recorded)."""
+        d = threads.deferToThread(self.connector.poll_receipts, self._record_receipt)
+
+        def done(counts):
+            if counts and (counts.get("receipts") or counts.get("other")):
+                log.info("delivery.receipts_read", destination=self.name, **counts)
+
+        def failed(f):
+            log.warning("delivery.receipts_failed", destination=self.name, error=logs.error_text(f.value))
+
+        return d.addCallbacks(done, failed)
+
+    def _record_receipt(self, receipt) -> None:
+        """(In a thread.) Match a receipt to the entry of its mail, record it once and queue the
+        ZAM^Z02 / ZAM^Z03 its report asked for, in one transaction. Raises if the store fails."""
+        entry = self.store.mail_entry(receipt.original_message_id)
+        if entry is None:
+            log.warning("delivery.receipt_unmatched", destination=self.name, receipt=receipt.event)
+            return
+        error = (ErrorInfo(receipt.error_code, "", receipt.error_label or "")
+                 if receipt.error_code else None)
+        stored = load_stored_view(self.store, entry["message_id"])
+        follow_ups = zam_follow_ups([BusinessAck(receipt.event, receipt.ok, error, receipt.address)],
+                                    stored.submission, entry["raw"], entry["route"],
+                                    self.business_acks_for(entry["route"]), engine_name=self.engine_name)
+        recorded = self.store.record_receipt(entry, key=receipt.key, event=receipt.event, ok=receipt.ok,
+                                             error_code=receipt.error_code, follow_ups=follow_ups)
+        log.info("delivery.receipt", destination=self.name, entry_id=entry["id"],
+                 message_id=entry["message_id"], receipt=receipt.event, ok=receipt.ok,
+                 error_code=receipt.error_code, new=recorded, business_acks=len(follow_ups) if recorded else 0)
+        if recorded and follow_ups:
+            names = sorted({f.destination for f in follow_ups})
+            self.reactor.callFromThread(self.on_follow_ups, names)
+
     @defer.inlineCallbacks
     def stop(self, grace: float):
         """Stop claiming; let in-flight sends finish within ``grace`` seconds, then release them."""
         self.running = False
         if self._wake_call is not None and self._wake_call.active():
             self._wake_call.cancel()
+        self._stop_receipts()
         pending = list(self.in_flight.values())
         if pending:
             timeout = defer.Deferred()

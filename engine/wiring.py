@@ -10,10 +10,14 @@ here; a transform: its module under ``engine/transforms/`` registers itself with
 from __future__ import annotations
 
 from engine import config
+from engine.connectors.dmp import DmpConnector, DmpDestinationConfig, check_files as dmp_check_files, dmp_targets
 from engine.connectors.drimbox import DrimboxConnector, DrimboxDestinationConfig
 from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig, check_tls_files
+from engine.connectors.mssante import MssanteConnector, MssanteDestinationConfig, mssante_targets
+from engine.connectors.mssante import check_files as mssante_check_files
 from engine.connectors.registry import ConnectorType, register
 from engine.steps.identity_feed import IdentityFeed
+from engine.reports import rules
 from engine.reports.processing import CisisReportStep, PacsReportStep
 from engine.reports.teleradiology_step import TeleradiologyStep
 from engine.transforms import basic, cda_wrap, ins_enrich, validate_specs, wrapped_report  # noqa: F401
@@ -23,8 +27,13 @@ TRANSFORM_MODULES = (basic, cda_wrap, ins_enrich, wrapped_report)
 
 def wire() -> None:
     config.set_transform_validator(validate_specs)
+    config.set_rule_checker(rules.override_problem)
     register(ConnectorType("mllp", MLLPDestinationConfig, MLLPConnector, check=check_tls_files))
     register(ConnectorType("drimbox", DrimboxDestinationConfig, DrimboxConnector, check=check_tls_files))
+    register(ConnectorType("dmp", DmpDestinationConfig, DmpConnector, targets=dmp_targets,
+                           check=dmp_check_files))
+    register(ConnectorType("mssante", MssanteDestinationConfig, MssanteConnector, mssante_targets,
+                           mssante_check_files))
 
 
 wire()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -134,3 +135,12 @@ def make_pki(directory: Path) -> PKI:
         rogue_key=_write_key(d / "rogue.key", rogue_key),
         rogue_ca=_write_cert(d / "rogue_ca.pem", rogue_ca),
     )
+
+
+def write_pkcs12(pki: PKI, path: Path, password: bytes) -> Path:
+    """The valid client identity of ``pki`` as a PKCS#12 bundle protected by ``password``."""
+    key = serialization.load_pem_private_key(pki.client_key.read_bytes(), None)
+    cert = x509.load_pem_x509_certificate(pki.client_cert.read_bytes())
+    path.write_bytes(pkcs12.serialize_key_and_certificates(
+        b"client", key, cert, None, serialization.BestAvailableEncryption(password)))
+    return path

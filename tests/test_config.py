@@ -67,7 +67,8 @@ def test_sample_routes_yaml_loads():
     assert ch.framing.idle_timeout == 600.0
     assert cfg.engine.status.bind == "127.0.0.1" and cfg.engine.status.port == 8575
     assert cfg.engine.duplicates.window == 7 * 86400
-    assert set(cfg.destinations) == {"ris-adt", "teleradiology", "reports-out", "drimbox"}
+    assert set(cfg.destinations) == {"ris-adt", "teleradiology", "reports-out", "drimbox", "dmp"}
+    assert cfg.destination("dmp").enabled is False and cfg.destination("dmp").hold == 600  # needs certificates
     drimbox = cfg.destination("drimbox")
     assert (drimbox.type, drimbox.port, drimbox.expect_ack, drimbox.queue.ordering) == (
         "drimbox", 2579, True, "document")
@@ -444,3 +445,56 @@ def test_retry_policy_validation():
     assert "max_delay" in msg
     path, line, msg = only_problem(BASE + "    queue:\n      retry:\n        jitter: 1.5\n")
     assert (path, line) == ("destinations.ris.queue.retry.jitter", 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# report rules: per-block overrides checked against the catalogue
+# ---------------------------------------------------------------------------------------------
+
+RULES_BASE = BASE.replace("    port: 2575\n", """    port: 2575
+    reports:
+      enabled: true
+      rules:
+        cisis.copy.document-id: reject
+        cda.schematron: off
+    teleradiology:
+      enabled: true
+      rules: {tlr.obr.copy: warn}
+""")
+
+
+def test_report_rules_load():
+    ch = load_config_text(RULES_BASE).channel("in")
+    # a bare `off` (a YAML 1.1 boolean) is the severity off
+    assert ch.reports.rules == {"cisis.copy.document-id": "reject", "cda.schematron": "off"}
+    assert ch.teleradiology.rules == {"tlr.obr.copy": "warn"}
+    assert ch.pacs_reports.rules == {}
+
+
+@pytest.mark.parametrize("line, replacement, expected", [
+    ("        cisis.copy.document-id: reject\n", "        cisis.copy.documentid: reject\n",
+     ("channels.in.reports.rules.cisis.copy.documentid", 8,
+      "unknown rule 'cisis.copy.documentid' for reports (did you mean 'cisis.copy.document-id'?)")),
+    # a teleradiology rule has no meaning in the reports block
+    ("        cisis.copy.document-id: reject\n", "        tlr.obr.copy: reject\n",
+     ("channels.in.reports.rules.tlr.obr.copy", 8, "unknown rule 'tlr.obr.copy' for reports (see minipfi inspect --rules)")),
+])
+def test_unknown_report_rule_is_an_error_with_its_line(line, replacement, expected):
+    assert only_problem(RULES_BASE.replace(line, replacement)) == expected
+
+
+def test_report_rule_severity_is_checked():
+    path, line, message = only_problem(RULES_BASE.replace("cisis.copy.document-id: reject", "cisis.copy.document-id: maybe"))
+    assert (path, line) == ("channels.in.reports.rules.cisis.copy.document-id", 8)
+    assert "'reject', 'warn' or 'off'" in message
+
+
+def test_a_rule_with_nothing_to_deliver_cannot_be_relaxed():
+    text = BASE.replace("    port: 2575\n", """    port: 2575
+    pacs_reports:
+      enabled: true
+      rules: {pacs.identity.unknown: warn, cisis.copy.document-id: reject}
+""")
+    path, line, message = only_problem(text)
+    assert (path, line) == ("channels.in.pacs_reports.rules.pacs.identity.unknown", 7)
+    assert "cannot be relaxed" in message

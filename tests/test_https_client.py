@@ -10,9 +10,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import reactor
 from twisted.web import resource, server
 
-from engine.connectors.https import (
-    HttpsClient, HttpsFailure, IdentityError, load_ca, load_identity, password_from_env, validity_problem,
-)
+from engine.connectors.https import HttpsClient, HttpsFailure, IdentityError, load_ca, validity_problem
+from engine.xds.signing import SigningIdentityError, load_signing_identity
 from mllp.tls import TLSFiles, server_context_factory
 from tests.pki import make_pki
 from tests.reactor_thread import call
@@ -48,7 +47,7 @@ def post(client, url, body=b"x" * 1000):
 
 
 def test_mutual_tls_post(pki, https_port):
-    client = call(lambda: HttpsClient(reactor, identity=load_identity(pki.client_cert, pki.client_key),
+    client = call(lambda: HttpsClient(reactor, identity=load_signing_identity(pki.client_cert, key_path=pki.client_key),
                                       ca=load_ca(pki.ca), timeout=5))
     answer = post(client, f"https://localhost:{https_port}/repository")
     assert answer.code == 200 and answer.body == b"got 1000 from client.test"
@@ -56,7 +55,7 @@ def test_mutual_tls_post(pki, https_port):
     call(client.close)
 
 
-def test_pkcs12_identity_with_password_from_env(pki, tmp_path, monkeypatch, https_port):
+def test_pkcs12_identity(pki, tmp_path, https_port):
     key = serialization.load_pem_private_key(pki.client_key.read_bytes(), None)
     from cryptography import x509
 
@@ -64,20 +63,16 @@ def test_pkcs12_identity_with_password_from_env(pki, tmp_path, monkeypatch, http
     p12 = tmp_path / "client.p12"
     p12.write_bytes(pkcs12.serialize_key_and_certificates(
         b"client", key, cert, None, serialization.BestAvailableEncryption(b"s3cret")))
-    monkeypatch.setenv("TEST_P12_PASSWORD", "s3cret")
-    ident = load_identity(p12, password=password_from_env("TEST_P12_PASSWORD"))
+    ident = load_signing_identity(p12, password="s3cret")
     client = call(lambda: HttpsClient(reactor, identity=ident, ca=load_ca(pki.ca), timeout=5))
     assert post(client, f"https://127.0.0.1:{https_port}/").body.endswith(b"client.test")
     call(client.close)
-    with pytest.raises(IdentityError, match="wrong format or password"):
-        load_identity(p12, password=b"wrong")
-    monkeypatch.delenv("TEST_P12_PASSWORD")
-    with pytest.raises(IdentityError, match="TEST_P12_PASSWORD"):
-        password_from_env("TEST_P12_PASSWORD")
+    with pytest.raises(SigningIdentityError, match="wrong password"):
+        load_signing_identity(p12, password="wrong")
 
 
 def test_client_certificate_from_another_ca_is_refused_with_a_clear_reason(pki, https_port):
-    client = call(lambda: HttpsClient(reactor, identity=load_identity(pki.rogue_cert, pki.rogue_key),
+    client = call(lambda: HttpsClient(reactor, identity=load_signing_identity(pki.rogue_cert, key_path=pki.rogue_key),
                                       ca=load_ca(pki.ca), timeout=5))
     with pytest.raises(HttpsFailure, match="TLS handshake failed") as exc:
         post(client, f"https://localhost:{https_port}/")
@@ -86,7 +81,7 @@ def test_client_certificate_from_another_ca_is_refused_with_a_clear_reason(pki, 
 
 
 def test_server_not_trusted(pki, https_port):
-    client = call(lambda: HttpsClient(reactor, identity=load_identity(pki.client_cert, pki.client_key),
+    client = call(lambda: HttpsClient(reactor, identity=load_signing_identity(pki.client_cert, key_path=pki.client_key),
                                       ca=load_ca(pki.rogue_ca), timeout=5))
     with pytest.raises(HttpsFailure, match="server's certificate is not trusted"):
         post(client, f"https://localhost:{https_port}/")
@@ -117,10 +112,10 @@ def test_refused_and_timeout(pki):
 
 
 def test_identity_problems(pki, tmp_path):
-    with pytest.raises(IdentityError, match="cannot read certificate"):
-        load_identity(tmp_path / "missing.pem", tmp_path / "missing.key")
-    with pytest.raises(IdentityError, match="does not match"):
-        load_identity(pki.client_cert, pki.server_key)
+    with pytest.raises(IdentityError, match="cannot read CA bundle"):
+        load_ca(tmp_path / "missing.pem")
+    with pytest.raises(SigningIdentityError, match="does not match"):
+        load_signing_identity(pki.client_cert, key_path=pki.server_key)
     from cryptography import x509
 
     expired = x509.load_pem_x509_certificate(pki.expired_cert.read_bytes())

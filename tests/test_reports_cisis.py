@@ -363,10 +363,18 @@ def test_replacement_without_txa13_is_900():
     assert codes(sub) == ["900"] and "TXA-13" in sub.errors[0].text
 
 
-def test_txa12_mismatch_is_906():
+def test_txa12_mismatch_is_a_906_warning_by_default_and_an_error_when_rejected():
+    """TXA-12 is a copy of ClinicalDocument/id: the CDA is the document of record."""
     text = BASE.replace("|1.2.250.1.71.4.2.2.120456789.71024000081^Organisation-Y|",
                         "|1.2.250.1.71.4.2.2.120456789.99^Organisation-Y|", 1)
-    assert codes(parse_report(text.encode())) == ["906"]
+    sub = parse_report(text.encode())
+    assert codes(sub) == []
+    assert [(w.rule, w.code) for w in sub.warnings if "TXA-12" in w.text] == [("cisis.copy.document-id", "906")]
+    assert sub.documents[0].id == parse_report(BASE.encode()).documents[0].id  # the CDA's id
+    strict = parse_report(text.encode(), rules={"cisis.copy.document-id": "reject"})
+    assert codes(strict) == ["906"] and strict.errors[0].rule == "cisis.copy.document-id"
+    off = parse_report(text.encode(), rules={"cisis.copy.document-id": "off"})
+    assert not any("TXA-12" in i.text for i in off.errors + off.warnings)
 
 
 @pytest.mark.parametrize("sep", ["\r", "\r\n", "\n"])

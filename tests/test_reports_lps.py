@@ -193,8 +193,11 @@ def test_replacement_without_txa13_is_900():
     assert "900" in codes(sub)
 
 
-def test_txa12_mismatch_is_906():
-    sub = parse_report(sub_(BASE, V1 + "^Organisation-Y", V1 + "9^Organisation-Y").encode())
+def test_txa12_mismatch_is_a_906_warning_unless_rejected():
+    text = sub_(BASE, V1 + "^Organisation-Y", V1 + "9^Organisation-Y").encode()
+    sub = parse_report(text)
+    assert sub.errors == [] and any(w.location == "TXA-12" and w.code == "906" for w in sub.warnings)
+    sub = parse_report(text, rules={"cisis.copy.document-id": "reject"})
     assert any(e.location == "TXA-12" and e.code == "906" for e in sub.errors)
 
 

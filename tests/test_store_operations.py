@@ -120,8 +120,8 @@ def test_list_messages_filters(store):
     assert store.message_ids_by_control_id("nope") == []
 
 
-def test_migration_0007_adds_the_link_to_an_existing_store(store_url):
-    """A store at 0006 with entries upgrades in place: old entries link to nothing."""
+def test_migration_0008_adds_the_link_to_an_existing_store(store_url):
+    """A store at 0007 with entries upgrades in place: old entries link to nothing."""
     import sqlalchemy as sa
     from alembic import command
     from alembic.config import Config
@@ -134,7 +134,7 @@ def test_migration_0007_adds_the_link_to_an_existing_store(store_url):
         cfg.set_main_option("script_location", str(Path(_store_mod.__file__).parent / "migrations"))
         with s._wengine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0006")
+            command.upgrade(cfg, "0007")
         with s._wengine.begin() as conn:
             mid = conn.execute(sa.text(
                 "INSERT INTO messages (channel, received_at, size, sha256, status, ack, raw) "

@@ -59,11 +59,11 @@ def test_lf_and_8859_15_are_read(flow):
     assert (r.flow, r.problems) == (flow, [])
 
 
-def test_problem_is_a_plain_triple():
+def test_problem_is_a_plain_tuple():
     r = check(seg_edit(sample(1), "MSH", 17, "FR"))
     (p,) = r.problems
-    code, location, text = p
-    assert isinstance(p, Problem) and (code, location) == ("103", "MSH^1^17")
+    code, location, text, rule = p
+    assert isinstance(p, Problem) and (code, location, rule) == ("103", "MSH^1^17", "tlr.msh.fields")
     assert "st-contraintes.md" in text and "FRA" in text
 
 

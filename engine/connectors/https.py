@@ -5,8 +5,9 @@ so the connector builds its body itself and posts it here with ``twisted.web.cli
 
 * mutual TLS, TLS 1.2 minimum (the DMP's "Guide d'intégration DMP" asks for an authentication
   certificate of the organisation, presented at the TLS handshake);
-* the client identity from PEM files or a PKCS#12 bundle, its password from an environment
-  variable (never from routes.yaml), read with ``cryptography``;
+* the client identity from PEM files or a PKCS#12 bundle (read by
+  :func:`engine.xds.signing.load_signing_identity`, the one loader of keys and certificates), its
+  password from an environment variable (never from routes.yaml);
 * the server verified against a given CA bundle (the DMP's chain), name checked;
 * one deadline for the whole exchange (connect, send, answer), a cap on the answer's size.
 
@@ -21,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import defer, ssl as tssl
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from engine.xds.signing import SigningIdentity, SigningIdentityError, load_signing_identity
 from mllp.tls import describe_failure, validity_problem  # noqa: F401 - shared with the MLLP connectors
 
 MAX_ANSWER = 20 * 1024 * 1024
@@ -39,22 +39,12 @@ class HttpsFailure(Exception):
 
 
 class IdentityError(ValueError):
-    """The client certificate, key or CA bundle cannot be used (missing, unreadable, expired)."""
-
-
-@dataclass(frozen=True)
-class ClientIdentity:
-    """A private key and its certificate chain (leaf first), from PEM or PKCS#12."""
-
-    key: object
-    chain: tuple[x509.Certificate, ...]
-
-    @property
-    def certificate(self) -> x509.Certificate:
-        return self.chain[0]
+    """A certificate, key or CA bundle cannot be used (missing, unreadable, wrong password, key of
+    another certificate), or the variable naming a key password is not set."""
 
 
 def password_from_env(name: str | None) -> bytes | None:
+    """The password held by the environment variable ``name`` (None when no name is given)."""
     if not name:
         return None
     value = os.environ.get(name)
@@ -63,36 +53,15 @@ def password_from_env(name: str | None) -> bytes | None:
     return value.encode("utf-8")
 
 
-def load_identity(cert: str | Path, key: str | Path | None = None, password: bytes | None = None) -> ClientIdentity:
-    """``cert`` a PKCS#12 file (``.p12``/``.pfx``, key inside) or a PEM certificate (chain after
-    the leaf allowed) with ``key`` a PEM private key. Raises :class:`IdentityError`."""
-    cert = Path(cert)
+def load_identity(cert: str | Path, key: str | Path | None = None, password: bytes | None = None) -> SigningIdentity:
+    """A client identity (PEM certificate + key, or a PKCS#12 bundle) through the one loader of
+    keys and certificates; every failure as :class:`IdentityError` (its text names the file)."""
     try:
-        data = cert.read_bytes()
+        return load_signing_identity(cert, password, key)
+    except SigningIdentityError as exc:
+        raise IdentityError(str(exc)) from None
     except OSError as exc:
-        raise IdentityError(f"cannot read certificate file {cert}: {exc.strerror}") from None
-    try:
-        if cert.suffix.lower() in (".p12", ".pfx"):
-            pkey, leaf, extra = pkcs12.load_key_and_certificates(data, password)
-            if pkey is None or leaf is None:
-                raise IdentityError(f"{cert}: the PKCS#12 bundle holds no key or no certificate")
-            return ClientIdentity(pkey, (leaf, *extra))
-        chain = tuple(x509.load_pem_x509_certificates(data))
-        if key is None:
-            raise IdentityError(f"{cert}: a PEM certificate needs its key file")
-        try:
-            key_data = Path(key).read_bytes()
-        except OSError as exc:
-            raise IdentityError(f"cannot read key file {key}: {exc.strerror}") from None
-        pkey = serialization.load_pem_private_key(key_data, password)
-    except IdentityError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise IdentityError(f"{cert}: unreadable certificate or key ({type(exc).__name__}: wrong "
-                            "format or password)") from None
-    if pkey.public_key().public_numbers() != chain[0].public_key().public_numbers():
-        raise IdentityError(f"{cert}: the key does not match the certificate")
-    return ClientIdentity(pkey, chain)
+        raise IdentityError(f"cannot read {exc.filename or cert}: {exc.strerror}") from None
 
 
 def load_ca(path: str | Path) -> tuple[x509.Certificate, ...]:
@@ -109,7 +78,7 @@ def load_ca(path: str | Path) -> tuple[x509.Certificate, ...]:
 
 @implementer(IPolicyForHTTPS)
 class _MutualTLSPolicy:
-    def __init__(self, identity: ClientIdentity | None, ca: tuple[x509.Certificate, ...]):
+    def __init__(self, identity: SigningIdentity | None, ca: tuple[x509.Certificate, ...]):
         from OpenSSL import crypto
 
         self._trust = tssl.trustRootFromCertificates(
@@ -120,7 +89,7 @@ class _MutualTLSPolicy:
             self._client = tssl.PrivateCertificate.fromCertificateAndKeyPair(
                 tssl.Certificate(crypto.X509.from_cryptography(identity.certificate)),
                 tssl.KeyPair(crypto.PKey.from_cryptography_key(identity.key)))
-            self._extra = [crypto.X509.from_cryptography(c) for c in identity.chain[1:]]
+            self._extra = [crypto.X509.from_cryptography(c) for c in identity.chain]
 
     def creatorForNetloc(self, hostname: bytes, port: int):
         extra = {"raiseMinimumTo": tssl.TLSVersion.TLSv1_2}
@@ -141,7 +110,7 @@ class HttpsClient:
     """POSTs over one persistent connection pool; ``post`` fires with an :class:`Answer` or fails
     with :class:`HttpsFailure`."""
 
-    def __init__(self, reactor, *, identity: ClientIdentity | None, ca: tuple[x509.Certificate, ...],
+    def __init__(self, reactor, *, identity: SigningIdentity | None, ca: tuple[x509.Certificate, ...],
                  connect_timeout: float = 10.0, timeout: float = 60.0, max_answer: int = MAX_ANSWER):
         self.reactor = reactor
         self.timeout = timeout
@@ -168,7 +137,7 @@ class HttpsClient:
         d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=on_timeout)
         try:
             response = yield d
-            if response.length is not None and response.length > self.max_answer:
+            if isinstance(response.length, int) and response.length > self.max_answer:
                 response.deliverBody(_Discard())
                 raise HttpsFailure(f"answer too large ({response.length} bytes)")
             rb = readBody(response)

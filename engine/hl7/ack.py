@@ -8,7 +8,8 @@ Content rules (HL7 v2.5 §2.9.2 "Acknowledgment messages", §2.14.1 MSH, §2.15 
   copied whole (default ``2.5``), MSH-18 copied when present;
 * MSA-1 the code, MSA-2 the original MSH-10, MSA-3 optional text;
 * one ERR per error: ERR-2 location (ERL components), ERR-3 ``code^<table 0357 text>^HL70357``,
-  ERR-4 severity, ERR-8 user message.
+  ERR-4 severity, ERR-5 application error code, ERR-7 diagnostic information (e.g. the id of
+  the check that found the error), ERR-8 user message.
 
 The original's delimiters are reused, so raw MSH fields are copied without re-escaping; texts the
 engine writes are escaped. Segments end with ``\\r``. The bytes are encoded with the codec of
@@ -46,6 +47,8 @@ class AckError:
     app_code: str | None = None
     app_text: str | None = None
     app_system: str = "applicationErrorCondition"
+    # ERR-7 diagnostic information: for support staff, e.g. the id of the check (rule) that found it
+    diagnostic: str | None = None
 
     @classmethod
     def from_error(cls, err: HL7Error) -> "AckError":
@@ -221,8 +224,9 @@ def _err_segment(err: AckError, fs: str, enc: str) -> str:
     if err.app_code:
         app = (f"{escape(err.app_code, fs, enc)}{cs}{escape(err.app_text or '', fs, enc)}"
                f"{cs}{escape(err.app_system, fs, enc)}")
+    diag = escape(err.diagnostic, fs, enc) if err.diagnostic else ""
     return (f"ERR{fs}{fs}{loc}{fs}{escape(err.code, fs, enc)}{cs}{name}{cs}HL70357{fs}"
-            f"{escape(err.severity or 'E', fs, enc)}{fs}{app}{fs}{fs}{fs}{escape(err.text, fs, enc)}\r")
+            f"{escape(err.severity or 'E', fs, enc)}{fs}{app}{fs}{fs}{diag}{fs}{escape(err.text, fs, enc)}\r")
 
 
 def _build_ack_exact(msh: MSHInfo | None, code: str, *, control_id: str, timestamp: str,

@@ -21,6 +21,11 @@ d'un courriel MSSanté », below "the LPS guide":
 * ``evenements-declenchants.md`` - T02/OBX-11 F, T04/OBX-11 D, T10/OBX-11 C;
 * ``error-codes.md`` - the same 900-906 codes.
 
+Every finding is reported under a rule of the catalogue (:mod:`engine.reports.rules`): whether
+it is an error (AE), a warning or nothing is the channel's choice, per rule; by default a copy in
+the HL7 message of CDA metadata (TXA-12, TXA-2, OBR-4.1, OBX-3.1) that differs from the CDA is
+a warning, and the submission carries the CDA's value.
+
 Pure function, no I/O. Tolerant reading: CR, LF or CRLF segment separators (the message is read
 with :class:`engine.hl7.message.Message`, escapes with :func:`engine.hl7.escape.unescape`);
 spaces in assigning-authority names (``ASIP-SANTE- PS``); ``ACK_LECTURE`` for ``ACK_LECTURE_MSS``;
@@ -37,13 +42,14 @@ import binascii
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 from lxml import etree
 
 from engine.cda.header import INS_OIDS, RPPS_OID, DoctypeNotAllowed, parse_cda, read_header
 from engine.hl7.errors import HL7Error
 from engine.hl7.message import Delimiters, Message, Segment
-from engine.reports.error_codes import E_INS_ABSENT, E_INS_INCOMPLETE, E_INS_MISMATCH, E_OTHER, E_VERSION
+from engine.reports.rules import rule, severity
 from engine.reports.submission import (
     FLAG_NAMES,
     INS,
@@ -109,10 +115,11 @@ _RAW_BYTES = re.compile("[\udc80-\udcff]+")
 
 
 class _Ctx:
-    def __init__(self, msg: Message, lossless: bool) -> None:
+    def __init__(self, msg: Message, lossless: bool, overrides: Mapping[str, str]) -> None:
         self.msg = msg
         self.codec = msg.charset
         self.lossless = lossless  # False: the message had bytes invalid in its codec
+        self.overrides = overrides
         self.errors: list[Issue] = []
         self.warnings: list[Issue] = []
 
@@ -123,12 +130,19 @@ class _Ctx:
     def unescape(self, v: str) -> str:
         return self.msg.delims.unescape(v, self.codec)
 
-    def error(self, code: str, text: str, location: str | None = None,
-              hl7: str = HL7_APPLICATION) -> None:
-        self.errors.append(Issue(code=code, text=text, location=location, hl7_code=hl7))
-
-    def warn(self, code: str, text: str, location: str | None = None) -> None:
-        self.warnings.append(Issue(code=code, text=text, location=location))
+    def report(self, rule_id: str, text: str, location: str | None = None,
+               hl7: str = HL7_APPLICATION) -> None:
+        """A finding of the catalogue's rule ``rule_id``: an error, a warning or nothing, as the
+        channel's severity for that rule says (:mod:`engine.reports.rules`)."""
+        level = severity(rule_id, self.overrides)
+        if level == "off":
+            return
+        code = rule(rule_id).code
+        if level == "reject":
+            self.errors.append(Issue(code=code, text=text, location=location, hl7_code=hl7,
+                                     rule=rule_id))
+        else:
+            self.warnings.append(Issue(code=code, text=text, location=location, rule=rule_id))
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -142,8 +156,9 @@ def _b64decode_tolerant(data: bytes, ctx: _Ctx, where: str, *, truncated_ok: boo
     if re.fullmatch(rb"[A-Za-z0-9+/]*={0,2}", clean):
         try:
             out = base64.b64decode(clean.rstrip(b"=") + b"=" * (-len(clean.rstrip(b"=")) % 4))
-            ctx.warn(E_OTHER, "Base64 data without its final padding: padding restored on reading",
-                     where)
+            ctx.report("cisis.encoding.tolerated",
+                       "Base64 data without its final padding: padding restored on reading",
+                       where)
             return out
         except (binascii.Error, ValueError):
             pass
@@ -152,10 +167,11 @@ def _b64decode_tolerant(data: bytes, ctx: _Ctx, where: str, *, truncated_ok: boo
         # whole quanta
         body = clean.rstrip(b"=")
         body = body[: len(body) - len(body) % 4]
-        ctx.warn(E_OTHER, "truncated Base64 text: the incomplete last characters were dropped",
-                 where)
+        ctx.report("cisis.encoding.tolerated",
+                   "truncated Base64 text: the incomplete last characters were dropped",
+                   where)
         return base64.b64decode(body)
-    ctx.error(E_OTHER, "OBX-5 data is not valid Base64", where, HL7_DATA_TYPE)
+    ctx.report("cisis.document.encoding", "OBX-5 data is not valid Base64", where, HL7_DATA_TYPE)
     return None
 
 
@@ -240,20 +256,25 @@ class _DocOBX:
     status: str
 
 
-def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = False
-                 ) -> Submission:
+def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = False,
+                 rules: Mapping[str, str] | None = None) -> Submission:
     """Parse one ORU^R01 / MDM^T02|T10|T04 message of the CI-SIS guide v2.1.
 
-    Never raises on message content: violations become ``errors`` (guide codes 900-906) and
-    doubtful points ``warnings``. ``ValueError`` only when there is no MSH at all.
+    Never raises on message content: each finding is reported under a rule of the catalogue
+    (:mod:`engine.reports.rules`) and becomes an ``error`` (guide codes 900-906), a ``warning``
+    or nothing, as ``rules`` (the channel's overrides: rule id -> reject|warn|off) or the
+    catalogue's default says. ``ValueError`` only when there is no MSH at all.
 
     ``strict_mss_matrix``: regles-gestion-mssante.md says combinations missing from the matrix
     "génèrent un message d'erreur". The official corpus itself sends combinations missing from
     the matrix (MDM examples: PS-only exchange with INVISIBLE_PATIENT=N), so by default only the
     combinations that break an explicit "Point d'attention" of profils-messages.md are errors and
     the other unlisted combinations are warnings; ``True`` makes every unlisted combination an
-    error.
+    error (the rule ``cisis.mss.unlisted-combination`` set to reject, unless ``rules`` names it).
     """
+    overrides = dict(rules or {})
+    if strict_mss_matrix:
+        overrides.setdefault("cisis.mss.unlisted-combination", "reject")
     try:
         text, lossless = bytes(raw).decode(codec), True
     except UnicodeDecodeError:
@@ -262,7 +283,7 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
         m = Message(text, codec)
     except HL7Error as exc:
         raise ValueError(exc.text) from None
-    ctx = _Ctx(m, lossless)
+    ctx = _Ctx(m, lossless, overrides)
     enc, segs = m.delims, m.segments
     msh = segs[0]
     mtype = enc.components(msh.field(9))
@@ -286,29 +307,35 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     # --- MSH (profils-messages.md, segment MSH: MSH-9, MSH-12, MSH-21)
     expected_version = (LPS_SUPPORTED if lps else SUPPORTED).get((code, event))
     if lps and code != "MDM":
-        ctx.error(E_OTHER, f"unsupported message type {code!r}: the LPS profile uses MDM^T02/T10/T04 "
-                           "only", "MSH-9", HL7_UNSUPPORTED_TYPE)
+        ctx.report("cisis.msh.message-type",
+                   f"unsupported message type {code!r}: the LPS profile uses MDM^T02/T10/T04 "
+                   "only", "MSH-9", HL7_UNSUPPORTED_TYPE)
     elif code not in ("ORU", "MDM"):
-        ctx.error(E_OTHER, f"unsupported message type {code!r}: ORU^R01 or MDM^T02/T10/T04 expected",
-                  "MSH-9", HL7_UNSUPPORTED_TYPE)
+        ctx.report("cisis.msh.message-type",
+                   f"unsupported message type {code!r}: ORU^R01 or MDM^T02/T10/T04 expected",
+                   "MSH-9", HL7_UNSUPPORTED_TYPE)
     elif expected_version is None:
-        ctx.error(E_OTHER, f"unsupported trigger event {code}^{event}", "MSH-9",
-                  HL7_UNSUPPORTED_EVENT)
+        ctx.report("cisis.msh.message-type", f"unsupported trigger event {code}^{event}", "MSH-9",
+                   HL7_UNSUPPORTED_EVENT)
     elif version != expected_version:
-        ctx.error(E_OTHER, f"{code} must use HL7 v{expected_version}, MSH-12 is {version!r}",
-                  "MSH-12", HL7_UNSUPPORTED_VERSION)
+        ctx.report("cisis.msh.message-type",
+                   f"{code} must use HL7 v{expected_version}, MSH-12 is {version!r}",
+                   "MSH-12", HL7_UNSUPPORTED_VERSION)
     prof = next((p for p in msh21 if PROFILE_ID in p.upper().replace(" ", "")), None)
     if lps:
         sub.profile = lps_prof
         if lps_prof.split("^")[0] != LPS_PROFILE_VERSION:
-            ctx.warn(E_OTHER, f"MSH-21 profile version is not {LPS_PROFILE_VERSION}", "MSH-21")
+            ctx.report("cisis.msh.profile-version",
+                       f"MSH-21 profile version is not {LPS_PROFILE_VERSION}", "MSH-21")
     elif prof is None:
-        ctx.error(E_OTHER, f"MSH-21 must carry {PROFILE_VERSION}^{PROFILE_ID}", "MSH-21",
-                  HL7_REQUIRED_FIELD)
+        ctx.report("cisis.msh.profile",
+                   f"MSH-21 must carry {PROFILE_VERSION}^{PROFILE_ID}", "MSH-21",
+                   HL7_REQUIRED_FIELD)
     else:
         sub.profile = prof.replace(" ", "")
         if sub.profile.split("^")[0] != PROFILE_VERSION:
-            ctx.warn(E_OTHER, f"MSH-21 profile version is not {PROFILE_VERSION}", "MSH-21")
+            ctx.report("cisis.msh.profile-version",
+                       f"MSH-21 profile version is not {PROFILE_VERSION}", "MSH-21")
 
     by_name: dict[str, list[Segment]] = {}
     for s in segs:
@@ -317,7 +344,7 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     # --- PID (profils-messages.md « Les données concernant le patient »)
     pid = (by_name.get("PID") or [None])[0]
     if pid is None:
-        ctx.error(E_OTHER, "PID segment missing", "PID", HL7_SEGMENT_SEQUENCE)
+        ctx.report("cisis.segment.missing", "PID segment missing", "PID", HL7_SEGMENT_SEQUENCE)
     else:
         sub.ins, sub.ipp = _ins_from_pid3(pid.field(3), enc, ctx)
         names = pid.field(5).split(enc.repetition)
@@ -330,39 +357,46 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
             sex=ctx.s(pid.field(8)) or None,
         )
         if sub.ins is None:
-            ctx.warn(E_OTHER, "no INS in PID-3 (CX-5 = INS): identity not qualified", "PID-3")
+            ctx.report("cisis.ins.not-given",
+                       "no INS in PID-3 (CX-5 = INS): identity not qualified", "PID-3")
         else:
             if sub.ins.oid not in INS_OIDS:
-                ctx.error(E_INS_INCOMPLETE, "PID-3 INS assigning authority is not an INS OID",
-                          "PID-3.4", HL7_TABLE_VALUE)
+                ctx.report("cisis.ins.oid", "PID-3 INS assigning authority is not an INS OID",
+                           "PID-3.4", HL7_TABLE_VALUE)
             # CI-SIS annexe INS / PAM FR 2.11: an INS is only usable with a qualified identity
             # (PID-32 = VALI); in the ANS examples PID-32 VALI with an INS is the normal case
             pid32 = ctx.s(pid.field(32)).upper()
             sub.identity_reliability = pid32 or None
             if pid32 and pid32 != "VALI":
-                ctx.warn(E_OTHER, f"PID-32 identity reliability is {pid32!r}, not VALI: the INS "
-                                  "must not be used as the patient identifier", "PID-32")
+                ctx.report("cisis.ins.reliability",
+                           f"PID-32 identity reliability is {pid32!r}, not VALI: the INS "
+                           "must not be used as the patient identifier", "PID-32")
 
     # --- ORC-1 and event (profils-messages.md « Le segment ORC »)
     orc = (by_name.get("ORC") or [None])[0]
     orc1 = ctx.s(orc.field(1)).upper() if orc else ""
     if orc is None:
-        ctx.error(E_OTHER, "ORC segment missing", "ORC", HL7_SEGMENT_SEQUENCE)
+        ctx.report("cisis.segment.missing", "ORC segment missing", "ORC", HL7_SEGMENT_SEQUENCE)
     elif orc1 not in ORC_ACTION:
-        ctx.error(E_OTHER, f"ORC-1 must be NW, RO or CA (got {orc1!r})", "ORC-1", HL7_TABLE_VALUE)
+        ctx.report("cisis.action.code",
+                   f"ORC-1 must be NW, RO or CA (got {orc1!r})", "ORC-1", HL7_TABLE_VALUE)
     if not by_name.get("OBR"):
-        ctx.error(E_OTHER, "OBR segment missing", "OBR", HL7_SEGMENT_SEQUENCE)
+        ctx.report("cisis.segment.missing", "OBR segment missing", "OBR", HL7_SEGMENT_SEQUENCE)
     txa = (by_name.get("TXA") or [None])[0]
     if code == "MDM" and txa is None:
-        ctx.error(E_OTHER, "TXA segment missing (required for MDM)", "TXA", HL7_SEGMENT_SEQUENCE)
+        ctx.report("cisis.segment.missing",
+                   "TXA segment missing (required for MDM)", "TXA", HL7_SEGMENT_SEQUENCE)
 
+    pv1 = (by_name.get("PV1") or [None])[0]
+    if pv1 is not None:
+        # PV1-2: the XDS contentTypeCode (mapping.md « Mapping XDS », « Lot de soumission »)
+        sub.patient_class = ctx.s(pv1.field(2)).upper() or None
     if lps:
         # lps-cda-mssante/profils-messages.md « PV1-2 Classe du patient : N (Not applicable) »
-        pv1 = (by_name.get("PV1") or [None])[0]
         if pv1 is None:
-            ctx.error(E_OTHER, "PV1 segment missing", "PV1", HL7_SEGMENT_SEQUENCE)
+            ctx.report("cisis.segment.missing", "PV1 segment missing", "PV1", HL7_SEGMENT_SEQUENCE)
         elif ctx.s(pv1.field(2)).upper() != "N":
-            ctx.warn(E_OTHER, "PV1-2 should be N (Not applicable)", "PV1-2")
+            ctx.report("lps.pv1.class", "PV1-2 should be N (Not applicable)", "PV1-2")
 
     # --- OBX: documents, MetaDMPMSS flags, mail bodies; PRT; NTE
     mail_obx: list[Segment] = []
@@ -398,24 +432,27 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
                     sub.mail_bodies[name] = body
                 continue
             if name not in FLAG_NAMES:
-                ctx.warn(E_OTHER, f"unknown MetaDMPMSS code {name!r} ignored", f"{loc}-3")
+                ctx.report("cisis.flags.unknown",
+                           f"unknown MetaDMPMSS code {name!r} ignored", f"{loc}-3")
                 continue
             # meta-dmp-mss.md + profils-messages.md: OBX-5.1 from HL7 table 0136 (Y/N)
             val = _yes_no(ctx.s(enc.component_of(s.field(5), 1)))
             if val is None:
-                ctx.error(E_OTHER, f"{name}: OBX-5 must be Y or N", f"{loc}-5", HL7_TABLE_VALUE)
+                ctx.report("cisis.flags.value",
+                           f"{name}: OBX-5 must be Y or N", f"{loc}-5", HL7_TABLE_VALUE)
                 bad_flags.add(name)
                 continue
             if name in flags and flags[name] != val:
-                ctx.error(E_OTHER, f"{name} given twice with different values", loc)
+                ctx.report("cisis.flags.value", f"{name} given twice with different values", loc)
             flags[name] = val
             flag_seen[name] = s.index
             last_flag = name
             if vtype not in ("CE", "CWE"):
-                ctx.warn(E_OTHER, f"{name}: OBX-2 should be CE (ORU) or CWE (MDM)", f"{loc}-2")
+                ctx.report("cisis.flags.form",
+                           f"{name}: OBX-2 should be CE (ORU) or CWE (MDM)", f"{loc}-2")
             # profils-messages.md: « Le champ OBX-11 ... est arbitrairement fixé à F »
             if ctx.s(s.field(11)).upper() not in ("F", ""):
-                ctx.warn(E_OTHER, f"{name}: OBX-11 should be F", f"{loc}-11")
+                ctx.report("cisis.flags.form", f"{name}: OBX-11 should be F", f"{loc}-11")
             continue
         if vtype == "ED" and lps and doc_obx:
             # lps-cda-mssante/profils-messages.md: OBX 1 carries the document, OBX 2 « les
@@ -425,15 +462,16 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
         elif vtype == "ED":
             doc_obx.append(_DocOBX(s, setid, ctx.s(s.field(11)).upper()))
         else:
-            ctx.warn(E_OTHER, f"OBX with value type {vtype!r} ignored (documents use ED)", loc)
+            ctx.report("cisis.obx.ignored",
+                       f"OBX with value type {vtype!r} ignored (documents use ED)", loc)
 
     # required flags (profils-messages.md « Ces métadonnées sont requises » sauf CORPSMAIL_*;
     # ACK_RECEPTION / ACK_LECTURE_MSS are « Usage = Optional »)
     required = LPS_REQUIRED_FLAGS if lps else REQUIRED_FLAGS
     for name in required:
         if name not in flags and name not in bad_flags:
-            ctx.error(E_OTHER, f"required MetaDMPMSS flag {name} missing", "OBX",
-                      HL7_REQUIRED_FIELD)
+            ctx.report("cisis.flags.required", f"required MetaDMPMSS flag {name} missing", "OBX",
+                       HL7_REQUIRED_FIELD)
     if lps:
         # the LPS profile carries only its four restriction flags: keep what is carried (the
         # four required ones always present), no DEST*/ACK_* defaults
@@ -444,17 +482,19 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     # the guide asks for the flags in its order; tolerate, but say so
     order = [flag_seen[n] for n in (LPS_REQUIRED_FLAGS if lps else FLAG_NAMES) if n in flag_seen]
     if order != sorted(order):
-        ctx.warn(E_OTHER, "MetaDMPMSS flag OBX are not in the order of the guide", "OBX")
+        ctx.report("cisis.flags.form",
+                   "MetaDMPMSS flag OBX are not in the order of the guide", "OBX")
 
     # --- documents (profils-messages.md « Les données concernant la demande de traitement »)
     if not doc_obx:
-        ctx.error(E_OTHER, "no document OBX (value type ED) in the message", "OBX",
-                  HL7_SEGMENT_SEQUENCE)
+        ctx.report("cisis.document.missing",
+                   "no document OBX (value type ED) in the message", "OBX",
+                   HL7_SEGMENT_SEQUENCE)
     if lps:
         sub.mail = _read_lps_mail(mail_obx, enc, ctx)
     if code == "ORU" and len(doc_obx) > 2:
         # profils-messages.md: « Le message ORU peut transmettre une ou deux instances »
-        ctx.warn(E_OTHER, "more than two documents in an ORU message", "OBX")
+        ctx.report("cisis.document.count", "more than two documents in an ORU message", "OBX")
     headers: list[dict | None] = []
     for d in doc_obx:
         doc, header = _read_document(d, enc, ctx)
@@ -471,14 +511,15 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
         if d.status in OBX11_ACTION:
             candidates[f"OBX-{d.set_id}-11"] = OBX11_ACTION[d.status]
         else:
-            ctx.error(E_OTHER, f"document OBX-11 must be F, C or D (got {d.status!r})",
-                      f"OBX-{d.set_id}-11", HL7_TABLE_VALUE)
+            ctx.report("cisis.action.code", f"document OBX-11 must be F, C or D (got {d.status!r})",
+                       f"OBX-{d.set_id}-11", HL7_TABLE_VALUE)
     if code == "MDM" and event in EVENT_ACTION:
         candidates["MSH-9.2"] = EVENT_ACTION[event]
     if len(set(candidates.values())) > 1:
         detail = ", ".join(f"{k}={v}" for k, v in candidates.items())
-        ctx.error(E_OTHER, f"inconsistent request: ORC-1, OBX-11 and event disagree ({detail})",
-                  "ORC-1")
+        ctx.report("cisis.action.inconsistent",
+                   f"inconsistent request: ORC-1, OBX-11 and event disagree ({detail})",
+                   "ORC-1")
         sub.action = None  # ambiguous request: no action-specific check, message rejected
     else:
         sub.action = next(iter(candidates.values()), None)
@@ -489,16 +530,26 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     sub.parent_document_id = parent if sub.action == "replace" else None
     if sub.action == "replace":
         if parent is None and any(h for h in headers):
-            ctx.error(E_VERSION, "replacement without relatedDocument[@typeCode='RPLC'] parent id "
-                                 "in the document", "OBX-5")
+            ctx.report("cisis.version.parent",
+                       "replacement without relatedDocument[@typeCode='RPLC'] parent id "
+                       "in the document", "OBX-5")
         for d in sub.documents:
             if d.version_number is not None and d.version_number < 2:
-                ctx.error(E_VERSION, "replacement document has versionNumber < 2", "OBX-5")
+                ctx.report("cisis.version.number",
+                           "replacement document has versionNumber < 2", "OBX-5")
             if d.replaces and d.id and d.replaces == d.id:
-                ctx.error(E_VERSION, "document replaces itself (same id as its RPLC parent)",
-                          "OBX-5")
+                ctx.report("cisis.version.number",
+                           "document replaces itself (same id as its RPLC parent)",
+                           "OBX-5")
     if txa is not None:
         _check_txa(txa, sub, enc, ctx, code, event)
+    # profils-messages.md « Le segment OBR »: OBR-4.1 « Code du document », a copy of the CDA code
+    obr = (by_name.get("OBR") or [None])[0]
+    obr4 = ctx.s(enc.component_of(obr.field(4), 1)) if obr is not None else ""
+    cda_codes = {d.type_code for d in sub.documents if d.type_code}
+    if obr4 and cda_codes and obr4 not in cda_codes:
+        ctx.report("cisis.copy.type-code",
+                   "OBR-4.1 differs from the CDA ClinicalDocument/code", "OBR-4")
 
     # --- INS: PID-3 vs CDA recordTarget (profils-messages.md: « Le PID-3 doit être identique aux
     # identifiants de patient portés par le document CDA »; error-codes.md 903/904/905)
@@ -515,16 +566,19 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
         # Expéditeur » with « PRT-15 (Requis) »; RCT is « Requis si connu », REPLY optional.
         # No DESTDMP / DESTMSSANTE* / ACK_* flags in this profile: no DMP, no matrix.
         if sub.recipients.sender is None:
-            ctx.error(E_OTHER, "PRT SB (mail sender) missing", "PRT", HL7_SEGMENT_SEQUENCE)
+            ctx.report("lps.sender.missing",
+                       "PRT SB (mail sender) missing", "PRT", HL7_SEGMENT_SEQUENCE)
         elif not sub.recipients.sender.address:
-            ctx.error(E_OTHER, "PRT SB without the sender mail address in PRT-15.4", "PRT-15",
-                      HL7_REQUIRED_FIELD)
+            ctx.report("lps.sender.missing",
+                       "PRT SB without the sender mail address in PRT-15.4", "PRT-15",
+                       HL7_REQUIRED_FIELD)
         sub.acks = Acks(reception=sub.flags.get("ACK_RECEPTION", False),
                         lecture=sub.flags.get("ACK_LECTURE_MSS", False))
         if sub.flags.get("MASQUE_PS"):
             # « Cet OBX permet au Consommateur de vérifier que le document n'est pas masqué aux
             # professionnels de santé » (MASQUE_PS)
-            ctx.warn(E_OTHER, "MASQUE_PS=Y: the document is masked to health professionals", "OBX")
+            ctx.report("lps.masked",
+                       "MASQUE_PS=Y: the document is masked to health professionals", "OBX")
         sub.errors = ctx.errors
         sub.warnings = ctx.warnings
         return sub
@@ -533,7 +587,7 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     f = sub.flags
     sub.recipients.dmp = f["DESTDMP"]
     sub.acks = Acks(reception=f["ACK_RECEPTION"], lecture=f["ACK_LECTURE_MSS"])
-    _check_mss_rules(sub, ctx, strict_mss_matrix)
+    _check_mss_rules(sub, ctx)
 
     sub.errors = ctx.errors
     sub.warnings = ctx.warnings
@@ -572,15 +626,17 @@ def _read_document(d: _DocOBX, enc: Delimiters, ctx: _Ctx) -> tuple[Document | N
     loc = f"OBX-{d.set_id or '?'}"
     parts = d.seg.field(5).split(enc.component, 4)
     if len(parts) < 5:
-        ctx.error(E_OTHER, "document OBX-5 is not an ED value (source^type^subtype^encoding^data)",
-                  f"{loc}-5", HL7_DATA_TYPE)
+        ctx.report("cisis.document.encoding",
+                   "document OBX-5 is not an ED value (source^type^subtype^encoding^data)",
+                   f"{loc}-5", HL7_DATA_TYPE)
         return None, None
     dtype = ctx.s(parts[1]).upper()
     subtype = ctx.s(parts[2]).upper()
     encoding = ctx.s(parts[3]).upper()
     data = parts[4].rstrip(" \t")
     if dtype not in ("TEXT", "APPLICATION") or subtype not in ("XML", ""):
-        ctx.warn(E_OTHER, "document OBX-5.2/5.3 should be TEXT|text and XML", f"{loc}-5")
+        ctx.report("cisis.document.media-type",
+                   "document OBX-5.2/5.3 should be TEXT|text and XML", f"{loc}-5")
     if encoding == "BASE64":
         body = _b64decode_tolerant(ctx.msg.encode(data), ctx, f"{loc}-5.5")
         if body is None:
@@ -591,11 +647,13 @@ def _read_document(d: _DocOBX, enc: Delimiters, ctx: _Ctx) -> tuple[Document | N
         try:
             body = bytes.fromhex(data)
         except ValueError:
-            ctx.error(E_OTHER, "OBX-5 data is not valid hexadecimal", f"{loc}-5.5", HL7_DATA_TYPE)
+            ctx.report("cisis.document.encoding",
+                       "OBX-5 data is not valid hexadecimal", f"{loc}-5.5", HL7_DATA_TYPE)
             return None, None
     else:
-        ctx.error(E_OTHER, f"unsupported OBX-5.4 encoding {encoding!r}", f"{loc}-5.4",
-                  HL7_TABLE_VALUE)
+        ctx.report("cisis.document.encoding",
+                   f"unsupported OBX-5.4 encoding {encoding!r}", f"{loc}-5.4",
+                   HL7_TABLE_VALUE)
         return None, None
     obx3 = d.seg.field(3)
     doc = Document(sha256=hashlib.sha256(body).hexdigest(), size=len(body),
@@ -611,7 +669,7 @@ def _read_document(d: _DocOBX, enc: Delimiters, ctx: _Ctx) -> tuple[Document | N
             kind = "refused: it declares a DTD (a CDA document carries none)"
         else:
             kind = "not a CDA R2 ClinicalDocument"
-        ctx.error(E_OTHER, f"document in {loc} is {kind}", f"{loc}-5")
+        ctx.report("cisis.document.not-cda", f"document in {loc} is {kind}", f"{loc}-5")
         return doc, None
     c = header.get("code") or {}
     obx_type = doc.type_code
@@ -641,10 +699,12 @@ def _read_document(d: _DocOBX, enc: Delimiters, ctx: _Ctx) -> tuple[Document | N
     ins = header["record_target"]["ins"]
     doc.record_target_ins = INS(**ins) if ins else None
     if doc.id is None:
-        ctx.error(E_OTHER, f"document in {loc} has no ClinicalDocument/id", f"{loc}-5")
+        ctx.report("cisis.document.no-id",
+                   f"document in {loc} has no ClinicalDocument/id", f"{loc}-5")
     # profils-messages.md OBX-3.1 « Code du document »: same code as the CDA
     if obx_type and c.get("code") and obx_type != c.get("code"):
-        ctx.warn(E_OTHER, "OBX-3.1 differs from the CDA ClinicalDocument/code", f"{loc}-3")
+        ctx.report("cisis.copy.type-code",
+                   "OBX-3.1 differs from the CDA ClinicalDocument/code", f"{loc}-3")
     return doc, header
 
 
@@ -653,23 +713,27 @@ def _check_txa(txa: Segment, sub: Submission, enc: Delimiters, ctx: _Ctx, code: 
     txa12 = _ei_to_id(txa.field(12), enc, ctx)
     txa13 = _ei_to_id(txa.field(13), enc, ctx)
     if not txa12:
-        ctx.error(E_OTHER, "TXA-12 (unique document number) missing", "TXA-12", HL7_REQUIRED_FIELD)
+        ctx.report("cisis.txa.document-id-missing",
+                   "TXA-12 (unique document number) missing", "TXA-12", HL7_REQUIRED_FIELD)
     ids = {d.id for d in sub.documents if d.id}
     if txa12 and ids and txa12 not in ids:
-        ctx.error(E_OTHER, "TXA-12 differs from the CDA ClinicalDocument/id", "TXA-12")
+        ctx.report("cisis.copy.document-id",
+                   "TXA-12 differs from the CDA ClinicalDocument/id", "TXA-12")
     if sub.action == "replace":
         if not txa13:
-            ctx.error(E_VERSION, "TXA-13 (parent document number) missing for a replacement",
-                      "TXA-13", HL7_REQUIRED_FIELD)
+            ctx.report("cisis.version.parent",
+                       "TXA-13 (parent document number) missing for a replacement",
+                       "TXA-13", HL7_REQUIRED_FIELD)
         elif sub.parent_document_id and txa13 != sub.parent_document_id:
-            ctx.error(E_VERSION, "TXA-13 differs from the CDA relatedDocument RPLC parent id",
-                      "TXA-13")
+            ctx.report("cisis.version.parent",
+                       "TXA-13 differs from the CDA relatedDocument RPLC parent id",
+                       "TXA-13")
         elif not sub.parent_document_id:
             sub.parent_document_id = txa13
     txa2 = ctx.s(txa.field(2))
     types = {d.type_code for d in sub.documents if d.type_code}
     if txa2 and types and txa2 not in types:
-        ctx.warn(E_OTHER, "TXA-2 differs from the document type code", "TXA-2")
+        ctx.report("cisis.copy.type-code", "TXA-2 differs from the document type code", "TXA-2")
 
 
 def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
@@ -681,11 +745,12 @@ def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
     if cda_ins is None:
         # error-codes.md 903: « le document CDA ... contient une liste d'identifiants de patient
         # mais pas l'INS »
-        ctx.error(E_INS_ABSENT, "INS not present in the document recordTarget", loc)
+        ctx.report("cisis.ins.absent", "INS not present in the document recordTarget", loc)
         return
     if cda_ins["value"] != sub.ins.value or cda_ins["oid"] != sub.ins.oid:
         # error-codes.md 904 + profils-messages.md « Le PID-3 doit être identique ... »
-        ctx.error(E_INS_MISMATCH, "INS of PID-3 differs from the document recordTarget INS", loc)
+        ctx.report("cisis.ins.mismatch",
+                   "INS of PID-3 differs from the document recordTarget INS", loc)
         return
     t = rt["traits"]
     # error-codes.md 905: INS present but the INS traits are not all present (nom de naissance,
@@ -694,8 +759,8 @@ def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
     if not (t.get("given_names") or t.get("first_given_name")):
         missing.append("given_names")
     if missing:
-        ctx.error(E_INS_INCOMPLETE, "INS traits incomplete in the document: missing "
-                  + ", ".join(missing), loc)
+        ctx.report("cisis.ins.incomplete", "INS traits incomplete in the document: missing "
+                   + ", ".join(missing), loc)
         return
     # error-codes.md 904: « les traits ou le matricule ne correspondent pas exactement »
     p = sub.patient
@@ -707,8 +772,8 @@ def _check_ins(sub: Submission, d: Document, h: dict, ctx: _Ctx) -> None:
     if p.sex and t.get("sex") and p.sex.upper() != t["sex"].upper():
         diffs.append("sex")
     if diffs:
-        ctx.error(E_INS_MISMATCH, "patient traits of PID differ from the document: "
-                  + ", ".join(diffs), loc)
+        ctx.report("cisis.ins.traits-mismatch", "patient traits of PID differ from the document: "
+                   + ", ".join(diffs), loc)
 
 
 def _read_prts(prts: list[Segment], sub: Submission, enc: Delimiters, ctx: _Ctx, *, lps: bool = False
@@ -743,13 +808,15 @@ def _read_prts(prts: list[Segment], sub: Submission, enc: Delimiters, ctx: _Ctx,
             )
             # LPS: PRT-8 « requis si connu si l'expéditeur est une organisation » only
             if sub.recipients.sender.organization_id is None and not (lps and person):
-                ctx.warn(E_OTHER, "PRT SB without PRT-8.10 organisation identifier", loc)
+                ctx.report("cisis.prt.sender-organisation",
+                           "PRT SB without PRT-8.10 organisation identifier", loc)
         elif role == "RCT":
             addr = _xtn_address(p.field(15), enc, ctx)
             sub.recipients.rct.append(_participant(p, addr, enc, ctx))
             if not addr:
-                ctx.error(E_OTHER, "PRT RCT without a mail address in PRT-15.4", loc,
-                          HL7_REQUIRED_FIELD)
+                ctx.report("cisis.prt.recipient-address",
+                           "PRT RCT without a mail address in PRT-15.4", loc,
+                           HL7_REQUIRED_FIELD)
                 continue
             is_patient = (ctx.s(enc.component_of(p.field(5), 13)).upper() == "INS"
                           or addr.lower().endswith(PATIENT_MAIL_DOMAIN))
@@ -759,15 +826,17 @@ def _read_prts(prts: list[Segment], sub: Submission, enc: Delimiters, ctx: _Ctx,
             if addr:
                 sub.recipients.reply_to = addr
         else:
-            ctx.warn(E_OTHER, f"PRT-4 role {role!r} ignored", loc)
+            ctx.report("cisis.prt.role", f"PRT-4 role {role!r} ignored", loc)
     sub.recipients.mss_ps = list(dict.fromkeys(mss_ps))
     if len(set(patients)) > 1:
-        ctx.warn(E_OTHER, "several patient mailboxes given: the first one is used", "PRT")
+        ctx.report("cisis.prt.patient-mailbox",
+                   "several patient mailboxes given: the first one is used", "PRT")
     sub.recipients.mss_patient = patients[0] if patients else None
     if sub.recipients.mss_patient and sub.ins:
         if sub.recipients.mss_patient.lower() != f"{sub.ins.value}{PATIENT_MAIL_DOMAIN}":
             # MSSanté patient mailboxes are <INS>@patient.mssante.fr
-            ctx.warn(E_OTHER, "patient mailbox does not match the PID-3 INS", "PRT-15")
+            ctx.report("cisis.prt.patient-mailbox",
+                       "patient mailbox does not match the PID-3 INS", "PRT-15")
 
 
 def _participant(p: Segment, addr: str | None, enc: Delimiters, ctx: _Ctx) -> Participant:
@@ -792,13 +861,15 @@ def _read_lps_mail(mail_obx: list[Segment], enc: Delimiters, ctx: _Ctx) -> MssMa
     courriel MSSanté » (Usage R, [1..1]): OBX-2 ED, OBX-3.1 = Message-ID of the mail, OBX-3.2 =
     subject, OBX-5 = « Contenu du courriel codé en base 64 », OBX-11 fixed to F."""
     if not mail_obx:
-        ctx.error(E_OTHER, "OBX with the MSSanté mail information (OBX 2) missing", "OBX",
-                  HL7_SEGMENT_SEQUENCE)
+        ctx.report("lps.mail.missing",
+                   "OBX with the MSSanté mail information (OBX 2) missing", "OBX",
+                   HL7_SEGMENT_SEQUENCE)
         return None
     if len(mail_obx) > 1:
         # « Le message HL7 MDM ne peut transmettre qu'un seul document médical »
-        ctx.error(E_OTHER, "more than one document/mail ED OBX: the LPS MDM carries one document "
-                           "and one mail", "OBX")
+        ctx.report("lps.mail.count",
+                   "more than one document/mail ED OBX: the LPS MDM carries one document "
+                   "and one mail", "OBX")
     s = mail_obx[0]
     setid = ctx.s(s.field(1))
     loc = f"OBX-{setid or '?'}"
@@ -806,9 +877,9 @@ def _read_lps_mail(mail_obx: list[Segment], enc: Delimiters, ctx: _Ctx) -> MssMa
                    subject=ctx.s(ctx.unescape(enc.component_of(s.field(3), 2))) or None,
                    content=_read_text_obx(s, enc, ctx, loc), obx_set_id=setid or None)
     if mail.message_id is None:
-        ctx.warn(E_OTHER, "mail OBX-3.1 (Message-ID) empty", f"{loc}-3")
+        ctx.report("lps.mail.form", "mail OBX-3.1 (Message-ID) empty", f"{loc}-3")
     if ctx.s(s.field(11)).upper() != "F":
-        ctx.warn(E_OTHER, "mail OBX-11 should be F", f"{loc}-11")
+        ctx.report("lps.mail.form", "mail OBX-11 should be F", f"{loc}-11")
     return mail
 
 
@@ -827,24 +898,29 @@ def mss_matrix_row(f: dict[str, bool]) -> int | None:
     return None
 
 
-def _check_mss_rules(sub: Submission, ctx: _Ctx, strict: bool) -> None:
+def _check_mss_rules(sub: Submission, ctx: _Ctx) -> None:
     f = sub.flags
     ps, pat = f["DESTMSSANTEPS"], f["DESTMSSANTEPAT"]
     r = sub.recipients
     # PRT RCT « requis si le document est échangé via MSSanté » (profils-messages.md)
     if ps and not r.mss_ps:
-        ctx.error(E_OTHER, "DESTMSSANTEPS=Y but no PRT RCT professional address", "PRT")
+        ctx.report("cisis.mss.recipient-missing",
+                   "DESTMSSANTEPS=Y but no PRT RCT professional address", "PRT")
     if pat and not r.mss_patient:
-        ctx.error(E_OTHER, "DESTMSSANTEPAT=Y but no PRT RCT patient mailbox", "PRT")
+        ctx.report("cisis.mss.recipient-missing",
+                   "DESTMSSANTEPAT=Y but no PRT RCT patient mailbox", "PRT")
     if not ps and r.mss_ps:
-        ctx.warn(E_OTHER, "PRT RCT professional addresses ignored: DESTMSSANTEPS=N", "PRT")
+        ctx.report("cisis.mss.recipient-ignored",
+                   "PRT RCT professional addresses ignored: DESTMSSANTEPS=N", "PRT")
         r.mss_ps = []
     if not pat and r.mss_patient:
-        ctx.warn(E_OTHER, "PRT RCT patient mailbox ignored: DESTMSSANTEPAT=N", "PRT")
+        ctx.report("cisis.mss.recipient-ignored",
+                   "PRT RCT patient mailbox ignored: DESTMSSANTEPAT=N", "PRT")
         r.mss_patient = None
     # PRT SB « requis ... dans le cas d'une publication du document sur le DMP » (VIHF)
     if f["DESTDMP"] and r.sender is None:
-        ctx.error(E_OTHER, "DESTDMP=Y but no PRT SB sender (needed for the VIHF token)", "PRT")
+        ctx.report("cisis.mss.dmp-sender",
+                   "DESTDMP=Y but no PRT SB sender (needed for the VIHF token)", "PRT")
     if not (ps or pat):
         return  # no MSSanté exchange: the matrix does not apply
     explicit = False
@@ -852,19 +928,19 @@ def _check_mss_rules(sub: Submission, ctx: _Ctx, strict: bool) -> None:
     # exchanged between PS over MSSanté (matrix rows 1-2: MASQUE_PS = N)
     if f["MASQUE_PS"] and ps:
         explicit = True
-        ctx.error(E_OTHER, "MSSanté rule: MASQUE_PS=Y forbids DESTMSSANTEPS=Y", "OBX")
+        ctx.report("cisis.mss.forbidden-combination",
+                   "MSSanté rule: MASQUE_PS=Y forbids DESTMSSANTEPS=Y", "OBX")
     # profils-messages.md INVISIBLE_PATIENT « Point d'attention »: a document hidden from the
     # patient must not be sent to the patient (matrix rows 1 and 3: INVISIBLE_PATIENT = N)
     if f["INVISIBLE_PATIENT"] and pat:
         explicit = True
-        ctx.error(E_OTHER, "MSSanté rule: INVISIBLE_PATIENT=Y forbids DESTMSSANTEPAT=Y", "OBX")
+        ctx.report("cisis.mss.forbidden-combination",
+                   "MSSanté rule: INVISIBLE_PATIENT=Y forbids DESTMSSANTEPAT=Y", "OBX")
     if explicit:
         return
     if mss_matrix_row(f) is None:
         # regles-gestion-mssante.md: « Les cas non représentés génèrent un message d'erreur »
-        text = ("MSSanté rule: flag combination not listed in the MSSanté management matrix "
-                "(regles-gestion-mssante.md)")
-        if strict:
-            ctx.error(E_OTHER, text, "OBX")
-        else:
-            ctx.warn(E_OTHER, text, "OBX")
+        # (rule cisis.mss.unlisted-combination, warn by default: the corpus itself sends such
+        # combinations; see parse_report)
+        ctx.report("cisis.mss.unlisted-combination", "MSSanté rule: flag combination not listed in "
+                   "the MSSanté management matrix (Règles de gestion MSSanté)", "OBX")

@@ -7,15 +7,18 @@
   message itself is relayed **unchanged**: its routes carry no transform, the destinations get
   the received bytes. Violations are answered AE with ERR-3 ``207`` and ERR-5 the guide's code
   (900-906, ``error-codes.md``: "La nature de l'erreur applicative est renseignée dans le champ
-  ERR-5"); the message is stored and, by default, not routed.
+  ERR-5"); the message is stored and, by default, not routed. Whether a finding refuses the
+  message (AE), is only warned about (AA, an ERR of severity ``W`` with ERR-3 207, the code in
+  ERR-5 and the rule's id in ERR-7) or is ignored is decided per rule: the catalogue
+  :mod:`engine.reports.rules` and the block's ``rules``.
 * :class:`PacsReportStep`: an ORU^R01 from a PACS (PDF in OBX ED, or text) is wrapped into a CDA
   R2 N1 imaging report (:mod:`engine.transforms.cda_wrap`, identity from the registry). The
   CI-SIS ORU^R01 carrying it is stored with the submission; the message's destinations receive it
   through the ``wrapped_report`` transform.
 
 Schematron validation (about 200 ms per document) runs before the ACK only when the channel
-rejects invalid documents; otherwise it runs after the ACK in a thread and its report is attached
-to the stored submission.
+rejects invalid documents (rule ``cda.schematron`` set to reject); otherwise it runs after the
+ACK in a thread and its report is attached to the stored submission.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from engine.hl7.ack import AckError
 from engine.hl7.fields import parse_path
 from engine.store.identities import make_identity_lookup
 from engine.reports.documents import document_refs
-from engine.reports.error_codes import APP_ERRORS, E_INS_ABSENT, E_INS_MISMATCH, E_OTHER, E_UNKNOWN_PATIENT
+from engine.reports.error_codes import APP_ERRORS, E_OTHER
+from engine.reports.rules import rule, severity
 from engine.router import message_type_matches
 from engine.store import Stored
 
@@ -46,7 +50,34 @@ def cda_validator():
 def _issue_error(issue) -> AckError:
     code = issue.code if issue.code in APP_ERRORS else E_OTHER
     return AckError(issue.hl7_code or "207", issue.text, "E", _location(issue.location),
-                    app_code=code, app_text=APP_ERRORS[code])
+                    app_code=code, app_text=APP_ERRORS[code], diagnostic=issue.rule)
+
+
+def _issue_warning(issue) -> AckError:
+    """A warned finding: ERR-4 ``W``, ERR-3 207 (application error, detailed in ERR-5), ERR-5 the
+    guide's code, ERR-7 the rule's id; the message is accepted."""
+    code = issue.code if issue.code in APP_ERRORS else E_OTHER
+    return AckError("207", issue.text, "W", _location(issue.location), app_code=code,
+                    app_text=APP_ERRORS[code], diagnostic=issue.rule)
+
+
+def ack_errors(sub) -> list[AckError]:
+    """The ERRs of a parsed submission: its errors (E) then its warnings (W)."""
+    return [_issue_error(i) for i in sub.errors] + [_issue_warning(i) for i in sub.warnings]
+
+
+def channel_rules(cfg) -> dict[str, str]:
+    """The rule overrides of a ``reports`` / ``pacs_reports`` block: the older switches first
+    (``validation.on_failure`` for the CDA XSD and schematrons, ``strict_mss_matrix``), then the
+    block's ``rules``, which win."""
+    out: dict[str, str] = {}
+    on_failure = cfg.validation.on_failure
+    if on_failure is not None:
+        out["cda.xsd"] = out["cda.schematron"] = on_failure
+    if getattr(cfg, "strict_mss_matrix", False):
+        out["cisis.mss.unlisted-combination"] = "reject"
+    out.update(cfg.rules)
+    return out
 
 
 def _location(loc: str | None) -> str | None:
@@ -80,26 +111,40 @@ class Prepared:
     kind: str | None = None
 
 
-def _validate(docs: list[bytes], cfg) -> tuple[dict | None, list[AckError]]:
-    """XSD (and schematron when it decides the ACK) of each XML document; ERR on failure."""
-    if not (cfg.xsd or cfg.schematron) or not docs:
-        return None, []
-    schematron_now = cfg.schematron and cfg.on_failure == "reject"
+def _schematron_before_ack(cfg, rules: dict[str, str]) -> bool:
+    """The schematrons (about 200 ms a document) run before the ACK only when their rule rejects;
+    otherwise after it, their report attached to the stored submission (no ERR in the ACK)."""
+    return cfg.validation.schematron and severity("cda.schematron", rules) == "reject"
+
+
+def _validate(docs: list[bytes], cfg, rules: dict[str, str], sub) -> dict | None:
+    """XSD (and schematron when it decides the ACK) of each XML document; a finding per failing
+    document under the rule ``cda.xsd`` / ``cda.schematron``, added to the submission's errors
+    or warnings as the rule's severity says (off: none)."""
+    vcfg = cfg.validation
+    if not (vcfg.xsd or vcfg.schematron) or not docs:
+        return None
+    from engine.reports.submission import Issue
+
+    schematron_now = _schematron_before_ack(cfg, rules)
     v = cda_validator()
-    reports, errors = [], []
+    reports = []
     for i, doc in enumerate(docs):
-        if not cfg.xsd and not schematron_now:
+        if not vcfg.xsd and not schematron_now:
             break
         rep = v.validate(doc, schematron=schematron_now)
         d = _report_dict(rep)
         reports.append(d)
-        if not rep.valid and cfg.on_failure == "reject":
-            n_x, n_s = len(d["xsd_errors"]), len(d["schematron_failures"])
-            errors.append(AckError("207", f"document {i + 1}: CDA validation failed "
-                                          f"({n_x} XSD errors, {n_s} schematron failures)",
-                                   app_code=E_OTHER, app_text=APP_ERRORS[E_OTHER]))
+        n_x, n_s = len(d["xsd_errors"]), len(d["schematron_failures"])
+        for rule_id, n, what in (("cda.xsd", n_x, "XSD errors"),
+                                 ("cda.schematron", n_s, "schematron failures")):
+            level = severity(rule_id, rules)
+            if n and level != "off":
+                issue = Issue(code=rule(rule_id).code, text=f"document {i + 1}: CDA validation failed "
+                              f"({n} {what})", hl7_code="207", rule=rule_id)
+                (sub.errors if level == "reject" else sub.warnings).append(issue)
     return {"documents": reports, "schematron": "done" if schematron_now else
-            ("pending" if cfg.schematron else "off")}, errors
+            ("pending" if vcfg.schematron else "off")}
 
 
 def _report_dict(rep) -> dict:
@@ -141,9 +186,10 @@ class _ReportStepBase:
             result = store.ingest_within(conn, [record])[0]
             if not isinstance(result, Stored):
                 return StepResult(result)
+            refusals = sum(1 for e in prepared.errors if e.severity == "E")  # warnings are not errors
             store.insert_submission(
                 conn, result.message_id, kind=kind, action=getattr(sub, "action", None),
-                documents=len(getattr(sub, "documents", []) or []), errors=len(prepared.errors),
+                documents=len(getattr(sub, "documents", []) or []), errors=refusals,
                 submission_json=sub.model_dump_json() if sub is not None else "{}",
                 validation=prepared.validation, wrapped=prepared.wrapped, doc_key=prepared.doc_key,
                 cda_header=prepared.cda_header)
@@ -157,8 +203,7 @@ class _ReportStepBase:
 
     def after_commit(self, message_id: int, store) -> None:
         """Schematron after the ACK (warn mode): attach the report to the stored submission."""
-        cfg = self.cfg.validation
-        if not (cfg.schematron and cfg.on_failure != "reject"):
+        if not self.cfg.validation.schematron or _schematron_before_ack(self.cfg, self.rules):
             return
         from twisted.internet import threads
 
@@ -189,6 +234,7 @@ class CisisReportStep(_ReportStepBase):
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.rules = channel_rules(cfg)
 
     def applies(self, msh) -> bool:
         return (message_type_matches(self.cfg.message_types, msh.message_code, msh.trigger)
@@ -197,17 +243,22 @@ class CisisReportStep(_ReportStepBase):
     def prepare(self, raw: bytes, codec: str, store) -> Prepared:
         from engine.reports.cisis import parse_report
 
-        sub = parse_report(raw, codec, strict_mss_matrix=self.cfg.strict_mss_matrix)
-        errors = [_issue_error(i) for i in sub.errors]
-        validation, verrors = _validate(_xml_documents(sub), self.cfg.validation)
-        return Prepared(sub, errors + verrors, validation, kind=self.kind)
+        sub = parse_report(raw, codec, rules=self.rules)
+        validation = _validate(_xml_documents(sub), self.cfg, self.rules, sub)
+        return Prepared(sub, ack_errors(sub), validation, kind=self.kind)
 
 
-_WRAP_ERRORS = {  # cda_wrap failure -> error-codes.md applicationErrorCondition
-    "missing_identity": E_UNKNOWN_PATIENT,
-    "identity_not_qualified": E_INS_ABSENT,
-    "ins_mismatch": E_INS_MISMATCH,
+_WRAP_RULES = {  # cda_wrap failure -> the catalogue's rule (its applicationErrorCondition code)
+    "missing_identity": "pacs.identity.unknown",
+    "identity_not_qualified": "pacs.identity.not-qualified",
+    "ins_mismatch": "pacs.identity.ins-mismatch",
 }
+
+
+def _wrap_error(rule_id: str, text: str) -> AckError:
+    """A PACS report that could not be wrapped: always refused (nothing to deliver)."""
+    code = rule(rule_id).code
+    return AckError("207", text, app_code=code, app_text=APP_ERRORS[code], diagnostic=rule_id)
 
 
 class PacsReportStep(_ReportStepBase):
@@ -218,6 +269,7 @@ class PacsReportStep(_ReportStepBase):
         from engine.transforms.cda_wrap import CdaWrapParams
 
         self.cfg = cfg
+        self.rules = channel_rules(cfg)
         self.params = CdaWrapParams.model_validate(cfg.cda_wrap)  # once, not per message
 
     def applies(self, msh) -> bool:
@@ -236,21 +288,16 @@ class PacsReportStep(_ReportStepBase):
         try:
             res = wrap_pacs_report(raw, codec, self.params, lookup, previous=_previous_lookup(store))
         except CdaWrapError as exc:
-            code = _WRAP_ERRORS.get(exc.code, E_OTHER)
-            err = AckError("207", f"PACS report not wrapped ({exc.code}): {exc}", app_code=code,
-                           app_text=APP_ERRORS[code])
-            return Prepared(None, [err])
+            rule_id = _WRAP_RULES.get(exc.code, "pacs.wrap.failed")
+            return Prepared(None, [_wrap_error(rule_id, f"PACS report not wrapped ({exc.code}): {exc}")])
         except TransformError as exc:
-            err = AckError("207", f"PACS report not wrapped: {exc}", app_code=E_OTHER,
-                           app_text=APP_ERRORS[E_OTHER])
-            return Prepared(None, [err])
+            return Prepared(None, [_wrap_error("pacs.wrap.failed", f"PACS report not wrapped: {exc}")])
         wrapped = build_cisis_oru(raw, codec, res, self.params)
-        sub = parse_report(wrapped, "utf-8")
-        errors = [_issue_error(i) for i in sub.errors]
-        validation, verrors = _validate([res.cda], self.cfg.validation)
+        sub = parse_report(wrapped, "utf-8", rules=self.rules)
+        validation = _validate([res.cda], self.cfg, self.rules, sub)
         keys = res.keys or {}
         doc_key = keys.get("accession_number") or keys.get("order_id")
-        return Prepared(sub, errors + verrors, validation, wrapped=wrapped,
+        return Prepared(sub, ack_errors(sub), validation, wrapped=wrapped,
                         doc_key=str(doc_key) if doc_key else None, cda_header=res.header,
                         kind=self.kind)
 

@@ -48,6 +48,8 @@ class Issue(_Model):
     location: str | None = None
     #: HL7 table 0357 code for ERR-3 (207 application error by default, error-codes.md)
     hl7_code: str | None = None
+    #: the id of the check in the catalogue (:mod:`engine.reports.rules`)
+    rule: str | None = None
 
 
 class INS(_Model):
@@ -179,6 +181,8 @@ class Submission(_Model):
     #: PID-32 (identity reliability, IHE PAM France): the INS is qualified only with VALI
     identity_reliability: str | None = None
     ipp: str | None = None
+    #: PV1-2 patient class (I, O, E, R, N...): the DMP metadata's contentTypeCode
+    patient_class: str | None = None
     patient: PatientTraits = Field(default_factory=PatientTraits)
     documents: list[Document] = Field(default_factory=list)
     flags: dict[str, bool] = Field(default_factory=dict)
@@ -220,8 +224,8 @@ class Submission(_Model):
             },
             "acks": self.acks.model_dump(),
             "documents": docs,
-            "errors": [{"code": e.code, "text": e.text} for e in self.errors],
-            "warnings": [{"code": w.code, "text": w.text} for w in self.warnings],
+            "errors": [_issue_json(e) for e in self.errors],
+            "warnings": [_issue_json(w) for w in self.warnings],
         }
 
     def technical_summary(self) -> dict[str, Any]:
@@ -238,3 +242,7 @@ class Submission(_Model):
             "mss_patient": self.recipients.mss_patient is not None,
             "errors": [{"code": e.code, "text": e.text} for e in self.errors],
         }
+
+
+def _issue_json(i: Issue) -> dict[str, Any]:
+    return {"rule": i.rule, "code": i.code, "location": i.location, "text": i.text}

@@ -24,6 +24,8 @@ also use) and section:
 ``code`` is an HL7 table 0357 condition code (ERR-3): 100 segment missing / out of sequence,
 101 required field missing, 102 data type error, 103 value not in the guide's table/fixed value,
 200/201 message type/event, 203 version, 207 other rule of the guide (consistency between fields).
+``rule`` is the id of the check in the catalogue (:mod:`engine.reports.rules`), by which a
+channel decides whether the finding refuses the message, is only warned about, or is ignored.
 ``location`` is an ERR-2 (ERL) string ``SEG^occurrence^field[^repetition^component]``, e.g.
 ``ORC^1^1`` or ``MSH^1^21^1^2``. ``text`` names the guide's page (``st_flux1.md`` …) and
 section; it never quotes patient data (only code values such as ORC-1 or OBR-4.1 are echoed).
@@ -75,6 +77,7 @@ class Problem(NamedTuple):
     code: str          # HL7 table 0357
     location: str      # ERL: SEG^occurrence^field[^rep^component]
     text: str          # plain text, with the guide file and section; no patient data
+    rule: str = ""     # the id of the check in the catalogue (engine.reports.rules)
 
 
 @dataclass
@@ -116,9 +119,10 @@ def _loc(seg: Segment, n: int, comp: int | None = None, sub: int | None = None) 
 class _Ctx:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        self.rule = "tlr.message-type"  # the rule of the check running (set by each check)
 
-    def add(self, code: str, location: str, text: str) -> None:
-        self.problems.append(Problem(code, location, text))
+    def add(self, code: str, location: str, text: str, rule: str | None = None) -> None:
+        self.problems.append(Problem(code, location, text, rule or self.rule))
 
     def required(self, seg: Segment, n: int, comp: int | None, where: str, what: str, sub: int | None = None) -> bool:
         v = _c(seg, n, comp, sub) if comp is not None else seg.field(n).strip()
@@ -150,6 +154,7 @@ def _code(v: str) -> str:
 
 def _check_msh(msh: Segment, ctx: _Ctx) -> None:
     where = "st-contraintes.md, Eléments de l'entête"
+    ctx.rule = "tlr.msh.fields"
     for n, what in ((3, "sending application"), (4, "sending facility"), (5, "receiving application"),
                     (6, "receiving facility"), (7, "message date/time"), (10, "message control id")):
         ctx.required(msh, n, None, where, what)
@@ -161,7 +166,9 @@ def _check_msh(msh: Segment, ctx: _Ctx) -> None:
     ctx.fixed(msh, 11, None, ("P", "T", "D"), where, "processing id")
     v = _c(msh, 12, 1)
     if v != VERSION:
-        ctx.add("203", _loc(msh, 12), f"{where}: MSH-12 (version) must be {VERSION}, got {_code(v) if v else 'nothing'}")
+        ctx.add("203", _loc(msh, 12),
+                f"{where}: MSH-12 (version) must be {VERSION}, got {_code(v) if v else 'nothing'}",
+                "tlr.msh.version")
     ctx.fixed(msh, 17, None, "FRA", where, "country code")
     v = msh.field(18).split(msh.delims.repetition, 1)[0].strip()
     if not v:
@@ -169,6 +176,7 @@ def _check_msh(msh: Segment, ctx: _Ctx) -> None:
     elif v not in CHARSETS:
         ctx.add("103", _loc(msh, 18), f"{where}: MSH-18 (character set) must be {' or '.join(CHARSETS)}, got {_code(v)}")
     reps = msh.repetitions(21)
+    ctx.rule = "tlr.msh.profile"
     if not reps:
         ctx.add("101", _loc(msh, 21), f"{where}: MSH-21 (message profile) is required: {PROFILE_VERSION}^{PROFILE_ID}")
         return
@@ -184,6 +192,7 @@ def _check_msh(msh: Segment, ctx: _Ctx) -> None:
 
 def _check_patient(segs: list[Segment], flow: int, ctx: _Ctx) -> None:
     where = "st-contraintes.md, Les données concernant le patient et sa venue"
+    ctx.rule = "tlr.patient"
     pid = next((s for s in segs if s.name == "PID"), None)
     if pid is None:
         ctx.add("100", "PID", f"{where}: segment PID is required")
@@ -233,6 +242,7 @@ def _check_xcn_ps(seg: Segment, n: int, where: str, what: str, ctx: _Ctx) -> Non
 def _check_orc(orc: Segment, flow: int, ctx: _Ctx) -> None:
     doc = FLOW_FILE[flow]
     where = f"{doc}, Segment ORC"
+    ctx.rule = "tlr.orc"
     expected = {1: "NW", 2: "CA", 3: ("OK", "OC"), 4: "SR"}[flow]
     ctx.fixed(orc, 1, None, expected, where, "order control")
     if ctx.required(orc, 2, None, where, "placer order number"):
@@ -257,9 +267,11 @@ def _check_orc(orc: Segment, flow: int, ctx: _Ctx) -> None:
 def _check_obr(obr: Segment, orc: Segment, flow: int, ctx: _Ctx) -> None:
     doc = FLOW_FILE[flow]
     where = f"{doc}, Segment OBR"
+    ctx.rule = "tlr.obr"
     if ctx.required(obr, 2, None, where, "placer order number") and orc.field(2).strip():
         if _c(obr, 2, 1) != _c(orc, 2, 1) or _c(obr, 2, 3) != _c(orc, 2, 3):
-            ctx.add("207", _loc(obr, 2), f"{where}: OBR-2 (placer order number) must be identical to ORC-2")
+            ctx.add("207", _loc(obr, 2), f"{where}: OBR-2 (placer order number) must be identical to ORC-2",
+                    "tlr.obr.copy")
     ctx.fixed(obr, 4, 1, OBR4[flow], f"{where} / table_obr.md", "universal service identifier")
     ctx.fixed(obr, 4, 3, OBR_SYSTEM, f"{where} / table_obr.md", "coding system")
     if flow == 1:
@@ -267,7 +279,8 @@ def _check_obr(obr: Segment, orc: Segment, flow: int, ctx: _Ctx) -> None:
     if flow in (1, 2, 3):
         if ctx.required(obr, 16, None, where, "ordering provider") and _c(orc, 12, 1):
             if _c(obr, 16, 1) != _c(orc, 12, 1):
-                ctx.add("207", _loc(obr, 16, 1), f"{where}: OBR-16 (ordering provider) must be identical to ORC-12")
+                ctx.add("207", _loc(obr, 16, 1),
+                        f"{where}: OBR-16 (ordering provider) must be identical to ORC-12", "tlr.obr.copy")
 
 
 def _obx_code(s: Segment) -> str:
@@ -276,6 +289,7 @@ def _obx_code(s: Segment) -> str:
 
 def _check_obx_common(obxs: list[Segment], flow: int, ctx: _Ctx) -> None:
     doc = FLOW_FILE[flow]
+    ctx.rule = "tlr.obx"
     if flow in OBX11:
         for s in obxs:
             ctx.fixed(s, 11, None, OBX11[flow], f"{doc}, Groupe OBSERVATION", "observation result status")
@@ -345,12 +359,14 @@ def _check_modality(obxs: list[Segment], flow: int, required: bool, ctx: _Ctx) -
 
 
 def _check_flow1(obxs: list[Segment], ctx: _Ctx) -> None:
+    ctx.rule = "tlr.observations"
     _check_modality(obxs, 1, True, ctx)
     _check_region(obxs, 1, True, ctx)
 
 
 def _check_flow3(orc: Segment, obxs: list[Segment], ctx: _Ctx) -> None:
     where = "st_flux3.md, Groupe OBSERVATION - Protocole d'imagerie"
+    ctx.rule = "tlr.observations"
     protos = [s for s in obxs if _obx_code(s) == "PROTOCOLE_IMAGERIE"]
     if _c(orc, 1, 1) == "OK" and not protos:
         ctx.add("100", "OBX", f"{where}: an accepted request (ORC-1 OK) requires an OBX PROTOCOLE_IMAGERIE")
@@ -385,6 +401,7 @@ def _check_flow4_order(group: list[Segment], ctx: _Ctx) -> None:
     obxs = [s for s in group if s.name == "OBX"]
     tq1s = [s for s in group if s.name == "TQ1"]
     where = "st_flux4.md, Segment TQ1"
+    ctx.rule = "tlr.flow4.segments"
     if not tq1s:
         ctx.add("100", f"ORC^{orc.occurrence}", f"{where}: a TQ1 segment is required in each ORDER group")
     for t in tq1s[:1]:
@@ -406,6 +423,7 @@ def _check_flow4_order(group: list[Segment], ctx: _Ctx) -> None:
         ctx.required(ipc, 4, 3, where, "scheduled procedure step code system OID")
         ctx.fixed(ipc, 4, 4, "ISO", where, "universal id type")
     where = "st_flux4.md, Groupe OBSERVATION - URL de viewer DRIMbox"
+    ctx.rule = "tlr.observations"
     urls = [s for s in obxs if _obx_code(s) == "URL_PARTIELLE_VIEWER"]
     if not urls:
         ctx.add("100", f"ORC^{orc.occurrence}", f"{where}: an OBX URL_PARTIELLE_VIEWER is required in each ORDER group")
@@ -459,7 +477,8 @@ def check_tlr(raw: bytes, codec: str = "utf-8") -> TlrCheck:
     try:
         segs = Message(text, codec).segments
     except HL7Error:
-        return TlrCheck(None, [Problem("100", "MSH^1", "st-contraintes.md: the message must start with MSH")])
+        return TlrCheck(None, [Problem("100", "MSH^1", "st-contraintes.md: the message must start with MSH",
+                                       "tlr.message-type")])
     msh = segs[0]
     ctx = _Ctx()
     code, trig = _c(msh, 9, 1), _c(msh, 9, 2)
@@ -474,6 +493,7 @@ def check_tlr(raw: bytes, codec: str = "utf-8") -> TlrCheck:
         return result
     _check_msh(msh, ctx)
     where = f"st-profils.md / st_worklfow.md ({mt})"
+    ctx.rule = "tlr.order-control"
     if not orcs:
         ctx.add("100", "ORC", f"{where}: segment ORC is required")
         return result
@@ -491,7 +511,8 @@ def check_tlr(raw: bytes, codec: str = "utf-8") -> TlrCheck:
         _check_orc(orc, flow, ctx)
         obr = next((s for s in group if s.name == "OBR"), None)
         if obr is None:
-            ctx.add("100", f"ORC^{orc.occurrence}", f"st-profils.md flux {flow}: an OBR segment is required after each ORC")
+            ctx.add("100", f"ORC^{orc.occurrence}",
+                    f"st-profils.md flux {flow}: an OBR segment is required after each ORC", "tlr.obr")
         else:
             _check_obr(obr, orc, flow, ctx)
         obxs = [s for s in group if s.name == "OBX"]

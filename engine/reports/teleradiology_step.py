@@ -10,7 +10,9 @@ the message is stored and its ACK decided:
 * a flow that breaks the guide is answered AE with one ERR per finding: ERR-2 the location
   (ERL), ERR-3 the HL7 table 0357 code (100 segment, 101 required field, 102 data type, 103 value
   not allowed, 200/201/203 message type, event, version, 207 consistency between fields), ERR-4
-  ``E``, ERR-8 the rule in plain words with the guide's section. The guide's acknowledgement
+  ``E``, ERR-7 the id of the check (:mod:`engine.reports.rules`), ERR-8 the rule in plain words
+  with the guide's section. A channel may lower a check to a warning (ERR-4 ``W``, the message
+  answered AA and routed) or switch it off, in the block's ``rules``. The guide's acknowledgement
   section (« Description des contraintes à appliquer sur l'acquittement », segment ERR) asks for
   ERR-2, ERR-3 from table 0357 and ERR-4 from table 0516, and defines no application error code:
   ERR-5 stays empty (unlike the 900-906 codes of the « Transmission de documents CDA-R2 en
@@ -34,11 +36,13 @@ No patient data in ERR texts, logs or status: check_tlr echoes only code values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Mapping
 
 from engine import logs
 from engine.steps import Answer, StepResult, finish
 from engine.hl7.ack import AckError
 from engine.hl7.msh import read_msh
+from engine.reports.rules import severity
 from engine.reports.teleradiology import Problem, check_tlr
 from engine.router import message_type_matches, profile_matches
 from engine.store import Stored
@@ -72,9 +76,17 @@ def err_text(problem: Problem) -> str:
     return f"{GUIDE}, {text}"
 
 
-def ack_errors(problems: list[Problem]) -> list[AckError]:
-    """One ERR per finding: ERR-2 location, ERR-3 table 0357 code, ERR-4 E, ERR-8 text; no ERR-5."""
-    return [AckError(p.code, err_text(p), "E", p.location or None) for p in problems]
+def ack_errors(problems: list[Problem], rules: Mapping[str, str] | None = None) -> list[AckError]:
+    """One ERR per finding: ERR-2 location, ERR-3 table 0357 code, ERR-4 E (rule rejected) or W
+    (rule warned; the message is accepted), ERR-7 the rule's id, ERR-8 text; no ERR-5 (the guide
+    defines no application error code). A rule set to ``off`` gives no ERR."""
+    out = []
+    for p in problems:
+        level = severity(p.rule, rules) if p.rule else "reject"  # a finding without a rule refuses
+        if level != "off":
+            out.append(AckError(p.code, err_text(p), "E" if level == "reject" else "W",
+                                p.location or None, diagnostic=p.rule))
+    return out
 
 
 @dataclass
@@ -128,7 +140,7 @@ class TeleradiologyStep:
             prepared = Prepared(errors, "check_failed")
         else:
             action = f"flow{check.flow}" if check.flow else "not_a_flow"
-            prepared = Prepared(ack_errors(check.problems), action)
+            prepared = Prepared(ack_errors(check.problems, self.cfg.rules), action)
         if self.report_step is not None and self.report_step.applies(read_msh(raw)):
             prepared.report = self.report_step.prepare(raw, codec, store)
         return prepared

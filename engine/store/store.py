@@ -36,6 +36,7 @@ from .batch import BatchMixin
 from .dedup import DedupMixin
 from .queue import QueueMixin
 from .read_model import ReadModelMixin
+from .receipts import ReceiptsMixin
 from .step_writes import StepWritesMixin
 from .writer import WriterMixin
 
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, ReadModelMixin):
+class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, ReadModelMixin,
+            ReceiptsMixin):
     """One store: SQLite or PostgreSQL, one writer thread, pooled connections for the rest."""
 
     def __init__(self, url: str, *, dedup_window_seconds: float = 7 * 86400, pool_size: int = 5):

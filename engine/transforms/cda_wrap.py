@@ -205,6 +205,8 @@ class WrapResult:
     action: str = "initial"        # "initial" or "replace"
     pdf: bytes = b""               # the PDF embedded in the CDA (byte-identical to the OBX one)
     keys: dict[str, Any] = field(default_factory=dict)   # order/accession/study ids (no PHI)
+    #: the registry identity's status (IHE PAM France PID-32) that allowed its INS to be used
+    identity_status: str | None = None
 
 
 # ----------------------------------------------------------------------------- ORU reading
@@ -544,7 +546,7 @@ def wrap_pacs_report(raw: bytes, codec: str, params: Union[CdaWrapParams, dict],
         replaces=parent, pdf=pdf)
     cda = build_imaging_report_n1(inputs)
     return WrapResult(cda=cda, header=read_header(cda), warnings=warnings, source=source,
-                      action=action, pdf=pdf, keys=keys)
+                      action=action, pdf=pdf, keys=keys, identity_status=ident.get("status"))
 
 
 # ------------------------------------------------------------------ ORU^R01 output (CI-SIS)
@@ -578,8 +580,9 @@ def build_cisis_oru(raw: bytes, codec: str, result: WrapResult, params: CdaWrapP
                   e(params.receiving_application), e(params.receiving_facility), ts, "",
                   "ORU^R01^ORU_R01", ctrl, "P", "2.5", "", "", "", "", "FRA", "UNICODE UTF-8",
                   "", "", "2.1^CISIS_CDA_HL7_V2"]),
+        # PID-32: the registry status that allowed the INS (DMP and MSSanté use it only qualified)
         "|".join(["PID", "", "", "~".join(pid3), "", pid5, "", e(tr.get("birth_date")),
-                  e(tr.get("sex"))]),
+                  e(tr.get("sex"))] + ([""] * 23 + [e(result.identity_status)] if result.identity_status else [])),
         "PV1|1|" + ("O"),
         "|".join(["ORC", "RO" if replace else "NW",
                   f"{e(order.get('extension'))}^^{e(order.get('root'))}^ISO" if order else "",
