@@ -11,6 +11,7 @@ import time
 from mllp.blocking import BlockingMLLPClient
 from tests.enginectl import EngineProcess, free_port
 from tests.peers import Receiver, control_id
+from tests.test_dmp_e2e import wait
 from tests.test_engine_e2e import PHI_CANARIES, adt, msa
 
 TOKEN = "ops-t0ken"
@@ -61,16 +62,6 @@ def raw_http(port, request: bytes) -> tuple[int, dict, bytes]:
 def get(port, path, token=None, method="GET"):
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     return raw_http(port, f"{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Connection: close\r\n\r\n".encode())
-
-
-def wait(predicate, timeout=15.0, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status(eng):
