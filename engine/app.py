@@ -11,6 +11,7 @@ exits 0.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -36,6 +37,7 @@ from mllp.tls import TLSFiles, listen
 log = logs.get("engine.app")
 
 PID_FILE = "minipfi.pid"
+RELOAD_FILE = "reload.json"  # the last reload's outcome, read by `minipfi reload` (it waits for it)
 ERROR_TEXT_MAX = 300  # characters of an error text in a log event
 
 
@@ -81,7 +83,8 @@ class Engine:
         self.data_dir = Path(data_dir)
         self.config = load_config(self.config_path)
         self.config_fingerprint = config_fingerprint(self.config)
-        self.last_reload: str | None = None
+        # the last reload: {"seq", "at", "result": applied | refused | failed, "reason", "fingerprint"}
+        self.last_reload: dict | None = None
         self.router = Router(self.config)
         self.channels: dict[str, RunningChannel] = {}
         self.workers: dict[str, DestinationWorker] = {}
@@ -184,27 +187,40 @@ class Engine:
 
     # -- reload ---------------------------------------------------------------------------------
     def reload(self) -> bool:
+        """Apply the routes file again if it is valid; the outcome goes to ``/status`` and to
+        ``<data-dir>/reload.json``, which ``minipfi reload`` waits for."""
         try:
             new = load_config(self.config_path)
         except ConfigError as err:
-            log.error("config.reload_refused", path=str(self.config_path), problems=str(err))
-            return False
+            return self._reloaded("refused", str(err))
         except Exception as exc:  # noqa: BLE001 - unreadable file and the like
-            log.error("config.reload_refused", path=str(self.config_path), problems=logs.safe(exc, ERROR_TEXT_MAX))
-            return False
+            return self._reloaded("refused", logs.safe(exc, ERROR_TEXT_MAX))
         bad = connector_problems(new)
         if bad:
-            log.error("config.reload_refused", path=str(self.config_path),
-                      problems=str(ConfigError(bad, source=str(self.config_path))))
-            return False
+            return self._reloaded("refused", str(ConfigError(bad, source=str(self.config_path))))
         try:
             self._apply(new)
         except Exception as exc:  # noqa: BLE001 - e.g. a new port already in use: keep what runs
-            log.error("config.reload_failed", error=logs.error_text(exc, ERROR_TEXT_MAX))
-            return False
-        self.last_reload = datetime.now(timezone.utc).isoformat()
-        log.info("config.reloaded", fingerprint=self.config_fingerprint)
-        return True
+            return self._reloaded("failed", logs.error_text(exc, ERROR_TEXT_MAX))
+        return self._reloaded("applied", None)
+
+    def _reloaded(self, result: str, reason: str | None) -> bool:
+        seq = (self.last_reload or {}).get("seq", _reload_seq(self.data_dir)) + 1
+        self.last_reload = {"seq": seq, "at": datetime.now(timezone.utc).isoformat(), "result": result,
+                            "reason": reason, "fingerprint": self.config_fingerprint}
+        if result == "applied":
+            log.info("config.reloaded", fingerprint=self.config_fingerprint)
+        elif result == "refused":
+            log.error("config.reload_refused", path=str(self.config_path), problems=reason)
+        else:
+            log.error("config.reload_failed", error=reason)
+        try:
+            tmp = self.data_dir / (RELOAD_FILE + ".tmp")
+            tmp.write_text(json.dumps(self.last_reload))
+            os.replace(tmp, self.data_dir / RELOAD_FILE)
+        except OSError as exc:
+            log.error("config.reload_not_recorded", error=logs.error_text(exc, ERROR_TEXT_MAX))
+        return result == "applied"
 
     def _apply(self, new) -> None:
         router = Router(new)
@@ -266,6 +282,21 @@ class Engine:
             pass
         log.info("engine.stopped")
 
+    def abort_start(self) -> None:
+        """``start`` failed part-way (a port in use, ...): close what it opened so that the
+        process can exit with its one-line error."""
+        for ch in self.channels.values():
+            ch.port.stopListening()
+        if self.status_port is not None:
+            self.status_port.stopListening()
+        for w in self.workers.values():
+            w.running = False
+        if self.store is not None:
+            try:
+                self.store.stop(timeout=1.0)
+            finally:
+                self.store.dispose()
+
     def install_signal_handlers(self) -> None:
         def on_term(signum, frame):
             self.reactor.callFromThread(self._stop_and_exit)
@@ -283,6 +314,14 @@ class Engine:
         d.addBoth(lambda _: self.reactor.stop())
 
 
+def _reload_seq(data_dir: Path) -> int:
+    """The sequence number of the last reload recorded in the data directory (0: none)."""
+    try:
+        return int(json.loads((Path(data_dir) / RELOAD_FILE).read_text()).get("seq", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def _is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
@@ -294,7 +333,11 @@ def run(config_path, data_dir) -> int:
     cfg = load_config(config_path)  # raises ConfigError with readable problems
     logs.configure(cfg.engine.log_level)
     engine = Engine(config_path, data_dir, reactor)
-    engine.start()
+    try:
+        engine.start()
+    except BaseException:
+        engine.abort_start()
+        raise
     engine.install_signal_handlers()
     reactor.run(installSignalHandlers=False)
     return 0

@@ -16,19 +16,39 @@ def _data_dir(args) -> Path:
     return Path(getattr(args, "data_dir", None) or os.environ.get("MINIPFI_DATA_DIR") or "data")
 
 
+class CLIError(Exception):
+    """A refusal the command reports on one line (``minipfi: ...``), exit status 1."""
+
+
 def _store(args):
-    """Open the store the engine uses: MINIPFI_DB_URL, else routes.yaml's store_url, else SQLite."""
+    """Open the engine's store: MINIPFI_DB_URL, else routes.yaml's store_url, else the SQLite file
+    of the data directory. A store command never creates a database: when there is no engine
+    database there (wrong --data-dir, engine never started) it says so (:class:`CLIError`)."""
+    import sqlalchemy as sa
+
     from engine.store import Store
 
     url = os.environ.get("MINIPFI_DB_URL")
-    if not url and getattr(args, "config", None) and Path(args.config).exists():
+    if not url and getattr(args, "config", None):
         from engine import wiring  # noqa: F401 - destination types, before reading the file
         from engine.config import load_config
 
         url = load_config(args.config).engine.store_url
     url = url or Store.default_url(_data_dir(args))
+    u = sa.engine.make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
+            and not Path(u.database).is_file():
+        raise CLIError(f"no engine database at {u.database} (give --data-dir, MINIPFI_DATA_DIR or "
+                       "MINIPFI_DB_URL of a store the engine has run on)")
     store = Store(url)
-    store.migrate()
+    try:
+        if not sa.inspect(store.engine).has_table("messages"):
+            raise CLIError(f"no engine database at {u.render_as_string(hide_password=True)} "
+                           "(no messages table: the engine has never run on it)")
+        store.migrate()
+    except BaseException:
+        store.dispose()
+        raise
     return store
 
 
@@ -38,13 +58,8 @@ def cmd_run(args) -> int:
 
         install()
     from engine.app import run
-    from engine.config import ConfigError
 
-    try:
-        return run(args.config, _data_dir(args))
-    except ConfigError as err:
-        print(f"minipfi: invalid configuration\n{err}", file=sys.stderr)
-        return 2
+    return run(args.config, _data_dir(args))  # a refused configuration: exit 2 (see main)
 
 
 def cmd_check(args) -> int:
@@ -117,62 +132,137 @@ def _split_messages(payload: bytes) -> list[bytes]:
 def cmd_messages(args) -> int:
     store = _store(args)
     try:
-        if args.action == "list":
-            rows = store.list_messages(limit=args.limit, offset=args.offset, channel=args.channel)
-            for r in rows:
-                d = _row_dict(r)
-                if args.json:
-                    print(json.dumps(d, default=str))
-                else:
-                    print(f"{d['id']:>8}  {d['received_at']}  {d['channel']:<12} {d['message_type']:<10} "
-                          f"{d['control_id']:<22} {d['status']}")
-            return 0
-        if args.action == "show":
-            rc = 0
-            for mid in args.ids:
-                m = store.get_message(int(mid))
-                if m is None:
-                    print(f"minipfi: no message {mid}", file=sys.stderr)
-                    rc = 1
-                    continue
-                d = _row_dict(m)
-                sub = _submission_of(store, int(mid))
-                if sub is not None:
-                    d["submission"] = sub
-                receipts = store.mail_receipts(int(mid))
-                if receipts:
-                    d["receipts"] = receipts   # mail receipts (DSN, MDN): no patient data
-                raw = d.pop("raw", b"")
-                ack = d.pop("ack", b"")
-                if args.json:
-                    d["raw"] = raw.decode("latin-1") if isinstance(raw, bytes) else raw
-                    d["ack"] = ack.decode("latin-1") if isinstance(ack, bytes) else ack
-                    print(json.dumps(d, default=_json_default, indent=1))
-                else:
-                    for k, v in d.items():
-                        if k != "entries":
-                            print(f"{k}: {v}")
-                    for e in d.get("entries", []):
-                        print(f"entry: {json.dumps(e, default=_json_default)}")
-                    for line in _finding_lines(sub):
-                        print(line)
-                    print("--- raw ---")
-                    print(raw.replace(b"\r", b"\n").decode("utf-8", "replace"))
-                    print("--- ack ---")
-                    print(ack.replace(b"\r", b"\n").decode("utf-8", "replace"))
-            return rc
-        if args.action == "replay":
-            try:
-                result = store.replay([int(i) for i in args.ids])
-            except (KeyError, LookupError, ValueError) as err:
-                print(f"minipfi: {err}", file=sys.stderr)
-                return 1
-            for mid, n in result.items():
-                print(f"message {mid}: {n} entries queued again")
-            return 0
+        return {"list": _messages_list, "show": _messages_show, "replay": _messages_replay,
+                "handled": _messages_handled}[args.action](store, args)
     finally:
         store.dispose()
-    return 2
+
+
+def _messages_list(store, args) -> int:
+    rows = store.list_messages(limit=args.limit, offset=args.offset, channel=args.channel,
+                               status=args.status, destination=args.destination,
+                               message_type=args.type, control_id=args.control_id,
+                               since=_when(args.since, "--since"), until=_when(args.until, "--until"))
+    for r in rows:
+        d = _row_dict(r)
+        if args.json:
+            print(json.dumps(d, default=str))
+        else:
+            print(f"{d['id']:>8}  {d['received_at']}  {d['channel']:<12} {d['message_type']:<10} "
+                  f"{d['control_id']:<22} {d['status']}")
+    return 0
+
+
+def _when(value: str | None, option: str) -> float | None:
+    """``--since``/``--until``: ISO 8601 date or date-time (no zone: local time), or a duration
+    back from now (``90m``, ``2h``, ``7d``)."""
+    if value is None:
+        return None
+    import time
+    from datetime import datetime
+
+    from engine.durations import parse_duration
+
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        pass
+    try:
+        return time.time() - parse_duration(value)
+    except (ValueError, TypeError):
+        raise CLIError(f"{option} {value!r}: give an ISO 8601 date or date-time "
+                       "(2026-12-03, 2026-12-03T08:00) or a duration back from now (90m, 2h, 7d)") from None
+
+
+def _message_ids(store, args) -> list[int]:
+    """The messages ``show`` names: ids (digits), else MSH-10 control ids; ``--control-id``
+    treats every argument as a control id (numeric ones included)."""
+    ids: list[int] = []
+    for key in args.ids:
+        found = []
+        if key.isdigit() and not args.control_id and store.get_message(int(key)) is not None:
+            found = [int(key)]
+        if not found:
+            found = store.message_ids_by_control_id(key)
+        if not found:
+            raise CLIError(f"no message with id or control id {key!r}")
+        ids.extend(found)
+    return list(dict.fromkeys(ids))
+
+
+def _messages_show(store, args) -> int:
+    for mid in _message_ids(store, args):
+        m = store.get_message(mid)
+        d = _row_dict(m)
+        sub = _submission_of(store, mid)
+        if sub is not None:
+            d["submission"] = sub
+        receipts = store.mail_receipts(mid)
+        if receipts:
+            d["receipts"] = receipts   # mail receipts (DSN, MDN): no patient data
+        raw = d.pop("raw", b"")
+        ack = d.pop("ack", b"")
+        if args.json:
+            d["raw"] = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+            d["ack"] = ack.decode("latin-1") if isinstance(ack, bytes) else ack
+            print(json.dumps(d, default=_json_default, indent=1))
+        else:
+            for k, v in d.items():
+                if k != "entries":
+                    print(f"{k}: {v}")
+            for e in d.get("entries", []):
+                print(f"entry: {json.dumps(e, default=_json_default)}")
+            for line in _finding_lines(sub):
+                print(line)
+            print("--- raw ---")
+            print(raw.replace(b"\r", b"\n").decode("utf-8", "replace"))
+            print("--- ack ---")
+            print(ack.replace(b"\r", b"\n").decode("utf-8", "replace"))
+    return 0
+
+
+def _ids(values) -> list[int]:
+    bad = [v for v in values if not v.isdigit()]
+    if bad:
+        raise CLIError(f"not a message id: {', '.join(bad)} (ids are numbers; `messages list "
+                       "--control-id CID` finds one by MSH-10)")
+    return [int(v) for v in values]
+
+
+def _messages_replay(store, args) -> int:
+    from engine.store import UnknownMessage
+
+    report: list = []
+    try:
+        store.replay(_ids(args.ids), args.destination or None, report=report)
+    except (UnknownMessage, ValueError) as err:
+        raise CLIError(str(err).strip('"')) from None
+    if not report:
+        which = ", ".join(args.destination) if args.destination else "in error"
+        print(f"nothing to replay: no delivery {which} for message(s) {', '.join(args.ids)}")
+        return 0
+    for t in report:
+        where = t.destination + (f" [{t.target}]" if t.target else "")
+        if t.entry_id is not None:
+            print(f"message {t.message_id}: {where}: queued again as entry {t.entry_id} "
+                  f"(replays entry {t.replay_of})")
+        else:
+            print(f"message {t.message_id}: {where}: not queued again ({t.skipped})")
+    return 0
+
+
+def _messages_handled(store, args) -> int:
+    from engine.store import UnknownMessage
+
+    total = 0
+    for mid in _ids(args.ids):
+        try:
+            n = store.mark_handled(mid, args.destination, args.target)
+        except UnknownMessage as err:
+            raise CLIError(str(err).strip('"')) from None
+        total += n
+        print(f"message {mid}: {n} error(s) at {args.destination} marked handled")
+    return 0 if total else 1
 
 
 def _submission_of(store, message_id: int) -> dict | None:
@@ -375,7 +465,15 @@ def cmd_cda(args) -> int:
 
 
 def cmd_reload(args) -> int:
-    pid_file = _data_dir(args) / "minipfi.pid"
+    """SIGHUP to the running engine, then wait for its verdict (``<data-dir>/reload.json``):
+    exit 0 when applied, 1 when refused or failed (the reason printed), 2 without an answer."""
+    import time
+
+    from engine.app import PID_FILE, RELOAD_FILE, _reload_seq
+
+    data_dir = _data_dir(args)
+    pid_file = data_dir / PID_FILE
+    before = _reload_seq(data_dir)
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, signal.SIGHUP)
@@ -385,8 +483,23 @@ def cmd_reload(args) -> int:
     except (ValueError, ProcessLookupError):
         print(f"minipfi reload: stale pid file {pid_file}", file=sys.stderr)
         return 1
-    print(f"reload requested (pid {pid}); the engine logs config.reloaded or config.reload_refused")
-    return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if _reload_seq(data_dir) > before:
+            try:
+                outcome = json.loads((data_dir / RELOAD_FILE).read_text())
+            except (OSError, ValueError):
+                time.sleep(0.05)
+                continue
+            if outcome.get("result") == "applied":
+                print(f"reload applied at {outcome.get('at')} (pid {pid}, fingerprint {outcome.get('fingerprint')})")
+                return 0
+            print(f"minipfi reload: {outcome.get('result')} at {outcome.get('at')}; the running "
+                  f"configuration is kept\n{outcome.get('reason')}", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"minipfi reload: no answer from the engine (pid {pid}) within {args.timeout:g}s", file=sys.stderr)
+    return 2
 
 
 def cmd_version(args) -> int:
@@ -415,6 +528,23 @@ def cmd_version(args) -> int:
     return 0 if "error" not in resources else 1
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except the empty ones (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _format_all(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:  # noqa: SLF001 - argparse offers no public walk of sub-commands
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sp in action.choices.values():
+                sp.formatter_class = _DefaultsFormatter
+                _format_all(sp)
+
+
 def cmd_dmp_simulator(args) -> int:
     from engine.simulators.dmp_cli import run_from_args
 
@@ -422,14 +552,16 @@ def cmd_dmp_simulator(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minipfi", description="mini-PFI HL7 v2 / IHE integration engine")
+    fmt = _DefaultsFormatter
+    p = argparse.ArgumentParser(prog="minipfi", description="mini-PFI HL7 v2 / IHE integration engine",
+                                formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
 
     def data_opts(sp):
         sp.add_argument("--data-dir", help="data directory (default $MINIPFI_DATA_DIR or ./data)")
 
     r = sub.add_parser("run", help="run the engine")
-    r.add_argument("--config", default=DEFAULT_CONFIG)
+    r.add_argument("--config", default=DEFAULT_CONFIG, help="routes file")
     data_opts(r)
     r.set_defaults(fn=cmd_run)
 
@@ -440,26 +572,44 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("send", help="send HL7 files over MLLP and print each ACK")
     s.add_argument("address", help="HOST:PORT")
     s.add_argument("files", nargs="+")
-    s.add_argument("--tls-cert")
-    s.add_argument("--tls-key")
-    s.add_argument("--tls-ca")
-    s.add_argument("--tls-server-name")
-    s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
+    s.add_argument("--tls-key", help="its private key (PEM)")
+    s.add_argument("--tls-ca", help="CA bundle the server is checked against (TLS)")
+    s.add_argument("--tls-server-name", help="name checked in the server's certificate (default: HOST)")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
     s.set_defaults(fn=cmd_send)
 
-    m = sub.add_parser("messages", help="stored messages")
+    m = sub.add_parser("messages", help="stored messages", formatter_class=fmt)
     msub = m.add_subparsers(dest="action", required=True)
-    ml = msub.add_parser("list")
+    ml = msub.add_parser("list", help="stored messages, newest first, filtered", formatter_class=fmt)
     ml.add_argument("--json", action="store_true", help="one JSON object per line")
-    ml.add_argument("--limit", type=int, default=100)
-    ml.add_argument("--offset", type=int, default=0)
-    ml.add_argument("--channel")
-    ms = msub.add_parser("show")
-    ms.add_argument("ids", nargs="+")
-    ms.add_argument("--json", action="store_true")
-    mr = msub.add_parser("replay")
-    mr.add_argument("ids", nargs="+")
-    for sp in (ml, ms, mr):
+    ml.add_argument("--limit", type=int, default=100, help="at most this many messages")
+    ml.add_argument("--offset", type=int, default=0, help="skip this many (newest first)")
+    ml.add_argument("--channel", help="only this channel")
+    ml.add_argument("--status", choices=["sent", "queued", "error", "handled", "filtered", "rejected", "conflict"],
+                    help="only messages in this state (with --destination: their state there)")
+    ml.add_argument("--destination", help="only messages routed to this destination")
+    ml.add_argument("--type", help="message type: CODE^TRIGGER (ORU^R01) or CODE (ADT)")
+    ml.add_argument("--control-id", help="MSH-10")
+    ml.add_argument("--since", help="received at or after: ISO date or date-time (local time), or a "
+                                    "duration back from now (2h, 7d)")
+    ml.add_argument("--until", help="received before (same forms as --since)")
+    ms = msub.add_parser("show", help="one message with its deliveries, by id or by MSH-10", formatter_class=fmt)
+    ms.add_argument("ids", nargs="+", metavar="ID_OR_CONTROL_ID",
+                    help="message id (digits) or MSH-10 control id")
+    ms.add_argument("--control-id", action="store_true", help="every argument is an MSH-10 (numeric ones too)")
+    ms.add_argument("--json", action="store_true", help="one JSON document per message")
+    mr = msub.add_parser("replay", help="queue messages again to destinations (default: those where "
+                                        "they ended in error)", formatter_class=fmt)
+    mr.add_argument("ids", nargs="+", metavar="ID")
+    mr.add_argument("--destination", action="append", metavar="NAME",
+                    help="replay to this destination (repeatable; default: every destination in error)")
+    mh = msub.add_parser("handled", help="mark the errors of a message at a destination as handled "
+                                         "(they leave the current counts)", formatter_class=fmt)
+    mh.add_argument("ids", nargs="+", metavar="ID")
+    mh.add_argument("--destination", required=True, metavar="NAME")
+    mh.add_argument("--target", help="only this delivery target of the destination")
+    for sp in (ml, ms, mr, mh):
         data_opts(sp)
         sp.add_argument("--config", help="routes file whose engine.store_url to use")
     m.set_defaults(fn=cmd_messages)
@@ -495,8 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_opts(cv)
     cda.set_defaults(fn=cmd_cda)
 
-    rl = sub.add_parser("reload", help="ask the running engine to reload its routes file")
+    rl = sub.add_parser("reload", help="ask the running engine to reload its routes file and wait for the result")
     data_opts(rl)
+    rl.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the engine's answer")
     rl.set_defaults(fn=cmd_reload)
 
     from engine.simulators.dmp_cli import add_arguments as dmp_simulator_arguments
@@ -509,15 +660,51 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--config", help="routes file whose engine.cda_resources to report")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_version)
+    _format_all(p)
     return p
 
 
 def main(argv=None) -> int:
+    """Run one command. Refusals and failures end with one line on stderr (``minipfi: ...``) and
+    a non-zero status, never a traceback (``MINIPFI_DEBUG=1`` shows it for a bug report)."""
     args = build_parser().parse_args(argv)
     if args.command != "run" and hasattr(signal, "SIGPIPE"):
         # `minipfi messages list | head`: end quietly; the engine itself keeps SIGPIPE ignored
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the operator
+        if os.environ.get("MINIPFI_DEBUG"):
+            raise
+        print(f"minipfi: {_one_line(exc)}", file=sys.stderr)
+        return 2 if _is_config_error(exc) else 1
+
+
+def _is_config_error(exc: BaseException) -> bool:
+    from engine.config import ConfigError
+
+    return isinstance(exc, ConfigError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """What went wrong, without a traceback and without data the error may quote (database
+    errors keep the driver's first line only: see ``engine.logs.error_text``)."""
+    from twisted.internet.error import CannotListenError
+
+    from engine import logs
+
+    if isinstance(exc, CLIError):
+        return str(exc)
+    if _is_config_error(exc):
+        return f"invalid configuration\n{exc}"
+    if isinstance(exc, CannotListenError):
+        why = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
+        return f"cannot listen on {exc.interface or '*'}:{exc.port}: {why}"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return logs.error_text(exc, 300)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -183,6 +184,20 @@ def _message_type_pattern(value: Any) -> Any:
 
 MessageTypePattern = Annotated[str, BeforeValidator(_message_type_pattern)]
 
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """A relative file path is relative to the routes file (``base_dir`` of the validation
+    context, given by :func:`load_config`), not to the directory the engine was started from."""
+    base = (info.context or {}).get("base_dir")
+    if base is None or not isinstance(value, str) or not value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else Path(base) / p)
+
+
+#: a file named in routes.yaml (certificates, keys, CA bundles): resolved against the file's folder
+ConfigPath = Annotated[str, AfterValidator(_resolve_path)]
+
 DEFAULT_VERSIONS = ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8"]
 
 
@@ -247,9 +262,9 @@ class EngineConfig(_Model):
 
 
 class ServerTLSConfig(_Model):
-    cert: str
-    key: str
-    ca: str | None = None
+    cert: ConfigPath
+    key: ConfigPath
+    ca: ConfigPath | None = None
     require_client_cert: bool = False
 
     @field_validator("require_client_cert")
@@ -441,7 +456,29 @@ def _check_profiles(value: Any) -> Any:
     return value
 
 
-class RouteFilter(_Model):
+class _FilterKeys(_Model):
+    message_types: list[MessageTypePattern] = Field(default_factory=lambda: ["*"], min_length=1)
+    sending_applications: list[str] = Field(default_factory=list)
+    sending_facilities: list[str] = Field(default_factory=list)
+    receiving_applications: list[str] = Field(default_factory=list)
+    versions: list[VersionStr] = Field(default_factory=list)
+    profiles: Annotated[list[str], BeforeValidator(_check_profiles)] = Field(default_factory=list)
+
+
+class ExclusionFilter(_FilterKeys):
+    """``not:`` of a route filter, with the same keys: a message is excluded when it matches
+    every key given here (an empty list, or a key left out, says nothing)."""
+
+    message_types: list[MessageTypePattern] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "ExclusionFilter":
+        if not any(getattr(self, k) for k in type(self).model_fields):
+            raise ValueError("not: give at least one key (message_types, sending_applications, ...)")
+        return self
+
+
+class RouteFilter(_FilterKeys):
     """Empty lists match anything. Applications/facilities match MSH-3/4/5 first component
     (namespace id) or the whole field.
 
@@ -451,14 +488,12 @@ class RouteFilter(_Model):
     component and its *name* in the second (``2.1^CISIS_CDA_HL7_V2``, ``1.0^CISIS_TLR_HL7_V2``), so
     list the name: ``profiles: [CISIS_TLR_HL7_V2]``. Blanks around components are ignored. The
     empty string ``""`` in the list matches a message with an empty MSH-21 (no profile declared).
+
+    ``not`` (an :class:`ExclusionFilter`, same keys): the route does not match a message that
+    matches it, e.g. ``message_types: ["ADT^*"]`` with ``not: {message_types: ["ADT^A08"]}``.
     """
 
-    message_types: list[MessageTypePattern] = Field(default_factory=lambda: ["*"], min_length=1)
-    sending_applications: list[str] = Field(default_factory=list)
-    sending_facilities: list[str] = Field(default_factory=list)
-    receiving_applications: list[str] = Field(default_factory=list)
-    versions: list[VersionStr] = Field(default_factory=list)
-    profiles: Annotated[list[str], BeforeValidator(_check_profiles)] = Field(default_factory=list)
+    exclude: ExclusionFilter | None = Field(default=None, alias="not")
 
 
 class Route(_Model):
@@ -472,6 +507,9 @@ class Route(_Model):
     # after MSSanté receipts, when the report asked for them (CI-SIS "Transmission de documents
     # CDA en HL7 v2", profils-messages.md « Structure des messages accusés métier HL7 »).
     business_acks: str | None = None
+    # true: when this route matches, the routes after it (same channel) are not tried: first
+    # match wins from here on (earlier matching routes still deliver)
+    stop: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,9 +518,9 @@ class Route(_Model):
 
 
 class ClientTLSConfig(_Model):
-    cert: str | None = None
-    key: str | None = None
-    ca: str | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+    ca: ConfigPath | None = None
     verify_hostname: bool = True
 
     @model_validator(mode="after")
@@ -611,6 +649,19 @@ class Config(_Model):
     def destination(self, name: str):
         """The destination named ``name`` (KeyError if none)."""
         return self.destinations[name]
+
+
+def runtime_problems(config, environ=None) -> list[Problem]:
+    """What ``run`` refuses although the file is valid: a status endpoint off loopback whose
+    token variable is not set in the environment."""
+    import os
+
+    env = os.environ if environ is None else environ
+    st = config.engine.status
+    if not is_loopback(st.bind) and not (st.token_env and env.get(st.token_env)):
+        return [Problem("engine.status.token_env", None,
+                        f"status is bound to {st.bind}: set the bearer token in ${st.token_env}")]
+    return []
 
 
 def config_fingerprint(config) -> str:
@@ -916,8 +967,9 @@ def _transform_problems(specs: list[dict], base: PathT, lines: _Lines) -> list[P
 # --------------------------------------------------------------------------------------------
 
 
-def load_config_text(text: str, source: str = "routes.yaml") -> Config:
-    """Parse and validate ``text``; raise :class:`ConfigError` listing every problem."""
+def load_config_text(text: str, source: str = "routes.yaml", base_dir: str | Path | None = None) -> Config:
+    """Parse and validate ``text``; raise :class:`ConfigError` listing every problem. Relative
+    file paths (:data:`ConfigPath`) resolve against ``base_dir`` when given."""
     data, lines = _compose(text, source)
     if data is None:
         data = {}
@@ -925,7 +977,7 @@ def load_config_text(text: str, source: str = "routes.yaml") -> Config:
         raise ConfigError([Problem("", 1, "the top level must be a mapping (engine, channels, routes, destinations)")], source)
     problems = list(lines.duplicates)
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         problems.extend(_problem_from_error(e, lines) for e in exc.errors())
         problems.sort(key=lambda p: (p.line or 0))
@@ -946,4 +998,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([Problem("", None, f"cannot read configuration: {exc.strerror or exc}")], str(p)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([Problem("", None, f"configuration is not valid UTF-8: {exc.reason}")], str(p)) from None
-    return load_config_text(text, source=str(p))
+    return load_config_text(text, source=str(p), base_dir=p.resolve().parent)

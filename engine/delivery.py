@@ -189,6 +189,7 @@ class DestinationWorker:
         self.claims = 0                        # store claims made (tests, benchmarks)
         self.counters = {"sent": 0, "error": 0, "retry": 0, "filtered": 0}
         self.last_error: str | None = None
+        self.last_error_at: float | None = None   # epoch seconds of last_error
         self._chains: dict[str, object] = {}
         self._receipts_loop = None
 
@@ -452,7 +453,7 @@ class DestinationWorker:
             store_status = "queued"
         self.counters[status] = self.counters.get(status, 0) + 1
         if status in ("error", "retry"):
-            self.last_error = detail
+            self.last_error, self.last_error_at = detail, time.time()
         if status == "sent":
             _log_sent(self.name, entry.target or None, entry.id, entry.message_id,
                       logs.safe(entry.control_id), attempts)

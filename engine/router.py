@@ -21,6 +21,10 @@ is one tuple construction plus one dict lookup, and returns the identical tuple.
 bounded (:data:`CACHE_SIZE` entries, cleared when full). A Router is built from one immutable
 Config; a reload builds a new Router.
 
+``stop: true`` on a route: when it matches, the channel's later routes are not tried (first
+match wins from there; earlier matching routes keep their destinations). ``not:`` inside a filter
+takes the same keys; a message matching every key given there is excluded from the route.
+
 Filter semantics (``RouteFilter``): message_types are fnmatch patterns on ``CODE^TRIGGER``
 (``"*"``, ``"ADT^*"``, ``"ADT^A0?"``); sending/receiving applications and sending facilities
 match either the first component (namespace id) or the whole raw field; versions match MSH-12.1
@@ -157,22 +161,30 @@ class _CompiledRoute:
 
     def matches(self, msh: Any, sep: str) -> bool:
         f = self.filter
-        if not message_type_matches(f.message_types, msh.message_code or "", msh.trigger or ""):
+        if not _filter_matches(f, msh, sep):
             return False
-        if f.versions and (msh.version or "").split(sep, 1)[0] not in f.versions:
+        return f.exclude is None or not _filter_matches(f.exclude, msh, sep)
+
+
+def _filter_matches(f: Any, msh: Any, sep: str) -> bool:
+    """Every key of a filter (or of its ``not:``) matches; an empty list matches anything."""
+    if f.message_types and not message_type_matches(f.message_types, msh.message_code or "",
+                                                    msh.trigger or ""):
+        return False
+    if f.versions and (msh.version or "").split(sep, 1)[0] not in f.versions:
+        return False
+    if not _matches_app(f.sending_applications, msh.sending_app or "", sep):
+        return False
+    if not _matches_app(f.sending_facilities, msh.sending_facility or "", sep):
+        return False
+    if not _matches_app(f.receiving_applications, msh.receiving_app or "", sep):
+        return False
+    if f.profiles:
+        enc = getattr(msh, "encoding_chars", None) or "^~"
+        rep = enc[1] if len(enc) > 1 else "~"
+        if not profile_matches(f.profiles, getattr(msh, "profile", "") or "", sep, rep):
             return False
-        if not _matches_app(f.sending_applications, msh.sending_app or "", sep):
-            return False
-        if not _matches_app(f.sending_facilities, msh.sending_facility or "", sep):
-            return False
-        if not _matches_app(f.receiving_applications, msh.receiving_app or "", sep):
-            return False
-        if f.profiles:
-            enc = getattr(msh, "encoding_chars", None) or "^~"
-            rep = enc[1] if len(enc) > 1 else "~"
-            if not profile_matches(f.profiles, getattr(msh, "profile", "") or "", sep, rep):
-                return False
-        return True
+    return True
 
 
 class Router:
@@ -212,6 +224,8 @@ class Router:
                 if t.destination not in seen:
                     seen.add(t.destination)
                     out.append(t)
+            if cr.route.stop:
+                break
         return tuple(out)
 
     # Also reachable as a method: router.channel_accepts(channel_cfg, msh).

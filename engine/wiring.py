@@ -12,7 +12,7 @@ from __future__ import annotations
 from engine import config
 from engine.connectors.dmp import DmpConnector, DmpDestinationConfig, check_files as dmp_check_files, dmp_targets
 from engine.connectors.drimbox import DrimboxConnector, DrimboxDestinationConfig
-from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig
+from engine.connectors.mllp import MLLPConnector, MLLPDestinationConfig, check_tls_files
 from engine.connectors.mssante import MssanteConnector, MssanteDestinationConfig, mssante_targets
 from engine.connectors.mssante import check_files as mssante_check_files
 from engine.connectors.registry import ConnectorType, register
@@ -28,8 +28,8 @@ TRANSFORM_MODULES = (basic, cda_wrap, ins_enrich, wrapped_report)
 def wire() -> None:
     config.set_transform_validator(validate_specs)
     config.set_rule_checker(rules.override_problem)
-    register(ConnectorType("mllp", MLLPDestinationConfig, MLLPConnector))
-    register(ConnectorType("drimbox", DrimboxDestinationConfig, DrimboxConnector))
+    register(ConnectorType("mllp", MLLPDestinationConfig, MLLPConnector, check=check_tls_files))
+    register(ConnectorType("drimbox", DrimboxDestinationConfig, DrimboxConnector, check=check_tls_files))
     register(ConnectorType("dmp", DmpDestinationConfig, DmpConnector, targets=dmp_targets,
                            check=dmp_check_files))
     register(ConnectorType("mssante", MssanteDestinationConfig, MssanteConnector, mssante_targets,

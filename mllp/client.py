@@ -24,6 +24,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 
 from mllp.direct import can_write_now, write_now
+from mllp.tls import describe_failure
 from mllp.framing import (
     COMMIT_ACK,
     COMMIT_NAK,
@@ -92,6 +93,18 @@ def _fail(d: Deferred, exc: Exception) -> None:
         d.errback(exc)
 
 
+def _lost_reason(reason) -> str:
+    """Why the connection went away: the TLS handshake's failure when that is what happened
+    (unknown CA, expired certificate, name mismatch, client certificate refused), else the
+    generic text."""
+    value = getattr(reason, "value", None)
+    if value is not None:
+        text = describe_failure(value)
+        if text.startswith("TLS handshake failed"):
+            return text
+    return "connection lost before the reply"
+
+
 class _Outstanding:
     __slots__ = ("payload", "control_id", "d", "proto", "timer")
 
@@ -138,7 +151,7 @@ class _SenderProtocol(Protocol):
             self.sender._on_frames(self, frames, too_large)
 
     def connectionLost(self, reason=None) -> None:
-        self.sender._connection_lost(self)
+        self.sender._connection_lost(self, reason)
         d, self.lost = self.lost, None
         if d is not None:
             d.callback(None)
@@ -314,7 +327,7 @@ class MLLPSender:
             msg.d.callback(reply)
         self._pump()
 
-    def _connection_lost(self, proto: _SenderProtocol) -> None:
+    def _connection_lost(self, proto: _SenderProtocol, reason=None) -> None:
         self._detach(proto)
         msg = self._current
         if msg is not None and msg.proto is proto:
@@ -323,6 +336,6 @@ class MLLPSender:
                 if msg.timer.active():
                     msg.timer.cancel()
                 msg.timer = None
-            exc = proto.fail_exc or ConnectionFailed("connection lost before the reply", sent=True)
+            exc = proto.fail_exc or ConnectionFailed(_lost_reason(reason), sent=True)
             _fail(msg.d, exc)
         self._pump()

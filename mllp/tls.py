@@ -11,6 +11,7 @@ a certificate file may carry its intermediate chain after the leaf.
 """
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import ssl
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet import ssl as tssl
+from twisted.internet import defer, error as terror, ssl as tssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
@@ -31,6 +32,9 @@ __all__ = [
     "client_ssl_context",
     "listen",
     "peer_common_name",
+    "describe_failure",
+    "validity_problem",
+    "file_problems",
 ]
 
 
@@ -201,3 +205,100 @@ def peer_common_name(transport) -> Optional[str]:
         return None
     value = attrs[0].value
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def validity_problem(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
+    """'expired on ...' / 'not valid before ...' or None."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if cert.not_valid_after_utc < now:
+        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    if cert.not_valid_before_utc > now:
+        return f"not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
+    return None
+
+
+_TLS_HINTS = (
+    ("certificate verify failed", "the server's certificate is not trusted by the configured CA bundle"),
+    ("unknown ca", "the server does not trust our client certificate (unknown CA)"),
+    ("certificate expired", "a certificate has expired"),
+    ("bad certificate", "the server refused our client certificate"),
+    ("certificate required", "the server requires a client certificate"),
+    ("handshake failure", "no common TLS version or cipher (TLS 1.2 minimum)"),
+    ("wrong version number", "the server does not speak TLS on this port"),
+)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short technical reason for a failed exchange, naming the TLS problem when there is one."""
+    reasons = [exc]
+    if getattr(exc, "reasons", None):  # ResponseFailed, RequestTransmissionFailed, ...
+        reasons = [getattr(f, "value", f) for f in exc.reasons]
+    for r in reasons:
+        if isinstance(r, defer.TimeoutError) or isinstance(r, defer.CancelledError):
+            return "no answer within the timeout"
+        if isinstance(r, terror.ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(r, (terror.TimeoutError, terror.TCPTimedOutError)):
+            return "connection timed out"
+        if isinstance(r, terror.DNSLookupError):
+            return "host name not found"
+        if isinstance(r, SSL.Error):
+            text = str(r).lower()
+            for needle, hint in _TLS_HINTS:
+                if needle in text:
+                    return f"TLS handshake failed: {hint}"
+            return "TLS handshake failed"
+        if "VerificationError" in type(r).__name__:  # service_identity: name check
+            return "TLS handshake failed: the server's name does not match its certificate"
+        if isinstance(r, terror.ConnectionLost) or isinstance(r, terror.ConnectionDone):
+            return "connection closed before the answer"
+    if isinstance(exc, defer.TimeoutError):
+        return "no answer within the timeout"
+    return f"connection failed ({type(reasons[0]).__name__})"
+
+
+def file_problems(files: TLSFiles, now: dt.datetime | None = None) -> list[tuple[str, str]]:
+    """What would make these files unusable, as ``(field, message)`` with field ``cert``, ``key``
+    or ``ca``: missing or unreadable, not PEM, an expired (or not yet valid) certificate, a key
+    that does not match its certificate. ``minipfi check`` reports them; ``run`` refuses them."""
+    out: list[tuple[str, str]] = []
+    leaf = None
+    for field, path in (("cert", files.cert), ("ca", files.ca)):
+        if not path:
+            continue
+        try:
+            certs = _load_certs(path)
+        except OSError as exc:
+            out.append((field, f"cannot read {path}: {exc.strerror or exc}"))
+            continue
+        except ValueError:
+            out.append((field, f"{path}: not a PEM certificate"))
+            continue
+        if field == "cert":
+            leaf = certs[0]
+        for cert in certs[:1] if field == "cert" else certs:
+            bad = validity_problem(cert, now)
+            if bad:
+                out.append((field, f"{path}: certificate {cert.subject.rfc4514_string()} {bad}"))
+    if files.key:
+        try:
+            key = serialization.load_pem_private_key(_read(files.key), password=None)
+        except OSError as exc:
+            out.append(("key", f"cannot read {files.key}: {exc.strerror or exc}"))
+        except (ValueError, TypeError):
+            out.append(("key", f"{files.key}: not an unencrypted PEM private key"))
+        else:
+            if leaf is not None and key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+                    leaf.public_key().public_bytes(serialization.Encoding.DER,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo):
+                out.append(("key", f"{files.key}: the key does not match the certificate {files.cert}"))
+    return out
+
+
+def not_after(path: str) -> dt.datetime | None:
+    """End of validity of the first certificate in a PEM file, or None when it cannot be read."""
+    try:
+        return _load_certs(path)[0].not_valid_after_utc
+    except (OSError, ValueError):
+        return None

@@ -33,6 +33,17 @@ def _pg_unreachable(reason: str):
     pytest.skip(f"PostgreSQL unreachable: {reason}")
 
 
+@pytest.fixture(autouse=True)
+def _keep_sigpipe():
+    """``engine.cli.main`` restores the default SIGPIPE action (a CLI piped into ``head`` ends
+    quietly); tests that call it in-process must not leave pytest killable by a closed socket."""
+    import signal
+
+    old = signal.getsignal(signal.SIGPIPE)
+    yield
+    signal.signal(signal.SIGPIPE, old)
+
+
 @pytest.fixture
 def pg_url():
     """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""

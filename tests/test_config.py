@@ -246,7 +246,7 @@ def test_route_source_key_is_from_not_source():
     probs = problems_of(BASE.replace("from: in", "source: in"))
     assert [(p, line) for p, line, _ in probs] == [("routes[0].from", 6), ("routes[0].source", 7)]
     assert probs[0][2] == "Field required"
-    assert probs[1][2] == "unknown key 'source' (allowed: name, from, filter, transforms, to, business_acks)"
+    assert probs[1][2] == "unknown key 'source' (allowed: name, from, filter, transforms, to, business_acks, stop)"
 
 
 def test_crossref_errors_from_file():

@@ -111,8 +111,9 @@ def test_sample_routes_teleradiology():
         assert '"ins_enrich"' in t.transforms_json
     (t,) = r.targets("mllp-in", read_msh((samples / "flow3_oru_ok.hl7").read_bytes()))
     assert (t.destination, t.route, t.transforms_json) == ("ris-adt", "tlr-answers-to-ris", "[]")
-    (t, d) = r.targets("mllp-in", msh("MDM", "T02", profile=CDA, app="SI-TLR"))
+    (t, d, dmp) = r.targets("mllp-in", msh("MDM", "T02", profile=CDA, app="SI-TLR"))
     assert (t.destination, t.route, t.transforms_json) == ("reports-out", "reports-out", "[]")
     assert (d.destination, d.route, d.transforms_json) == ("drimbox", "reports-to-drimbox", "[]")
+    assert (dmp.destination, dmp.route) == ("dmp", "reports-to-dmp")
     (t,) = r.targets("mllp-in", read_msh((ROOT / "samples" / "orm_o01.hl7").read_bytes()))
     assert (t.destination, t.route, t.transforms_json) == ("teleradiology", "orders-to-teleradiology", "[]")

@@ -326,23 +326,24 @@ def test_replay(store):
     mid = res.message_id
     claimed = store.claim_due("ris", 1, "w", 30)
     store.complete(claimed[0].id, "w", status="error", attempts=3, last_error="AR")
-    assert store.replay([mid]) == {mid: 2}
+    # default: only the targets that ended in error; pacs still waits, it is not queued twice
+    assert store.replay([mid]) == {mid: 1}
     entries = store.get_message(mid).entries
-    assert len(entries) == 4
-    new = [e for e in entries if e.id > max(x.id for x in entries[:2])]
-    assert sorted((e.destination, e.route, e.order_key, e.transforms, e.status, e.attempts)
-                  for e in new) == [("pacs", "r2", "", "[]", "queued", 0),
-                                    ("ris", "r1", "k", '["a"]', "queued", 0)]
-    # replay again copies the latest entry per destination, not every entry
-    assert store.replay([mid]) == {mid: 2}
-    assert count(store, "SELECT count(*) FROM events WHERE kind = 'replay'") == 2
+    assert len(entries) == 3
+    new = entries[-1]
+    assert (new.destination, new.route, new.order_key, new.transforms, new.status, new.attempts,
+            new.replay_of) == ("ris", "r1", "k", '["a"]', "queued", 0, claimed[0].id)
+    # replay again: the replayed entry is live, nothing is added
+    assert store.replay([mid]) == {mid: 0}
+    assert store.replay([mid], ["ris", "pacs"]) == {mid: 0}
+    assert count(store, "SELECT count(*) FROM events WHERE kind = 'replay'") == 3
     filtered = ingest_one(store, rec("R2", status="filtered", entries=[])).message_id
     assert store.replay([filtered]) == {filtered: 0}
     with pytest.raises(UnknownMessage):
         store.replay([mid, 987654321])
     with pytest.raises(KeyError):
         store.replay([987654321])
-    assert len(store.get_message(mid).entries) == 6   # the failed replay wrote nothing
+    assert len(store.get_message(mid).entries) == 3   # the failed replay wrote nothing
 
 
 def test_stats_counts_only_new_rows_and_match_a_full_recount(store, store_url):

@@ -26,6 +26,7 @@ from engine.hl7.encoding import message_codec
 from engine.hl7.errors import HL7Error
 from engine.hl7.fields import get_field
 from engine.hl7.msh import read_msh
+from engine.histogram import Histogram
 from engine.store import Duplicate, EntrySpec, IngestRecord, Stored
 from mllp.framing import COMMIT_ACK, COMMIT_NAK
 from mllp.protocol import PendingReply
@@ -82,6 +83,7 @@ class MLLPChannel:
         self.on_stored = on_stored  # callable(destinations) -> wakes the delivery workers
         self.clock = clock
         self.counters = ChannelCounters()
+        self.ack_latency = Histogram()  # seconds from reception to the ACK (or its decision)
         self.store_ok = True
         self.store = None  # set by the engine when a processing step needs writer-thread ops
         # steps_for(channel cfg, engine cfg) -> the ACK-deciding steps of this channel, in the
@@ -100,7 +102,19 @@ class MLLPChannel:
         self._entries_cache = {}
 
     def handle(self, payload: bytes, conn) -> PendingReply | defer.Deferred | bytes | None:
+        """The frame's answer; its latency (reception to ACK ready) goes to ``ack_latency``:
+        here for answers that come through a Deferred, in ``_on_result`` for the common path."""
         now = self.clock()
+        result = self._handle(payload, conn, now)
+        if isinstance(result, defer.Deferred):
+            result.addBoth(self._observe_latency, now)
+        return result
+
+    def _observe_latency(self, result, since: float):
+        self.ack_latency.observe(self.clock() - since)
+        return result
+
+    def _handle(self, payload: bytes, conn, now: float) -> PendingReply | defer.Deferred | bytes | None:
         self.counters.received += 1
         msh = None
         try:
@@ -212,6 +226,7 @@ class MLLPChannel:
         return record
 
     def _on_result(self, result, reply, msh, ack, entries, conn, now):
+        self.ack_latency.observe(self.clock() - now)
         if isinstance(result, BaseException):
             try:
                 value = self._store_failed(Failure(result), msh, now, conn)

@@ -44,7 +44,7 @@ from pydantic import Field
 from twisted.internet import defer, threads
 
 from engine import logs
-from engine.config import DestinationBase, Duration, _Model
+from engine.config import ConfigPath, DestinationBase, Duration, _Model
 from engine.connectors.base import (
     ACCEPTED, ERROR, TRANSIENT, BusinessAck, Delivery, ErrorInfo, Outcome, StoredView,
 )
@@ -66,18 +66,19 @@ class InvalidRequest(ValueError):
 
 class KeyFiles(_Model):
     """A certificate and its private key: ``cert`` a PEM certificate (its chain after it) with
-    ``key`` a PEM key, or ``cert`` a PKCS#12 bundle (``.p12``/``.pfx``) holding both. The
-    password, if any, comes from the environment variable named by ``password_env``."""
+    ``key`` a PEM key, or ``cert`` a PKCS#12 bundle (``.p12``/``.pfx``) holding both; relative
+    paths are relative to the routes file. The password, if any, comes from the environment
+    variable named by ``password_env``."""
 
-    cert: Annotated[str, Field(min_length=1)]
-    key: str | None = None
+    cert: Annotated[ConfigPath, Field(min_length=1)]
+    key: ConfigPath | None = None
     password_env: str | None = None
 
 
 class DmpTLSConfig(KeyFiles):
     """Mutual TLS: our authentication certificate and the CA bundle of the DMP's chain."""
 
-    ca: Annotated[str, Field(min_length=1)]
+    ca: Annotated[ConfigPath, Field(min_length=1)]
 
 
 class DmpDestinationConfig(DestinationBase):

@@ -17,20 +17,19 @@ any content.
 """
 from __future__ import annotations
 
-import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from OpenSSL import SSL
-from twisted.internet import defer, error as terror, ssl as tssl
+from twisted.internet import defer, ssl as tssl
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from engine.xds.signing import SigningIdentity, SigningIdentityError, load_signing_identity
+from mllp.tls import describe_failure, validity_problem  # noqa: F401 - shared with the MLLP connectors
 
 MAX_ANSWER = 20 * 1024 * 1024
 
@@ -75,16 +74,6 @@ def load_ca(path: str | Path) -> tuple[x509.Certificate, ...]:
     if not certs:
         raise IdentityError(f"{path}: no certificate in the CA bundle")
     return certs
-
-
-def validity_problem(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
-    """'expired on ...' / 'not valid before ...' or None."""
-    now = now or dt.datetime.now(dt.timezone.utc)
-    if cert.not_valid_after_utc < now:
-        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d}"
-    if cert.not_valid_before_utc > now:
-        return f"not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
-    return None
 
 
 @implementer(IPolicyForHTTPS)
@@ -180,43 +169,3 @@ class _Discard:
 
     def makeConnection(self, transport):
         transport.stopProducing()
-
-
-_TLS_HINTS = (
-    ("certificate verify failed", "the server's certificate is not trusted by the configured CA bundle"),
-    ("unknown ca", "the server does not trust our client certificate (unknown CA)"),
-    ("certificate expired", "a certificate has expired"),
-    ("bad certificate", "the server refused our client certificate"),
-    ("certificate required", "the server requires a client certificate"),
-    ("handshake failure", "no common TLS version or cipher (TLS 1.2 minimum)"),
-    ("wrong version number", "the server does not speak TLS on this port"),
-)
-
-
-def describe_failure(exc: BaseException) -> str:
-    """A short technical reason for a failed exchange, naming the TLS problem when there is one."""
-    reasons = [exc]
-    if getattr(exc, "reasons", None):  # ResponseFailed, RequestTransmissionFailed, ...
-        reasons = [getattr(f, "value", f) for f in exc.reasons]
-    for r in reasons:
-        if isinstance(r, defer.TimeoutError) or isinstance(r, defer.CancelledError):
-            return "no answer within the timeout"
-        if isinstance(r, terror.ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(r, (terror.TimeoutError, terror.TCPTimedOutError)):
-            return "connection timed out"
-        if isinstance(r, terror.DNSLookupError):
-            return "host name not found"
-        if isinstance(r, SSL.Error):
-            text = str(r).lower()
-            for needle, hint in _TLS_HINTS:
-                if needle in text:
-                    return f"TLS handshake failed: {hint}"
-            return "TLS handshake failed"
-        if "VerificationError" in type(r).__name__:  # service_identity: name check
-            return "TLS handshake failed: the server's name does not match its certificate"
-        if isinstance(r, terror.ConnectionLost) or isinstance(r, terror.ConnectionDone):
-            return "connection closed before the answer"
-    if isinstance(exc, defer.TimeoutError):
-        return "no answer within the timeout"
-    return f"connection failed ({type(reasons[0]).__name__})"

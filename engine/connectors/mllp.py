@@ -20,7 +20,7 @@ from engine.hl7.errors import HL7Error
 from engine.hl7.msh import read_msh
 from mllp.client import MLLPError, MLLPSender
 from mllp.framing import COMMIT_ACK, COMMIT_NAK
-from mllp.tls import TLSFiles, client_creator
+from mllp.tls import TLSFiles, client_creator, file_problems
 
 _CODES = {"AA": ACCEPTED, "CA": ACCEPTED, "AE": ERROR, "CE": ERROR, "AR": REJECTED, "CR": REJECTED}
 
@@ -33,6 +33,14 @@ class MLLPDestinationConfig(DestinationBase):
     keep_alive: bool = True
     connect_timeout: Duration = 10.0
     ack_timeout: Duration = 30.0
+
+
+def check_tls_files(cfg) -> list[tuple[str, str]]:
+    """The registry's ``check`` of MLLP destinations (DRIMbox too): their client TLS files."""
+    if cfg.tls is None:
+        return []
+    files = TLSFiles(cert=cfg.tls.cert, key=cfg.tls.key, ca=cfg.tls.ca)
+    return [(f"tls.{field}", msg) for field, msg in file_problems(files)]
 
 
 def classify_reply(reply: bytes) -> Outcome:

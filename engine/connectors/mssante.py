@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from twisted.internet import defer, threads
 
 from engine import logs
-from engine.config import DestinationBase, Duration, RemotePort
+from engine.config import ConfigPath, DestinationBase, Duration, RemotePort
 from engine.connectors.base import (
     ACCEPTED, ERROR, REJECTED, TRANSIENT, BusinessAck, Delivery, Outcome, StoredView,
 )
@@ -74,8 +74,8 @@ class MssIdentityConfig(_Model):
     """The organisation's certificate: PEM ``cert`` + ``key``, or a PKCS#12 ``cert`` (.p12/.pfx);
     the key's password in the environment variable ``password_env``."""
 
-    cert: str
-    key: str | None = None
+    cert: ConfigPath
+    key: ConfigPath | None = None
     password_env: str | None = None
 
 
@@ -121,7 +121,7 @@ class MssanteDestinationConfig(DestinationBase):
     mailbox: Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+$")]
     smtp: MssSmtpConfig
     identity: MssIdentityConfig | None = None
-    ca: str
+    ca: ConfigPath
     verify_hostname: bool = True
     imap: MssImapConfig | None = None
     xdm: MssXdmConfig | None = None

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from engine.config import Problem, register_destination_type
+from engine.config import Problem, register_destination_type, runtime_problems
 from engine.connectors.base import NO_STORED_VIEW, StoredView, TargetsFn
+from mllp.tls import TLSFiles, file_problems
 
 SINGLE_TARGET = ("",)
 
@@ -66,10 +67,16 @@ def expand(cfg, stored: StoredView = NO_STORED_VIEW) -> tuple[str, ...]:
 
 
 def problems(config) -> list[Problem]:
-    """The file problems of every enabled destination whose type checks its files (certificates
-    missing, unreadable or expired): ``minipfi check`` reports them, ``run`` and ``reload``
-    refuse to start with them."""
-    out = []
+    """What ``run`` and ``reload`` refuse beyond the model, and ``minipfi check`` reports: the
+    file problems of every enabled destination whose type checks its files and of every
+    channel's server TLS (certificates missing, unreadable, expired, key not matching), and a
+    status endpoint off loopback without its token."""
+    out = list(runtime_problems(config))
+    for name, ch in config.channels.items():
+        tls = getattr(ch, "tls", None)
+        if tls is not None:
+            out.extend(Problem(f"channels.{name}.tls.{field}", None, msg)
+                       for field, msg in file_problems(TLSFiles(cert=tls.cert, key=tls.key, ca=tls.ca)))
     for name, cfg in config.destinations.items():
         fn = connector_type(cfg.type).check
         if fn is None or not getattr(cfg, "enabled", True):

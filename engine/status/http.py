@@ -1,8 +1,12 @@
-"""Status endpoint for hospital IT: ``/health``, ``/ready``, ``/status`` (JSON).
+"""Status endpoint for hospital IT: ``/health``, ``/ready``, ``/status`` (JSON), ``/metrics``
+(Prometheus, see ``engine.status.metrics``).
 
 Authentication happens on the request headers, before any body byte is read or parsed (lesson of
 Mirth CVE-2023-43208, a pre-authentication deserialisation of the request body): a request without the bearer token is
-answered 401 and its connection closed as soon as its headers are complete. The endpoints are
+answered 401 and its connection closed as soon as its headers are complete. ``/health`` and
+``/ready`` answer without the token (orchestrator probes; they say nothing but up/ready), though
+wrong credentials are refused there too; everything else needs it. Every error is a JSON object ``{"error": ...}``, and no ``Server``
+header names the software or its version. The endpoints are
 read-only GETs; any request body is refused. A token is required whenever one is configured, and
 configuration refuses a non-loopback bind without one. The scheme ``Bearer`` is matched without
 regard to case (RFC 7235 §2.1).
@@ -17,11 +21,13 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from datetime import datetime, timezone
 
 from twisted.internet import defer, threads
 from twisted.web import http, resource, server
 
 from engine import logs
+from engine.status.metrics import CONTENT_TYPE_LATEST, EngineCollector, registry_for, render as render_metrics
 
 log = logs.get("engine.status")
 
@@ -67,11 +73,17 @@ class _StatusChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
+OPEN_PATHS = (b"/health", b"/ready")  # probes: answerable without the token
+
+
 class _AuthRequest(server.Request):
     def gotLength(self, length):
         self.channel.headers_complete()
         site = self.channel.site
-        if not site.authorized(self.requestHeaders.getRawHeaders(b"authorization") or []):
+        path = (getattr(self.channel, "_path", None) or b"").split(b"?", 1)[0]
+        creds = self.requestHeaders.getRawHeaders(b"authorization") or []
+        # a probe sends no credentials; wrong credentials are refused wherever they are sent
+        if not (path in OPEN_PATHS and not creds) and not site.authorized(creds):
             self._refuse(401, b"Unauthorized", extra=b"WWW-Authenticate: Bearer\r\n")
             return
         if length is not None and length > MAX_BODY:
@@ -87,6 +99,11 @@ class _AuthRequest(server.Request):
         )
         self.channel.transport.loseConnection()
         self.channel._refused = True
+
+    def setHeader(self, name, value):
+        if name.lower() == b"server":  # no software name or version for scanners
+            return
+        super().setHeader(name, value)
 
     def handleContentChunk(self, data):
         if getattr(self.channel, "_refused", False):
@@ -126,32 +143,85 @@ class StatusSite(server.Site):
         pass
 
 
-class _JSON(resource.Resource):
+def _json_error(request, code: int, text: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps({"error": text}).encode()
+
+
+class _Root(resource.Resource):
+    """The site's root: unknown paths and the root itself answer a JSON 404."""
+
+    def getChild(self, path, request):
+        return _NotFound()
+
+    def render(self, request):
+        return _json_error(request, 404, "not found")
+
+
+class _NotFound(resource.Resource):
     isLeaf = True
 
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
+    def render(self, request):
+        return _json_error(request, 404, "not found")
 
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        d = defer.maybeDeferred(self.fn)
+
+class _ReadOnly(resource.Resource):
+    """A read-only leaf answered later: ``answer()`` gives ``(code, content type, body)``."""
+
+    isLeaf = True
+
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _json_error(request, 405, "method not allowed")
+        if request.postpath not in ([], [b""]):
+            return _json_error(request, 404, "not found")
+        d = self.answer()
 
         def ok(result):
-            code, body = result
+            code, content_type, body = result
             request.setResponseCode(code)
-            request.write(json.dumps(body, default=str, indent=1).encode())
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(body)
             request.finish()
 
         def fail(failure):
-            log.error("status.failed", error=logs.error_text(failure.value))
-            request.setResponseCode(500)
-            request.write(b'{"error": "internal error"}')
+            log.error("status.failed", path=request.path.decode("ascii", "replace")[:64],
+                      error=logs.error_text(failure.value))
+            request.write(_json_error(request, 500, "internal error"))
             request.finish()
 
         d.addCallbacks(ok, fail)
         return server.NOT_DONE_YET
+
+    def answer(self) -> defer.Deferred:
+        raise NotImplementedError
+
+
+class _JSON(_ReadOnly):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def answer(self):
+        d = defer.maybeDeferred(self.fn)
+        return d.addCallback(lambda r: (r[0], b"application/json",
+                                        json.dumps(r[1], default=str, indent=1).encode()))
+
+
+class _Metrics(_ReadOnly):
+    """``/metrics``: the Prometheus exposition, built in a thread (it reads the store)."""
+
+    def __init__(self, registry):
+        super().__init__()
+        self.registry = registry
+
+    def answer(self):
+        d = threads.deferToThread(render_metrics, self.registry)
+        return d.addCallback(lambda body: (200, CONTENT_TYPE_LATEST.encode(), body))
 
 
 class StatusService:
@@ -235,16 +305,26 @@ class StatusService:
                 "errored": s.get("error", 0),
                 "filtered": s.get("filtered", 0),
                 "cancelled": s.get("cancelled", 0),
+                # errors resolved by a later delivery or marked handled (no longer counted above)
+                "resolved": s.get("resolved", 0),
                 "queue_depth": s.get("queued", 0) + s.get("in_flight", 0),
                 "oldest_queued_age_s": s.get("oldest_queued_age_s"),
                 "last_error": w.last_error if w else None,
+                "last_error_at": _iso(w.last_error_at) if w and w.last_error_at else None,
             }
         return 200, body
 
 
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat()
+
+
 def build_site(service: StatusService, token: str | None, **limits) -> StatusSite:
-    root = resource.Resource()
+    root = _Root()
     root.putChild(b"health", _JSON(service.health))
     root.putChild(b"ready", _JSON(service.ready))
     root.putChild(b"status", _JSON(service.status))
+    if getattr(service.engine, "channels", None) is not None:  # a running engine (not a bare probe)
+        registry = registry_for(EngineCollector(service.engine, lambda: service.engine.store.stats()))
+        root.putChild(b"metrics", _Metrics(registry))
     return StatusSite(root, token, **limits)

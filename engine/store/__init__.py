@@ -14,6 +14,7 @@ from .models import (
     IngestResult,
     MessageRow,
     MessageSummary,
+    ReplayedTarget,
     Stored,
     UnknownMessage,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "IngestResult",
     "MessageRow",
     "MessageSummary",
+    "ReplayedTarget",
     "Store",
     "Stored",
     "UnknownMessage",

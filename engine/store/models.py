@@ -152,6 +152,7 @@ class EntryRow:
     target: str = ""
     doc_key: str | None = None
     action: str | None = None
+    replay_of: int | None = None
 
 
 @dataclass(slots=True)
@@ -190,6 +191,18 @@ class MessageSummary:
     sending_app: str
     sending_facility: str
     size: int
+
+
+@dataclass(slots=True)
+class ReplayedTarget:
+    """One delivery target a replay considered: the new entry, or why none was added."""
+
+    message_id: int
+    destination: str
+    target: str
+    replay_of: int                 # the latest entry of the target when the replay was asked
+    entry_id: int | None = None    # the new entry
+    skipped: str | None = None     # why no entry was added (a live one exists)
 
 
 class UnknownMessage(KeyError):

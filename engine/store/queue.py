@@ -26,6 +26,7 @@ from .models import (
     Completion,
     EntrySpec,
     FollowUp,
+    ReplayedTarget,
     UnknownMessage,
 )
 from .sql import COMPLETE_KIND, ENTRY_COLS, ENTRY_KEYS, EVENT_COLS, entry_row
@@ -203,12 +204,14 @@ class QueueMixin:
         now = time.time()
         lock = " FOR UPDATE OF q" if not self._sqlite else ""
         live = {r.id: r for r in conn.execute(
-            sa.text("SELECT q.id, q.destination, q.message_id, m.channel FROM queue_entries q "
+            sa.text("SELECT q.id, q.destination, q.message_id, q.replay_of, m.channel FROM queue_entries q "
                     "JOIN messages m ON m.id = q.message_id WHERE q.id IN :ids "
                     f"AND q.status = 'in_flight' AND q.lease_owner = :o{lock}")
             .bindparams(sa.bindparam("ids", expanding=True)),
             {"ids": [c.entry_id for c in completions], "o": owner})}
         live_cause = {i: r.message_id for i, r in live.items()}
+        live_dest = {i: r.destination for i, r in live.items()}
+        live_replay = {i: r.replay_of for i, r in live.items()}
         updates, releases, events, ok = [], [], [], []
         for c in completions:
             row = live.pop(c.entry_id, None)  # an id given twice is recorded once
@@ -251,6 +254,10 @@ class QueueMixin:
                     self._insert_follow_up(conn, f, now, cause=cause)
                 if c.extra is not None:
                     c.extra(conn)
+                replay_of = live_replay[c.entry_id]
+                if replay_of is not None and c.status != "queued":
+                    self._resolve_replayed(conn, c.entry_id, live_cause[c.entry_id],
+                                           live_dest[c.entry_id], now)
         return ok
 
     _SQL_RELEASE = ("UPDATE queue_entries SET status = 'queued', lease_owner = NULL, "
@@ -352,38 +359,120 @@ class QueueMixin:
                 "  GROUP BY order_key) h ON q.id = h.hid WHERE q.status = 'queued'"),
                 {"d": destination}).scalar()
 
-    def replay(self, message_ids: list[int]) -> dict[int, int]:
+    def replay(self, message_ids: list[int], destinations: "list[str] | None" = None, *,
+               report: "list[ReplayedTarget] | None" = None) -> dict[int, int]:
+        """Queue again the delivery targets of these messages; returns the new entries per message.
+
+        Which targets: those of ``destinations`` when named (whatever their last state: the
+        operator asks for a new delivery), else those whose latest entry ended in ``error``. A
+        target that still has a live entry (queued or in flight) is never given a second one:
+        the receiver would get the message twice. Each new entry links to the entry it replays
+        (``replay_of``). ``report`` (a list), when given, receives one :class:`ReplayedTarget` per
+        target considered, replayed or skipped with the reason. A named destination the message
+        was never routed to raises :class:`ValueError`; an unknown id :class:`UnknownMessage`.
+        """
         ids = list(dict.fromkeys(int(i) for i in message_ids))
         if not ids:
             return {}
+        wanted = list(dict.fromkeys(destinations)) if destinations else None
         now = time.time()
         expand = sa.bindparam("ids", expanding=True)
+        # two replays of one message at once must not both find no live entry: on PostgreSQL
+        # the message rows are locked (nothing on the ingest or delivery path locks them); on
+        # SQLite the write transaction already holds the database lock
+        lock = "" if self._sqlite else " FOR UPDATE"
         with self._write_tx() as conn:
             chans = dict(conn.execute(
-                sa.text("SELECT id, channel FROM messages WHERE id IN :ids").bindparams(expand),
+                sa.text(f"SELECT id, channel FROM messages WHERE id IN :ids ORDER BY id{lock}").bindparams(expand),
                 {"ids": ids}).all())
             missing = [i for i in ids if i not in chans]
             if missing:
                 raise UnknownMessage(f"unknown message id(s): {missing}")
-            # the latest entry of each (destination, target): a replay supersedes the earlier one
+            # the latest entry of each (destination, target), and whether any entry of it is live
             latest = conn.execute(sa.text(
-                "SELECT e.message_id, e.destination, e.route, e.order_key, e.transforms, e.target, "
-                "e.doc_key, e.doc_id, e.action FROM queue_entries e WHERE e.id IN ("
+                "SELECT e.id, e.message_id, e.destination, e.route, e.order_key, e.transforms, "
+                "e.target, e.doc_key, e.doc_id, e.action, e.status, (SELECT count(*) FROM queue_entries l "
+                "  WHERE l.message_id = e.message_id AND l.destination = e.destination "
+                "  AND l.target = e.target AND l.status IN ('queued', 'in_flight')) AS live "
+                "FROM queue_entries e WHERE e.id IN ("
                 "  SELECT max(id) FROM queue_entries WHERE message_id IN :ids "
                 "  GROUP BY message_id, destination, target) ORDER BY e.id").bindparams(expand),
                 {"ids": ids}).mappings().all()
+            if wanted:
+                for i in ids:
+                    known = {r["destination"] for r in latest if r["message_id"] == i}
+                    unknown = [d for d in wanted if d not in known]
+                    if unknown:
+                        raise ValueError(f"message {i} was never routed to {', '.join(unknown)}"
+                                         f" (its destinations: {', '.join(sorted(known)) or 'none'})")
             counts = {i: 0 for i in ids}
-            rows = []
+            rows, done = [], []
             for r in latest:
+                if wanted is not None and r["destination"] not in wanted:
+                    continue
+                if wanted is None and r["status"] != "error":
+                    continue
+                target = ReplayedTarget(r["message_id"], r["destination"], r["target"], r["id"])
+                if r["live"]:
+                    target.skipped = f"still {r['status']}" if r["status"] in ("queued", "in_flight") \
+                        else "an entry is still waiting"
+                    done.append(target)
+                    continue
                 counts[r["message_id"]] += 1
                 spec = EntrySpec(r["destination"], r["route"], r["order_key"], r["transforms"],
                                  r["target"], 0.0, r["doc_key"], r["doc_id"], r["action"])
-                rows.append(dict(zip(ENTRY_KEYS, entry_row(r["message_id"], spec, now))))
-            if rows:
-                conn.execute(sa.text(
-                    f"INSERT INTO queue_entries ({ENTRY_COLS}) VALUES "
-                    f"({', '.join(':' + k for k in ENTRY_KEYS)})"), rows)
+                row = dict(zip(ENTRY_KEYS, entry_row(r["message_id"], spec, now)))
+                row["replay_of"] = r["id"]
+                target.entry_id = conn.execute(sa.text(
+                    f"INSERT INTO queue_entries ({ENTRY_COLS}, replay_of) VALUES "
+                    f"({', '.join(':' + k for k in ENTRY_KEYS)}, :replay_of) RETURNING id"), row).scalar_one()
+                done.append(target)
             for i in ids:
-                self._event(conn, "replay", channel=chans[i], message_id=i,
-                            detail={"entries": counts[i]}, at=now)
+                mine = [t for t in done if t.message_id == i]
+                self._event(conn, "replay", channel=chans[i], message_id=i, at=now, detail={
+                    "entries": counts[i],
+                    "replayed": [[t.destination, t.target, t.replay_of, t.entry_id]
+                                 for t in mine if t.entry_id is not None],
+                    "skipped": [[t.destination, t.target, t.skipped] for t in mine if t.skipped]})
+        if report is not None:
+            report.extend(done)
         return counts
+
+    def mark_handled(self, message_id: int, destination: str, target: str | None = None) -> int:
+        """An operator dealt with the errors of this message at ``destination`` (or one target of
+        it): its entries in ``error`` stop counting as current errors (status ``resolved``, an
+        event ``handled`` keeps the history). Returns how many entries changed; 0 when none
+        was in error. Unknown message: :class:`UnknownMessage`."""
+        now = time.time()
+        with self._write_tx() as conn:
+            channel = conn.execute(sa.text("SELECT channel FROM messages WHERE id = :m"),
+                                   {"m": int(message_id)}).scalar()
+            if channel is None:
+                raise UnknownMessage(f"unknown message id(s): [{message_id}]")
+            one_target = " AND target = :t" if target is not None else ""
+            rows = conn.execute(sa.text(
+                "UPDATE queue_entries SET status = 'resolved', updated_at = :now "
+                f"WHERE message_id = :m AND destination = :d AND status = 'error'{one_target} RETURNING id"),
+                {"now": now, "m": int(message_id), "d": destination, "t": target}).scalars().all()
+            for eid in rows:
+                self._event(conn, "handled", channel=channel, destination=destination,
+                            message_id=int(message_id), entry_id=eid, at=now, detail={"by": "operator"})
+        return len(rows)
+
+    @staticmethod
+    def _resolve_replayed(conn: sa.Connection, entry_id: int, message_id: int, destination: str,
+                          now: float) -> None:
+        """A replay entry reached a final state: the earlier entries of its target still in
+        ``error`` are history now (status ``resolved``), so the destination's current counts
+        drop them; the events keep what happened."""
+        ids = conn.execute(sa.text(
+            "UPDATE queue_entries SET status = 'resolved', updated_at = :now "
+            "WHERE message_id = :m AND destination = :d AND status = 'error' AND id < :id "
+            "AND target = (SELECT target FROM queue_entries WHERE id = :id) RETURNING id"),
+            {"now": now, "m": message_id, "d": destination, "id": entry_id}).scalars().all()
+        if ids:
+            conn.execute(
+                sa.text(f"INSERT INTO events ({EVENT_COLS}) SELECT :at, 'resolved', m.channel, :dest, "
+                        "m.id, :eid, :detail FROM messages m WHERE m.id = :mid"),
+                [{"at": now, "dest": destination, "mid": message_id, "eid": i,
+                  "detail": json.dumps({"by_entry": entry_id})} for i in ids])

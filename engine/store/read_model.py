@@ -39,7 +39,7 @@ class ReadModelMixin:
             ents = conn.execute(sa.text(
                 "SELECT id, message_id, destination, route, status, order_key, transforms, "
                 "attempts, next_attempt_at, created_at, updated_at, lease_owner, lease_until, "
-                "last_error, response, payload, target, doc_key, action FROM queue_entries "
+                "last_error, response, payload, target, doc_key, action, replay_of FROM queue_entries "
                 "WHERE message_id = :id ORDER BY id"), {"id": message_id}).mappings().all()
         vals = dict(m._mapping)
         vals["ack"] = bytes(vals["ack"])
@@ -52,42 +52,70 @@ class ReadModelMixin:
             entries.append(EntryRow(**ev))
         return MessageRow(**vals, entries=entries)
 
-    def list_messages(self, *, limit: int = 100, offset: int = 0,
-                      channel: str | None = None) -> list[MessageSummary]:
-        """Newest first. ``status`` aggregates: the message status if rejected/filtered/conflict;
-        else over the latest entry per destination (a replay supersedes the earlier attempt):
-        'error' if any error, 'queued' if any queued/in_flight, else 'sent'."""
-        where = "WHERE channel = :ch" if channel is not None else ""
+    def list_messages(self, *, limit: int = 100, offset: int = 0, channel: str | None = None,
+                      status: str | None = None, destination: str | None = None,
+                      message_type: str | None = None, control_id: str | None = None,
+                      since: float | None = None, until: float | None = None) -> list[MessageSummary]:
+        """Newest first, filtered. ``status`` aggregates: the message status if
+        rejected/filtered/conflict; else over the latest entry per destination and target (a
+        replay supersedes the earlier attempt): 'error' if any error, 'queued' if any
+        queued/in_flight, 'handled' if an error was resolved by an operator and nothing else is
+        pending, else 'sent'. With ``destination`` only that destination's entries count (and
+        only messages routed there are listed). ``message_type`` is ``CODE^TRIGGER`` or ``CODE``;
+        ``since``/``until`` bound the reception time (epoch seconds, ``until`` excluded)."""
+        where, params = [], {"lim": int(limit), "off": int(offset)}
+        for col, value in (("channel", channel), ("control_id", control_id)):
+            if value is not None:
+                where.append(f"m.{col} = :{col}")
+                params[col] = value
+        if message_type is not None:
+            where.append("(m.message_type = :mt OR m.message_type LIKE :mt_prefix)")
+            params.update(mt=message_type, mt_prefix=message_type.replace("%", "") + "^%")
+        if since is not None:
+            where.append("m.received_at >= :since")
+            params["since"] = float(since)
+        if until is not None:
+            where.append("m.received_at < :until")
+            params["until"] = float(until)
+        dest = ""
+        if destination is not None:
+            dest = " AND e.destination = :dest"
+            params["dest"] = destination
+            where.append("EXISTS (SELECT 1 FROM queue_entries d WHERE d.message_id = m.id "
+                         "AND d.destination = :dest)")
+
+        def latest(cond: str) -> str:
+            return ("(SELECT count(*) FROM queue_entries e WHERE e.message_id = m.id" + dest +
+                    f" AND {cond} AND e.id = (SELECT max(e2.id) FROM queue_entries e2 "
+                    "WHERE e2.message_id = m.id AND e2.destination = e.destination "
+                    "AND e2.target = e.target))")
+
+        errors, waiting = latest("e.status = 'error'"), latest("e.status IN ('queued', 'in_flight')")
+        handled = latest("e.status = 'resolved'")
+        agg = ("CASE WHEN m.status IN ('rejected', 'filtered', 'conflict') THEN m.status "
+               f"WHEN {errors} > 0 THEN 'error' WHEN {waiting} > 0 THEN 'queued' "
+               f"WHEN {handled} > 0 THEN 'handled' ELSE 'sent' END")
+        outer = ""
+        if status is not None:
+            outer = "WHERE x.agg = :status"
+            params["status"] = status
+        cond = ("WHERE " + " AND ".join(where)) if where else ""
         with self._read() as conn:
             rows = conn.execute(sa.text(
-                "SELECT m.id, m.channel, m.control_id, m.message_type, m.received_at, m.status, "
-                "m.sending_app, m.sending_facility, m.size, "
-                "  SUM(CASE WHEN e.status = 'error' THEN 1 ELSE 0 END), "
-                "  SUM(CASE WHEN e.status IN ('queued', 'in_flight') THEN 1 ELSE 0 END) "
-                "FROM (SELECT id, channel, control_id, message_type, received_at, status, "
-                "      sending_app, sending_facility, size FROM messages "
-                f"      {where} ORDER BY id DESC LIMIT :lim OFFSET :off) m "
-                "LEFT JOIN queue_entries e ON e.message_id = m.id AND e.id = ("
-                "  SELECT max(e2.id) FROM queue_entries e2 "
-                "  WHERE e2.message_id = m.id AND e2.destination = e.destination "
-                "  AND e2.target = e.target) "
-                "GROUP BY m.id, m.channel, m.control_id, m.message_type, m.received_at, m.status, "
-                "m.sending_app, m.sending_facility, m.size ORDER BY m.id DESC"),
-                {"ch": channel, "lim": int(limit), "off": int(offset)}).all()
-        out = []
-        for r in rows:
-            (mid, channel, control_id, message_type, received_at, status, app, facility, size,
-             errors, waiting) = r
-            if status not in ("rejected", "filtered", "conflict"):
-                if errors:
-                    status = "error"
-                elif waiting:
-                    status = "queued"
-                else:
-                    status = "sent"
-            out.append(MessageSummary(mid, channel, control_id, message_type, iso(received_at),
-                                      status, app, facility, size))
-        return out
+                "SELECT x.id, x.channel, x.control_id, x.message_type, x.received_at, x.agg, "
+                "x.sending_app, x.sending_facility, x.size FROM ("
+                "  SELECT m.id, m.channel, m.control_id, m.message_type, m.received_at, "
+                f"  m.sending_app, m.sending_facility, m.size, {agg} AS agg FROM messages m {cond}) x "
+                f"{outer} ORDER BY x.id DESC LIMIT :lim OFFSET :off"), params).all()
+        return [MessageSummary(mid, ch, cid, mt, iso(at), st, app, fac, size)
+                for mid, ch, cid, mt, at, st, app, fac, size in rows]
+
+    def message_ids_by_control_id(self, control_id: str, limit: int = 20) -> list[int]:
+        """Ids of the messages carrying this MSH-10, newest first (several senders may reuse one)."""
+        with self._read() as conn:
+            return list(conn.execute(sa.text(
+                "SELECT id FROM messages WHERE control_id = :c ORDER BY id DESC LIMIT :lim"),
+                {"c": control_id, "lim": int(limit)}).scalars())
 
     def submission_row(self, message_id: int) -> dict | None:
         """The stored submission row of a message (kind, submission JSON, validation, wrapped)."""
@@ -126,11 +154,15 @@ class ReadModelMixin:
         now = time.time()
         with self._stats_lock, self._read() as conn:
             msgs, dups = dict(self._stats_msgs), dict(self._stats_dups)
+            codes = dict(self._stats_codes)
             msg_mark, dup_mark = self._stats_msg_mark, self._stats_dup_mark
-            for chan, status, n, top in conn.execute(sa.text(
-                    "SELECT channel, status, count(*), max(id) FROM messages WHERE id > :w "
-                    "GROUP BY channel, status"), {"w": self._stats_msg_mark}).all():
+            for chan, status, ack_code, error_code, n, top in conn.execute(sa.text(
+                    "SELECT channel, status, ack_code, error_code, count(*), max(id) FROM messages "
+                    "WHERE id > :w GROUP BY channel, status, ack_code, error_code"),
+                    {"w": self._stats_msg_mark}).all():
                 msgs[(chan, status)] = msgs.get((chan, status), 0) + n
+                key = (chan, status, ack_code or "", error_code or "")
+                codes[key] = codes.get(key, 0) + n
                 msg_mark = max(msg_mark, top)
             for chan, n, top in conn.execute(sa.text(
                     "SELECT channel, count(*), max(id) FROM events "
@@ -148,7 +180,7 @@ class ReadModelMixin:
                     "FROM queue_entries WHERE destination = :d AND status = 'queued')"),
                     {"d": dest}).scalar()
             # every query succeeded: keep the new counts and marks
-            self._stats_msgs, self._stats_dups = msgs, dups
+            self._stats_msgs, self._stats_dups, self._stats_codes = msgs, dups, codes
             self._stats_msg_mark, self._stats_dup_mark = msg_mark, dup_mark
         msg = [(c, st, n) for (c, st), n in msgs.items()]
         q = [(d, st, n, oldest.get(d) if st == "queued" else None) for d, st, n in counts]
@@ -179,4 +211,7 @@ class ReadModelMixin:
             d[status] = d.get(status, 0) + n
             if status == "queued" and oldest is not None:
                 d["oldest_queued_age_s"] = max(0.0, now - oldest)
-        return {"channels": channels, "destinations": dests}
+        # stored messages per (channel, status, MSA-1, ERR-3 code), for /metrics
+        by_code = [{"channel": c, "status": st, "ack_code": a, "error_code": e, "count": n}
+                   for (c, st, a, e), n in sorted(codes.items())]
+        return {"channels": channels, "destinations": dests, "messages_by_code": by_code}

@@ -76,6 +76,8 @@ queue_entries = sa.Table(
     sa.Column("doc_key", sa.String(64), nullable=True),
     sa.Column("doc_id", sa.String(64), nullable=True),
     sa.Column("action", sa.String(16), nullable=True),
+    # migration 0008: the entry this one replays (same message, destination and target)
+    sa.Column("replay_of", BigId, nullable=True),
     sa.Index("ix_queue_dest_status_key_id", "destination", "status", "order_key", "id"),
     sa.Index("ix_queue_message", "message_id"),
     # partial: messages without a document (most of the traffic) touch no page of these

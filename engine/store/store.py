@@ -26,6 +26,8 @@ from typing import Callable, Iterator, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from engine.histogram import Histogram
+
 
 from .sql import ENTRY_COLS, EVENT_COLS, MSG_COLS
 from .writer import JOURNAL_SIZE_LIMIT, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PAGE_SIZE, WRITER_LINGER_FACTOR, WRITER_LINGER_MAX_S, Job
@@ -111,10 +113,12 @@ class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, Re
         self.batched_records = 0
         self.busy_s = 0.0           # time in transactions + callbacks
         self.linger_s = 0.0
+        self.commit_time = Histogram()  # seconds per committed transaction of the writer (/metrics)
         # stats(): message and duplicate counts up to these ids (see stats)
         self._stats_lock = threading.Lock()
         self._stats_msgs: dict[tuple[str, str], int] = {}
         self._stats_dups: dict[str, int] = {}
+        self._stats_codes: dict[tuple[str, str, str, str], int] = {}
         self._stats_msg_mark = 0
         self._stats_dup_mark = 0
 

@@ -275,6 +275,7 @@ class WriterMixin:
                 pass
 
     def _run_jobs(self, jobs: list[Job]) -> None:
+        t0 = time.monotonic()
         try:
             results = self._transaction(jobs)
         except BatchFailed as failed:
@@ -288,6 +289,7 @@ class WriterMixin:
                 self._run_jobs([job])
             return
         self.writer_healthy = True
+        self.commit_time.observe(time.monotonic() - t0)
         self.batches += 1
         self.batched_jobs += len(jobs)
         self._queued_at_commit = self._submitted - self._taken
