@@ -222,6 +222,23 @@ class Message:
             return v
         return unescape(v, self.delims.field, self.delims.encoding, self.charset)
 
+    def nul_field(self) -> str | None:
+        """The first field holding a NUL, as sent or as a ``\\X00\\`` escape (``"PID-5"``), else None.
+
+        A NUL is no character of any HL7 character set, and no text column of the store can hold
+        one (PostgreSQL refuses it): readers that keep field values refuse such a message, naming
+        the field. Cheap when there is none: the fields are looked at only when the text holds a
+        NUL or a hexadecimal escape."""
+        esc = self._esc
+        if not any("\x00" in s.raw or f"{esc}X" in s.raw or f"{esc}x" in s.raw for s in self.segments):
+            return None
+        fs, enc = self.delims.field, self.delims.encoding
+        for seg in self.segments:
+            for n, value in enumerate(seg.fields()[1:], start=1):
+                if "\x00" in value or (esc in value and "\x00" in unescape(value, fs, enc, self.charset)):
+                    return f"{seg.name}-{n}" if seg.name.isalnum() else f"segment {seg.index + 1}"
+        return None
+
     def get(self, path: str) -> str | None:
         """Raw text at a :func:`engine.hl7.fields.parse_path` path; ``None`` when absent.
 

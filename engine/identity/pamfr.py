@@ -206,7 +206,8 @@ def _mrg_identifier(m: Message, trigger: str) -> Identifier:
 
 
 def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
-    """Read one ADT. Raises :class:`IdentityError` for structural problems (no PID, no IPP)."""
+    """Read one ADT. Raises :class:`IdentityError` for structural problems (no PID, no IPP) and for a
+    NUL in any field (``102``, the field named)."""
     if isinstance(raw, bytes):
         try:
             text = raw.decode(codec)
@@ -218,6 +219,9 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
         m = Message(text, codec)
     except HL7Error:
         raise IdentityError("100", "MSH", "MSH-FIRST", "message does not start with MSH") from None
+    where = m.nul_field()  # the registry's text columns cannot hold a NUL
+    if where is not None:
+        raise IdentityError("102", where, "NUL", f"{where} contains a NUL character")
     msh = m.segment("MSH")
     msg_type = _comp(m, _field(msh, 9), 1)
     trigger = _comp(m, _field(msh, 9), 2)

@@ -237,8 +237,8 @@ class PacsReportStep(_ReportStepBase):
             res = wrap_pacs_report(raw, codec, self.params, lookup, previous=_previous_lookup(store))
         except CdaWrapError as exc:
             code = _WRAP_ERRORS.get(exc.code, E_OTHER)
-            err = AckError("207", f"PACS report not wrapped ({exc.code}): {exc}", app_code=code,
-                           app_text=APP_ERRORS[code])
+            err = AckError("207", f"PACS report not wrapped ({exc.code}): {exc.text}", app_code=code,
+                           app_text=APP_ERRORS[code], location=_location(exc.field))
             return Prepared(None, [err])
         except TransformError as exc:
             err = AckError("207", f"PACS report not wrapped: {exc}", app_code=E_OTHER,

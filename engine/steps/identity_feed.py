@@ -27,9 +27,12 @@ from engine.store.identities import apply_event
 def err_location(field: str | None) -> str | None:
     """``PID-3[2].1`` -> ``PID^1^3^2^1`` (ERR-2 ERL: segment, sequence, field, repetition, component).
 
-    ``field`` is an :func:`engine.hl7.fields.parse_path` path; anything else has no location."""
+    ``field`` is an :func:`engine.hl7.fields.parse_path` path, or a segment id alone (``PID``: a
+    missing segment, located by its id and sequence ``PID^1``); anything else has no location."""
     if not field:
         return None
+    if len(field) == 3 and field.isalnum() and field.isupper():
+        return f"{field}^1"
     try:
         fp = parse_path(field)
     except ValueError:
