@@ -144,7 +144,7 @@ class Segment:
 class Message:
     """Segments of one message with its delimiters; see the module docstring."""
 
-    __slots__ = ("delims", "segments", "charset", "_by_name", "_cs", "_ss", "_esc")
+    __slots__ = ("delims", "segments", "charset", "_by_name", "_cs", "_ss", "_esc", "_maybe_nul")
 
     def __init__(self, text: str, charset: str = "latin-1") -> None:
         """``charset``: the Python codec of the message, used to decode ``\\Xhh\\`` escapes."""
@@ -164,6 +164,8 @@ class Message:
         fs = first[3]
         d = self.delims = Delimiters(fs, first[4:].split(fs, 1)[0])
         self._cs, self._ss, self._esc = d.component, d.subcomponent, d.escape_char  # for ``text``
+        esc = self._esc
+        self._maybe_nul = "\x00" in text or f"{esc}X" in text or f"{esc}x" in text  # for ``nul_field``
         self.charset = charset
         self.segments: list[Segment] = []
         self._by_name: dict[str, list[Segment]] = {}
@@ -229,9 +231,9 @@ class Message:
         one (PostgreSQL refuses it): readers that keep field values refuse such a message, naming
         the field. Cheap when there is none: the fields are looked at only when the text holds a
         NUL or a hexadecimal escape."""
-        esc = self._esc
-        if not any("\x00" in s.raw or f"{esc}X" in s.raw or f"{esc}x" in s.raw for s in self.segments):
+        if not self._maybe_nul:
             return None
+        esc = self._esc
         fs, enc = self.delims.field, self.delims.encoding
         for seg in self.segments:
             for n, value in enumerate(seg.fields()[1:], start=1):
