@@ -188,6 +188,11 @@ CASES = {
     "CI-SIS report, non-XML CDA": (_mdm("CDA-NOTXML", cda=b"%PDF-1.4 this is no XML"), _AE_STEP, ["207+906"],
                                    "OBX^1^1"),
     "CI-SIS report, CDA with a DTD": (_mdm("CDA-DTD", cda=_cda_with_dtd()), _AE_STEP, ["207+906"], "OBX^1^1"),
+    # found by fuzzing: the identity feed's reader raised, the message was not stored (AR 207)
+    "EVN-2 with an offset of 61 hours": (_adt("TS-OFFSET").replace(b"EVN||20240101", b"EVN||202403-6111"), _AA,
+                                         [], None),
+    "escape with a non-ASCII repeat count": (_adt("ESC-SK", pid5=b"ZZ\\.sk\xc2\xb2\\TEST^ALEX^^^^^L"), _AA, [],
+                                             None),
     # a NUL reaches no text column of the store: the field is named, the message stored
     "NUL in PID-5": (_adt("NUL-PID5", pid5=b"ZZ\x00TEST^ALEX^ALEX^^^^L"), _AE_STEP, ["102"], "PID^1^5^1"),
     "escaped NUL in PID-5": (_adt("NULX-PID5", pid5=b"ZZ\\X00\\TEST^ALEX^ALEX^^^^L"), _AE_STEP, ["102"],

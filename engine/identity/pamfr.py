@@ -75,12 +75,13 @@ def parse_ts(raw: str) -> datetime | None:
     try:
         dt = datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0),
                       int((frac or "0").ljust(6, "0")[:6]))
-    except ValueError:
+        if off:
+            sign = 1 if off[0] == "+" else -1
+            # an offset of 24 hours or more (``-6111``) is unreadable: ``timezone`` refuses it
+            delta = timedelta(hours=int(off[1:3]), minutes=int(off[3:5]))
+            dt = (dt.replace(tzinfo=timezone(sign * delta))).astimezone(timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError):
         return None
-    if off:
-        sign = 1 if off[0] == "+" else -1
-        delta = timedelta(hours=int(off[1:3]), minutes=int(off[3:5]))
-        dt = (dt.replace(tzinfo=timezone(sign * delta))).astimezone(timezone.utc).replace(tzinfo=None)
     return dt
 
 
