@@ -119,3 +119,39 @@ def test_a_step_that_cannot_process_a_message_answers_ae_and_stores_it(sqlite_ur
     finally:
         store.stop()
         store.dispose()
+
+
+def test_an_identity_feed_reader_failure_answers_ae_and_stores_it(sqlite_url, monkeypatch):
+    """The identity feed reads the ADT in the writer's transaction: a reader that raises (a bug, an
+    input it did not foresee) must not roll the message back and pass for a store failure."""
+    from twisted.internet import reactor
+
+    import engine.steps.identity_feed as identity_feed
+    from engine.ingest import IngestBatcher
+    from engine.store import Store
+    from tests import reactor_thread
+
+    def crashing(raw, codec):
+        raise RuntimeError("unforeseen input")
+
+    monkeypatch.setattr(identity_feed, "parse_adt", crashing)
+    store = Store(sqlite_url)
+    store.migrate()
+    store.start()
+    try:
+        cfg = load_config_text(CONFIG.replace("port: 2575}", "port: 2575, identity_feed: {enabled: true}}"))
+        feed = identity_feed.IdentityFeed(cfg.channels["in"].identity_feed, "test")
+        batcher = reactor_thread.call(IngestBatcher, store, reactor)
+        ch = MLLPChannel("in", cfg.channels["in"], cfg.engine, Router(cfg), batcher, ControlIdGenerator(),
+                         steps_for=lambda _c, _e: [feed])
+        ch.store = store
+        ack = reactor_thread.call(ch.handle, adt("C2", "IPP-A"), Conn())
+        segs = ack.split(b"\r")
+        assert segs[1].startswith(b"MSA|AE|C2"), ack
+        err = next(s for s in segs if s.startswith(b"ERR")).split(b"|")
+        assert err[3].startswith(b"207") and b"RuntimeError" in err[8], err
+        (row,) = store.list_messages()
+        assert row.status == "rejected" and ch.counters.store_failures == 0
+    finally:
+        store.stop()
+        store.dispose()
