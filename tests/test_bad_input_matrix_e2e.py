@@ -17,7 +17,7 @@ from tests.conftest import pg_schema_url
 from tests.enginectl import EngineProcess, free_port
 from tests.peers import Receiver
 from tests.test_bad_input_e2e import MDM
-from tests.test_reports_e2e import PACS_ORU, _qualified_a28
+from tests.test_reports_e2e import PACS_ORU, PACS_REPORTS, _qualified_a28
 
 
 def config(port, status_port, dest_port):
@@ -31,15 +31,7 @@ def config(port, status_port, dest_port):
             accept: {{message_types: ["ADT^*", "ORU^R01", "MDM^*", "ORM^O01"]}}
             identity_feed: {{enabled: true}}
             reports: {{enabled: true}}
-            pacs_reports:
-              enabled: true
-              sending_applications: [PACS-X]
-              cda_wrap:
-                organization: {{id: "000897406", name: "Centre d'imagerie de test"}}
-                document_root_oid: "1.2.250.1.999.99.10"
-                accession_root_oid: "1.2.250.1.999.99.4"
-                accepted_identity_statuses: [QUAL, VALI]
-        routes:
+{PACS_REPORTS}        routes:
           - {{name: all, from: mllp-in, to: [out]}}
         destinations:
           out: {{type: mllp, host: 127.0.0.1, port: {dest_port}, ack_timeout: 2s}}

@@ -31,7 +31,9 @@ def _adt_files() -> list[Path]:
 
 CDA: list[bytes] = [_compact_cda(CORPUS / "cda" / "IMG_CR_IMG_2024.01_CDA-R2-Niveau-1.xml")]
 ADT: list[bytes] = [p.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r") for p in _adt_files()]
-REPORTS: list[bytes] = [_with_cda(_MDM.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r"), CDA[0])]
+_MDM_TEXT = _MDM.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+# the full report, and the same segments around a bare CDA root (small: the HL7 side mutates fast)
+REPORTS: list[bytes] = [_with_cda(_MDM_TEXT, CDA[0]), _with_cda(_MDM_TEXT, b'<ClinicalDocument xmlns="urn:hl7-org:v3"/>')]
 ACKS: list[bytes] = [p.read_bytes() for p in sorted(_TRANS.glob("*/*/ack.er7"))] + [
     b"MSH|^~\\&|RIS|CHU|PFI|CHU|20240101||ACK^A01^ACK|A1|P|2.5\rMSA|AE|X1\r"
     b"ERR||PID^1^3^1^1|207^Application internal error^HL70357|E|906^bad^applicationErrorCondition||||text\r",
