@@ -74,7 +74,6 @@ def main(argv: list[str]) -> int:
     corpus = Path(tempfile.mkdtemp(prefix=f"minipfi-fuzz-{args.target}-"))
     for i, seed in enumerate(seeds_for(args.target)):
         (corpus / f"seed-{i}").write_bytes(seed)
-    known = {}
     if out_dir.is_dir():
         for p in sorted(out_dir.iterdir()):
             (corpus / f"crasher-{p.name}").write_bytes(p.read_bytes())
@@ -100,16 +99,17 @@ def main(argv: list[str]) -> int:
             if sig not in state["crashes"]:
                 small = minimise(target, data, sig)
                 name = hashlib.sha256(sig.encode()).hexdigest()[:16]
-                out_dir.mkdir(parents=True, exist_ok=True)
                 (out_dir / name).write_bytes(small)
                 state["crashes"][sig] = name
                 print(f"NEW CRASH {sig} -> {out_dir / name} ({len(small)} bytes)", flush=True)
-                known[sig] = name
         if time.monotonic() > deadline:
             finish()
 
-    atheris.Setup([argv[0], *libfuzzer_args, "-rss_limit_mb=3072", f"-max_total_time={int(args.seconds) + 30}",
-                   str(corpus)], one_input)
+    # an input that runs 20 s is a hang: libFuzzer stops and leaves it as timeout-* in the crashers
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atheris.Setup([argv[0], *libfuzzer_args, "-rss_limit_mb=3072", "-timeout=20",
+                   f"-artifact_prefix={out_dir}/", f"-max_total_time={int(args.seconds) + 30}", str(corpus)],
+                  one_input)
     atheris.Fuzz()
     finish()
     return 0
