@@ -8,7 +8,7 @@ CONFIG ?= engine/routes.yaml
 DATA_DIR ?= data
 TEST_ONLY := aiosmtpd|atheris|atpublic|hypothesis|iniconfig|pluggy|pygments|pypdf|pytest|pytest-timeout|sortedcontainers
 
-.PHONY: install install-test run test bench bench-e2e bench-dmp bench-quick bench-identity bench-reports check clean lock
+.PHONY: install install-test run test fuzz bench bench-e2e bench-dmp bench-quick bench-identity bench-reports check clean lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -62,3 +62,15 @@ lock:                        ## re-pin the dependencies after changing pyproject
 
 clean:
 	rm -rf $(VENV) data .pytest_cache
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= framer msh ack ack_reader pamfr cisis cda_header cda_validation routes
+FUZZ_STATS ?= fuzz-stats.jsonl
+
+fuzz: install-test           ## coverage-guided fuzzing (atheris), FUZZ_SECONDS per target, one target at a time
+	@rm -f $(FUZZ_STATS)
+	@for t in $(FUZZ_TARGETS); do \
+		$(BIN)/python -m tests.fuzz.run $$t --seconds $(FUZZ_SECONDS) --stats $(FUZZ_STATS) 2>&1 \
+			| grep -E '^(NEW CRASH|\{)' || exit 1; \
+	done
+	@echo "figures in $(FUZZ_STATS); new crashers in tests/fuzz/crashers/ (commit them with the fix)"

@@ -728,8 +728,12 @@ def _fmt_path(path: PathT) -> str:
 
 
 def _compose(text: str, source: str) -> tuple[Any, _Lines]:
-    loader = yaml.SafeLoader(text)
     lines = _Lines()
+    try:
+        # the reader checks the characters when it is created: a control character is a YAML error
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem("", None, f"YAML error: {exc}")], source) from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,9 @@ def _keep_sigpipe():
     signal.signal(signal.SIGPIPE, old)
 
 
-@pytest.fixture
-def pg_url():
-    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
+@contextmanager
+def pg_schema_url():
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped on exit."""
     import sqlalchemy as sa
 
     base = _pg_base_url()
@@ -58,10 +59,19 @@ def pg_url():
     except Exception as exc:  # noqa: BLE001 - any connection failure
         _pg_unreachable(str(exc).splitlines()[0])
     sep = "&" if "?" in base else "?"
-    yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    with eng.connect() as c:
-        c.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-    eng.dispose()
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with eng.connect() as c:
+            c.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        eng.dispose()
+
+
+@pytest.fixture
+def pg_url():
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
+    with pg_schema_url() as url:
+        yield url
 
 
 @pytest.fixture

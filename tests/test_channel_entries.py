@@ -3,6 +3,7 @@ key (reused from message to message), a fresh per-message key hash with ``orderi
 from __future__ import annotations
 
 import textwrap
+from contextlib import contextmanager
 
 from engine.channels.mllp import MLLPChannel
 from engine.config import load_config_text
@@ -51,6 +52,44 @@ def channel(config_text=CONFIG):
     return ch, batcher, cfg
 
 
+@contextmanager
+def channel_with_step(sqlite_url, step, config_text=CONFIG):
+    """A channel on a real SQLite store and ingest batcher, its only processing step ``step``."""
+    from twisted.internet import reactor
+
+    from engine.ingest import IngestBatcher
+    from engine.store import Store
+    from tests import reactor_thread
+
+    store = Store(sqlite_url)
+    store.migrate()
+    store.start()
+    try:
+        cfg = load_config_text(config_text)
+        batcher = reactor_thread.call(IngestBatcher, store, reactor)
+        ch = MLLPChannel("in", cfg.channels["in"], cfg.engine, Router(cfg), batcher, ControlIdGenerator(),
+                         steps_for=lambda _c, _e: [step(cfg) if callable(step) else step])
+        ch.store = store
+        yield ch, store
+    finally:
+        store.stop()
+        store.dispose()
+
+
+def assert_ae_207_and_stored(ch, store, cid: str, says: bytes):
+    """Send one ADT: AE with ERR-3 207 whose text ``says``, the message stored as rejected."""
+    from tests import reactor_thread
+
+    ack = reactor_thread.call(ch.handle, adt(cid, "IPP-A"), Conn())
+    segs = ack.split(b"\r")
+    assert segs[1].startswith(b"MSA|AE|" + cid.encode()), ack
+    err = next(s for s in segs if s.startswith(b"ERR")).split(b"|")
+    assert err[3].startswith(b"207") and says in err[8], err
+    (row,) = store.list_messages()
+    assert row.status == "rejected" and ch.counters.store_failures == 0
+    return row
+
+
 def test_fifo_entries_are_shared_and_keyed_entries_are_per_message():
     ch, batcher, _ = channel()
     for cid, ipp in (("1", "IPP-A"), ("2", "IPP-B"), ("3", "IPP-A")):
@@ -81,12 +120,6 @@ def test_a_step_that_cannot_process_a_message_answers_ae_and_stores_it(sqlite_ur
     """A processing step whose ``prepare`` raises (a bug, an input it did not foresee) is a
     content answer, AE 207 with the message stored as rejected, never a false "store
     unavailable" AR that makes the sender resend forever."""
-    from twisted.internet import reactor
-
-    from engine.ingest import IngestBatcher
-    from engine.store import Store
-    from tests import reactor_thread
-
     class Crashing:
         name = "crashing"
 
@@ -99,23 +132,21 @@ def test_a_step_that_cannot_process_a_message_answers_ae_and_stores_it(sqlite_ur
         def make_op(self, *args):
             raise AssertionError("never reached")
 
-    store = Store(sqlite_url)
-    store.migrate()
-    store.start()
-    try:
-        cfg = load_config_text(CONFIG)
-        batcher = reactor_thread.call(IngestBatcher, store, reactor)
-        ch = MLLPChannel("in", cfg.channels["in"], cfg.engine, Router(cfg), batcher, ControlIdGenerator(),
-                         steps_for=lambda _c, _e: [Crashing()])
-        ch.store = store
-        ack = reactor_thread.call(ch.handle, adt("C1", "IPP-A"), Conn())
-        segs = ack.split(b"\r")
-        assert segs[1].startswith(b"MSA|AE|C1"), ack
-        err = next(s for s in segs if s.startswith(b"ERR")).split(b"|")
-        assert err[3].startswith(b"207") and b"crashing step" in err[8], err
-        (row,) = store.list_messages()
-        assert row.status == "rejected" and ch.counters.store_failures == 0
+    with channel_with_step(sqlite_url, Crashing()) as (ch, store):
+        row = assert_ae_207_and_stored(ch, store, "C1", b"crashing step")
         assert store.get_message(row.id).entries == []  # not routed
-    finally:
-        store.stop()
-        store.dispose()
+
+
+def test_an_identity_feed_reader_failure_answers_ae_and_stores_it(sqlite_url, monkeypatch):
+    """The identity feed reads the ADT in the writer's transaction: a reader that raises (a bug, an
+    input it did not foresee) must not roll the message back and pass for a store failure."""
+    import engine.steps.identity_feed as identity_feed
+
+    def crashing(raw, codec):
+        raise RuntimeError("unforeseen input")
+
+    monkeypatch.setattr(identity_feed, "parse_adt", crashing)
+    text = CONFIG.replace("port: 2575}", "port: 2575, identity_feed: {enabled: true}}")
+    feed = lambda cfg: identity_feed.IdentityFeed(cfg.channels["in"].identity_feed, "test")  # noqa: E731
+    with channel_with_step(sqlite_url, feed, text) as (ch, store):
+        assert_ae_207_and_stored(ch, store, "C2", b"RuntimeError")

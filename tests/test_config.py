@@ -354,6 +354,14 @@ def test_yaml_syntax_error_has_line():
     assert p.line is not None and p.message.startswith("YAML syntax error")
 
 
+@pytest.mark.parametrize("text", ["\x1c", "channels: {}\n\x00\n"])
+def test_control_character_is_a_config_error(text):
+    # found by fuzzing: the YAML reader's own error escaped the loader
+    with pytest.raises(ConfigError) as ei:
+        load_config_text(text)
+    assert ei.value.problems[0].message.startswith("YAML error")
+
+
 def test_top_level_must_be_mapping():
     with pytest.raises(ConfigError):
         load_config_text("- a\n- b\n")

@@ -13,7 +13,8 @@ from engine.reports.processing import _location
     ("PID-11", "PID^1^11^1"),
     ("PID-5.1", "PID^1^5^1^1"),
     ("MSH-18", "MSH^1^18^1"),
-    ("PID", None),
+    ("PID", "PID^1"),  # a missing segment, as the report channels locate it
+    ("MRG", "MRG^1"),
     ("PID-", None),
     ("pid-3", None),
     ("", None),

@@ -108,3 +108,8 @@ def test_hex_is_text_in_the_message_charset():
     # same bytes back once encoded, and a valid character when read as text
     assert unescape("caf\\XC3A9\\", charset="utf-8").encode("utf-8") == b"caf\xc3\xa9"
     assert unescape("caf\\XE9\\", charset="iso-8859-15") == "caf\u00e9"
+
+
+def test_repeat_count_in_a_non_ascii_digit_is_kept_verbatim():
+    # found by fuzzing: "²" is a digit to str.isdigit but not to int()
+    assert unescape("a\\.sk²\\b") == "a\\.sk²\\b"

@@ -194,3 +194,12 @@ def test_non_bytes_inputs():
     assert read_msh(memoryview(ADMISSION.read_bytes())).control_id == "3975"
     with pytest.raises(HL7Error):
         read_msh(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw", [b"MSH|^~\xb4&|A|B|C|D|1||ADT^A01|X|P|2.5\r",   # escape char 0xB4
+                                 b"MSH\xa6^~\\&\xa6A\xa6B\xa6C\xa6D\xa61\xa6\xa6ADT^A01\xa6X\xa6P\xa62.5\r"])
+def test_non_ascii_delimiters_are_refused(raw):
+    # found by fuzzing: the ACK builder could not write a non-ASCII escape character back
+    with pytest.raises(HL7Error) as e:
+        read_msh(raw)
+    assert e.value.code == "102"

@@ -243,3 +243,11 @@ def test_repr_masks_patient_data():
     for obj in (ev, ev.ipp, ev.ins, ev.traits, ev.status, ev.consent):
         assert "masked" in repr(obj)
         assert "PAT-TROIS" not in repr(obj) and CORPUS_INS not in repr(obj)
+
+
+@pytest.mark.parametrize("raw", ["202403-6111", "20240306+2400", "20240306-9959"])
+def test_parse_ts_offset_of_a_day_or_more_is_unreadable(raw):
+    # found by fuzzing: datetime.timezone refused the offset and parse_adt raised ValueError
+    from engine.identity.pamfr import parse_ts
+
+    assert parse_ts(raw) is None

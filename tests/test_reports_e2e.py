@@ -31,6 +31,19 @@ PACS_ORU = ROOT / "tests" / "data" / "pacs" / "oru_pdf.hl7"
 EXPECTED_NAK = {"message_MDM_CR_Radio_INIT_N1.er7": "906", "message_ORU_CR_Bio_DEL_N3_SEGUR.hl7": "904"}
 
 
+#: the PACS report block of a channel (the cda_wrap parameters of the test organisation)
+PACS_REPORTS = """\
+            pacs_reports:
+              enabled: true
+              sending_applications: [PACS-X]
+              cda_wrap:
+                organization: {id: "000897406", name: "Centre d'imagerie de test"}
+                document_root_oid: "1.2.250.1.999.99.10"
+                accession_root_oid: "1.2.250.1.999.99.4"
+                accepted_identity_statuses: [QUAL, VALI]
+"""
+
+
 def config(port, status_port, reports_port):
     return f"""
         engine:
@@ -42,15 +55,7 @@ def config(port, status_port, reports_port):
             port: {port}
             identity_feed: {{enabled: true}}
             reports: {{enabled: true, validation: {{xsd: true, schematron: false, on_failure: warn}}}}
-            pacs_reports:
-              enabled: true
-              sending_applications: [PACS-X]
-              cda_wrap:
-                organization: {{id: "000897406", name: "Centre d'imagerie de test"}}
-                document_root_oid: "1.2.250.1.999.99.10"
-                accession_root_oid: "1.2.250.1.999.99.4"
-                accepted_identity_statuses: [QUAL, VALI]
-              validation: {{xsd: true, schematron: false, on_failure: reject}}
+{PACS_REPORTS}              validation: {{xsd: true, schematron: false, on_failure: reject}}
         routes:
           - name: pacs
             from: mllp-in

@@ -81,7 +81,7 @@ def _repeat_count(arg: str) -> int:
     arg = arg.strip()
     if not arg:
         return 1
-    if arg.isdigit():
+    if arg.isascii() and arg.isdigit():  # "²" is a digit to str.isdigit, not to int()
         return min(int(arg), 100)
     return -1
 

@@ -144,7 +144,7 @@ class Segment:
 class Message:
     """Segments of one message with its delimiters; see the module docstring."""
 
-    __slots__ = ("delims", "segments", "charset", "_by_name", "_cs", "_ss", "_esc")
+    __slots__ = ("delims", "segments", "charset", "_by_name", "_cs", "_ss", "_esc", "_maybe_nul")
 
     def __init__(self, text: str, charset: str = "latin-1") -> None:
         """``charset``: the Python codec of the message, used to decode ``\\Xhh\\`` escapes."""
@@ -164,6 +164,8 @@ class Message:
         fs = first[3]
         d = self.delims = Delimiters(fs, first[4:].split(fs, 1)[0])
         self._cs, self._ss, self._esc = d.component, d.subcomponent, d.escape_char  # for ``text``
+        esc = self._esc
+        self._maybe_nul = "\x00" in text or f"{esc}X" in text or f"{esc}x" in text  # for ``nul_field``
         self.charset = charset
         self.segments: list[Segment] = []
         self._by_name: dict[str, list[Segment]] = {}
@@ -221,6 +223,23 @@ class Message:
         if self._esc not in v:
             return v
         return unescape(v, self.delims.field, self.delims.encoding, self.charset)
+
+    def nul_field(self) -> str | None:
+        """The first field holding a NUL, as sent or as a ``\\X00\\`` escape (``"PID-5"``), else None.
+
+        A NUL is no character of any HL7 character set, and no text column of the store can hold
+        one (PostgreSQL refuses it): readers that keep field values refuse such a message, naming
+        the field. Cheap when there is none: the fields are looked at only when the text holds a
+        NUL or a hexadecimal escape."""
+        if not self._maybe_nul:
+            return None
+        esc = self._esc
+        fs, enc = self.delims.field, self.delims.encoding
+        for seg in self.segments:
+            for n, value in enumerate(seg.fields()[1:], start=1):
+                if "\x00" in value or (esc in value and "\x00" in unescape(value, fs, enc, self.charset)):
+                    return f"{seg.name}-{n}" if seg.name.isalnum() else f"segment {seg.index + 1}"
+        return None
 
     def get(self, path: str) -> str | None:
         """Raw text at a :func:`engine.hl7.fields.parse_path` path; ``None`` when absent.

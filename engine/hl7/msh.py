@@ -62,12 +62,14 @@ _PAD = [""] * 21
 
 
 def _bad_char(ch: str) -> bool:
-    return ch.isalnum() or ch <= " " or ch == "\x7f"
+    # printable ASCII only (HL7 v2.5 §2.5.4 "Message delimiters"): a byte above 0x7E may be part of
+    # a multi-byte character of the message's charset, and the ACK could not write it back
+    return ch.isalnum() or ch <= " " or ch > "~"
 
 
 def _check_delims(fs: str, enc: str) -> None:
     if _bad_char(fs):
-        raise _bad_delims("MSH-1 field separator must be a printable non-alphanumeric character", "MSH^1^1")
+        raise _bad_delims("MSH-1 field separator must be a printable non-alphanumeric ASCII character", "MSH^1^1")
     n_enc = len(enc)
     if n_enc != 4 and n_enc != 5:
         if n_enc == 0:
@@ -78,7 +80,7 @@ def _check_delims(fs: str, enc: str) -> None:
         raise _bad_delims("MSH-2 encoding characters must all be different", "MSH^1^2")
     for ch in enc:
         if _bad_char(ch):
-            raise _bad_delims("MSH-2 encoding characters must be printable non-alphanumeric characters", "MSH^1^2")
+            raise _bad_delims("MSH-2 encoding characters must be printable non-alphanumeric ASCII characters", "MSH^1^2")
     # (fs cannot appear in enc: enc was split on it.)
     if len(_VALID_DELIMS) < 256:
         _VALID_DELIMS.add((fs, enc))

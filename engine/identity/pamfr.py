@@ -75,12 +75,13 @@ def parse_ts(raw: str) -> datetime | None:
     try:
         dt = datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0),
                       int((frac or "0").ljust(6, "0")[:6]))
-    except ValueError:
+        if off:
+            sign = 1 if off[0] == "+" else -1
+            # an offset of 24 hours or more (``-6111``) is unreadable: ``timezone`` refuses it
+            delta = timedelta(hours=int(off[1:3]), minutes=int(off[3:5]))
+            dt = (dt.replace(tzinfo=timezone(sign * delta))).astimezone(timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError):
         return None
-    if off:
-        sign = 1 if off[0] == "+" else -1
-        delta = timedelta(hours=int(off[1:3]), minutes=int(off[3:5]))
-        dt = (dt.replace(tzinfo=timezone(sign * delta))).astimezone(timezone.utc).replace(tzinfo=None)
     return dt
 
 
@@ -206,7 +207,8 @@ def _mrg_identifier(m: Message, trigger: str) -> Identifier:
 
 
 def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
-    """Read one ADT. Raises :class:`IdentityError` for structural problems (no PID, no IPP)."""
+    """Read one ADT. Raises :class:`IdentityError` for structural problems (no PID, no IPP) and for a
+    NUL in any field (``102``, the field named)."""
     if isinstance(raw, bytes):
         try:
             text = raw.decode(codec)
@@ -218,6 +220,9 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
         m = Message(text, codec)
     except HL7Error:
         raise IdentityError("100", "MSH", "MSH-FIRST", "message does not start with MSH") from None
+    where = m.nul_field()  # the registry's text columns cannot hold a NUL
+    if where is not None:
+        raise IdentityError("102", where, "NUL", f"{where} contains a NUL character")
     msh = m.segment("MSH")
     msg_type = _comp(m, _field(msh, 9), 1)
     trigger = _comp(m, _field(msh, 9), 2)

@@ -284,6 +284,9 @@ def parse_report(raw: bytes, codec: str = "utf-8", *, strict_mss_matrix: bool = 
     except HL7Error as exc:
         raise ValueError(exc.text) from None
     ctx = _Ctx(m, lossless, overrides)
+    nul = m.nul_field()
+    if nul is not None:  # no character of any HL7 charset; the connectors could not write it
+        ctx.report("cisis.hl7.nul-character", f"{nul} contains a NUL character", nul, HL7_DATA_TYPE)
     enc, segs = m.delims, m.segments
     msh = segs[0]
     mtype = enc.components(msh.field(9))

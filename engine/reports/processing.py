@@ -255,10 +255,11 @@ _WRAP_RULES = {  # cda_wrap failure -> the catalogue's rule (its applicationErro
 }
 
 
-def _wrap_error(rule_id: str, text: str) -> AckError:
+def _wrap_error(rule_id: str, text: str, location: str | None = None) -> AckError:
     """A PACS report that could not be wrapped: always refused (nothing to deliver)."""
     code = rule(rule_id).code
-    return AckError("207", text, app_code=code, app_text=APP_ERRORS[code], diagnostic=rule_id)
+    return AckError("207", text, app_code=code, app_text=APP_ERRORS[code], diagnostic=rule_id,
+                    location=location)
 
 
 class PacsReportStep(_ReportStepBase):
@@ -289,7 +290,8 @@ class PacsReportStep(_ReportStepBase):
             res = wrap_pacs_report(raw, codec, self.params, lookup, previous=_previous_lookup(store))
         except CdaWrapError as exc:
             rule_id = _WRAP_RULES.get(exc.code, "pacs.wrap.failed")
-            return Prepared(None, [_wrap_error(rule_id, f"PACS report not wrapped ({exc.code}): {exc}")])
+            return Prepared(None, [_wrap_error(rule_id, f"PACS report not wrapped ({exc.code}): {exc.text}",
+                                               location=_location(exc.field))])
         except TransformError as exc:
             return Prepared(None, [_wrap_error("pacs.wrap.failed", f"PACS report not wrapped: {exc}")])
         wrapped = build_cisis_oru(raw, codec, res, self.params)

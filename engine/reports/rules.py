@@ -61,6 +61,9 @@ REP, PACS, T = STEP_REPORTS, STEP_PACS, STEP_TLR
 
 RULES: tuple[Rule, ...] = (
     # ---------------------------------------------------------------- CI-SIS, message and segments
+    Rule("cisis.hl7.nul-character", REP, CISIS, "HL7 v2.5 §2.7 (character sets): no NUL in a field", "906", R,
+         "a field holds a NUL character (sent or as a \\X00\\ escape): no connector can write it",
+         relaxable=False),
     Rule("cisis.msh.message-type", REP, CISIS, f"{PROFILES}, segment MSH (MSH-9, MSH-12)", "906", R,
          "message type, trigger event or HL7 version not those of the profile"),
     Rule("cisis.msh.profile", REP, CISIS, f"{PROFILES}, segment MSH (MSH-21)", "906", R,

@@ -13,6 +13,7 @@ INS rules in :mod:`engine.identity.ins`.
 """
 from __future__ import annotations
 
+from engine import logs
 from engine.hl7.ack import AckError
 from engine.hl7.fields import parse_path
 from engine.identity.ins import InsPolicy
@@ -23,13 +24,18 @@ from engine.steps import Answer, StepResult, finish
 from engine.store import Stored
 from engine.store.identities import apply_event
 
+log = logs.get("engine.identity")
+
 
 def err_location(field: str | None) -> str | None:
     """``PID-3[2].1`` -> ``PID^1^3^2^1`` (ERR-2 ERL: segment, sequence, field, repetition, component).
 
-    ``field`` is an :func:`engine.hl7.fields.parse_path` path; anything else has no location."""
+    ``field`` is an :func:`engine.hl7.fields.parse_path` path, or a segment id alone (``PID``: a
+    missing segment, located by its id and sequence ``PID^1``); anything else has no location."""
     if not field:
         return None
+    if len(field) == 3 and field.isalnum() and field.isupper():
+        return f"{field}^1"
     try:
         fp = parse_path(field)
     except ValueError:
@@ -72,6 +78,12 @@ class IdentityFeed:
             except IdentityError as err:
                 errors = [AckError(err.code, f"{err.rule}: {err.text}" if getattr(err, "rule", None) else err.text,
                                    "E", err_location(getattr(err, "field", None)))]
+                action = "unparsable"
+            except Exception as exc:  # noqa: BLE001 - a reader defect is no store failure: stored, AE
+                # the exception's type only: its text may quote a field value (patient data)
+                log.error("identity.read_failed", message_id=mid, error=type(exc).__name__)
+                errors = [AckError("207", f"the identity feed could not read this message ({type(exc).__name__}); "
+                                          "it is stored, not applied")]
                 action = "unparsable"
             else:
                 applied = apply_event(conn, event, message_id=mid, policy=policy)

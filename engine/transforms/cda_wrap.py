@@ -188,12 +188,13 @@ class CdaWrapParams(_P):
 
 class CdaWrapError(TransformError):
     """``code``: missing_identity, identity_not_qualified, ins_mismatch, no_report, bad_pdf,
-    missing_field, no_previous. The text never carries field values."""
+    missing_field, no_previous, bad_character (a NUL in a field). The text never carries field values."""
 
-    def __init__(self, code: str, text: str):
+    def __init__(self, code: str, text: str, field: str | None = None):
         super().__init__(f"{code}: {text}")
         self.code = code
         self.text = text
+        self.field = field  # the field at fault (``OBR-18``), when one is
 
 
 @dataclass
@@ -213,9 +214,13 @@ class WrapResult:
 def _read(raw: bytes | str, codec: str) -> Message:
     text = raw.decode(codec or "utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
     try:
-        return Message(text, codec or "utf-8")
+        m = Message(text, codec or "utf-8")
     except HL7Error:
         raise CdaWrapError("missing_field", "message does not start with MSH") from None
+    where = m.nul_field()  # never written into the CDA nor looked up in the store
+    if where is not None:
+        raise CdaWrapError("bad_character", f"{where} contains a NUL character", where)
+    return m
 
 
 def _f(seg: Optional[Segment], n: int) -> str:
