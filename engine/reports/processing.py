@@ -153,9 +153,16 @@ def _report_dict(rep) -> dict:
             "timings": dict(getattr(rep, "timings", {}) or {})}
 
 
+#: the reader's findings that say a document is no CDA at all: its XSD check would only repeat them
+_UNREADABLE_DOCUMENT = ("cisis.document.not-cda", "cisis.document.encoding")
+
+
 def _xml_documents(sub) -> list[bytes]:
+    unreadable = {i.location for i in sub.errors if getattr(i, "rule", None) in _UNREADABLE_DOCUMENT}
     out = []
     for d in sub.documents:
+        if f"OBX-{d.obx_set_id}-5" in unreadable:
+            continue  # already refused, once, by the reader
         if (d.media_type or "").endswith("xml"):
             try:
                 out.append(d.raw_bytes())
