@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from ingest import PG_URL, free_port, stop, wait_port  # noqa: E402
+from ingest import free_port, stop, store_env, wait_port, wait_ready  # noqa: E402
 
 MDM = (ROOT.parent / "shared" / "corpus" / "ans-hl7v2" / "Vague 2" / "Trans_Doc-CDA-HL7V2"
        / "TRANSMISSION_DOCS_CDA_EN_HL7V2_V2.1" / "MDM" / "Transmission initiale MDM"
@@ -98,35 +98,12 @@ def config(port, status_port, sim_port, pki: Path, enabled: bool, concurrency: i
 def start_engine(tmp: Path, label: str, backend: str, cfg_text: str, port: int, status_port: int):
     cfg = tmp / f"{label}.yaml"
     cfg.write_text(cfg_text)
-    env = dict(os.environ)
-    env.pop("MINIPFI_DB_URL", None)
-    cleanup = lambda: None  # noqa: E731
-    if backend == "postgresql":
-        import sqlalchemy as sa
-
-        schema = f"bench_dmp_{os.getpid()}_{label}"
-        eng = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-        with eng.connect() as c:
-            c.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            c.exec_driver_sql(f"CREATE SCHEMA {schema}")
-        env["MINIPFI_DB_URL"] = f"{PG_URL}?options=-csearch_path%3D{schema}"
-
-        def cleanup():
-            with eng.connect() as c:
-                c.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            eng.dispose()
+    env, cleanup = store_env(backend, f"dmp_{label.replace('-', '_')}")
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config", str(cfg), "--data-dir",
                              str(tmp / f"data-{label}")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(tmp / f"{label}.log", "w"))
     wait_port(port)
-    end = time.time() + 30
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.1)
+    wait_ready(status_port)
     return proc, cleanup
 
 

@@ -200,6 +200,21 @@ def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: st
           sink:
 {sink}
     """))
+    env, cleanup = store_env(backend, label)
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "engine.cli", "run", "--config", str(cfg),
+           "--data-dir", str(tmp / f"data-{label}")]
+    if root != ROOT:  # another source tree of the engine (--compare-tree): its code, our venv
+        env["PYTHONPATH"] = str(root)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / f"{label}.log", "w"))
+    wait_port(port)
+    wait_ready(status_port)
+    return proc, port, cleanup
+
+
+def store_env(backend: str, label: str):
+    """(environment, cleanup) for an engine process on its own store: SQLite in its data
+    directory, or a fresh PostgreSQL schema dropped by ``cleanup``."""
     env = dict(os.environ)
     cleanup = lambda: None  # noqa: E731
     if backend == "postgresql":
@@ -218,22 +233,18 @@ def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: st
             eng.dispose()
     else:
         env.pop("MINIPFI_DB_URL", None)
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "engine.cli", "run", "--config", str(cfg),
-           "--data-dir", str(tmp / f"data-{label}")]
-    if root != ROOT:  # another source tree of the engine (--compare-tree): its code, our venv
-        env["PYTHONPATH"] = str(root)
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(tmp / f"{label}.log", "w"))
-    wait_port(port)
-    end = time.time() + 30
-    while time.time() < end:  # wait for /ready
+    return env, cleanup
+
+
+def wait_ready(status_port: int, timeout: float = 30.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:  # the engine's /ready: store migrated, listeners up
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/ready", timeout=1) as r:
                 if r.status == 200:
-                    break
+                    return
         except Exception:  # noqa: BLE001
             time.sleep(0.1)
-    return proc, port, cleanup
 
 
 PEER_SERVER = r"""
