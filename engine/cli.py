@@ -387,6 +387,7 @@ def cmd_destinations(args) -> int:
         counts = store.stats().get("destinations", {})
         known = set(counts) | set(paused)
         if getattr(args, "config", None):
+            from engine import wiring  # noqa: F401 - destination types, before reading the file
             from engine.config import load_config
 
             known |= set(load_config(args.config).destinations)
