@@ -391,6 +391,10 @@ def cmd_audit(args) -> int:
             print(json.dumps(d, ensure_ascii=False) if args.json else
                   f"{r.id:>7}  {d['at']}  {r.actor:<20} {r.action:<20} {r.outcome:<8} {r.target or '-':<24} "
                   f"{r.source or '-'}  {json.dumps(r.detail, ensure_ascii=False) if r.detail else ''}".rstrip())
+        # reading the trail is itself audited (DICOM "Audit Log Used")
+        filters = {k: v for k, v in (("since", args.since), ("until", args.until), ("actor", args.actor),
+                                     ("action", args.action_name)) if v is not None}
+        store.audit(_actor(), "audit.view", detail={**filters, "rows": len(rows)}, source="cli")
         return 0
     finally:
         store.dispose()

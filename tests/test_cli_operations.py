@@ -134,10 +134,13 @@ def test_replay_handled_show_are_audited_and_audit_list_filters(store, cli):
         ("message.replay", "refused", ME, "cli"), ("message.replay", "ok", ME, "cli")]
     rc, out, _ = cli("audit", "list", "--actor", "someone-else")
     assert (rc, out) == (0, "")
-    rc, out, _ = cli("audit", "list", "--since", "1h", "--limit", "2")
-    assert len(out.splitlines()) == 2 and "message.replay" in out.splitlines()[0]
+    rc, out, _ = cli("audit", "list", "--since", "1h", "--limit", "3")
+    lines = out.splitlines()               # the latest: the two audit reads above, then the replay
+    assert len(lines) == 3 and "audit.view" in lines[0] and "message.replay" in lines[2]
     rc, out, _ = cli("audit", "list", "--until", "2000-01-01")
     assert out == ""
+    (view,) = store.audit_list(action="audit.view", limit=1)
+    assert view.detail == {"until": "2000-01-01", "rows": 0} and view.actor == ME
 
 
 CANARY_NAME = "ZYXCANARY"
@@ -160,9 +163,9 @@ def test_canary_patient_data_stays_out_of_the_audit_list(store, cli):
                  ("identities", "show", CANARY_INS),
                  ("destinations", "pause", "ris"), ("destinations", "resume", "ris")):
         cli(*argv)
-    for fmt in ((), ("--json",)):
+    for fmt, rows in (((), 7), (("--json",), 8)):   # the second also lists the first read
         rc, out, _ = cli("audit", "list", *fmt)
-        assert rc == 0 and len(out.splitlines()) == 7
+        assert rc == 0 and len(out.splitlines()) == rows
         assert CANARY_NAME not in out and "19800101" not in out and "IPP9" not in out
         with_ins = [line for line in out.splitlines() if CANARY_INS in line]
         assert len(with_ins) == 1 and "search.patient" in with_ins[0]
