@@ -8,10 +8,11 @@ never raises: a damaged row must lock its account out, not crash the login path.
 """
 from __future__ import annotations
 
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import Argon2Error
 
 _HASHER = PasswordHasher()  # argon2id, library defaults (RFC 9106 low-memory option)
+MAX_MEMORY_KIB = 1024 * 1024  # a hash asking for more than 1 GiB to verify is refused, not tried
 
 
 def hash_password(pw: str) -> str:
@@ -27,6 +28,8 @@ def verify_password(hash: str, pw: str) -> bool:  # noqa: A002 - the API's name
     if not isinstance(hash, str) or not isinstance(pw, str) or not hash.startswith("$argon2"):
         return False
     try:
+        if extract_parameters(hash).memory_cost > MAX_MEMORY_KIB:
+            return False
         return _HASHER.verify(hash, pw)
     except (Argon2Error, ValueError, TypeError):
         return False

@@ -26,6 +26,12 @@ def test_malformed_hash_is_false_not_an_exception(bad):
     assert needs_rehash(bad) is True
 
 
+def test_a_hash_asking_for_huge_memory_is_refused_without_trying():
+    h = hash_password("pw")
+    huge = h.replace("m=65536", "m=4194304")   # 4 GiB: verifying would exhaust the host
+    assert verify_password(huge, "pw") is False
+
+
 def test_wrong_types_and_empty_password():
     h = hash_password("pw")
     assert verify_password(h, None) is False

@@ -10,6 +10,10 @@ On SQLite, migration 0005 replaces ``ix_messages_dedup`` with the tables ``dedup
 the store writer only (``engine/store/store.py``, "Duplicate keys on SQLite"); they are not
 declared here because PostgreSQL does not have them.
 
+Migration 0009 adds the operations tables, read and written only by their store parts:
+``users`` (``accounts``), ``audit_log`` (``audit``, append-only), ``destination_controls`` and
+``control_changes`` (``controls``).
+
 PHI rule: only ``messages.raw``, ``queue_entries.payload`` and ``queue_entries.response`` hold
 message content. ``order_key`` is whatever hash the caller computed; ``events.detail`` and
 ``last_error`` carry technical text only.
