@@ -181,10 +181,17 @@ def test_corpus_reports_give_the_mails_their_flags_ask_for(rig_factory):
     assert r.status("sent", 6)["sent"] == 6
     time.sleep(0.5)
     assert [m.rcpt_tos for m in r.smtp.received[5:]] == [[PS]]
+    # an identity that is not qualified (PID-32 PROV): no mail to the patient's INS mailbox
+    prov = variant(flags=BOTH_FLAGS, patient=True, control_id="MSS-PROV")
+    assert prov.count(b"|VALI") == 1
+    r.send(prov.replace(b"|VALI", b"|PROV"))
+    assert r.status("sent", 7)["sent"] == 7
+    time.sleep(0.5)
+    assert [m.rcpt_tos for m in r.smtp.received[6:]] == [[PS]]
     # the corpus ORU (CDA N3, PS + patient, receipts asked; its PRT names a mistyped patient
     # mailbox: the mail goes to the INS's, meta-dmp-mss.md)
     r.send(variant(ORU, control_id="MSS-ORU"))
-    mails = by_rcpt(r.smtp.wait_for(8)[6:])
+    mails = by_rcpt(r.smtp.wait_for(9)[7:])
     assert sorted(mails) == [PATIENT, PS]
     assert all(m.xdm_problems() == [] and m.message["X-MSS-CODECDA"] == "11502-2" for m in mails.values())
     assert mails[PS].message["Disposition-Notification-To"] == BAL
