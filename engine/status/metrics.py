@@ -59,6 +59,7 @@ class EngineCollector:
             yield _histogram("minipfi_store_commit_seconds", "Duration of the writer's transactions",
                              [], [([], store.commit_time)])
         yield self._certificates(eng)
+        yield _alerts(eng)
         reload_ok = GaugeMetricFamily("minipfi_config_last_reload_ok",
                                       "1 when the last reload was applied, 0 when refused or failed")
         last = getattr(eng, "last_reload", None)
@@ -140,6 +141,15 @@ class EngineCollector:
         end = not_after(path)
         self._certs[path] = (time.monotonic(), end)
         return end
+
+
+def _alerts(eng):
+    active = GaugeMetricFamily("minipfi_alert_active", "1 per firing alert (rule, subject)",
+                               labels=["rule", "subject"])
+    runner = getattr(eng, "alerts", None)
+    for a in runner.active() if runner is not None else ():
+        active.add_metric([a["rule"], a["subject"]], 1)
+    return active
 
 
 def _histogram(name, doc, labels, series):
