@@ -54,12 +54,12 @@ class AlertRunner:
             if prev is not None and prev.cfg != cfg:
                 old[name], prev = prev, None
             self.senders[name] = prev or make_sender(name, cfg, self.reactor, config.engine.name)
-        for gone in old.values():
-            if hasattr(gone, "close"):
-                gone.close()
             cap = self.caps.get(name)
             if cap is None or cap.per_minute != cfg.max_per_minute:
                 self.caps[name] = RateCap(cfg.max_per_minute)
+        for gone in old.values():
+            if hasattr(gone, "close"):
+                gone.close()
         if self._started:
             self._schedule()
 

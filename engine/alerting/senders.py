@@ -66,8 +66,12 @@ class EmailSender:
 class WebhookSender:
     def __init__(self, name: str, cfg, reactor, engine_name: str):
         self.name, self.cfg, self.reactor, self.engine_name = name, cfg, reactor, engine_name
-        ca = cfg.ca_file or ssl.get_default_verify_paths().cafile
-        cas = load_ca(ca) if cfg.url.startswith("https://") else ()
+        cas = ()
+        if cfg.url.startswith("https://"):
+            ca = cfg.ca_file or ssl.get_default_verify_paths().cafile
+            if not ca:
+                raise SendError("no CA bundle to check the webhook's certificate: set ca_file")
+            cas = load_ca(ca)
         self.client = HttpsClient(reactor, identity=None, ca=cas, connect_timeout=cfg.timeout,
                                   timeout=cfg.timeout, max_answer=64 * 1024)
 
@@ -88,11 +92,27 @@ class WebhookSender:
         return self.client.close()
 
 
+class UnusableSender:
+    """A notifier that could not be set up (its CA file unreadable, ...): every send fails with
+    the reason, logged like any other failure; the engine runs on."""
+
+    def __init__(self, name: str, cfg, reason: str):
+        self.name, self.cfg, self.reason = name, cfg, reason
+
+    def send(self, notice: Notice) -> defer.Deferred:
+        return defer.fail(SendError(self.reason))
+
+
 SENDERS = {"email": EmailSender, "webhook": WebhookSender}
 
 
 def make_sender(name: str, cfg, reactor, engine_name: str):
-    return SENDERS[cfg.type](name, cfg, reactor, engine_name)
+    try:
+        return SENDERS[cfg.type](name, cfg, reactor, engine_name)
+    except Exception as exc:  # noqa: BLE001 - an alert notifier must not stop the engine
+        reason = f"notifier cannot be set up: {logs.error_text(exc, 200)}"
+        log.error("alerts.notifier_unusable", notifier=name, error=reason)
+        return UnusableSender(name, cfg, reason)
 
 
 @defer.inlineCallbacks
