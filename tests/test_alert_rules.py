@@ -212,3 +212,23 @@ def test_notifier_security_rules():
         notifier("{type: email, host: smtp.chu.fr, user: pfi, from: a@chu.fr, to: [b@chu.fr]}")
     cfg = notifier("{type: email, host: smtp.chu.fr, from: a@chu.fr, to: [b@chu.fr]}")
     assert cfg.alerts.notify["n"].starttls is True and cfg.alerts.notify["n"].port == 587
+
+
+def test_documented_examples_are_valid(tmp_path):
+    """The notifiers and rules of docs/alerts.md and README.md load (destinations they name added)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    dests = "destinations:\n" + "".join(f"  {d}: {{type: mllp, host: 127.0.0.1, port: 2600}}\n" for d in ("ris", "dmp"))
+    doc = re.findall(r"```yaml\n(.*?)```", (root / "docs" / "alerts.md").read_text(), re.S)
+    for name in ("smtp-ca.pem", "pfi.pem", "pfi.key", "supervision-ca.pem"):
+        (tmp_path / "certs").mkdir(exist_ok=True)
+        (tmp_path / "certs" / name).write_text("")
+    cfg = load_config_text(dests + doc[0] + doc[1], base_dir=tmp_path)
+    assert len(cfg.alerts.rules) == 7 and set(cfg.alerts.notify) == {"it-mail", "supervision"}
+    readme = (root / "README.md").read_text().split("## Alerts", 1)[1]
+    cfg = load_config_text(dests + re.search(r"```yaml\n(.*?)```", readme, re.S).group(1))
+    assert {r.kind for r in cfg.alerts.rules} == {
+        "destination_down", "queue_age", "queue_depth", "error_rate", "certificate_expiry", "disk_space",
+        "reload_refused"}

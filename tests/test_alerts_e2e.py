@@ -15,7 +15,7 @@ import pytest
 
 from mllp.blocking import BlockingMLLPClient
 from tests.conftest import CORPUS
-from tests.enginectl import EngineProcess, free_port
+from tests.enginectl import EngineProcess, free_port, wait
 from tests.mail_rig import SmtpRig
 from tests.peers import Receiver
 from tests.pki import make_expiring, make_pki
@@ -56,16 +56,6 @@ class Hook:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-
-
-def wait(what, timeout=15.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what.__doc__ or what}")
 
 
 def states(bodies) -> list[tuple[str, str, str]]:
