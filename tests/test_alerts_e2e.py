@@ -165,6 +165,9 @@ def test_destination_down_certificate_reload_restart_and_no_patient_data(rig):
     cert_notice = hook.bodies("certs")[0]
     assert 9 < cert_notice["value"] <= 10 and cert_notice["engine"] == "pfi-test"
     assert {auth for auth, _ in hook.posts} == {f"Bearer {TOKEN}"}
+    notices = eng.status()["alerts"]["last_notices"]
+    assert {(n["notifier"], n["state"], n["result"]) for n in notices if n["rule"] == "ris-down"} == {
+        ("mail", "started", "sent"), ("hook", "started", "sent"), ("mail", "ended", "sent"), ("hook", "ended", "sent")}
 
     # a refused reload (the running configuration stays): an alert; a good one ends it
     good = eng.config.read_text()

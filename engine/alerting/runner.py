@@ -10,6 +10,7 @@ notice rather than sending it twice (the alert still shows in ``/status`` and en
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections import deque
@@ -30,8 +31,8 @@ RECENT = 20  # notices kept for /status
 
 
 class AlertRunner:
-    def __init__(self, engine, reactor):
-        self.engine, self.reactor = engine, reactor
+    def __init__(self, engine, reactor, clock=time.time):
+        self.engine, self.reactor, self.clock = engine, reactor, clock
         self.evaluator = Evaluator()
         self.senders: dict = {}
         self.caps: dict[str, RateCap] = {}
@@ -60,6 +61,10 @@ class AlertRunner:
         for gone in old.values():
             if hasattr(gone, "close"):
                 gone.close()
+        for name, cfg in alerts.notify.items():
+            env = getattr(cfg, "password_env", None) if getattr(cfg, "user", None) else getattr(cfg, "token_env", None)
+            if env and env not in os.environ:  # said now, not at the first alert
+                log.warning("alerts.secret_missing", notifier=name, variable=env)
         if self._started:
             self._schedule()
 
@@ -150,7 +155,7 @@ class AlertRunner:
                 "reload": eng.last_reload}
 
     def _evaluate(self, read) -> None:
-        now = time.time()
+        now = self.clock()
         notices = self.evaluator.evaluate(self.snapshot(*read), now)
         for notice in notices:
             self._record(notice)
