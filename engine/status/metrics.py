@@ -2,8 +2,9 @@
 
 Read at scrape time from what the engine already keeps (channel and delivery counters since
 start, the ACK latency and commit-time histograms, the store's counts), so ingest pays nothing
-more for them. Labels carry only channel and destination names, statuses, HL7 codes and
-certificate roles: never a message field, never patient data.
+more for them. Labels carry only channel and destination names, statuses, HL7 codes,
+certificate roles and alert rules and subjects (names from routes.yaml): never a message field,
+never patient data.
 """
 from __future__ import annotations
 
