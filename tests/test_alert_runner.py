@@ -3,9 +3,6 @@ store events written, a burst of alerts capped per notifier and summarised once 
 allows, and /status's view of it."""
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +14,7 @@ from engine.alerting.runner import AlertRunner
 from engine.config import load_config_text
 from engine.store import Store
 from tests.enginectl import wait
+from tests.peers import WebhookReceiver
 from tests.pki import make_expiring
 from tests.reactor_thread import call
 
@@ -36,31 +34,11 @@ def test_open_alerts_are_the_started_without_a_later_end(store):
     assert opened == [("depth", "pacs", 2.0), ("depth", "ris", 5.0)]
 
 
-class Hook:
-    def __init__(self):
-        self.bodies: list[dict] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                hook.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.port = self.server.server_address[1]
-
-
 @pytest.fixture
 def hook():
-    h = Hook()
+    h = WebhookReceiver()
     yield h
-    h.server.shutdown()
-    h.server.server_close()
+    h.close()
 
 
 def test_a_burst_is_capped_then_summarised(tmp_path, sqlite_url, hook):
@@ -83,8 +61,8 @@ alerts:
     runner = call(AlertRunner, eng, reactor, lambda: now[0])
     try:
         call(runner._evaluate, runner._read())
-        wait(lambda: len(hook.bodies) == 2, timeout=10)
-        assert {b["state"] for b in hook.bodies} == {"started"}
+        wait(lambda: len(hook.bodies()) == 2, timeout=10)
+        assert {b["state"] for b in hook.bodies()} == {"started"}
         status = call(runner.status)
         assert len(status["active"]) == 5
         assert [n["result"] for n in status["last_notices"]].count("held back") == 3
@@ -92,8 +70,8 @@ alerts:
         call(runner._evaluate, runner._read())
         now[0] += 31
         call(runner._evaluate, runner._read())
-        wait(lambda: len(hook.bodies) == 3, timeout=10)
-        assert hook.bodies[2]["state"] == "suppressed" and hook.bodies[2]["value"] == 3
+        wait(lambda: len(hook.bodies()) == 3, timeout=10)
+        assert hook.bodies()[2]["state"] == "suppressed" and hook.bodies()[2]["value"] == 3
         wait(lambda: len(store.open_alerts()) == 5, timeout=10)  # every start recorded, sent or not
     finally:
         store.stop()

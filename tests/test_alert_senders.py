@@ -3,10 +3,7 @@ bearer token; mail over STARTTLS refused when the relay's certificate is not tru
 tried again with backoff and then given up, never raised."""
 from __future__ import annotations
 
-import json
 import ssl
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from twisted.internet import defer, reactor
@@ -16,6 +13,7 @@ from engine.alerting.senders import SendError, make_sender, send_with_retry
 from engine.alerts.rules import Notice
 from engine.config import load_config_text
 from tests.mail_rig import SmtpRig
+from tests.peers import WebhookReceiver
 from tests.pki import make_pki
 from tests.reactor_thread import call
 
@@ -33,28 +31,12 @@ def pki(tmp_path):
 
 @pytest.fixture
 def https_hook(pki):
-    got = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append((self.headers.get("Authorization"),
-                        json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(pki.server_cert, pki.server_key)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1], got
-    server.shutdown()
-    server.server_close()
+    hook = WebhookReceiver(tls=ctx)
+    yield hook.port, hook.posts
+    hook.close()
 
 
 def test_webhook_over_https_with_its_ca_and_token(pki, https_hook, monkeypatch):

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -17,45 +15,13 @@ from mllp.blocking import BlockingMLLPClient
 from tests.conftest import CORPUS
 from tests.enginectl import EngineProcess, free_port, wait
 from tests.mail_rig import SmtpRig
-from tests.peers import Receiver
+from tests.peers import Receiver, WebhookReceiver
 from tests.pki import make_expiring, make_pki
 
 TRANS = CORPUS / "ans-hl7v2" / "Vague 2" / "Trans_Doc-CDA-HL7V2" / "TRANSMISSION_DOCS_CDA_EN_HL7V2_V2.1"
 REPORTS = sorted(p for p in TRANS.rglob("*") if p.suffix in (".er7", ".hl7") and p.name != "ack.er7")[:3]
 PHI_CANARIES = ("PAT-TROIS", "279035121518989", "19790328", "DOMINIQUE", "Breteuil")
 TOKEN = "alert-hook-token"
-
-
-class Hook:
-    """A webhook receiver: keeps every JSON body with its Authorization header."""
-
-    def __init__(self):
-        self.posts: list[tuple[str | None, dict]] = []
-        self.lock = threading.Lock()
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with hook.lock:
-                    hook.posts.append((self.headers.get("Authorization"), json.loads(body)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def bodies(self, alert: str | None = None) -> list[dict]:
-        with self.lock:
-            return [b for _, b in self.posts if alert is None or b["alert"] == alert]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def states(bodies) -> list[tuple[str, str, str]]:
@@ -110,7 +76,7 @@ def config(ports, pki, short_cert, short_key):
 def rig(tmp_path):
     pki = make_pki(tmp_path / "pki")
     short_cert, short_key = make_expiring(tmp_path / "pki", days=10)
-    smtp, hook = SmtpRig(pki), Hook()
+    smtp, hook = SmtpRig(pki), WebhookReceiver()
     ports = {"status": free_port(), "in": free_port(), "ris": free_port(), "archive": free_port(),
              "smtp": smtp.port, "hook": hook.port}
     eng = EngineProcess(tmp_path, config(ports, pki, short_cert, short_key), status_port=ports["status"],
