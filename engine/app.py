@@ -22,6 +22,7 @@ from pathlib import Path
 from twisted.internet import defer
 
 from engine import __version__, logs, wiring  # noqa: F401 - wiring registers the plug-ins
+from engine.alerting.runner import AlertRunner
 from engine.channels.mllp import MLLPChannel
 from engine.config import ConfigError, Problem, config_fingerprint, load_config
 from engine.connectors.registry import build as make_connector, problems as connector_problems
@@ -95,6 +96,7 @@ class Engine:
         self.owner = worker_owner()
         self.store: Store | None = None
         self.status_port = None
+        self.alerts: AlertRunner | None = None
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -117,6 +119,7 @@ class Engine:
             self._start_worker(name, cfg)
         for name, cfg in self.config.channels.items():
             self._start_channel(name, cfg)
+        self._start_alerts()
         self._write_pid()
         log.info("engine.started", version=self.version, channels=sorted(self.channels),
                  destinations=sorted(self.workers), data_dir=str(self.data_dir))
@@ -143,6 +146,11 @@ class Engine:
         site = build_site(StatusService(self), token)
         self.status_port = self.reactor.listenTCP(st.port, site, interface=st.bind)
         log.info("status.listening", bind=st.bind, port=self.status_port.getHost().port, token=bool(token))
+
+    def _start_alerts(self) -> None:
+        self.alerts = AlertRunner(self, self.reactor)
+        self.alerts.start().addErrback(
+            lambda f: log.error("alerts.start_failed", error=logs.error_text(f.value, ERROR_TEXT_MAX)))
 
     def _start_channel(self, name, cfg) -> None:
         handler = MLLPChannel(name, cfg, self.config.engine, self.router, self.batcher, self.ack_ids,
@@ -256,6 +264,8 @@ class Engine:
                 w.reconfigure(cfg, make_connector(cfg, self.reactor))
         self.config, self.router = new, router
         self.config_fingerprint = config_fingerprint(new)
+        if self.alerts is not None:
+            self.alerts.configure(new)
         self.batcher  # unchanged: the store URL and data directory are fixed for the process life
 
     # -- stop -----------------------------------------------------------------------------------
@@ -265,6 +275,8 @@ class Engine:
             return
         self.stopping = True
         log.info("engine.stopping")
+        if self.alerts is not None:
+            self.alerts.stop()
         for ch in self.channels.values():
             yield defer.maybeDeferred(ch.port.stopListening)
         grace = float(self.config.engine.shutdown_grace)
@@ -285,6 +297,8 @@ class Engine:
     def abort_start(self) -> None:
         """``start`` failed part-way (a port in use, ...): close what it opened so that the
         process can exit with its one-line error."""
+        if self.alerts is not None:
+            self.alerts.stop()
         for ch in self.channels.values():
             ch.port.stopListening()
         if self.status_port is not None:
