@@ -8,7 +8,7 @@ CONFIG ?= engine/routes.yaml
 DATA_DIR ?= data
 TEST_ONLY := aiosmtpd|atheris|atpublic|hypothesis|iniconfig|pluggy|pygments|pypdf|pytest|pytest-timeout|sortedcontainers
 
-.PHONY: install install-test run test fuzz bench bench-e2e bench-dmp bench-quick bench-identity bench-reports check clean lock
+.PHONY: install install-test run test fuzz bench bench-e2e bench-dmp bench-mss bench-quick bench-identity bench-reports check clean lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-reports: install-test  ## report channel: 286 KB ORU with a 212 KB CDA, an
 
 bench-dmp: install-test       ## DMP end to end: MDM reports over MLLP to the DMP simulator, versus ingest only
 	$(BIN)/python bench/dmp.py --connections 8 --reports 400
+
+bench-mss: install-test       ## MSSanté end to end: MDM reports over MLLP to a STARTTLS SMTP server (2 mails each)
+	$(BIN)/python bench/mssante.py --connections 8 --reports 200 2>&1 | grep -v verify_mode
 
 bench-quick: install-test
 	$(BIN)/python bench/ingest.py --connections 8 --backends sqlite --peer --seconds 5

@@ -28,6 +28,7 @@ from pathlib import Path
 from twisted.internet import defer, task, threads
 
 from engine import __version__, logs, wiring  # noqa: F401 - wiring registers the plug-ins
+from engine.alerting.runner import AlertRunner
 from engine.atna.sender import from_config as syslog_sender
 from engine.channels.mllp import MLLPChannel
 from engine.config import ConfigError, Problem, config_fingerprint, load_config
@@ -108,6 +109,7 @@ class Engine:
         self._controls_seq = 0
         self._controls_loop: task.LoopingCall | None = None
         self.audit_sender = None  # engine.atna.sender.SyslogSender while engine.audit.syslog is set
+        self.alerts: AlertRunner | None = None
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -138,6 +140,7 @@ class Engine:
         self._controls_loop.start(CONTROLS_POLL_S, now=False)
         for name, cfg in self.config.channels.items():
             self._start_channel(name, cfg)
+        self._start_alerts()
         self._write_pid()
         log.info("engine.started", version=self.version, channels=sorted(self.channels),
                  destinations=sorted(self.workers), data_dir=str(self.data_dir))
@@ -164,6 +167,11 @@ class Engine:
         site = build_site(StatusService(self), token)
         self.status_port = self.reactor.listenTCP(st.port, site, interface=st.bind)
         log.info("status.listening", bind=st.bind, port=self.status_port.getHost().port, token=bool(token))
+
+    def _start_alerts(self) -> None:
+        self.alerts = AlertRunner(self, self.reactor)
+        self.alerts.start().addErrback(
+            lambda f: log.error("alerts.start_failed", error=logs.error_text(f.value, ERROR_TEXT_MAX)))
 
     def _start_channel(self, name, cfg) -> None:
         handler = MLLPChannel(name, cfg, self.config.engine, self.router, self.batcher, self.ack_ids,
@@ -395,6 +403,8 @@ class Engine:
         self._configure_audit_export(new)
         self.config, self.router = new, router
         self.config_fingerprint = config_fingerprint(new)
+        if self.alerts is not None:
+            self.alerts.configure(new)
         self.batcher  # unchanged: the store URL and data directory are fixed for the process life
 
     # -- stop -----------------------------------------------------------------------------------
@@ -406,6 +416,8 @@ class Engine:
         log.info("engine.stopping")
         if self._controls_loop is not None and self._controls_loop.running:
             self._controls_loop.stop()
+        if self.alerts is not None:
+            self.alerts.stop()
         for ch in self.channels.values():
             yield defer.maybeDeferred(ch.port.stopListening)
         grace = float(self.config.engine.shutdown_grace)
@@ -432,6 +444,8 @@ class Engine:
     def abort_start(self) -> None:
         """``start`` failed part-way (a port in use, ...): close what it opened so that the
         process can exit with its one-line error."""
+        if self.alerts is not None:
+            self.alerts.stop()
         for ch in self.channels.values():
             ch.port.stopListening()
         if self.status_port is not None:

@@ -67,6 +67,7 @@ from engine.hl7.fields import parse_path
 __all__ = [
     "AcceptConfig",
     "AckConfig",
+    "AlertsConfig",
     "ChannelConfig",
     "ClientTLSConfig",
     "Config",
@@ -665,6 +666,160 @@ def _destination_union():
 DestinationConfig = _destination_union()
 
 
+
+# --------------------------------------------------------------------------------------------
+# alerts
+# --------------------------------------------------------------------------------------------
+
+
+def _loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return is_loopback(urlsplit(url).hostname or "")
+
+
+class _NotifierBase(_Model):
+    #: at most this many notices a minute through this notifier; the overflow is summarised
+    max_per_minute: Annotated[int, Field(ge=1, le=1000)] = 10
+    timeout: Duration = 10.0
+
+
+class EmailNotifierConfig(_NotifierBase):
+    """Alert mails over SMTP with STARTTLS (TLS 1.2+); the password only from the environment."""
+
+    type: Literal["email"]
+    host: Annotated[str, Field(min_length=1)]
+    port: RemotePort = 587
+    starttls: bool = True  # false only for a relay on loopback (tests)
+    ca_file: ConfigPath | None = None
+    client_cert: ConfigPath | None = None
+    client_key: ConfigPath | None = None
+    sender: Annotated[str, Field(min_length=3)] = Field(alias="from")
+    to: list[Annotated[str, Field(min_length=3)]] = Field(min_length=1)
+    user: str | None = None
+    password_env: str | None = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> "EmailNotifierConfig":
+        if not self.starttls and not is_loopback(self.host):
+            raise ValueError(f"starttls: false is allowed only for a relay on loopback ({self.host!r} is not)")
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("client_cert and client_key must be given together")
+        if self.user and not self.password_env:
+            raise ValueError("user requires password_env (the environment variable holding the password)")
+        return self
+
+
+class WebhookNotifierConfig(_NotifierBase):
+    """Alert notices POSTed as JSON, with a bearer token from the environment."""
+
+    type: Literal["webhook"]
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+")]
+    token_env: str | None = None
+    ca_file: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _https_off_loopback(self) -> "WebhookNotifierConfig":
+        if self.url.startswith("http://") and not _loopback_url(self.url):
+            raise ValueError(f"url must be https:// off loopback (got {self.url!r})")
+        return self
+
+
+NotifierConfig = Annotated[Union[EmailNotifierConfig, WebhookNotifierConfig], Field(discriminator="type")]
+
+
+class _AlertRuleBase(_Model):
+    name: Name
+    #: the condition must hold this long before the alert fires (flapping within it says nothing)
+    for_: Duration = Field(default=0.0, alias="for")
+    notify: list[str] = Field(min_length=1)
+
+
+class DestinationDownRule(_AlertRuleBase):
+    """A destination whose deliveries fail (peer unreachable, refused, in error) ``failures``
+    times in a row."""
+
+    kind: Literal["destination_down"]
+    destinations: list[str] = Field(default_factory=list)  # [] = all
+    failures: Annotated[int, Field(ge=1)] = 1
+
+
+class QueueAgeRule(_AlertRuleBase):
+    kind: Literal["queue_age"]
+    older_than: Duration
+    destinations: list[str] = Field(default_factory=list)
+
+
+class QueueDepthRule(_AlertRuleBase):
+    kind: Literal["queue_depth"]
+    above: Annotated[int, Field(ge=0)]
+    destinations: list[str] = Field(default_factory=list)
+
+
+class ErrorRateRule(_AlertRuleBase):
+    """Delivery errors (final errors and failed attempts) of a destination, or messages a
+    channel rejected, within ``window``: more than ``above``."""
+
+    kind: Literal["error_rate"]
+    above: Annotated[int, Field(ge=0)]
+    window: Duration = 300.0
+
+
+class CertificateExpiryRule(_AlertRuleBase):
+    """Every configured certificate; each threshold (days before the end of validity) its own alert."""
+
+    kind: Literal["certificate_expiry"]
+    days: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [60, 15], min_length=1)
+
+
+class DiskSpaceRule(_AlertRuleBase):
+    """Free space of the data directory below ``below_percent`` or ``below_bytes``."""
+
+    kind: Literal["disk_space"]
+    below_percent: Annotated[float, Field(gt=0, lt=100)] | None = None
+    below_bytes: Size | None = None
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "DiskSpaceRule":
+        if (self.below_percent is None) == (self.below_bytes is None):
+            raise ValueError("give one of below_percent or below_bytes")
+        return self
+
+
+class ReloadRefusedRule(_AlertRuleBase):
+    """The last reload was refused (invalid routes file) or failed: the old configuration runs."""
+
+    kind: Literal["reload_refused"]
+
+
+AlertRuleConfig = Annotated[Union[DestinationDownRule, QueueAgeRule, QueueDepthRule, ErrorRateRule,
+                                  CertificateExpiryRule, DiskSpaceRule, ReloadRefusedRule],
+                            Field(discriminator="kind")]
+
+
+class AlertsConfig(_Model):
+    """``alerts:``: named notifiers and rules evaluated every ``check_every`` (engine.alerts)."""
+
+    check_every: Duration = 5.0
+    notify: dict[Name, NotifierConfig] = Field(default_factory=dict)
+    rules: list[AlertRuleConfig] = Field(default_factory=list)
+
+
+def _alert_problems(cfg: "Config", add) -> None:
+    """Rule names unique, notifier and destination names known."""
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(cfg.alerts.rules):
+        if rule.name in seen:
+            add(("alerts", "rules", i, "name"), f"duplicate rule name {rule.name!r} (first used by alerts.rules[{seen[rule.name]}])")
+        seen.setdefault(rule.name, i)
+        for j, n in enumerate(rule.notify):
+            if n not in cfg.alerts.notify:
+                add(("alerts", "rules", i, "notify", j), _unknown("notifier", n, cfg.alerts.notify))
+        for j, d in enumerate(getattr(rule, "destinations", ())):
+            if d not in cfg.destinations:
+                add(("alerts", "rules", i, "destinations", j), _unknown("destination", d, cfg.destinations))
+
+
 # --------------------------------------------------------------------------------------------
 # root
 # --------------------------------------------------------------------------------------------
@@ -675,6 +830,7 @@ class Config(_Model):
     channels: dict[Name, ChannelConfig] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
     destinations: dict[Name, DestinationConfig] = Field(default_factory=dict)
+    alerts: AlertsConfig = AlertsConfig()
 
     def channel(self, name: str):
         """The channel named ``name`` (KeyError if none)."""
@@ -719,7 +875,7 @@ class _Lines:
 
     def __init__(self) -> None:
         self.lines: dict[PathT, int] = {(): 1}
-        self.types: dict[PathT, str] = {}  # value of the 'type' key of mappings, by mapping path
+        self.types: dict[PathT, str] = {}  # value of the 'type' (or 'kind') key of mappings, by mapping path
         self.duplicates: list[Problem] = []
 
     def walk(self, node: yaml.Node, path: PathT) -> None:
@@ -736,7 +892,7 @@ class _Lines:
                     continue
                 seen.add(key)
                 self.lines[kpath] = line
-                if key == "type" and isinstance(value_node, yaml.ScalarNode):
+                if key in ("type", "kind") and isinstance(value_node, yaml.ScalarNode):  # union tags
                     self.types[path] = value_node.value
                 self.walk(value_node, kpath)
         elif isinstance(node, yaml.SequenceNode):
@@ -865,11 +1021,12 @@ def _problem_from_error(err: dict, lines: _Lines) -> Problem:
     path, exists = _loc_to_path(loc, lines)
     if etype in ("union_tag_invalid", "union_tag_not_found"):
         ctx = err.get("ctx") or {}
-        path = path + ("type",)
+        tag = str(ctx.get("discriminator", "'type'")).strip("'")  # type, or kind (alert rules)
+        path = path + (tag,)
         if etype == "union_tag_not_found":
             msg = f"Field required (one of: {ctx.get('expected_tags', '')})"
         else:
-            msg = f"unknown type {ctx.get('tag')!r} (expected one of: {ctx.get('expected_tags', '')})"
+            msg = f"unknown {tag} {ctx.get('tag')!r} (expected one of: {ctx.get('expected_tags', '')})"
     elif etype == "extra_forbidden":
         key = str(loc[-1]) if loc else ""
         model = _model_at(loc[:-1])
@@ -974,6 +1131,7 @@ def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
                 "deletion can replace it before it leaves)")
         if q.ordering == "destination" and q.concurrency > 1:
             add(qpath + ("concurrency",), "concurrency > 1 requires ordering: key or none (ordering: destination is one FIFO)")
+    _alert_problems(cfg, add)
     return problems
 
 

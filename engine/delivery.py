@@ -191,6 +191,7 @@ class DestinationWorker:
         self._waiters: list = []               # (sequence, Deferred)
         self.claims = 0                        # store claims made (tests, benchmarks)
         self.counters = {"sent": 0, "error": 0, "retry": 0, "filtered": 0}
+        self.consecutive_failures = 0          # failed attempts since the last success (alerts)
         self.last_error: str | None = None
         self.last_error_at: float | None = None   # epoch seconds of last_error
         self._chains: dict[str, object] = {}
@@ -478,6 +479,7 @@ class DestinationWorker:
             next_at = time.time() + delay
             store_status = "queued"
         self.counters[status] = self.counters.get(status, 0) + 1
+        self.consecutive_failures = self.consecutive_failures + 1 if status in ("error", "retry") else 0
         if status in ("error", "retry"):
             self.last_error, self.last_error_at = detail, time.time()
         if status == "sent":

@@ -120,3 +120,14 @@ class EngineProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait(predicate, timeout=30.0, what="condition"):
+    """Poll ``predicate`` until it returns something true (returned), or fail after ``timeout``."""
+    end = time.time() + timeout
+    while time.time() < end:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -95,3 +95,41 @@ class Receiver:
                 c.close()
             except OSError:
                 pass
+
+
+class WebhookReceiver:
+    """An HTTP(S) receiver of JSON POSTs (alert webhooks): keeps ``(Authorization, body)`` per
+    request and answers 204. ``tls``: a server ``ssl.SSLContext`` for HTTPS."""
+
+    def __init__(self, tls=None):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import json
+
+        self.posts: list[tuple[str | None, dict]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with receiver.lock:
+                    receiver.posts.append((self.headers.get("Authorization"), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def bodies(self, alert: str | None = None) -> list[dict]:
+        with self.lock:
+            return [b for _, b in self.posts if alert is None or b.get("alert") == alert]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

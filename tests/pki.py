@@ -144,3 +144,14 @@ def write_pkcs12(pki: PKI, path: Path, password: bytes) -> Path:
     path.write_bytes(pkcs12.serialize_key_and_certificates(
         b"client", key, cert, None, serialization.BestAvailableEncryption(password)))
     return path
+
+
+def make_expiring(directory: Path, days: float, cn: str = "expiring.test") -> tuple[Path, Path]:
+    """A client certificate (and its key) of a CA of its own, ending ``days`` from now."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, ca = _ca(f"{cn} CA", now)
+    key, cert = _leaf(cn, ca_key, ca, server=False, not_before=now - dt.timedelta(days=1),
+                      not_after=now + dt.timedelta(days=days))
+    return _write_cert(d / f"{cn}.pem", cert), _write_key(d / f"{cn}.key", key)

@@ -326,3 +326,59 @@ def test_params_validation():
     assert validate_specs([{"type": "cda_wrap", **PARAMS}]) == []
     probs = validate_specs([{"type": "cda_wrap", **PARAMS, "on_missing_identity": "maybe"}])
     assert probs and probs[0].path == "[0].on_missing_identity"
+
+
+# ------------------------------------------------------------------- MSSanté recipients (PRT)
+MSS_FLAGS = {"DESTDMP": True, "DESTMSSANTEPS": True, "DESTMSSANTEPAT": True}
+DOCTOR = {"address": "medecin.demandeur@test-ci-sis.mssante.fr", "rpps": "10000000000",
+          "family": "DEMANDEUR", "given": "JEAN"}
+
+
+def _prts(payload: bytes) -> list[list[str]]:
+    return [s.split("|") for s in payload.decode().split("\r") if s.startswith("PRT|")]
+
+
+def test_recipients_written_as_prt_and_read_back():
+    from engine.reports.cisis import parse_report
+
+    params = {**PARAMS, "flags": MSS_FLAGS, "mss_recipients": [DOCTOR],
+              "mss_reply_to": "secretariat@test-ci-sis.mssante.fr"}
+    res = build_chain([{"type": "cda_wrap", **params}])(ORU_PDF, _ctx())
+    roles = [p[4] for p in _prts(res.payload)]
+    assert roles == ["SB^Send by^participation", "RCT^^participation", "RCT^^participation",
+                     "REPLY^^participation"]
+    # the segment order of the guide: PRT after the document OBX, before the flag OBX
+    segs = [s[:3] for s in res.payload.decode().split("\r") if s]
+    assert segs.index("PRT") > segs.index("OBX") and segs[-1] == "OBX"
+    sub = parse_report(res.payload, "utf-8")
+    assert sub.errors == [], sub.errors
+    r = sub.recipients
+    assert r.mss_ps == ["medecin.demandeur@test-ci-sis.mssante.fr"]
+    assert r.mss_patient == "279035121518989@patient.mssante.fr"
+    assert r.reply_to == "secretariat@test-ci-sis.mssante.fr"
+    assert r.rct[0].person.id == "810000000000"  # RPPS -> national PS id
+
+
+def test_patient_only_has_no_professional_prt():
+    from engine.reports.cisis import parse_report
+
+    params = {**PARAMS, "flags": {"DESTDMP": True, "DESTMSSANTEPAT": True}}
+    res = build_chain([{"type": "cda_wrap", **params}])(ORU_PDF, _ctx())
+    assert [p[15] for p in _prts(res.payload) if p[4].startswith("RCT")] \
+        == ["^^X.400^279035121518989@patient.mssante.fr"]
+    sub = parse_report(res.payload, "utf-8")
+    assert sub.errors == [] and sub.recipients.mss_ps == []
+
+
+def test_no_mss_flag_no_recipient_prt():
+    res = build_chain([{"type": "cda_wrap", **PARAMS}])(ORU_PDF, _ctx())
+    assert [p[4] for p in _prts(res.payload)] == ["SB^Send by^participation"]
+
+
+def test_recipients_and_flags_must_agree():
+    from engine.transforms import validate_specs
+
+    probs = validate_specs([{"type": "cda_wrap", **PARAMS, "flags": MSS_FLAGS}])
+    assert probs and "mss_recipients" in probs[0].message
+    probs = validate_specs([{"type": "cda_wrap", **PARAMS, "mss_recipients": [DOCTOR]}])
+    assert probs and "DESTMSSANTEPS" in probs[0].message

@@ -20,7 +20,7 @@ from engine.simulators.demo_pki import make_demo_pki
 from engine.simulators.dmp import DMPSimulator
 from mllp.blocking import BlockingMLLPClient
 from tests.conftest import CORPUS, ROOT
-from tests.enginectl import EngineProcess, free_port
+from tests.enginectl import EngineProcess, free_port, wait
 from tests.peers import Receiver
 from tests.pki import make_pki
 from tests.reactor_thread import call
@@ -160,16 +160,6 @@ def rig(tmp_path, pki, sim, request):
 def send_all(eng, *messages) -> list[bytes]:
     with BlockingMLLPClient("127.0.0.1", eng.port, timeout=30) as c:
         return [c.send(m) for m in messages]
-
-
-def wait(predicate, timeout=30.0, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def entries(eng, destination="dmp") -> list[dict]:

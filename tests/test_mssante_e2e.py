@@ -5,6 +5,7 @@ become ZAM^Z02 / ZAM^Z03 at the creator's MLLP receiver, never twice across a re
 patient data in the logs or /status."""
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from tests.mail_rig import ImapRig, SmtpRig, make_dsn, make_mdn
 from tests.mss_samples import (BOTH_FLAGS, DELETE, INIT, INS, ORU, PATIENT, PS, PS2, PS_ONLY_FLAGS, REPLACE, REPLY,
                                variant)
 from tests.peers import Receiver
+from tests.test_reports_e2e import PACS_ORU, PACS_REPORTS, _qualified_a28
 from tests.pki import make_pki
 
 BAL = "bal@pfi.test.mssante.fr"
@@ -31,7 +33,17 @@ def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def config(pki, port, status_port, smtp_port, zam_port, *, imap_port=None, identity=True, max_attempts=20):
+#: a PACS report channel whose wrapped reports go to the requesting doctor and the patient
+PACS_MSS = PACS_REPORTS + f"""\
+                flags: {{DESTDMP: false, DESTMSSANTEPS: true, DESTMSSANTEPAT: true}}
+                mss_recipients: [{{address: "{PS}", rpps: "10000000000", family: DEMANDEUR}}]
+                mss_reply_to: "{REPLY}"
+"""
+
+
+def config(pki, port, status_port, smtp_port, zam_port, *, imap_port=None, identity=True, max_attempts=20,
+           pacs=False):
+    pacs_block = ("            identity_feed: {enabled: true}\n" + PACS_MSS) if pacs else ""
     ident = f"identity: {{cert: '{pki.client_cert}', key: '{pki.client_key}'}}" if identity else ""
     imap = (f"imap: {{host: localhost, port: {imap_port}, user: '{BAL}', password_env: MSS_IMAP_PW, "
             f"poll_interval: 300ms}}") if imap_port else ""
@@ -43,7 +55,7 @@ def config(pki, port, status_port, smtp_port, zam_port, *, imap_port=None, ident
             type: mllp
             port: {port}
             reports: {{enabled: true}}
-        routes:
+{pacs_block}        routes:
           - name: reports
             from: mllp-in
             filter: {{message_types: ["MDM^*", "ORU^R01"]}}
@@ -75,7 +87,7 @@ def config(pki, port, status_port, smtp_port, zam_port, *, imap_port=None, ident
 
 class Rig:
     def __init__(self, tmp_path, pki, *, policy=None, imap=False, identity=True, max_attempts=20,
-                 smtp_down=False):
+                 smtp_down=False, pacs=False):
         self.smtp = None if smtp_down else SmtpRig(pki, policy=policy)
         self.smtp_port = free_port() if smtp_down else self.smtp.port
         self.zam = Receiver()
@@ -83,7 +95,7 @@ class Rig:
         self.port, status_port = free_port(), free_port()
         self.eng = EngineProcess(tmp_path, config(pki, self.port, status_port, self.smtp_port, self.zam.port,
                                                   imap_port=self.imap.port if self.imap else None,
-                                                  identity=identity, max_attempts=max_attempts),
+                                                  identity=identity, max_attempts=max_attempts, pacs=pacs),
                                  status_port=status_port, env={"MSS_IMAP_PW": IMAP_PW})
         self.eng.start()
 
@@ -169,10 +181,17 @@ def test_corpus_reports_give_the_mails_their_flags_ask_for(rig_factory):
     assert r.status("sent", 6)["sent"] == 6
     time.sleep(0.5)
     assert [m.rcpt_tos for m in r.smtp.received[5:]] == [[PS]]
+    # an identity that is not qualified (PID-32 PROV): no mail to the patient's INS mailbox
+    prov = variant(flags=BOTH_FLAGS, patient=True, control_id="MSS-PROV")
+    assert prov.count(b"|VALI") == 1
+    r.send(prov.replace(b"|VALI", b"|PROV"))
+    assert r.status("sent", 7)["sent"] == 7
+    time.sleep(0.5)
+    assert [m.rcpt_tos for m in r.smtp.received[6:]] == [[PS]]
     # the corpus ORU (CDA N3, PS + patient, receipts asked; its PRT names a mistyped patient
     # mailbox: the mail goes to the INS's, meta-dmp-mss.md)
     r.send(variant(ORU, control_id="MSS-ORU"))
-    mails = by_rcpt(r.smtp.wait_for(8)[6:])
+    mails = by_rcpt(r.smtp.wait_for(9)[7:])
     assert sorted(mails) == [PATIENT, PS]
     assert all(m.xdm_problems() == [] and m.message["X-MSS-CODECDA"] == "11502-2" for m in mails.values())
     assert mails[PS].message["Disposition-Notification-To"] == BAL
@@ -180,6 +199,31 @@ def test_corpus_reports_give_the_mails_their_flags_ask_for(rig_factory):
     row = next(x for x in r.eng.messages() if x["control_id"] == "MSS-BOTH")
     shown = json.loads(r.eng.cli("messages", "show", str(row["id"]), "--json", "--data-dir",
                                  str(r.eng.data_dir)).stdout)
+    assert sorted(e["target"] for e in shown["entries"]) == ["patient", "ps-1"]
+
+
+def test_pacs_wrapped_report_goes_to_the_doctor_and_the_patient(rig_factory):
+    """A bare PACS ORU, wrapped into a CDA N1 at reception with the channel's recipients and
+    flags: one mail to the configured doctor, one to the patient's INS mailbox, each with the
+    wrapped CDA and a valid XDM."""
+    r = rig_factory(pacs=True)
+    r.send(_qualified_a28(), PACS_ORU.read_bytes())
+    mails = by_rcpt(r.smtp.wait_for(2))
+    assert sorted(mails) == [PATIENT, PS]
+    for mail in mails.values():
+        m = mail.message
+        assert (m["From"], m["Reply-To"], m["X-MSS-CODECDA"]) == (BAL, REPLY, "18748-4")
+        assert sorted(mail.attachments()) == ["CDA.xml", "IHE_XDM.zip"]
+        assert mail.xdm_problems() == []
+        cda = mail.attachments()["CDA.xml"]
+        assert b"<ClinicalDocument" in cda and INS.encode() in cda
+    assert mails[PATIENT].message["X-MSS-INS"] == "O"
+    # the mails carry the CDA stored with the message, byte for byte
+    row = next(x for x in r.eng.messages() if x["control_id"] == "PACS0001")
+    shown = json.loads(r.eng.cli("messages", "show", str(row["id"]), "--json", "--data-dir",
+                                 str(r.eng.data_dir)).stdout)
+    doc = shown["submission"]["submission"]["documents"][0]
+    assert base64.b64decode(doc["raw_bytes_b64"]) == mails[PS].attachments()["CDA.xml"]
     assert sorted(e["target"] for e in shown["entries"]) == ["patient", "ps-1"]
 
 

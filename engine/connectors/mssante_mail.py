@@ -24,10 +24,10 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any
 
+from engine.identity.ins import patient_mail_address
 from engine.xds.settings import XdsSettings
 from engine.xds.xdm import ZIP_NAME, XdmSender, build_xdm
 
-PATIENT_DOMAIN = "@patient.mssante.fr"
 PATIENT_TARGET = "patient"
 PS_TARGET_PREFIX = "ps-"
 
@@ -71,7 +71,7 @@ def patient_mailbox(sub: Any) -> str | None:
         return None
     if not ins_is_qualified(sub):
         return None
-    return f"{sub.ins.value}{PATIENT_DOMAIN}"
+    return patient_mail_address(sub.ins.value)
 
 
 def recipients(sub: Any) -> list[Recipient]:

@@ -74,6 +74,16 @@ class InsDecision:
 # NIR / NIA format
 # --------------------------------------------------------------------------------------------
 
+#: MSSanté patient mailboxes are ``<INS>@patient.mssante.fr`` (CI-SIS « Transmission de documents
+#: CDA en HL7 v2 », meta-dmp-mss: the patient's mailbox is derived from the INS)
+PATIENT_MAIL_DOMAIN = "@patient.mssante.fr"
+
+
+def patient_mail_address(ins_value: str) -> str:
+    """The patient's MSSanté mailbox for an INS (the caller decides whether it may be used)."""
+    return f"{ins_value}{PATIENT_MAIL_DOMAIN}"
+
+
 def nir_key(body13: str) -> int:
     """Key of a 13-character NIR body: 97 - (body mod 97).
 

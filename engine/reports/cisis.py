@@ -49,6 +49,7 @@ from lxml import etree
 from engine.cda.header import INS_OIDS, RPPS_OID, DoctypeNotAllowed, parse_cda, read_header
 from engine.hl7.errors import HL7Error
 from engine.hl7.message import Delimiters, Message, Segment
+from engine.identity.ins import PATIENT_MAIL_DOMAIN, patient_mail_address
 from engine.reports.rules import rule, severity
 from engine.reports.submission import (
     FLAG_NAMES,
@@ -97,7 +98,6 @@ FLAG_ALIASES = {
     "ACK_LECTURE": "ACK_LECTURE_MSS",
     "INVISIBLE_REPRESENTANTS_LEGAUX": "INVISIBLE_REP_LEGAUX",
 }
-PATIENT_MAIL_DOMAIN = "@patient.mssante.fr"
 
 
 # HL7 table 0357 (ERR-3) to pair with the guide code (error-codes.md: messageErrorCondition)
@@ -836,7 +836,7 @@ def _read_prts(prts: list[Segment], sub: Submission, enc: Delimiters, ctx: _Ctx,
                    "several patient mailboxes given: the first one is used", "PRT")
     sub.recipients.mss_patient = patients[0] if patients else None
     if sub.recipients.mss_patient and sub.ins:
-        if sub.recipients.mss_patient.lower() != f"{sub.ins.value}{PATIENT_MAIL_DOMAIN}":
+        if sub.recipients.mss_patient.lower() != patient_mail_address(sub.ins.value).lower():
             # MSSanté patient mailboxes are <INS>@patient.mssante.fr
             ctx.report("cisis.prt.patient-mailbox",
                        "patient mailbox does not match the PID-3 INS", "PRT-15")

@@ -274,6 +274,8 @@ class StatusService:
             "cda_resources": getattr(eng, "cda_resources", None),
             "channels": {},
             "destinations": {},
+            # firing alerts and the last notices sent (engine.alerting)
+            "alerts": eng.alerts.status() if getattr(eng, "alerts", None) is not None else None,
             # age of the store counts below (see STATS_COST_FACTOR)
             "counts_age_s": round(max(0.0, time.monotonic() - self._cache[0]), 1),
         }

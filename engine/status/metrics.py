@@ -2,8 +2,9 @@
 
 Read at scrape time from what the engine already keeps (channel and delivery counters since
 start, the ACK latency and commit-time histograms, the store's counts), so ingest pays nothing
-more for them. Labels carry only channel and destination names, statuses, HL7 codes and
-certificate roles: never a message field, never patient data.
+more for them. Labels carry only channel and destination names, statuses, HL7 codes,
+certificate roles and alert rules and subjects (names from routes.yaml): never a message field,
+never patient data.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class EngineCollector:
             yield _histogram("minipfi_store_commit_seconds", "Duration of the writer's transactions",
                              [], [([], store.commit_time)])
         yield self._certificates(eng)
+        yield _alerts(eng)
         reload_ok = GaugeMetricFamily("minipfi_config_last_reload_ok",
                                       "1 when the last reload was applied, 0 when refused or failed")
         last = getattr(eng, "last_reload", None)
@@ -144,6 +146,15 @@ class EngineCollector:
         end = not_after(path)
         self._certs[path] = (time.monotonic(), end)
         return end
+
+
+def _alerts(eng):
+    active = GaugeMetricFamily("minipfi_alert_active", "1 per firing alert (rule, subject)",
+                               labels=["rule", "subject"])
+    runner = getattr(eng, "alerts", None)
+    for a in runner.active() if runner is not None else ():
+        active.add_metric([a["rule"], a["subject"]], 1)
+    return active
 
 
 def _histogram(name, doc, labels, series):

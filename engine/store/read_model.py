@@ -133,6 +133,18 @@ class ReadModelMixin:
                                .order_by(submissions.c.message_id.desc()).limit(1)).first()
         return json.loads(row[0]) if row and row[0] else None
 
+    def open_alerts(self) -> list[dict]:
+        """Alerts whose latest event is ``alert_started`` (no ``alert_ended`` after it): the
+        details (rule, kind, subject, since, value) of the alerts firing when the engine stopped."""
+        latest: dict[tuple, tuple[str, dict]] = {}
+        with self._read() as conn:
+            for kind, detail in conn.execute(sa.text(
+                    "SELECT kind, detail FROM events WHERE kind IN ('alert_started', 'alert_ended') "
+                    "ORDER BY id")).all():
+                d = json.loads(detail or "{}")
+                latest[(d.get("rule"), d.get("subject"))] = (kind, d)
+        return [d for kind, d in latest.values() if kind == "alert_started"]
+
     def stats(self) -> dict:
         """Counts per channel and destination for the status endpoint, without scanning the
         messages table at each call (a hospital's store holds millions of rows of about 2 KB).

@@ -13,7 +13,8 @@ Two entry points:
 * the registered transform ``cda_wrap`` (thin layer, ``operates_on="bytes"``): returns an
   ORU^R01 of the CI-SIS guide "Transmission de documents CDA-R2 en HL7 v2" v2.1
   (``profils-messages.md``: MSH-21 ``2.1^CISIS_CDA_HL7_V2``, ORC-1 NW/RO, document OBX ``ED``
-  ``^TEXT^XML^Base64^…`` with OBX-11 F/C, PRT SB, then the 8 required MetaDMPMSS flag OBX).
+  ``^TEXT^XML^Base64^…`` with OBX-11 F/C, PRT SB, PRT RCT per MSSanté recipient the flags ask for (``mss_recipients``;
+  the patient as ``<INS>@patient.mssante.fr``), PRT REPLY, then the 8 required MetaDMPMSS flag OBX).
   ``ctx.extras["identity_lookup"]`` is ``lookup(ipp, authority) -> dict | None``
   (:meth:`IdentityView.to_json`); optional ``ctx.extras["previous_document_lookup"]`` is
   ``lookup(keys: dict) -> dict | None`` giving the header (``read_header`` form: ``id``,
@@ -69,7 +70,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.cda.build import (
     CCAM_OID, DCM_OID, FINESS_OID, LOINC_OID, PRACTICE_OID, R02_OID, RPPS_OID, SNOMED_OID,
@@ -81,6 +82,7 @@ from engine.cda.header import INS_OIDS, read_header
 from engine.hl7.errors import HL7Error
 from engine.hl7.escape import escape
 from engine.hl7.message import Message, Segment
+from engine.identity.ins import patient_mail_address
 from engine.transforms import TransformContext, TransformError, register
 
 __all__ = ["CdaWrapParams", "CdaWrapError", "WrapResult", "wrap_pacs_report", "cda_wrap_transform",
@@ -156,6 +158,16 @@ class PersonParam(_P):
     prefix: Optional[str] = None
 
 
+class MssRecipientParam(_P):
+    """A professional (or organisation / application mailbox) who receives the report by MSSanté:
+    one PRT RCT of the wrapped ORU (CI-SIS « Transmission de documents CDA en HL7 v2 »,
+    profils-messages, segment PRT: PRT-4 ``RCT``, PRT-5 the person, PRT-15.4 the address)."""
+    address: str                             # MSSanté mailbox (PRT-15.4)
+    rpps: Optional[str] = None               # RPPS (11 digits) or national PS id (PRT-5.1)
+    family: Optional[str] = None
+    given: Optional[str] = None
+
+
 class CdaWrapParams(_P):
     #: root OID for new document ids and setIds (None: UUID-derived ``2.25.…`` OIDs)
     document_root_oid: Optional[str] = None
@@ -184,6 +196,22 @@ class CdaWrapParams(_P):
         "MASQUE_PS": False, "INVISIBLE_PATIENT": False, "INVISIBLE_REP_LEGAUX": False,
         "CONNEXION_SECRETE": False, "MODIF_CONF_CODE": False, "DESTDMP": True,
         "DESTMSSANTEPS": False, "DESTMSSANTEPAT": False})
+    #: recipients of the mail to professionals (DESTMSSANTEPS=Y); the patient's recipient
+    #: (DESTMSSANTEPAT=Y) is ``<INS>@patient.mssante.fr`` of the registry identity
+    mss_recipients: list[MssRecipientParam] = Field(default_factory=list)
+    #: answer address of the mail (PRT REPLY, PRT-15.4), optional
+    mss_reply_to: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _recipients_for_flags(self):
+        # « PRT RCT requis si le document est échangé via MSSanté » (profils-messages): a flag
+        # DESTMSSANTEPS=Y with nobody to send to would be refused on every report
+        if self.flags.get("DESTMSSANTEPS") and not self.mss_recipients:
+            raise ValueError("flags.DESTMSSANTEPS is true: mss_recipients must name at least one "
+                             "MSSanté address")
+        if self.mss_recipients and not self.flags.get("DESTMSSANTEPS"):
+            raise ValueError("mss_recipients given but flags.DESTMSSANTEPS is false")
+        return self
 
 
 class CdaWrapError(TransformError):
@@ -605,11 +633,36 @@ def build_cisis_oru(raw: bytes, codec: str, result: WrapResult, params: CdaWrapP
                   f"ASIP-SANTE-PS&{RPPS_OID}&ISO^D^^^RPPS", "", "",
                   f"{e(org.name)}^^^^^ASIP-SANTE-ST&{org.id_root}&ISO^FINEG^^^{e(org.id)}"]),
     ]
+    segs += _recipient_prts(params, ins, tr, e)
     for n, (flag, label) in enumerate(META_FLAGS, 2):
         yn = "Y" if params.flags.get(flag, False) else "N"
         segs.append(f"OBX|{n}|CE|{flag}^{label}^MetaDMPMSS||{yn}^^expandedYes-NoIndicator"
                     "||||||F")
     return ("\r".join(segs) + "\r").encode("utf-8")
+
+
+def _recipient_prts(params: CdaWrapParams, ins: dict, traits: dict, e) -> list[str]:
+    """PRT RCT of the MSSanté recipients the flags ask for and the PRT REPLY (profils-messages,
+    PRT; field layout of the guide's ORU examples: PRT-5 XCN with 5.13 ``IDNPS`` or ``INS``,
+    PRT-15 ``^^X.400^<address>``)."""
+    def prt(role: str, person: str, address: str) -> str:
+        return "|".join(["PRT", "", "UC", "", f"{role}^^participation", person] + [""] * 9
+                        + [f"^^X.400^{e(address)}"])
+
+    out = []
+    if params.flags.get("DESTMSSANTEPS"):
+        for r in params.mss_recipients:
+            person = (f"{e(_national_ps_id(r.rpps))}^{e(r.family)}^{e(r.given)}^^^^^^"
+                      f"ASIP-SANTE-PS&{RPPS_OID}&ISO^D^^^IDNPS") if r.rpps else ""
+            out.append(prt("RCT", person, r.address))
+    if params.flags.get("DESTMSSANTEPAT"):
+        ns = INS_NAMESPACE.get(ins["oid"], "ASIP-SANTE-INS-NIR")
+        person = (f"{e(ins['value'])}^{e(traits.get('birth_name'))}^{e(traits.get('first_given_name'))}"
+                  f"^^^^^^{ns}&{ins['oid']}&ISO^L^^^INS")
+        out.append(prt("RCT", person, patient_mail_address(ins["value"])))
+    if params.mss_reply_to:
+        out.append(prt("REPLY", "", params.mss_reply_to))
+    return out
 
 
 @register("cda_wrap", CdaWrapParams, operates_on="bytes")
