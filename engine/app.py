@@ -21,7 +21,7 @@ from pathlib import Path
 
 from twisted.internet import defer
 
-from engine import __version__, logs, wiring  # noqa: F401 - wiring registers the plug-ins
+from engine import __version__, console, logs, wiring  # noqa: F401 - wiring registers the plug-ins
 from engine.channels.mllp import MLLPChannel
 from engine.config import ConfigError, Problem, config_fingerprint, load_config
 from engine.connectors.registry import build as make_connector, problems as connector_problems
@@ -95,6 +95,7 @@ class Engine:
         self.owner = worker_owner()
         self.store: Store | None = None
         self.status_port = None
+        self.console_port = None
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +111,7 @@ class Engine:
         self.store.start()
         self.batcher = IngestBatcher(self.store, self.reactor)
         self._start_status()
+        self._start_console()
         recovered = self.store.recover_in_flight()
         self.recovery_done = True
         log.info("engine.recovered", in_flight_requeued=recovered, store=self.store.dialect)
@@ -140,9 +142,21 @@ class Engine:
         if not _is_loopback(st.bind) and not token:
             raise ConfigError([Problem("engine.status.token_env", None,
                                        f"status is bound to {st.bind}: set the bearer token in ${st.token_env}")])
-        site = build_site(StatusService(self), token)
+        self.status_service = StatusService(self)
+        site = build_site(self.status_service, token)
         self.status_port = self.reactor.listenTCP(st.port, site, interface=st.bind)
         log.info("status.listening", bind=st.bind, port=self.status_port.getHost().port, token=bool(token))
+
+    def _start_console(self) -> None:
+        """The web console (``engine.console``), on the StatusService's counts; TLS when configured
+        (configuration refuses a non-loopback bind without it)."""
+        con = self.config.engine.console
+        if not con.enabled:
+            return
+        site = console.build_site(self, self.status_service, con)
+        tls = TLSFiles(cert=str(con.tls.cert), key=str(con.tls.key)) if con.tls else None
+        self.console_port = listen(self.reactor, site, con.port, con.bind, tls)
+        log.info("console.listening", bind=con.bind, port=self.console_port.getHost().port, tls=tls is not None)
 
     def _start_channel(self, name, cfg) -> None:
         handler = MLLPChannel(name, cfg, self.config.engine, self.router, self.batcher, self.ack_ids,
@@ -274,6 +288,8 @@ class Engine:
             ch.factory.close_all()
         if self.status_port is not None:
             yield defer.maybeDeferred(self.status_port.stopListening)
+        if self.console_port is not None:
+            yield defer.maybeDeferred(self.console_port.stopListening)
         self.store.stop(timeout=grace)
         self.store.dispose()
         try:
@@ -289,6 +305,8 @@ class Engine:
             ch.port.stopListening()
         if self.status_port is not None:
             self.status_port.stopListening()
+        if self.console_port is not None:
+            self.console_port.stopListening()
         for w in self.workers.values():
             w.running = False
         if self.store is not None:

@@ -27,7 +27,8 @@ from twisted.internet import defer, threads
 from twisted.web import resource, server
 
 from engine import logs, web
-from engine.status.metrics import CONTENT_TYPE_LATEST, EngineCollector, registry_for, render as render_metrics
+from engine.status.metrics import (CONTENT_TYPE_LATEST, CertificateDates, EngineCollector, registry_for,
+                                   render as render_metrics)
 
 log = logs.get("engine.status")
 
@@ -158,6 +159,11 @@ class StatusService:
         self.engine = engine
         self._cache = (0.0, None)
         self._stats_ttl = self.STATS_MAX_AGE_S
+        self.certs = CertificateDates()
+
+    def certificates(self) -> defer.Deferred:
+        """``(kind, name, role, not_after)`` of the configured certificates (read in a thread)."""
+        return threads.deferToThread(self.certs.dates, self.engine.config)
 
     def health(self):
         return 200, {"status": "alive", "version": self.engine.version}
@@ -212,6 +218,7 @@ class StatusService:
                 "duplicates": s.get("duplicates", 0),
                 "conflicts": s.get("conflicts", 0),
                 "since_start": vars(ch.handler.counters) if ch.handler else {},
+                "last_received_at": _iso(ch.handler.last_received_at) if ch.handler and ch.handler.last_received_at else None,
                 "framing": dict(ch.factory.counters) if ch.factory else {},
             }
         names = set(eng.workers) | set(stats.get("destinations", {}))
@@ -232,6 +239,8 @@ class StatusService:
                 "oldest_queued_age_s": s.get("oldest_queued_age_s"),
                 "last_error": w.last_error if w else None,
                 "last_error_at": _iso(w.last_error_at) if w and w.last_error_at else None,
+                "last_sent_at": _iso(w.last_sent_at) if w and w.last_sent_at else None,
+                "peer_down": w.peer_down if w else None,
             }
         return 200, body
 
