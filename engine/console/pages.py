@@ -136,25 +136,12 @@ class Pages:
     @defer.inlineCallbacks
     def dashboard(self, page):
         _code, st = yield self.status.status()
-        paused = yield threads.deferToThread(self._paused)
         certs = yield self.status.certificates()
         now = dt.datetime.now(dt.timezone.utc)
         cert_rows = [{"kind": k, "name": n, "role": r, "not_after": end.strftime("%Y-%m-%d"),
                       "days": int((end - now).total_seconds() // 86400)} for k, n, r, end in certs]
-        return self.web.template("dashboard.html", page, st=st, paused=paused, certs=cert_rows,
+        return self.web.template("dashboard.html", page, st=st, certs=cert_rows,
                                  last_reload=st.get("config", {}).get("last_reload"))
-
-    def _paused(self) -> dict[str, dict]:
-        out = {}
-        for p in self.store.paused_destinations() or []:
-            if isinstance(p, str):
-                out[p] = {}
-            elif isinstance(p, dict):
-                out[p.get("name") or p.get("destination")] = p
-            else:
-                name = getattr(p, "name", None) or getattr(p, "destination", None)
-                out[name] = {k: getattr(p, k, None) for k in ("by", "reason", "at", "paused_at", "paused_by")}
-        return out
 
     # -- messages -------------------------------------------------------------------------------
     @defer.inlineCallbacks
@@ -227,7 +214,7 @@ class Pages:
         sub = yield threads.deferToThread(self.store.submission_row, mid)
         view = _message_view(m, sub, phi=page.phi)
         if page.phi:
-            yield self.audit(page, "message.view", target=str(mid),
+            yield self.audit(page, "message.view", target=f"message:{mid}",
                              detail={"control_id": m.control_id, "channel": m.channel})
         flash = page.arg("done")
         return self.web.template("message.html", page, m=m, v=view, flash=flash[:200])
@@ -242,14 +229,14 @@ class Pages:
         try:
             yield threads.deferToThread(self.store.replay, [mid], dests or None, report=report)
         except ValueError as err:  # UnknownMessage is a KeyError: 404 below
-            yield self.audit(page, "message.replay", target=str(mid), outcome="refused",
+            yield self.audit(page, "message.replay", target=f"message:{mid}", outcome="refused",
                              detail={"destinations": dests, "reason": str(err)[:200]})
             return Redirect(f"/messages/{mid}?done=" + _q(f"not replayed: {err}"))
         except KeyError:
             raise NotFound(mid) from None
         queued = [[t.destination, t.target, t.entry_id] for t in report if t.entry_id is not None]
         skipped = [[t.destination, t.target, t.skipped] for t in report if t.skipped]
-        yield self.audit(page, "message.replay", target=str(mid),
+        yield self.audit(page, "message.replay", target=f"message:{mid}",
                          detail={"destinations": dests, "queued": queued, "skipped": skipped})
         self._wake([d for d, _t, _e in queued])
         text = (f"replay queued to {', '.join(sorted({d for d, _t, _e in queued}))}" if queued
@@ -267,7 +254,10 @@ class Pages:
     def retry(self, page, mid):
         page.require("operator")
         mid, dest = int(mid), page.arg("destination") or None
-        n = yield defer.maybeDeferred(self.engine.retry_now, mid, dest, page.user)
+        try:
+            n = yield self.engine.retry_now(mid, dest, page.user, source=page.source)
+        except KeyError:  # UnknownMessage (audited by the engine)
+            raise NotFound(mid) from None
         return Redirect(f"/messages/{mid}?done=" + _q(f"retry now: {n or 0} entr{'y' if n == 1 else 'ies'}"))
 
     @defer.inlineCallbacks
@@ -280,7 +270,7 @@ class Pages:
             n = yield threads.deferToThread(self.store.mark_handled, mid, dest)
         except KeyError:
             raise NotFound(mid) from None
-        yield self.audit(page, "message.handled", target=str(mid), detail={"destination": dest, "entries": n})
+        yield self.audit(page, "message.handled", target=f"message:{mid}", detail={"destination": dest, "entries": n})
         return Redirect(f"/messages/{mid}?done=" + _q(f"{n} error(s) at {dest} marked handled"))
 
     @defer.inlineCallbacks
@@ -289,18 +279,16 @@ class Pages:
         if name not in self.engine.config.destinations:
             raise NotFound(name)
         if verb == "pause":
-            yield defer.maybeDeferred(self.engine.pause_destination, name, page.user)
+            yield self.engine.pause_destination(name, page.user, page.arg("reason")[:200] or None,
+                                                source=page.source)
         else:
-            yield defer.maybeDeferred(self.engine.resume_destination, name, page.user)
+            yield self.engine.resume_destination(name, page.user, source=page.source)
         return Redirect("/")
 
     def reload(self, page):
         page.require("admin")
-        ok = self.engine.reload()
-        last = self.engine.last_reload or {}
-        d = self.audit(page, "config.reload", outcome="ok" if ok else "refused",
-                       detail={"result": last.get("result"), "fingerprint": last.get("fingerprint")})
-        return d.addCallback(lambda _: Redirect("/"))
+        self.engine.reload(page.user, page.source)  # audited by the engine
+        return Redirect("/")
 
     @defer.inlineCallbacks
     def users(self, page):
