@@ -170,6 +170,7 @@ class Engine:
             return
         site = console.build_site(self, self.status_service, con)
         tls = TLSFiles(cert=str(con.tls.cert), key=str(con.tls.key)) if con.tls else None
+        self.console_site = site
         self.console_port = listen(self.reactor, site, con.port, con.bind, tls)
         log.info("console.listening", bind=con.bind, port=self.console_port.getHost().port, tls=tls is not None)
 

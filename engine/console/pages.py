@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode
 from twisted.internet import defer, threads
 
 from engine import logs
-from engine.console import patient_search
+from engine.console.patient_search import KINDS, codec, matches
 from engine.console.site import Forbidden, NotFound, Redirect
 from engine.hl7.message import Message
 
@@ -167,7 +167,7 @@ class Pages:
         kind, value = q["patient_kind"], q["patient_value"]
         if value:
             page.require("operator")  # patient identifiers are patient data
-            if kind not in patient_search.KINDS:
+            if kind not in KINDS:
                 raise NotFound(kind)
             if (end - start).days + 1 > PATIENT_SEARCH_MAX_DAYS:
                 start = end - dt.timedelta(days=PATIENT_SEARCH_MAX_DAYS - 1)
@@ -189,7 +189,7 @@ class Pages:
             "messages.html", page, q=q, rows=rows[:PAGE_SIZE], more=len(rows) > PAGE_SIZE,
             offset=offset, page_size=PAGE_SIZE, statuses=STATUSES, notes=notes,
             channels=sorted(cfg.channels), destinations=sorted(cfg.destinations),
-            kinds=patient_search.KINDS, query=_query_without_offset(q))
+            kinds=KINDS, query=_query_without_offset(q))
 
     def _patient_ids(self, kind: str, value: str, since: float, until: float):
         hits: list[int] = []
@@ -199,7 +199,7 @@ class Pages:
             if not batch:
                 return hits, True
             for mid, raw, charset in batch:
-                if patient_search.matches(raw, charset, kind, value):
+                if matches(raw, charset, kind, value):
                     hits.append(mid)
             scanned += len(batch)
             after = batch[-1][0]
@@ -378,7 +378,7 @@ def _message_view(m, sub: dict | None, *, phi: bool) -> dict:
         view["raw"] = _text(m.raw, m.charset).replace("\r", "\n")
         view["ack"] = _text(m.ack, m.charset).replace("\r", "\n")
         try:
-            msg = Message.parse(m.raw, patient_search.codec(m.charset))
+            msg = Message.parse(m.raw, codec(m.charset))
             view["segments"] = [(seg.name, [seg.field(i) for i in range(1, len(seg) + 1)]) for seg in msg]
         except Exception:  # noqa: BLE001 - a message the reader cannot split: the raw text stays
             view["segments"] = None
@@ -388,4 +388,4 @@ def _message_view(m, sub: dict | None, *, phi: bool) -> dict:
 def _text(raw: bytes | None, charset: str) -> str:
     if raw is None:
         return ""
-    return bytes(raw).decode(patient_search.codec(charset), "replace")
+    return bytes(raw).decode(codec(charset), "replace")

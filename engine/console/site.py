@@ -198,13 +198,13 @@ class ConsoleResource(resource.Resource):
         r = urlsplit(referer.decode("latin-1"))
         return f"{r.scheme}://{r.netloc}" == own
 
-    def template(self, name: str, page: Page, code: int = 200, **ctx) -> tuple[int, bytes]:
+    def template(self, name: str, page: Page, status: int = 200, **ctx) -> tuple[int, bytes]:
         s = page.session
         body = self.env.get_template(name).render(
             user=s.user if s else None, role=s.role if s else None, csrf=s.csrf if s else "",
             phi=page.phi, admin=bool(s) and at_least(s.role, "admin"),
             operator=bool(s) and at_least(s.role, "operator"), **ctx)
-        return code, body.encode("utf-8")
+        return status, body.encode("utf-8")
 
     def _finish(self, request, result) -> None:
         if request.finished or getattr(request, "_disconnected", False):
@@ -236,7 +236,12 @@ class ConsoleResource(resource.Resource):
             log.error("console.failed", path=request.path.decode("ascii", "replace")[:64],
                       error=logs.error_text(exc))
             code, text = 500, "Internal error (see the engine log)."
-        self._finish(request, self.template("error.html", page, code, code=code, text=text))
+        try:
+            result = self.template("error.html", page, code, code=code, text=text)
+        except Exception as err:  # noqa: BLE001 - the error page itself failed: plain text
+            log.error("console.error_page_failed", error=logs.error_text(err))
+            result = (code, text.encode())
+        self._finish(request, result)
 
     def set_session_cookie(self, request, sid: str, max_age: int) -> None:
         request.setHeader(b"set-cookie", (

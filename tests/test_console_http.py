@@ -1,0 +1,239 @@
+"""The console over real sockets, on a real engine running in the test's reactor thread (SQLite):
+login, sessions and throttling, refusals before the body, CSRF and origin, roles, audit rows,
+escaping, and patient data shown only to operators and admins."""
+from __future__ import annotations
+
+import socket
+import textwrap
+import time
+
+import pytest
+
+from engine.app import Engine
+from engine.passwords import hash_password
+from mllp.blocking import BlockingMLLPClient
+from tests import console_rig as rig, reactor_thread
+from tests.enginectl import free_port
+from tests.peers import Receiver
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("console")
+    ris = Receiver(policy=lambda m: "AE" if b"|BAD-" in m else "AA")
+    port, console_port = free_port(), free_port()
+    (tmp / "routes.yaml").write_text(textwrap.dedent(rig.config(port, free_port(), console_port, ris.port, throttle=(
+        "login_throttle: {max_failures: 3, base_delay: 30s}"))))
+    eng = Engine(tmp / "routes.yaml", tmp / "data", reactor_thread.reactor)
+    reactor_thread.call(eng.start)
+    for name, pw in rig.PASSWORDS.items():
+        eng.store.add_user(name, rig.ROLES[name], hash_password(pw))
+    with BlockingMLLPClient("127.0.0.1", port) as c:
+        for cid in ("OK-1", "BAD-1", "<script>alert(1)</script>"):
+            c.send(rig.adt(cid, name="<script>x</script>" if cid.startswith("<") else rig.NAME))
+    ids = {m.control_id: m.id for m in eng.store.list_messages(limit=10)}
+    deadline = time.time() + 10
+    while time.time() < deadline and [m.status for m in eng.store.list_messages(limit=10)].count("sent") < 2:
+        time.sleep(0.05)
+    yield eng, console_port, ids
+    reactor_thread.call(eng.shutdown)
+    ris.close()
+
+
+@pytest.fixture
+def clients(console):
+    eng, port, _ids = console
+    eng.console_site.resource.throttle._keys.clear()
+    out = {}
+    for name in rig.PASSWORDS:
+        out[name] = rig.Client(port)
+        r, _ = out[name].login(name)
+        assert r.status == 303
+    return out
+
+
+def audits(eng, action, actor=None):
+    return [a for a in eng.store.audit_list(action=action, actor=actor, limit=1000) if a.action == action]
+
+
+def raw(port, data: bytes, *, read_timeout=3.0) -> tuple[bytes, float]:
+    """Send bytes, read until the server closes; how long the server took to answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        t0 = time.monotonic()
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out, time.monotonic() - t0
+
+
+def test_login_sets_a_strict_session_cookie_and_is_audited(console):
+    eng, port, _ = console
+    eng.console_site.resource.throttle._keys.clear()
+    c = rig.Client(port)
+    r, _ = c.post("/login", {"name": "op", "password": rig.PASSWORDS["op"]}, csrf=None)
+    assert r.status == 303 and r.headers["Location"] == "/"
+    cookie = r.headers["Set-Cookie"]
+    attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
+    assert {"secure", "httponly", "samesite", "path"} <= attrs
+    assert "SameSite=Strict" in cookie and "Path=/" in cookie
+    assert len(cookie.split(";")[0].split("=", 1)[1]) >= 40  # 256 random bits, URL-safe base64
+    r, text = c.get("/")
+    assert r.status == 200 and "op (operator)" in text
+    assert r.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Cache-Control"] == "no-store"
+    assert "Server" not in r.headers
+    assert audits(eng, "login", "op")
+
+
+def test_failed_logins_are_audited_without_the_password_and_throttled(console):
+    eng, port, _ = console
+    throttle = eng.console_site.resource.throttle
+    throttle._keys.clear()
+    c = rig.Client(port)
+    for _ in range(3):
+        r, text = c.post("/login", {"name": "viewer", "password": "wrong-Secret-9"}, csrf=None)
+        assert r.status == 401 and "Wrong user name or password" in text
+    # locked: even the right password is refused now, without checking it
+    r, text = c.post("/login", {"name": "viewer", "password": rig.PASSWORDS["viewer"]}, csrf=None)
+    assert r.status == 429 and c.cookie is None
+    failed = audits(eng, "login.failed", "viewer")
+    assert len(failed) >= 4 and {a.detail["reason"] for a in failed} == {"bad credentials", "throttled"}
+    assert all("wrong-Secret-9" not in str(a.detail) and rig.PASSWORDS["viewer"] not in str(a.detail)
+               for a in failed)
+    r, _ = rig.Client(port).post("/login", {"name": "nobody", "password": "x"}, csrf=None)
+    assert r.status == 429  # the client address is locked too
+    throttle._keys.clear()
+    r, _ = c.login("viewer")
+    assert r.status == 303
+
+
+def test_unauthenticated_requests(console):
+    _eng, port, ids = console
+    r, _ = rig.Client(port).get(f"/messages/{ids['OK-1']}")
+    assert r.status == 303 and r.headers["Location"] == "/login"
+    # a POST without a session is answered on its headers: the announced body is never awaited
+    out, took = raw(port, (f"POST /messages/{ids['BAD-1']}/replay HTTP/1.1\r\nHost: x\r\n"
+                           "Content-Type: application/x-www-form-urlencoded\r\n"
+                           "Content-Length: 10000000\r\n\r\n").encode())
+    assert out.startswith(b"HTTP/1.1 403") and b'{"error": "Forbidden"}' in out and took < 2
+    assert b"server:" not in out.lower()
+    # the login form's body is capped small
+    out, _ = raw(port, b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                       b"Content-Length: 5000\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 413")
+    out, _ = raw(port, b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                       b"Content-Length: 10\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 415")
+
+
+def test_csrf_and_origin_are_checked_and_nothing_is_done(console, clients):
+    eng, port, ids = console
+    op = clients["op"]
+    mid = ids["BAD-1"]
+    before = len(eng.store.get_message(mid).entries)
+    for kw in ({"csrf": None}, {"csrf": "forged-token"}, {"origin": "https://evil.example"}, {"origin": None}):
+        r, _ = op.post(f"/messages/{mid}/replay", {"destination": "ris"}, **kw)
+        assert r.status == 403, kw
+    r, _ = op.post("/destinations/ris/pause", csrf="nope")
+    assert r.status == 403
+    assert len(eng.store.get_message(mid).entries) == before
+    assert not audits(eng, "message.replay") and not eng.store.paused_destinations()
+
+
+def test_viewer_sees_no_patient_data_and_cannot_act(console, clients):
+    eng, port, ids = console
+    viewer, op = clients["viewer"], clients["op"]
+    mid = ids["BAD-1"]
+    pages = ["/", "/messages", f"/messages?control_id=BAD-1"] + [f"/messages/{i}" for i in ids.values()]
+    for path in pages:
+        r, text = viewer.get(path)
+        assert r.status == 200, path
+        for canary in rig.CANARIES:
+            assert canary not in text, (path, canary)
+    r, text = viewer.get(f"/messages/{mid}")
+    assert 'action="/messages/' not in text and "BAD-1" in text and "error" in text
+    before = len(eng.store.get_message(mid).entries)
+    r, _ = viewer.post(f"/messages/{mid}/replay", {"destination": "ris"})
+    assert r.status == 403
+    r, _ = viewer.post("/destinations/ris/pause")
+    assert r.status == 403
+    r, _ = viewer.get(f"/messages?patient_kind=ins&patient_value={rig.INS}")
+    assert r.status == 403
+    assert len(eng.store.get_message(mid).entries) == before
+    for path in ("/admin/users", "/admin/audit"):
+        assert viewer.get(path)[0].status == 403 and op.get(path)[0].status == 403
+    assert not audits(eng, "message.view", "viewer")
+    # the operator sees the patient data, and the view is audited
+    r, text = op.get(f"/messages/{mid}")
+    assert r.status == 200 and rig.NAME in text and rig.INS in text
+    assert any(a.target == f"message:{mid}" for a in audits(eng, "message.view", "op"))
+
+
+def test_patient_search_is_audited_with_kind_and_value(console, clients):
+    eng, _port, ids = console
+    op = clients["op"]
+    for kind, value in (("ins", rig.INS), ("ipp", rig.IPP)):
+        r, text = op.get(f"/messages?patient_kind={kind}&patient_value={value}")
+        assert r.status == 200 and f'href="/messages/{ids["OK-1"]}"' in text
+        assert any(a.detail["kind"] == kind and a.detail["value"] == value
+                   for a in audits(eng, "search.patient", "op"))
+    r, text = op.get("/messages?patient_kind=ins&patient_value=999999999999999")
+    assert f'href="/messages/{ids["OK-1"]}"' not in text
+
+
+def test_markup_in_a_message_is_escaped(console, clients):
+    _eng, _port, ids = console
+    mid = ids["<script>alert(1)</script>"]
+    for path in ("/messages", f"/messages/{mid}"):
+        r, text = clients["op"].get(path)
+        assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+def test_actions_are_done_and_audited(console, clients):
+    eng, _port, ids = console
+    op, admin = clients["op"], clients["admin"]
+    mid = ids["BAD-1"]
+    r, _ = op.post("/destinations/ris/pause")
+    assert r.status == 303 and "ris" in eng.store.paused_destinations()
+    r, text = op.get("/")
+    assert "paused" in text
+    r, _ = op.post("/destinations/ris/resume")
+    assert r.status == 303 and not eng.store.paused_destinations()
+    r, _ = op.post(f"/messages/{mid}/replay", {"destination": "ris"})
+    assert r.status == 303 and "replay" in r.headers["Location"]
+    replays = [e for e in eng.store.get_message(mid).entries if e.replay_of]
+    assert replays
+    r, _ = op.post(f"/messages/{mid}/retry", {"destination": "ris"})
+    assert r.status == 303
+    deadline = time.time() + 10
+    while time.time() < deadline and eng.store.get_message(mid).entries[-1].status != "error":
+        time.sleep(0.05)
+    r, _ = op.post(f"/messages/{mid}/handled", {"destination": "ris"})
+    assert r.status == 303
+    assert all(e.status != "error" for e in eng.store.get_message(mid).entries)
+    assert op.post("/admin/reload")[0].status == 403
+    r, _ = admin.post("/admin/reload")
+    assert r.status == 303
+    for action in ("destination.pause", "destination.resume", "message.replay", "message.retry",
+                   "message.handled"):
+        assert audits(eng, action, "op"), action
+    deadline = time.time() + 5  # the engine writes its reload audit row after answering
+    while time.time() < deadline and not audits(eng, "config.reload", "admin"):
+        time.sleep(0.05)
+    assert audits(eng, "config.reload", "admin")
+    r, text = admin.get("/admin/audit?action=message")
+    assert r.status == 200 and "message.replay" in text and "login" not in text.split("<tbody>")[1]
+    r, text = admin.get("/admin/users")
+    assert r.status == 200 and "viewer" in text and "$argon2" not in text
+
+
+def test_logout_ends_the_session(console, clients):
+    eng, _port, _ = console
+    op = clients["op"]
+    cookie = op.cookie
+    r, _ = op.post("/logout")
+    assert r.status == 303 and r.headers["Location"] == "/login"
+    op.cookie = cookie  # an old cookie is worth nothing now
+    assert op.get("/")[0].status == 303
+    assert audits(eng, "logout", "op")
