@@ -47,7 +47,7 @@ class Sessions:
         now = self.clock()
         if s is None:
             return None
-        if now - s.seen > self.idle or now - s.created > self.max_age:
+        if now - s.seen >= self.idle or now - s.created >= self.max_age:
             del self._by_id[sid]
             return None
         s.seen = now
@@ -63,7 +63,7 @@ class Sessions:
 
     def _expire(self, now: float) -> None:
         for sid in [s.id for s in self._by_id.values()
-                    if now - s.seen > self.idle or now - s.created > self.max_age]:
+                    if now - s.seen >= self.idle or now - s.created >= self.max_age]:
             del self._by_id[sid]
 
 

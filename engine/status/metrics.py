@@ -137,10 +137,11 @@ class CertificateDates:
         self._certs: dict[str, tuple[float, dt.datetime | None]] = {}
 
     def dates(self, cfg) -> list[tuple[str, str, str, dt.datetime]]:
-        """``(kind, name, role, not_after)`` per readable certificate file, kind ``channel`` or
-        ``destination``, role ``cert`` or ``ca``."""
+        """``(kind, name, role, not_after)`` per readable certificate file, kind ``channel``,
+        ``destination`` or ``console``, role ``cert`` or ``ca``."""
         owners = [("channel", n, getattr(c, "tls", None)) for n, c in cfg.channels.items()]
         owners += [("destination", n, getattr(d, "tls", None)) for n, d in cfg.destinations.items()]
+        owners.append(("console", "console", cfg.engine.console.tls if cfg.engine.console.enabled else None))
         out = []
         for kind, name, tls in owners:
             if tls is None:
