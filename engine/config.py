@@ -264,13 +264,11 @@ class ConsoleConfig(_Model):
     session_max_age: Duration = 8 * 3600.0
     login_throttle: ConsoleThrottleConfig = ConsoleThrottleConfig()
 
-    @field_validator("tls")
-    @classmethod
-    def _tls_when_exposed(cls, v, info: ValidationInfo):
-        bind = info.data.get("bind", "127.0.0.1")
-        if v is None and not is_loopback(bind):
-            raise ValueError(f"console bind {bind!r} is not a loopback address: tls (cert, key) is required")
-        return v
+    @model_validator(mode="after")
+    def _tls_when_exposed(self):
+        if self.enabled and self.tls is None and not is_loopback(self.bind):
+            raise ValueError(f"console bind {self.bind!r} is not a loopback address: tls (cert, key) is required")
+        return self
 
 
 class DuplicatesConfig(_Model):

@@ -125,6 +125,9 @@ def test_unauthenticated_requests(console):
     out, _ = raw(port, b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
                        b"Content-Length: 10\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 415")
+    out, _ = raw(port, b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 411")
 
 
 def test_csrf_and_origin_are_checked_and_nothing_is_done(console, clients):
@@ -237,3 +240,16 @@ def test_logout_ends_the_session(console, clients):
     op.cookie = cookie  # an old cookie is worth nothing now
     assert op.get("/")[0].status == 303
     assert audits(eng, "logout", "op")
+
+
+def test_console_is_off_by_default_and_needs_tls_off_loopback(tmp_path):
+    from engine.config import ConfigError, load_config
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("engine: {}\n")
+    assert load_config(routes).engine.console.enabled is False
+    routes.write_text("engine:\n  console: {enabled: true, bind: 0.0.0.0}\n")
+    with pytest.raises(ConfigError, match="tls"):
+        load_config(routes)
+    routes.write_text("engine:\n  console: {enabled: true, bind: 0.0.0.0, tls: {cert: c.pem, key: c.key}}\n")
+    assert load_config(routes).engine.console.tls.cert == str(tmp_path / "c.pem")

@@ -156,12 +156,8 @@ class Pages:
         except ValueError:
             start = end = today
         q["from"], q["to"] = start.isoformat(), end.isoformat()
-        since = dt.datetime.combine(start, dt.time(), dt.timezone.utc).timestamp()
-        until = dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()
-        try:
-            offset = max(0, int(page.arg("offset") or 0))
-        except ValueError:
-            offset = 0
+        since, until = _midnight(start), _midnight(end + dt.timedelta(days=1))
+        offset = _offset(page)
         notes = []
         ids = None
         kind, value = q["patient_kind"], q["patient_value"]
@@ -171,7 +167,7 @@ class Pages:
                 raise NotFound(kind)
             if (end - start).days + 1 > PATIENT_SEARCH_MAX_DAYS:
                 start = end - dt.timedelta(days=PATIENT_SEARCH_MAX_DAYS - 1)
-                since = dt.datetime.combine(start, dt.time(), dt.timezone.utc).timestamp()
+                since = _midnight(start)
                 q["from"] = start.isoformat()
                 notes.append(f"A search by {kind} covers at most {PATIENT_SEARCH_MAX_DAYS} days: from {q['from']}.")
             yield self.audit(page, "search.patient", detail={"kind": kind, "value": value,
@@ -303,22 +299,30 @@ class Pages:
         since = until = None
         try:
             if q["from"]:
-                since = dt.datetime.combine(dt.date.fromisoformat(q["from"]), dt.time(), dt.timezone.utc).timestamp()
+                since = _midnight(dt.date.fromisoformat(q["from"]))
             if q["to"]:
-                until = dt.datetime.combine(dt.date.fromisoformat(q["to"]) + dt.timedelta(days=1), dt.time(),
-                                            dt.timezone.utc).timestamp()
+                until = _midnight(dt.date.fromisoformat(q["to"]) + dt.timedelta(days=1))
         except ValueError:
             since = until = None
-        try:
-            offset = max(0, int(page.arg("offset") or 0))
-        except ValueError:
-            offset = 0
+        offset = _offset(page)
         rows = yield threads.deferToThread(self.store.audit_list, since=since, until=until,
                                            actor=q["actor"] or None, action=q["action"] or None,
                                            limit=AUDIT_PAGE + 1, offset=offset)
         return self.web.template("audit.html", page, rows=rows[:AUDIT_PAGE], more=len(rows) > AUDIT_PAGE,
                                  offset=offset, page_size=AUDIT_PAGE, q=q, query=_query_without_offset(q),
                                  detail=_detail_text)
+
+
+def _midnight(day: dt.date) -> float:
+    """Epoch seconds of 00:00 UTC on ``day`` (the console's dates are UTC, as stored)."""
+    return dt.datetime.combine(day, dt.time(), dt.timezone.utc).timestamp()
+
+
+def _offset(page) -> int:
+    try:
+        return max(0, int(page.arg("offset") or 0))
+    except ValueError:
+        return 0
 
 
 def _q(text: str) -> str:
