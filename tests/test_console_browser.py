@@ -72,16 +72,14 @@ def test_operator_replays_a_refused_message_and_a_viewer_cannot(tmp_path, browse
     port, status_port, console_port = free_port(), free_port(), free_port()
     tls = f"tls: {{cert: {pki.server_cert}, key: {pki.server_key}}}"
     eng = EngineProcess(tmp_path, rig.config(port, status_port, console_port, ris.port, tls=tls),
-                        status_port=status_port)
-    eng.data_dir.mkdir(parents=True)
-    store = Store(Store.default_url(eng.data_dir))
-    store.migrate()
-    for name in ("op", "viewer"):
-        store.add_user(name, rig.ROLES[name], hash_password(rig.PASSWORDS[name]))
-    store.dispose()
+                        status_port=status_port, env={"OP_PASSWORD": rig.PASSWORDS["op"]})
     eng.start()
     base = f"https://127.0.0.1:{console_port}"
     try:
+        eng.cli("users", "add", "op", "--role", "operator", "--password-env", "OP_PASSWORD")  # as README says
+        store = Store(Store.default_url(eng.data_dir))
+        store.add_user("viewer", "viewer", hash_password(rig.PASSWORDS["viewer"]))
+        store.dispose()
         d = browser
         d.get(base + "/")
         assert d.current_url == base + "/login"
