@@ -253,3 +253,20 @@ def test_console_is_off_by_default_and_needs_tls_off_loopback(tmp_path):
         load_config(routes)
     routes.write_text("engine:\n  console: {enabled: true, bind: 0.0.0.0, tls: {cert: c.pem, key: c.key}}\n")
     assert load_config(routes).engine.console.tls.cert == str(tmp_path / "c.pem")
+
+
+def test_a_disabled_account_or_a_new_role_applies_to_open_sessions(console, clients):
+    eng, _port, ids = console
+    viewer, op = clients["viewer"], clients["op"]
+    sessions = eng.console_site.resource.sessions
+    try:
+        eng.store.set_user("viewer", active=False)
+        eng.store.set_user("op", role="viewer")
+        for s in list(sessions._by_id.values()):
+            s.checked = 0.0  # as if RECHECK_S had passed
+        assert viewer.get("/")[0].status == 303  # logged out
+        r, text = op.get(f"/messages/{ids['BAD-1']}")
+        assert r.status == 200 and rig.NAME not in text and "op (viewer)" in text
+    finally:
+        eng.store.set_user("viewer", active=True)
+        eng.store.set_user("op", role="operator")

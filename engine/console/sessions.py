@@ -23,6 +23,7 @@ class Session:
     csrf: str
     created: float
     seen: float
+    checked: float = 0.0  # when the account was last read from the store (role, active)
 
 
 class Sessions:
@@ -35,7 +36,7 @@ class Sessions:
         self._expire(now)
         if len(self._by_id) >= MAX_SESSIONS:  # drop the least recently used
             del self._by_id[min(self._by_id.values(), key=lambda s: s.seen).id]
-        s = Session(secrets.token_urlsafe(32), user, role, secrets.token_urlsafe(32), now, now)
+        s = Session(secrets.token_urlsafe(32), user, role, secrets.token_urlsafe(32), now, now, now)
         self._by_id[s.id] = s
         return s
 

@@ -19,7 +19,7 @@ from importlib import resources
 from urllib.parse import urlsplit
 
 import jinja2
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.web import resource, server
 
 from engine import logs, web
@@ -33,6 +33,7 @@ MAX_FORM_BODY = 16 * 1024  # the largest action form (a replay naming destinatio
 HEADER_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
 MAX_CONNECTIONS = 64
+RECHECK_S = 10.0           # an open session reads its account again at most this often
 OPEN_GET = ("/login", "/static/console.css")
 FORM = b"application/x-www-form-urlencoded"
 ROLES = ("viewer", "operator", "admin")  # each role may do what the ones before it may
@@ -167,15 +168,32 @@ class ConsoleResource(resource.Resource):
             return self.css
         session = self.sessions.get(session_id(request))
         page = Page(request, session)
-        d = defer.maybeDeferred(self._dispatch, page, request.method, path)
+        d = self._recheck(page) if session is not None else defer.succeed(None)
+        d.addCallback(lambda _: self._dispatch(page, request.method, path))
         d.addCallbacks(lambda body: self._finish(request, body), lambda f: self._failed(request, page, f))
         return server.NOT_DONE_YET
+
+    @defer.inlineCallbacks
+    def _recheck(self, page: Page):
+        """A disabled account or a changed role applies within ``RECHECK_S`` to open sessions
+        (an admin may change them with the CLI, in another process)."""
+        s = page.session
+        now = self.sessions.clock()
+        if now - s.checked < RECHECK_S:
+            return
+        user = yield threads.deferToThread(self.pages.store.user, s.user)
+        s.checked = now
+        if user is None or not user.active:
+            self.sessions.close(s.id)
+            page.session = None
+        else:
+            s.role = user.role
 
     def _dispatch(self, page: Page, method: bytes, path: str):
         if method == b"POST":
             if not self._same_origin(page.request):
                 raise Forbidden("origin")
-            if path != "/login" and not csrf_ok(page.session, page.arg("csrf")):
+            if path != "/login" and (page.session is None or not csrf_ok(page.session, page.arg("csrf"))):
                 raise Forbidden("csrf")
         elif page.session is None and path not in OPEN_GET:
             raise Redirect("/login")
