@@ -927,6 +927,10 @@ def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
         if con.enabled and port == con.port and (bind == con.bind or wildcard):
             add(("channels", name, "port"), f"channel {name!r} binds {bind}:{port}, already used by engine.console")
 
+    con, st = cfg.engine.console, cfg.engine.status
+    if con.enabled and con.port and con.port == st.port and (con.bind == st.bind or "0.0.0.0" in (con.bind, st.bind)):
+        add(("engine", "console", "port"), f"engine.console binds {con.bind}:{con.port}, already used by engine.status")
+
     # report rules: every id must be in the catalogue, for the step of its block
     for name, ch in cfg.channels.items():
         for block in ("reports", "pacs_reports", "teleradiology"):

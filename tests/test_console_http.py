@@ -253,6 +253,9 @@ def test_console_is_off_by_default_and_needs_tls_off_loopback(tmp_path):
         load_config(routes)
     routes.write_text("engine:\n  console: {enabled: true, bind: 0.0.0.0, tls: {cert: c.pem, key: c.key}}\n")
     assert load_config(routes).engine.console.tls.cert == str(tmp_path / "c.pem")
+    routes.write_text("engine:\n  status: {port: 9000}\n  console: {enabled: true, port: 9000}\n")
+    with pytest.raises(ConfigError, match="already used by engine.status"):
+        load_config(routes)
 
 
 def test_a_disabled_account_or_a_new_role_applies_to_open_sessions(console, clients):
