@@ -1,9 +1,12 @@
 """The console in headless Chromium against the real engine process over HTTPS: an operator
 watches the counters move, finds a refused message by MSH-10, reads why, replays it once the peer
 is fixed and sees it sent and the error cleared; a viewer sees no patient data and cannot replay.
-Saves docs/console-dashboard.png and docs/console-message.png (synthetic data only)."""
+Takes two screenshots (synthetic data only): into docs/ (console-dashboard.png, console-message.png)
+with MINIPFI_CONSOLE_SCREENSHOTS=1, else into the test's temporary folder (the suite leaves the
+checkout clean)."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -54,6 +57,18 @@ def cell(driver, css: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, css).text.strip()
 
 
+def submit(driver, css: str, within=None) -> None:
+    """Click a submit button and wait for the next page (the old one gone, the new one loaded)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element(By.TAG_NAME, "html")
+    (within or driver).find_element(By.CSS_SELECTOR, css).click()
+    WebDriverWait(driver, 15).until(ec.staleness_of(old))
+    WebDriverWait(driver, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def until(fn, timeout: float = 15.0, step: float = 0.2):
     end = time.time() + timeout
     while True:
@@ -75,6 +90,7 @@ def test_operator_replays_a_refused_message_and_a_viewer_cannot(tmp_path, browse
                         status_port=status_port, env={"OP_PASSWORD": rig.PASSWORDS["op"]})
     eng.start()
     base = f"https://127.0.0.1:{console_port}"
+    shots = DOCS if os.environ.get("MINIPFI_CONSOLE_SCREENSHOTS") else tmp_path
     try:
         eng.cli("users", "add", "op", "--role", "operator", "--password-env", "OP_PASSWORD")  # as README says
         store = Store(Store.default_url(eng.data_dir))
@@ -85,7 +101,7 @@ def test_operator_replays_a_refused_message_and_a_viewer_cannot(tmp_path, browse
         assert d.current_url == base + "/login"
         d.find_element(By.NAME, "name").send_keys("op")
         d.find_element(By.NAME, "password").send_keys(rig.PASSWORDS["op"])
-        d.find_element(By.CSS_SELECTOR, "form.login button").click()
+        submit(d, "form.login button")
         assert d.current_url == base + "/"
         assert cell(d, 'tr[data-channel="mllp-in"] .received') == "0"
 
@@ -99,15 +115,15 @@ def test_operator_replays_a_refused_message_and_a_viewer_cannot(tmp_path, browse
                     and cell(d, 'tr[data-destination="ris"] .errored') == "1"
                     and cell(d, 'tr[data-destination="ris"] .sent') == "3")
         assert until(counters_moved), d.page_source[:3000]
-        d.save_screenshot(str(DOCS / "console-dashboard.png"))
+        assert d.save_screenshot(str(shots / "console-dashboard.png"))
 
         # find the refused message by MSH-10 and read why it failed
         d.get(base + "/messages")
         d.find_element(By.NAME, "control_id").send_keys("BAD-1003")
-        d.find_element(By.CSS_SELECTOR, "form.search button").click()
+        submit(d, "form.search button")
         rows = d.find_elements(By.CSS_SELECTOR, "#messages tbody tr")
         assert len(rows) == 1 and "error" in rows[0].text
-        rows[0].find_element(By.CSS_SELECTOR, "td.cid a").click()
+        submit(d, "td.cid a", rows[0])
         target = d.find_element(By.CSS_SELECTOR, 'section.target[data-destination="ris"]')
         assert "error" in target.find_element(By.CSS_SELECTOR, "h3").text
         assert "AE" in target.find_element(By.CSS_SELECTOR, "td.errtext").text
@@ -115,7 +131,7 @@ def test_operator_replays_a_refused_message_and_a_viewer_cannot(tmp_path, browse
 
         # the peer is fixed: replay to ris
         fixed.set()
-        d.find_element(By.CSS_SELECTOR, "#replay button").click()
+        submit(d, "#replay button")
         assert "replay queued to ris" in d.find_element(By.CSS_SELECTOR, "p.note").text
 
         def sent_and_cleared():
@@ -124,15 +140,15 @@ def test_operator_replays_a_refused_message_and_a_viewer_cannot(tmp_path, browse
             return statuses == ["resolved", "sent"]
         assert until(sent_and_cleared), d.page_source[:3000]
         assert "sent" in d.find_element(By.CSS_SELECTOR, 'section.target[data-destination="ris"] h3').text
-        d.save_screenshot(str(DOCS / "console-message.png"))
+        assert d.save_screenshot(str(shots / "console-message.png"))
         assert until(lambda: d.get(base + "/") or
                      cell(d, 'tr[data-destination="ris"] .errored') == "0")
 
         # a viewer: no patient data on any page it reaches, no replay button, a POST refused
-        d.find_element(By.CSS_SELECTOR, "form.logout button").click()
+        submit(d, "form.logout button")
         d.find_element(By.NAME, "name").send_keys("viewer")
         d.find_element(By.NAME, "password").send_keys(rig.PASSWORDS["viewer"])
-        d.find_element(By.CSS_SELECTOR, "form.login button").click()
+        submit(d, "form.login button")
         for url in (base + "/", base + "/messages", base + "/messages?control_id=BAD-1003", message_url):
             d.get(url)
             page = d.page_source
