@@ -273,3 +273,36 @@ def test_a_disabled_account_or_a_new_role_applies_to_open_sessions(console, clie
     finally:
         eng.store.set_user("viewer", active=True)
         eng.store.set_user("op", role="operator")
+
+
+def test_report_findings_for_everyone_the_submission_for_operators_only():
+    import json
+    from types import SimpleNamespace
+
+    from engine.console.pages import _message_view
+
+    entry = SimpleNamespace(id=7, destination="dmp", target="", status="error", attempts=1, created_at=1.0,
+                            updated_at=2.0, next_attempt_at=0.0, last_error="refused", replay_of=None,
+                            response=b"MSA|AE")
+    m = SimpleNamespace(entries=[entry], raw=rig.adt("R-1"), ack=b"MSA|AA|R-1", charset="UNICODE UTF-8")
+    finding = {"code": "903", "rule": "cisis.cda.schematron", "location": "OBX[1]-5", "text": "CDA refused"}
+    sub = {"kind": "cisis", "errors": 1, "validation": "{}",
+           "submission": json.dumps({"patient": {"ins": rig.INS, "name": rig.NAME}, "errors": [finding]})}
+    viewer = _message_view(m, sub, phi=False)
+    assert viewer["findings"] == [{"level": "error", **finding}]
+    assert viewer["submission"] is None and viewer["raw"] is None and viewer["segments"] is None
+    assert viewer["targets"][0]["entries"][0]["response"] is None and viewer["errored"] == ["dmp"]
+    assert rig.INS not in json.dumps(viewer, default=str)
+    op = _message_view(m, sub, phi=True)
+    assert rig.INS in op["submission"] and rig.NAME in op["raw"]
+    assert ("PID", ) == op["segments"][2][:1] and op["targets"][0]["entries"][0]["response"] == "MSA|AE"
+    from engine.console.site import ConsoleResource
+
+    env = ConsoleResource(None, None, None, secure=False).env
+    meta = dict(id=9, control_id="R-1", received_at=1.0, channel="reports", message_type="ORU^R01", version="2.5",
+                sending_app="RIS", sending_facility="H", receiving_app="PFI", receiving_facility="H", size=1,
+                sha256="0" * 64, status="routed", ack_code="AA", error_code=None)
+    page = env.get_template("message.html").render(user="v", role="viewer", csrf="", phi=False, admin=False,
+                                                   operator=False, m=SimpleNamespace(**vars(m), **meta),
+                                                   v=viewer, flash="")
+    assert "cisis.cda.schematron" in page and "OBX[1]-5" in page and rig.INS not in page
