@@ -306,3 +306,26 @@ def test_report_findings_for_everyone_the_submission_for_operators_only():
                                                    operator=False, m=SimpleNamespace(**vars(m), **meta),
                                                    v=viewer, flash="")
     assert "cisis.cda.schematron" in page and "OBX[1]-5" in page and rig.INS not in page
+
+
+def test_store_reads_of_the_console(store):
+    """SQLite and PostgreSQL: the message list by ids and sending application, raw messages of a
+    time range by id (the patient search's input)."""
+    from dataclasses import replace
+
+    from tests.test_store import ingest, rec
+
+    t0 = time.time() - 100
+    records = [rec("K1", received_at=t0), replace(rec("K2", received_at=t0 + 10), sending_app="RIS^1.2.3^ISO"),
+               rec("K3", body=f"PID|1||{rig.IPP}^^^H^PI", received_at=t0 + 20)]
+    ids = [r.message_id for r in ingest(store, records)]
+    assert [m.control_id for m in store.list_messages(ids=[ids[0], ids[2]])] == ["K3", "K1"]
+    assert store.list_messages(ids=[]) == []
+    assert [m.control_id for m in store.list_messages(sending_app="RIS")] == ["K2"]
+    got = store.raw_between(t0 + 5, t0 + 30)
+    assert [i for i, _raw, _cs in got] == ids[1:] and got[1][2] == "UTF-8"
+    assert store.raw_between(t0, t0 + 30, after_id=ids[0], limit=1)[0][0] == ids[1]
+    from engine.console.patient_search import matches
+
+    assert [i for i, raw, cs in got if matches(raw, cs, "ipp", rig.IPP)] == [ids[2]]
+    assert not [i for i, raw, cs in got if matches(raw, cs, "ins", rig.IPP)]
