@@ -12,7 +12,8 @@ exits 0.
 Operator controls (pause, resume, retry now) are rows of the store: the engine reads them at start,
 polls a change counter every ``CONTROLS_POLL_S`` to notice those made by another process (the
 CLI), and applies at once those made through its own methods (the console). Every reload is
-audited (``config.reload``).
+audited (``config.reload``), and so are the engine's start and stop. With ``engine.audit.syslog``
+each audit row also goes to a syslog collector (``engine.atna``), from a thread of its own.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from twisted.internet import defer, task, threads
 
 from engine import __version__, console, logs, wiring  # noqa: F401 - wiring registers the plug-ins
+from engine.atna.sender import from_config as syslog_sender
 from engine.channels.mllp import MLLPChannel
 from engine.config import ConfigError, Problem, config_fingerprint, load_config
 from engine.connectors.registry import build as make_connector, problems as connector_problems
@@ -106,6 +108,7 @@ class Engine:
         self.paused: dict[str, dict] = {}  # destination -> {by, at, reason} (engine.store.controls)
         self._controls_seq = 0
         self._controls_loop: task.LoopingCall | None = None
+        self.audit_sender = None  # engine.atna.sender.SyslogSender while engine.audit.syslog is set
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +122,9 @@ class Engine:
         self.store = Store(url, dedup_window_seconds=float(eng.duplicates.window))
         self.store.migrate()
         self.store.start()
+        self.store.add_audit_listener(self._export_audit)
+        self._configure_audit_export(self.config)
+        self.store.audit("engine", "engine.start", detail={"version": self.version, "pid": os.getpid()})
         self.batcher = IngestBatcher(self.store, self.reactor)
         self._start_status()
         self._start_console()
@@ -248,6 +254,24 @@ class Engine:
                 w.set_paused(now_paused)
             elif not now_paused:
                 w.recheck()
+
+    def _configure_audit_export(self, config) -> None:
+        """Start (or replace, at a reload that changed it) the syslog export of audit rows."""
+        cfg = config.engine.audit.syslog
+        old = self.audit_sender
+        if old is not None and cfg == getattr(old, "config", None):
+            return
+        self.audit_sender = None
+        if old is not None:
+            old.stop(0.5)
+        if cfg is not None:
+            self.audit_sender = syslog_sender(cfg, config.engine.name).start()
+            log.info("audit.syslog", transport=cfg.transport, host=cfg.host, port=cfg.resolved_port)
+
+    def _export_audit(self, row) -> None:
+        sender = self.audit_sender
+        if sender is not None:
+            sender.submit(row)
 
     def _audit(self, actor: str, action: str, **kw) -> defer.Deferred:
         """One audit row, written off the reactor."""
@@ -383,6 +407,7 @@ class Engine:
                 self._start_worker(name, cfg)
             elif cfg != w.cfg:
                 w.reconfigure(cfg, make_connector(cfg, self.reactor))
+        self._configure_audit_export(new)
         self.config, self.router = new, router
         self.config_fingerprint = config_fingerprint(new)
         self.batcher  # unchanged: the store URL and data directory are fixed for the process life
@@ -407,6 +432,12 @@ class Engine:
             yield defer.maybeDeferred(self.status_port.stopListening)
         if self.console_port is not None:
             yield defer.maybeDeferred(self.console_port.stopListening)
+        try:
+            yield threads.deferToThread(self.store.audit, "engine", "engine.stop", detail={"pid": os.getpid()})
+        except Exception as exc:  # noqa: BLE001 - the store may be what failed
+            log.error("audit.failed", action="engine.stop", error=logs.error_text(exc))
+        if self.audit_sender is not None:
+            self.audit_sender.stop(min(grace, 2.0))
         self.store.stop(timeout=grace)
         self.store.dispose()
         try:
@@ -426,6 +457,8 @@ class Engine:
             self.console_port.stopListening()
         if self._controls_loop is not None and self._controls_loop.running:
             self._controls_loop.stop()
+        if self.audit_sender is not None:
+            self.audit_sender.stop(0.5)
         for w in self.workers.values():
             w.running = False
         if self.store is not None:

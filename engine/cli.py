@@ -30,11 +30,13 @@ def _store(args):
     from engine.store import Store
 
     url = os.environ.get("MINIPFI_DB_URL")
-    if not url and getattr(args, "config", None):
+    config = None
+    if getattr(args, "config", None):
         from engine import wiring  # noqa: F401 - destination types, before reading the file
         from engine.config import load_config
 
-        url = load_config(args.config).engine.store_url
+        config = load_config(args.config)
+        url = url or config.engine.store_url
     url = url or Store.default_url(_data_dir(args))
     u = sa.engine.make_url(url)
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
@@ -50,7 +52,21 @@ def _store(args):
     except BaseException:
         store.dispose()
         raise
+    if config is not None and config.engine.audit.syslog is not None:
+        _export_audit(store, config)
     return store
+
+
+def _export_audit(store, config) -> None:
+    """The audit rows this command writes also go to the routes file's syslog collector, sent
+    before the process exits (at most 2 s more when the collector does not answer)."""
+    import atexit
+
+    from engine.atna.sender import from_config
+
+    sender = from_config(config.engine.audit.syslog, config.engine.name).start()
+    store.add_audit_listener(sender.submit)
+    atexit.register(sender.stop, 2.0)
 
 
 # -- the audit trail of the CLI's own actions (actor 'cli:<os user>', source 'cli') --------------

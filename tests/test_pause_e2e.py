@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import getpass
 import json
+import socket
 import threading
 import time
 
+from engine.store import Store
 from mllp.blocking import BlockingMLLPClient
 from tests.enginectl import EngineProcess, free_port
 from tests.peers import Receiver
@@ -19,11 +21,12 @@ from tests.test_operations_e2e import TOKEN, get
 ME = f"cli:{getpass.getuser()}"
 
 
-def config(port, status_port, ris_port):
+def config(port, status_port, ris_port, syslog_port):
     return f"""
         engine:
           status: {{bind: 127.0.0.1, port: {status_port}}}
           shutdown_grace: 5s
+          audit: {{syslog: {{host: 127.0.0.1, port: {syslog_port}, transport: udp}}}}
         channels:
           mllp-in: {{type: mllp, port: {port}}}
         routes:
@@ -42,10 +45,14 @@ def test_cli_pause_resume_retry_now_and_audit(tmp_path, db_url):
     refuse = threading.Event()
     ris = Receiver(policy=lambda m: "AR" if refuse.is_set() else "AA")
     port, status_port = free_port(), free_port()
-    eng = EngineProcess(tmp_path, config(port, status_port, ris.port), db_url=db_url,
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # the audit repository (syslog)
+    collector.bind(("127.0.0.1", 0))
+    collector.settimeout(5)
+    eng = EngineProcess(tmp_path, config(port, status_port, ris.port, collector.getsockname()[1]), db_url=db_url,
                         status_port=status_port, env={"MINIPFI_STATUS_TOKEN": TOKEN})
     eng.start()
     cfg = ("--config", str(eng.config))
+    store = Store(db_url or Store.default_url(eng.data_dir))  # the test reads what the engine wrote
 
     def send(cid):
         with BlockingMLLPClient("127.0.0.1", port, timeout=10) as c:
@@ -74,8 +81,6 @@ def test_cli_pause_resume_retry_now_and_audit(tmp_path, db_url):
         st = wait(lambda: (s := ris_status())["queued"] == 2 and s, what="two queued")
         _code, _h, metrics = get(status_port, "/metrics", TOKEN)
         assert 'minipfi_destination_paused{destination="ris"} 1.0' in metrics.decode()
-        out = eng.cli("destinations", "list", *cfg).stdout
-        assert out.startswith("ris ") and "queued      2" in out and "paused since" in out
         # resumed: delivered at once, in order
         eng.cli("destinations", "resume", "ris", *cfg)
         t0 = time.monotonic()
@@ -92,7 +97,7 @@ def test_cli_pause_resume_retry_now_and_audit(tmp_path, db_url):
         ris.wait_for(4)
         refuse.clear()
         wait(lambda: ris_status()["queued"] == 1, what="R-1 waiting for its retry")
-        mid = json.loads(eng.cli("messages", "show", "R-1", "--json").stdout)["id"]
+        (mid,) = store.message_ids_by_control_id("R-1")
         assert eng.cli("messages", "retry", str(mid)).stdout == f"message {mid}: 1 entry due now\n"
         t0 = time.monotonic()
         ris.wait_for(5, timeout=10)
@@ -105,18 +110,24 @@ def test_cli_pause_resume_retry_now_and_audit(tmp_path, db_url):
         assert eng.cli("reload", check=False).returncode == 1
         eng.config.write_text(good)
 
-        def audit(*args):
-            out = eng.cli("audit", "list", "--json", *args).stdout
-            return [json.loads(line) for line in out.splitlines()]
-
-        reloads = wait(lambda: (r := audit("--action", "config.reload")) and len(r) == 2 and r, what="reload audit")
-        assert [(r["actor"], r["outcome"], r["detail"]["result"]) for r in reloads] == [
+        reloads = wait(lambda: (r := store.audit_list(action="config.reload")) and len(r) == 2 and r,
+                       what="reload audit")
+        assert [(r.actor, r.outcome, r.detail["result"]) for r in reloads] == [
             ("engine", "refused", "refused"), ("engine", "ok", "applied")]
-        mine = [(r["action"], r["target"], r["outcome"]) for r in reversed(audit("--actor", ME))]
-        assert mine == [("destination.pause", "destination:ris", "ok"),
-                        ("destination.resume", "destination:ris", "ok"),
-                        ("message.view", f"message:{mid}", "ok"),
-                        ("message.retry", f"message:{mid}", "ok")]
+        mine = [(r.action, r.target, r.outcome, r.source) for r in reversed(store.audit_list(actor=ME))]
+        assert mine == [("destination.pause", "destination:ris", "ok", "cli"),
+                        ("destination.resume", "destination:ris", "ok", "cli"),
+                        ("message.retry", f"message:{mid}", "ok", "cli")]
+        # exported to syslog: the engine's rows, and those of the CLI commands given the routes file
+        msgids = []
+        while len(msgids) < 5:
+            frame = collector.recvfrom(65535)[0]
+            assert frame.startswith((b"<85>1 ", b"<84>1 ")) and b" minipfi " in frame
+            msgids.append(frame.split(b" ")[5].decode())
+        assert msgids == ["engine.start", "destination.pause", "destination.resume", "config.reload",
+                          "config.reload"]
     finally:
         assert eng.stop() == 0, eng.log_tail()
         ris.close()
+        collector.close()
+        store.dispose()
