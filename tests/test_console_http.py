@@ -329,3 +329,12 @@ def test_store_reads_of_the_console(store):
 
     assert [i for i, raw, cs in got if matches(raw, cs, "ipp", rig.IPP)] == [ids[2]]
     assert not [i for i, raw, cs in got if matches(raw, cs, "ins", rig.IPP)]
+
+
+def test_status_gives_last_received_last_sent_and_peer_state(console):
+    eng, _port, _ids = console
+    code, body = reactor_thread.call(eng.status_service.status)
+    assert code == 200
+    assert body["channels"]["mllp-in"]["last_received_at"].startswith(time.strftime("%Y-%m-%d", time.gmtime()))
+    ris = body["destinations"]["ris"]
+    assert ris["last_sent_at"] is not None and ris["peer_down"] is False
