@@ -238,9 +238,76 @@ class StatusConfig(_Model):
         return v
 
 
+class ConsoleTLSConfig(_Model):
+    cert: ConfigPath
+    key: ConfigPath
+
+
+class ConsoleThrottleConfig(_Model):
+    """Failed logins per user name and per client address: after ``max_failures`` within
+    ``window``, each further failure locks that name (or address) out for ``base_delay``,
+    doubled at each failure up to ``max_delay``."""
+
+    max_failures: Annotated[int, Field(ge=1)] = 5
+    window: Duration = 900.0
+    base_delay: Duration = 30.0
+    max_delay: Duration = 900.0
+
+
+class ConsoleConfig(_Model):
+    """The web console for hospital IT (``engine.console``); users: ``minipfi users add``."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: Port = 8576
+    tls: ConsoleTLSConfig | None = None
+    session_idle_timeout: Duration = 900.0
+    session_max_age: Duration = 8 * 3600.0
+    login_throttle: ConsoleThrottleConfig = ConsoleThrottleConfig()
+
+    @model_validator(mode="after")
+    def _tls_when_exposed(self):
+        if self.enabled and self.tls is None and not is_loopback(self.bind):
+            raise ValueError(f"console bind {self.bind!r} is not a loopback address: tls (cert, key) is required")
+        return self
+
+
 class DuplicatesConfig(_Model):
     window: Duration = 7 * 86400.0
     on_conflict: Literal["reject", "accept"] = "reject"
+
+
+SYSLOG_PORTS = {"udp": 514, "tcp": 601, "tls": 6514}  # RFC 5426, RFC 6587 (IANA), RFC 5425
+
+
+class AuditSyslogConfig(_Model):
+    """Where audit rows go as RFC 5424 syslog messages (IHE ATNA: DICOM PS3.15 A.5 audit message
+    XML). TLS (RFC 5425) is verified against ``ca_file``; ``cert``/``key`` for mutual TLS."""
+
+    host: str
+    port: RemotePort | None = None  # default by transport: 514 udp, 601 tcp, 6514 tls
+    transport: Literal["udp", "tcp", "tls"] = "udp"
+    ca_file: ConfigPath | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "AuditSyslogConfig":
+        if self.transport == "tls" and not self.ca_file:
+            raise ValueError("transport tls needs ca_file (the CA the collector's certificate is checked against)")
+        if self.transport != "tls" and (self.ca_file or self.cert or self.key):
+            raise ValueError("ca_file, cert and key are for transport tls only")
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("cert and key must be given together")
+        return self
+
+    @property
+    def resolved_port(self) -> int:
+        return self.port or SYSLOG_PORTS[self.transport]
+
+
+class AuditConfig(_Model):
+    syslog: AuditSyslogConfig | None = None  # no export when absent (the store keeps every row)
 
 
 class EngineConfig(_Model):
@@ -248,7 +315,9 @@ class EngineConfig(_Model):
     environment: Literal["test", "production"] = "test"
     store_url: str | None = None
     status: StatusConfig = StatusConfig()
+    console: ConsoleConfig = ConsoleConfig()
     duplicates: DuplicatesConfig = DuplicatesConfig()
+    audit: AuditConfig = AuditConfig()
     on_store_unavailable: Literal["nak", "close"] = "nak"
     shutdown_grace: Duration = 10.0
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
@@ -1045,6 +1114,13 @@ def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
             binds[(bind, port)] = name
         if port == cfg.engine.status.port and (bind == cfg.engine.status.bind or wildcard):
             add(("channels", name, "port"), f"channel {name!r} binds {bind}:{port}, already used by engine.status")
+        con = cfg.engine.console
+        if con.enabled and port == con.port and (bind == con.bind or wildcard):
+            add(("channels", name, "port"), f"channel {name!r} binds {bind}:{port}, already used by engine.console")
+
+    con, st = cfg.engine.console, cfg.engine.status
+    if con.enabled and con.port and con.port == st.port and (con.bind == st.bind or "0.0.0.0" in (con.bind, st.bind)):
+        add(("engine", "console", "port"), f"engine.console binds {con.bind}:{con.port}, already used by engine.status")
 
     # report rules: every id must be in the catalogue, for the step of its block
     for name, ch in cfg.channels.items():

@@ -11,13 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first; the same table is in docs/architecture.md ("Floors").
 FLOORS = [
-    {"engine", "engine.durations", "engine.histogram", "engine.logs", "engine.hl7", "engine.reactor", "mllp"},
-    {"engine.config", "engine.cda", "engine.identity", "engine.alerts"},
+    {"engine", "engine.durations", "engine.histogram", "engine.logs", "engine.hl7", "engine.passwords",
+     "engine.reactor", "mllp"},
+    {"engine.config", "engine.cda", "engine.identity", "engine.web", "engine.atna", "engine.alerts"},
     {"engine.store", "engine.router", "engine.xds"},
     {"engine.steps", "engine.ingest", "engine.connectors", "engine.simulators"},
     {"engine.transforms"},
     {"engine.reports"},
-    {"engine.channels", "engine.delivery", "engine.status", "engine.alerting"},
+    {"engine.channels", "engine.delivery", "engine.status", "engine.alerting", "engine.console"},
     {"engine.wiring"},
     {"engine.app"},
     {"engine.cli"},

@@ -34,7 +34,7 @@ class EngineCollector:
     def __init__(self, engine, stats):
         self.engine = engine
         self.stats = stats
-        self._certs: dict[str, tuple[float, dt.datetime | None]] = {}
+        self.certs = CertificateDates()
 
     def describe(self):
         return []  # registering must not scrape the engine
@@ -112,19 +112,39 @@ class EngineCollector:
     def _deliveries(eng):
         outcomes = CounterMetricFamily("minipfi_deliveries", "Delivery attempts since start by outcome",
                                        labels=["destination", "outcome"])
+        paused = GaugeMetricFamily("minipfi_destination_paused",
+                                   "1 while an operator has paused the destination", labels=["destination"])
         for name, w in sorted(eng.workers.items()):
             for outcome, n in sorted(dict(w.counters).items()):
                 outcomes.add_metric([name, outcome], n)
+            paused.add_metric([name], 1 if getattr(w, "paused", False) else 0)
         yield outcomes
+        yield paused
 
     def _certificates(self, eng):
         days = GaugeMetricFamily("minipfi_certificate_days_left",
                                  "Days until a configured certificate expires (negative: expired)",
                                  labels=["kind", "name", "role"])
         now = dt.datetime.now(dt.timezone.utc)
-        cfg = eng.config
+        for kind, name, role, end in self.certs.dates(eng.config):
+            days.add_metric([kind, name, role], round((end - now).total_seconds() / 86400, 2))
+        return days
+
+
+class CertificateDates:
+    """The expiry dates of the certificates the configuration names (channel and destination
+    TLS), each file read again at most every ``CERT_CACHE_S``: for ``/metrics`` and the console."""
+
+    def __init__(self):
+        self._certs: dict[str, tuple[float, dt.datetime | None]] = {}
+
+    def dates(self, cfg) -> list[tuple[str, str, str, dt.datetime]]:
+        """``(kind, name, role, not_after)`` per readable certificate file, kind ``channel``,
+        ``destination`` or ``console``, role ``cert`` or ``ca``."""
         owners = [("channel", n, getattr(c, "tls", None)) for n, c in cfg.channels.items()]
         owners += [("destination", n, getattr(d, "tls", None)) for n, d in cfg.destinations.items()]
+        owners.append(("console", "console", cfg.engine.console.tls if cfg.engine.console.enabled else None))
+        out = []
         for kind, name, tls in owners:
             if tls is None:
                 continue
@@ -132,8 +152,8 @@ class EngineCollector:
                 path = getattr(tls, role, None)
                 end = self._not_after(path) if path else None
                 if end is not None:
-                    days.add_metric([kind, name, role], round((end - now).total_seconds() / 86400, 2))
-        return days
+                    out.append((kind, name, role, end))
+        return out
 
     def _not_after(self, path: str) -> dt.datetime | None:
         hit = self._certs.get(path)

@@ -3,6 +3,8 @@
 See ``engine.store.store`` for the design (writer thread, SQLite/PostgreSQL settings) and
 ``engine.store.schema`` for the tables. Times are float epoch seconds (UTC) throughout.
 """
+from .accounts import ROLES, UserRow
+from .audit import AuditRow
 from .models import (
     ClaimedEntry,
     ClaimedWindows,
@@ -21,6 +23,9 @@ from .models import (
 from .store import Store
 
 __all__ = [
+    "ROLES",
+    "AuditRow",
+    "UserRow",
     "ClaimedEntry",
     "ClaimedWindows",
     "Completion",

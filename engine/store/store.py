@@ -6,7 +6,8 @@ its rows returned; if the transaction failed, every callback of it gets the exce
 Parts (one module each): ``writer`` (group commit, SQLite settings, checkpoints), ``batch``
 (the rows of one ingest batch), ``dedup`` (duplicate keys on SQLite), ``queue`` (claims,
 completion, replay, documents), ``step_writes`` (what processing steps write), ``read_model``
-(messages, entries, stats for the CLI and ``/status``), ``sql`` (shared SQL text).
+(messages, entries, stats for the CLI and ``/status``), ``sql`` (shared SQL text), ``accounts``
+(local users), ``audit`` (the append-only audit trail), ``controls`` (pause, resume, retry now).
 
 Sync API (claims, completion, replay, reads) uses the pooled engine from the calling thread; on
 SQLite write transactions there start with ``BEGIN IMMEDIATE``, reads with a deferred ``BEGIN``.
@@ -32,7 +33,10 @@ from engine.histogram import Histogram
 from .sql import ENTRY_COLS, EVENT_COLS, MSG_COLS
 from .writer import JOURNAL_SIZE_LIMIT, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PAGE_SIZE, WRITER_LINGER_FACTOR, WRITER_LINGER_MAX_S, Job
 
+from .accounts import AccountsMixin
+from .audit import AuditMixin
 from .batch import BatchMixin
+from .controls import ControlsMixin
 from .dedup import DedupMixin
 from .queue import QueueMixin
 from .read_model import ReadModelMixin
@@ -46,7 +50,7 @@ T = TypeVar("T")
 
 
 class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, ReadModelMixin,
-            ReceiptsMixin):
+            ReceiptsMixin, AccountsMixin, AuditMixin, ControlsMixin):
     """One store: SQLite or PostgreSQL, one writer thread, pooled connections for the rest."""
 
     def __init__(self, url: str, *, dedup_window_seconds: float = 7 * 86400, pool_size: int = 5):
