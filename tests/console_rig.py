@@ -16,7 +16,7 @@ ROLES = {"admin": "admin", "op": "operator", "viewer": "viewer"}
 
 
 def config(port: int, status_port: int, console_port: int, ris_port: int, *, tls: str = "",
-           throttle: str = "") -> str:
+           throttle: str = "", alerts: str = "") -> str:
     return f"""
         engine:
           status: {{bind: 127.0.0.1, port: {status_port}}}
@@ -41,7 +41,17 @@ def config(port: int, status_port: int, console_port: int, ris_port: int, *, tls
             port: {ris_port}
             ack_timeout: 2s
             queue: {{on_ae: error, retry: {{initial_delay: 100ms, max_delay: 1s}}}}
+        {alerts}
     """
+
+
+#: an alert that fires at the first check (free space below 99.99 %), its notices to a closed port
+ALWAYS_FIRING = """alerts:
+          check_every: 200ms
+          notify:
+            hook: {type: webhook, url: "http://127.0.0.1:9/hook"}
+          rules:
+            - {name: disk-test, kind: disk_space, below_percent: 99.99, notify: [hook]}"""
 
 
 def adt(cid: str, *, name: str = NAME) -> bytes:

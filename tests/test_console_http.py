@@ -23,7 +23,7 @@ def console(tmp_path_factory):
     ris = Receiver(policy=lambda m: "AE" if b"|BAD-" in m else "AA")
     port, console_port = free_port(), free_port()
     (tmp / "routes.yaml").write_text(textwrap.dedent(rig.config(port, free_port(), console_port, ris.port, throttle=(
-        "login_throttle: {max_failures: 3, base_delay: 30s}"))))
+        "login_throttle: {max_failures: 3, base_delay: 30s}"), alerts=rig.ALWAYS_FIRING)))
     eng = Engine(tmp / "routes.yaml", tmp / "data", reactor_thread.reactor)
     reactor_thread.call(eng.start)
     for name, pw in rig.PASSWORDS.items():
@@ -338,3 +338,13 @@ def test_status_gives_last_received_last_sent_and_peer_state(console):
     assert body["channels"]["mllp-in"]["last_received_at"].startswith(time.strftime("%Y-%m-%d", time.gmtime()))
     ris = body["destinations"]["ris"]
     assert ris["last_sent_at"] is not None and ris["peer_down"] is False
+
+
+def test_dashboard_shows_the_firing_alerts(console, clients):
+    deadline = time.time() + 5
+    while True:
+        _r, page = clients["viewer"].get("/")
+        if "disk-test" in page or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert 'id="alerts"' in page and "disk-test" in page and "disk_space" in page
