@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= engine/routes.yaml
 DATA_DIR ?= data
-TEST_ONLY := aiosmtpd|atheris|atpublic|hypothesis|iniconfig|pluggy|pygments|pypdf|pytest|pytest-timeout|sortedcontainers
+TEST_ONLY := aiosmtpd|atheris|atpublic|h11|hypothesis|iniconfig|outcome|pluggy|pygments|pypdf|pysocks|pytest|pytest-timeout|selenium|sniffio|sortedcontainers|trio|trio-websocket|websocket-client|wsproto
 
 .PHONY: install install-test run test fuzz bench bench-e2e bench-dmp bench-mss bench-quick bench-identity bench-reports check clean lock
 
@@ -33,7 +33,11 @@ run: install                 ## start the engine with the sample routes on SQLit
 check: install               ## validate the routes file
 	$(BIN)/minipfi check $(CONFIG)
 
-test: install-test           ## the whole suite (SQLite and PostgreSQL)
+test: install-test           ## the whole suite (SQLite and PostgreSQL); installs headless Chromium for the console test
+	@if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && command -v apt-get >/dev/null; then \
+	  apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "chromium not installed: the console browser test will be skipped"; fi
 	$(BIN)/python -m pytest -q
 
 bench: install-test          ## durable ingest benchmark against python-hl7's MLLP server, 3 rounds (about 4 min)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from twisted.internet import defer, task, threads
 
-from engine import __version__, logs, wiring  # noqa: F401 - wiring registers the plug-ins
+from engine import __version__, console, logs, wiring  # noqa: F401 - wiring registers the plug-ins
 from engine.alerting.runner import AlertRunner
 from engine.atna.sender import from_config as syslog_sender
 from engine.channels.mllp import MLLPChannel
@@ -105,11 +105,12 @@ class Engine:
         self.owner = worker_owner()
         self.store: Store | None = None
         self.status_port = None
+        self.alerts: AlertRunner | None = None
+        self.console_port = None
         self.paused: dict[str, dict] = {}  # destination -> {by, at, reason} (engine.store.controls)
         self._controls_seq = 0
         self._controls_loop: task.LoopingCall | None = None
         self.audit_sender = None  # engine.atna.sender.SyslogSender while engine.audit.syslog is set
-        self.alerts: AlertRunner | None = None
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -128,6 +129,7 @@ class Engine:
         self.store.audit("engine", "engine.start", detail={"version": self.version, "pid": os.getpid()})
         self.batcher = IngestBatcher(self.store, self.reactor)
         self._start_status()
+        self._start_console()
         recovered = self.store.recover_in_flight()
         self.recovery_done = True
         log.info("engine.recovered", in_flight_requeued=recovered, store=self.store.dialect)
@@ -164,7 +166,8 @@ class Engine:
         if not _is_loopback(st.bind) and not token:
             raise ConfigError([Problem("engine.status.token_env", None,
                                        f"status is bound to {st.bind}: set the bearer token in ${st.token_env}")])
-        site = build_site(StatusService(self), token)
+        self.status_service = StatusService(self)
+        site = build_site(self.status_service, token)
         self.status_port = self.reactor.listenTCP(st.port, site, interface=st.bind)
         log.info("status.listening", bind=st.bind, port=self.status_port.getHost().port, token=bool(token))
 
@@ -172,6 +175,18 @@ class Engine:
         self.alerts = AlertRunner(self, self.reactor)
         self.alerts.start().addErrback(
             lambda f: log.error("alerts.start_failed", error=logs.error_text(f.value, ERROR_TEXT_MAX)))
+
+    def _start_console(self) -> None:
+        """The web console (``engine.console``), on the StatusService's counts; TLS when configured
+        (configuration refuses a non-loopback bind without it)."""
+        con = self.config.engine.console
+        if not con.enabled:
+            return
+        site = console.build_site(self, self.status_service, con)
+        tls = TLSFiles(cert=str(con.tls.cert), key=str(con.tls.key)) if con.tls else None
+        self.console_site = site
+        self.console_port = listen(self.reactor, site, con.port, con.bind, tls)
+        log.info("console.listening", bind=con.bind, port=self.console_port.getHost().port, tls=tls is not None)
 
     def _start_channel(self, name, cfg) -> None:
         handler = MLLPChannel(name, cfg, self.config.engine, self.router, self.batcher, self.ack_ids,
@@ -414,10 +429,10 @@ class Engine:
             return
         self.stopping = True
         log.info("engine.stopping")
-        if self._controls_loop is not None and self._controls_loop.running:
-            self._controls_loop.stop()
         if self.alerts is not None:
             self.alerts.stop()
+        if self._controls_loop is not None and self._controls_loop.running:
+            self._controls_loop.stop()
         for ch in self.channels.values():
             yield defer.maybeDeferred(ch.port.stopListening)
         grace = float(self.config.engine.shutdown_grace)
@@ -427,6 +442,8 @@ class Engine:
             ch.factory.close_all()
         if self.status_port is not None:
             yield defer.maybeDeferred(self.status_port.stopListening)
+        if self.console_port is not None:
+            yield defer.maybeDeferred(self.console_port.stopListening)
         try:
             yield threads.deferToThread(self.store.audit, "engine", "engine.stop", detail={"pid": os.getpid()})
         except Exception as exc:  # noqa: BLE001 - the store may be what failed
@@ -450,6 +467,8 @@ class Engine:
             ch.port.stopListening()
         if self.status_port is not None:
             self.status_port.stopListening()
+        if self.console_port is not None:
+            self.console_port.stopListening()
         if self._controls_loop is not None and self._controls_loop.running:
             self._controls_loop.stop()
         if self.audit_sender is not None:

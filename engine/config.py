@@ -238,6 +238,40 @@ class StatusConfig(_Model):
         return v
 
 
+class ConsoleTLSConfig(_Model):
+    cert: ConfigPath
+    key: ConfigPath
+
+
+class ConsoleThrottleConfig(_Model):
+    """Failed logins per user name and per client address: after ``max_failures`` within
+    ``window``, each further failure locks that name (or address) out for ``base_delay``,
+    doubled at each failure up to ``max_delay``."""
+
+    max_failures: Annotated[int, Field(ge=1)] = 5
+    window: Duration = 900.0
+    base_delay: Duration = 30.0
+    max_delay: Duration = 900.0
+
+
+class ConsoleConfig(_Model):
+    """The web console for hospital IT (``engine.console``); users: ``minipfi users add``."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: Port = 8576
+    tls: ConsoleTLSConfig | None = None
+    session_idle_timeout: Duration = 900.0
+    session_max_age: Duration = 8 * 3600.0
+    login_throttle: ConsoleThrottleConfig = ConsoleThrottleConfig()
+
+    @model_validator(mode="after")
+    def _tls_when_exposed(self):
+        if self.enabled and self.tls is None and not is_loopback(self.bind):
+            raise ValueError(f"console bind {self.bind!r} is not a loopback address: tls (cert, key) is required")
+        return self
+
+
 class DuplicatesConfig(_Model):
     window: Duration = 7 * 86400.0
     on_conflict: Literal["reject", "accept"] = "reject"
@@ -281,6 +315,7 @@ class EngineConfig(_Model):
     environment: Literal["test", "production"] = "test"
     store_url: str | None = None
     status: StatusConfig = StatusConfig()
+    console: ConsoleConfig = ConsoleConfig()
     duplicates: DuplicatesConfig = DuplicatesConfig()
     audit: AuditConfig = AuditConfig()
     on_store_unavailable: Literal["nak", "close"] = "nak"
@@ -1079,6 +1114,13 @@ def _cross_checks(cfg: Config, lines: _Lines) -> list[Problem]:
             binds[(bind, port)] = name
         if port == cfg.engine.status.port and (bind == cfg.engine.status.bind or wildcard):
             add(("channels", name, "port"), f"channel {name!r} binds {bind}:{port}, already used by engine.status")
+        con = cfg.engine.console
+        if con.enabled and port == con.port and (bind == con.bind or wildcard):
+            add(("channels", name, "port"), f"channel {name!r} binds {bind}:{port}, already used by engine.console")
+
+    con, st = cfg.engine.console, cfg.engine.status
+    if con.enabled and con.port and con.port == st.port and (con.bind == st.bind or "0.0.0.0" in (con.bind, st.bind)):
+        add(("engine", "console", "port"), f"engine.console binds {con.bind}:{con.port}, already used by engine.status")
 
     # report rules: every id must be in the catalogue, for the step of its block
     for name, ch in cfg.channels.items():

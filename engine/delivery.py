@@ -194,8 +194,14 @@ class DestinationWorker:
         self.consecutive_failures = 0          # failed attempts since the last success (alerts)
         self.last_error: str | None = None
         self.last_error_at: float | None = None   # epoch seconds of last_error
+        self.last_sent_at: float | None = None    # epoch seconds of the last entry sent
         self._chains: dict[str, object] = {}
         self._receipts_loop = None
+
+    @property
+    def peer_down(self) -> bool:
+        """The peer did not answer: the worker sleeps until its next probe."""
+        return self._down_steps > 0
 
     @property
     def capacity(self) -> int:
@@ -483,6 +489,7 @@ class DestinationWorker:
         if status in ("error", "retry"):
             self.last_error, self.last_error_at = detail, time.time()
         if status == "sent":
+            self.last_sent_at = time.time()
             _log_sent(self.name, entry.target or None, entry.id, entry.message_id,
                       logs.safe(entry.control_id), attempts)
         else:

@@ -25,6 +25,8 @@ def test_certificate_days_left_and_store_down(tmp_path):
     pki = make_pki(tmp_path / "pki")
     routes = tmp_path / "routes.yaml"
     routes.write_text(f"""
+engine:
+  console: {{enabled: true, port: 0, tls: {{cert: pki/server.pem, key: pki/server.key}}}}
 channels:
   in:
     type: mllp
@@ -49,6 +51,7 @@ destinations:
     lines = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
     assert 360 < lines['minipfi_certificate_days_left{kind="channel",name="in",role="cert"}'] <= 366
     assert 'minipfi_certificate_days_left{kind="channel",name="in",role="ca"}' in lines
+    assert 360 < lines['minipfi_certificate_days_left{kind="console",name="console",role="cert"}'] <= 366
     assert lines['minipfi_certificate_days_left{kind="destination",name="out",role="cert"}'] < 0
     assert lines["minipfi_store_up"] == 0
     assert lines["minipfi_config_last_reload_ok"] == 0

@@ -83,6 +83,7 @@ class MLLPChannel:
         self.on_stored = on_stored  # callable(destinations) -> wakes the delivery workers
         self.clock = clock
         self.counters = ChannelCounters()
+        self.last_received_at: float | None = None  # epoch seconds of the last frame (status, console)
         self.ack_latency = Histogram()  # seconds from reception to the ACK (or its decision)
         self.store_ok = True
         self.store = None  # set by the engine when a processing step needs writer-thread ops
@@ -116,6 +117,7 @@ class MLLPChannel:
 
     def _handle(self, payload: bytes, conn, now: float) -> PendingReply | defer.Deferred | bytes | None:
         self.counters.received += 1
+        self.last_received_at = time.time()
         msh = None
         try:
             msh = read_msh(payload)

@@ -24,10 +24,11 @@ import time
 from datetime import datetime, timezone
 
 from twisted.internet import defer, threads
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 
-from engine import logs
-from engine.status.metrics import CONTENT_TYPE_LATEST, EngineCollector, registry_for, render as render_metrics
+from engine import logs, web
+from engine.status.metrics import (CONTENT_TYPE_LATEST, CertificateDates, EngineCollector, registry_for,
+                                   render as render_metrics)
 
 log = logs.get("engine.status")
 
@@ -37,98 +38,26 @@ IDLE_TIMEOUT_S = 30.0    # a keep-alive connection with nothing to do is closed 
 MAX_CONNECTIONS = 64     # status pollers are few; a flood must not exhaust the process
 
 
-class _StatusChannel(http.HTTPChannel):
-    """An HTTP connection with a deadline for its headers and a place in the site's count."""
-
-    def connectionMade(self):
-        super().connectionMade()
-        site = self.site
-        if site.open_connections >= site.max_connections:
-            if not site.refusing:
-                site.refusing = True
-                log.warning("status.connections_capped", limit=site.max_connections)
-            self._counted = False
-            self.transport.abortConnection()
-            return
-        site.refusing = False
-        site.open_connections += 1
-        self._counted = True
-        self._header_deadline = self.callLater(site.header_timeout, self._headers_too_slow)
-
-    def _headers_too_slow(self):
-        self._header_deadline = None
-        self.transport.abortConnection()
-
-    def headers_complete(self):
-        call = getattr(self, "_header_deadline", None)
-        if call is not None and call.active():
-            call.cancel()
-        self._header_deadline = None
-
-    def connectionLost(self, reason):
-        self.headers_complete()
-        if getattr(self, "_counted", False):
-            self._counted = False
-            self.site.open_connections -= 1
-        super().connectionLost(reason)
-
-
 OPEN_PATHS = (b"/health", b"/ready")  # probes: answerable without the token
 
 
-class _AuthRequest(server.Request):
-    def gotLength(self, length):
-        self.channel.headers_complete()
-        site = self.channel.site
-        path = (getattr(self.channel, "_path", None) or b"").split(b"?", 1)[0]
-        creds = self.requestHeaders.getRawHeaders(b"authorization") or []
-        # a probe sends no credentials; wrong credentials are refused wherever they are sent
-        if not (path in OPEN_PATHS and not creds) and not site.authorized(creds):
-            self._refuse(401, b"Unauthorized", extra=b"WWW-Authenticate: Bearer\r\n")
-            return
-        if length is not None and length > MAX_BODY:
-            self._refuse(413, b"Payload Too Large")
-            return
-        super().gotLength(length)
-
-    def _refuse(self, code: int, phrase: bytes, extra: bytes = b"") -> None:
-        body = json.dumps({"error": phrase.decode()}).encode()
-        self.channel.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s"
-            % (code, phrase, len(body), extra, body)
-        )
-        self.channel.transport.loseConnection()
-        self.channel._refused = True
-
-    def setHeader(self, name, value):
-        if name.lower() == b"server":  # no software name or version for scanners
-            return
-        super().setHeader(name, value)
-
-    def handleContentChunk(self, data):
-        if getattr(self.channel, "_refused", False):
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command, path, version):
-        if getattr(self.channel, "_refused", False):
-            return
-        super().requestReceived(command, path, version)
-
-
-class StatusSite(server.Site):
-    requestFactory = _AuthRequest
-    protocol = _StatusChannel
+class StatusSite(web.GuardedSite):
+    log_name = "status"
 
     def __init__(self, root, token: str | None, *, header_timeout: float = HEADER_TIMEOUT_S,
                  idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
-        super().__init__(root, timeout=idle_timeout)
+        super().__init__(root, header_timeout=header_timeout, idle_timeout=idle_timeout,
+                         max_connections=max_connections)
         self.token = token.encode() if token else None
-        self.displayTracebacks = False
-        self.header_timeout = header_timeout
-        self.max_connections = max_connections
-        self.open_connections = 0
-        self.refusing = False
+
+    def refusal(self, request, method, path, length):
+        creds = request.requestHeaders.getRawHeaders(b"authorization") or []
+        # a probe sends no credentials; wrong credentials are refused wherever they are sent
+        if not (path in OPEN_PATHS and not creds) and not self.authorized(creds):
+            return web.Refusal(401, b"Unauthorized", b"WWW-Authenticate: Bearer\r\n")
+        if length is not None and length > MAX_BODY:
+            return web.Refusal(413, b"Payload Too Large")
+        return None
 
     def authorized(self, headers: list[bytes]) -> bool:
         if self.token is None:
@@ -139,15 +68,8 @@ class StatusSite(server.Site):
                 return True
         return False
 
-    def log(self, request):  # access log without query strings or bodies
-        pass
 
-
-def _json_error(request, code: int, text: str) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps({"error": text}).encode()
+_json_error = web.json_error
 
 
 class _Root(resource.Resource):
@@ -237,6 +159,11 @@ class StatusService:
         self.engine = engine
         self._cache = (0.0, None)
         self._stats_ttl = self.STATS_MAX_AGE_S
+        self.certs = CertificateDates()
+
+    def certificates(self) -> defer.Deferred:
+        """``(kind, name, role, not_after)`` of the configured certificates (read in a thread)."""
+        return threads.deferToThread(self.certs.dates, self.engine.config)
 
     def health(self):
         return 200, {"status": "alive", "version": self.engine.version}
@@ -293,6 +220,7 @@ class StatusService:
                 "duplicates": s.get("duplicates", 0),
                 "conflicts": s.get("conflicts", 0),
                 "since_start": vars(ch.handler.counters) if ch.handler else {},
+                "last_received_at": _iso(ch.handler.last_received_at) if ch.handler and ch.handler.last_received_at else None,
                 "framing": dict(ch.factory.counters) if ch.factory else {},
             }
         names = set(eng.workers) | set(stats.get("destinations", {}))
@@ -313,6 +241,8 @@ class StatusService:
                 "oldest_queued_age_s": s.get("oldest_queued_age_s"),
                 "last_error": w.last_error if w else None,
                 "last_error_at": _iso(w.last_error_at) if w and w.last_error_at else None,
+                "last_sent_at": _iso(w.last_sent_at) if w and w.last_sent_at else None,
+                "peer_down": w.peer_down if w else None,
                 # an operator's pause (who and since when; the reason is in the audit trail)
                 "paused": bool(w and w.paused),
             }

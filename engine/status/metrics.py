@@ -34,7 +34,7 @@ class EngineCollector:
     def __init__(self, engine, stats):
         self.engine = engine
         self.stats = stats
-        self._certs: dict[str, tuple[float, dt.datetime | None]] = {}
+        self.certs = CertificateDates()
 
     def describe(self):
         return []  # registering must not scrape the engine
@@ -126,9 +126,25 @@ class EngineCollector:
                                  "Days until a configured certificate expires (negative: expired)",
                                  labels=["kind", "name", "role"])
         now = dt.datetime.now(dt.timezone.utc)
-        cfg = eng.config
+        for kind, name, role, end in self.certs.dates(eng.config):
+            days.add_metric([kind, name, role], round((end - now).total_seconds() / 86400, 2))
+        return days
+
+
+class CertificateDates:
+    """The expiry dates of the certificates the configuration names (channel and destination
+    TLS), each file read again at most every ``CERT_CACHE_S``: for ``/metrics`` and the console."""
+
+    def __init__(self):
+        self._certs: dict[str, tuple[float, dt.datetime | None]] = {}
+
+    def dates(self, cfg) -> list[tuple[str, str, str, dt.datetime]]:
+        """``(kind, name, role, not_after)`` per readable certificate file, kind ``channel``,
+        ``destination`` or ``console``, role ``cert`` or ``ca``."""
         owners = [("channel", n, getattr(c, "tls", None)) for n, c in cfg.channels.items()]
         owners += [("destination", n, getattr(d, "tls", None)) for n, d in cfg.destinations.items()]
+        owners.append(("console", "console", cfg.engine.console.tls if cfg.engine.console.enabled else None))
+        out = []
         for kind, name, tls in owners:
             if tls is None:
                 continue
@@ -136,8 +152,8 @@ class EngineCollector:
                 path = getattr(tls, role, None)
                 end = self._not_after(path) if path else None
                 if end is not None:
-                    days.add_metric([kind, name, role], round((end - now).total_seconds() / 86400, 2))
-        return days
+                    out.append((kind, name, role, end))
+        return out
 
     def _not_after(self, path: str) -> dt.datetime | None:
         hit = self._certs.get(path)

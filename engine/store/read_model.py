@@ -55,15 +55,25 @@ class ReadModelMixin:
     def list_messages(self, *, limit: int = 100, offset: int = 0, channel: str | None = None,
                       status: str | None = None, destination: str | None = None,
                       message_type: str | None = None, control_id: str | None = None,
-                      since: float | None = None, until: float | None = None) -> list[MessageSummary]:
+                      since: float | None = None, until: float | None = None,
+                      sending_app: str | None = None, ids: list[int] | None = None) -> list[MessageSummary]:
         """Newest first, filtered. ``status`` aggregates: the message status if
         rejected/filtered/conflict; else over the latest entry per destination and target (a
         replay supersedes the earlier attempt): 'error' if any error, 'queued' if any
         queued/in_flight, 'handled' if an error was resolved by an operator and nothing else is
         pending, else 'sent'. With ``destination`` only that destination's entries count (and
         only messages routed there are listed). ``message_type`` is ``CODE^TRIGGER`` or ``CODE``;
-        ``since``/``until`` bound the reception time (epoch seconds, ``until`` excluded)."""
+        ``since``/``until`` bound the reception time (epoch seconds, ``until`` excluded);
+        ``sending_app`` is MSH-3 (its first component, or the whole field); ``ids`` keeps only
+        these messages (the console's patient search finds them)."""
         where, params = [], {"lim": int(limit), "off": int(offset)}
+        if ids is not None:
+            if not ids:
+                return []
+            where.append("m.id IN (" + ", ".join(str(int(i)) for i in ids) + ")")
+        if sending_app is not None:
+            where.append("(m.sending_app = :app OR m.sending_app LIKE :app_prefix)")
+            params.update(app=sending_app, app_prefix=sending_app.replace("%", "") + "^%")
         for col, value in (("channel", channel), ("control_id", control_id)):
             if value is not None:
                 where.append(f"m.{col} = :{col}")
@@ -104,6 +114,18 @@ class ReadModelMixin:
                 f"{outer} ORDER BY x.id DESC LIMIT :lim OFFSET :off"), params).all()
         return [MessageSummary(mid, ch, cid, mt, iso(at), st, app, fac, size)
                 for mid, ch, cid, mt, at, st, app, fac, size in rows]
+
+    def raw_between(self, since: float, until: float, *, after_id: int = 0,
+                    limit: int = 500) -> list[tuple[int, bytes, str]]:
+        """``(id, raw, charset)`` of the messages received in ``[since, until)`` with an id above
+        ``after_id``, by id, ``limit`` at a time: the console's patient search reads the content
+        it matches (patient identifiers are not columns, see the module docstring of ``schema``)."""
+        with self._read() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT id, raw, charset FROM messages WHERE received_at >= :s AND received_at < :u "
+                "AND id > :a ORDER BY id LIMIT :lim"),
+                {"s": float(since), "u": float(until), "a": int(after_id), "lim": int(limit)}).all()
+        return [(i, bytes(raw), cs or "") for i, raw, cs in rows]
 
     def message_ids_by_control_id(self, control_id: str, limit: int = 20) -> list[int]:
         """Ids of the messages carrying this MSH-10, newest first (several senders may reuse one)."""
