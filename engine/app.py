@@ -117,9 +117,18 @@ class Engine:
             self._start_worker(name, cfg)
         for name, cfg in self.config.channels.items():
             self._start_channel(name, cfg)
+        self._start_retention()
         self._write_pid()
         log.info("engine.started", version=self.version, channels=sorted(self.channels),
                  destinations=sorted(self.workers), data_dir=str(self.data_dir))
+
+    def _start_retention(self) -> None:
+        """Pruning in its own thread; its writer ops go through the reactor (see Pruner)."""
+        from engine.retention.prune import Pruner, RetentionThread
+
+        submit = lambda op, cb: self.reactor.callFromThread(self.store.submit, op, cb)  # noqa: E731
+        self.retention = RetentionThread(Pruner(self.store, lambda: self.config, submit=submit))
+        self.retention.start()
 
     def _configure_cda_validation(self) -> dict:
         """CDA validation resources: ``engine.cda_resources`` or the packaged ones; what is generated
@@ -274,6 +283,8 @@ class Engine:
             ch.factory.close_all()
         if self.status_port is not None:
             yield defer.maybeDeferred(self.status_port.stopListening)
+        if getattr(self, "retention", None) is not None:
+            self.retention.stop(timeout=0)
         self.store.stop(timeout=grace)
         self.store.dispose()
         try:
