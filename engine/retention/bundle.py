@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -82,12 +83,79 @@ def embedded_pdf(cda: bytes) -> bytes | None:
         return None
 
 
-class Bundle:
-    """Writes one export folder; ``close`` adds the manifest and README."""
+class DirSink:
+    """Files written into a folder (the export)."""
 
-    def __init__(self, root: Path, *, kind: str, time_range: dict | None = None):
+    def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def file(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def stream(self, rel: str):
+        return open(self.root / rel, "wb")
+
+    def close(self, streams: list[str]) -> None:
+        pass
+
+
+class TarSink:
+    """Files written straight into one ``.tar.gz`` (the archive); JSON Lines are spooled to
+    temporary files and added at the end; ``close`` fsyncs the file and its folder before
+    giving it its final name."""
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+        self.part = self.target.with_name(self.target.name + ".part")
+        self.spool = self.target.with_name("." + self.target.name + ".spool")
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.part, "wb")
+        # ustar headers and a fast gzip level: writing the archive must not be the run's cost
+        self.tar = tarfile.open(fileobj=self.fh, mode="w:gz", format=tarfile.USTAR_FORMAT,
+                                compresslevel=3)
+        self.mtime = int(time.time())
+
+    def file(self, rel: str, data: bytes) -> None:
+        info = tarfile.TarInfo(rel)
+        info.size, info.mtime, info.mode = len(data), self.mtime, 0o600
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def stream(self, rel: str):
+        return open(self.spool / rel, "wb")
+
+    def close(self, streams: list[str]) -> None:
+        for rel in streams:
+            self.tar.add(self.spool / rel, arcname=rel)
+        self.tar.close()
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.part, self.target)
+        dfd = os.open(self.target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def abandon(self) -> None:
+        try:
+            self.tar.close()
+            self.fh.close()
+        finally:
+            self.part.unlink(missing_ok=True)
+            shutil.rmtree(self.spool, ignore_errors=True)
+
+
+class Bundle:
+    """Writes one export (a folder, or with ``archive`` a ``.tar.gz``); ``close`` adds the
+    manifest and README."""
+
+    def __init__(self, root: Path, *, kind: str, time_range: dict | None = None, archive: bool = False):
+        self.sink = TarSink(root) if archive else DirSink(root)
         self.kind = kind
         self.range = time_range or {}
         self.counts: Counter = Counter()
@@ -96,16 +164,14 @@ class Bundle:
 
     # -- low level ----------------------------------------------------------------------------
     def _file(self, rel: str, data: bytes) -> str:
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        self.sink.file(rel, data)
         self._files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         self.counts["files." + rel.split("/", 1)[0]] += 1
         return rel
 
     def line(self, name: str, obj: dict) -> None:
         if name not in self._open:
-            self._open[name] = (open(self.root / f"{name}.jsonl", "wb"), hashlib.sha256(), [0])
+            self._open[name] = (self.sink.stream(f"{name}.jsonl"), hashlib.sha256(), [0])
         fh, h, size = self._open[name]
         data = (json.dumps({k: _json_value(v) for k, v in obj.items()}, ensure_ascii=False,
                            sort_keys=False) + "\n").encode("utf-8")
@@ -170,8 +236,10 @@ class Bundle:
 
     # -- end --------------------------------------------------------------------------------------
     def close(self, *, extra: dict | None = None) -> dict:
+        streams = []
         for name, (fh, h, size) in self._open.items():
             fh.close()
+            streams.append(f"{name}.jsonl")
             self._files[f"{name}.jsonl"] = {"sha256": h.hexdigest(), "size": size[0]}
         self._open = {}
         created = datetime.now(timezone.utc).isoformat()
@@ -182,10 +250,18 @@ class Bundle:
                     "files": dict(sorted(self._files.items()))}
         if extra:
             manifest.update(extra)
-        (self.root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (self.root / "README.txt").write_text(README.format(kind=self.kind, format=FORMAT,
-                                                            version=__version__, created=created))
+        self.sink.file("manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        self.sink.file("README.txt", README.format(kind=self.kind, format=FORMAT, version=__version__,
+                                                   created=created).encode())
+        self.sink.close(streams)
         return manifest
+
+    def abandon(self) -> None:
+        for fh, _h, _s in self._open.values():
+            fh.close()
+        self._open = {}
+        if isinstance(self.sink, TarSink):
+            self.sink.abandon()
 
 
 def cda_of_wrapped(wrapped: bytes) -> bytes | None:
@@ -203,25 +279,6 @@ def cda_of_wrapped(wrapped: bytes) -> bytes | None:
             if data.lstrip().startswith(b"<"):
                 return data
     return None
-
-
-def pack(folder: Path, target: Path) -> None:
-    """``folder`` as ``target`` (.tar.gz), fsynced with its directory, then the folder removed."""
-    tmp = target.with_name(target.name + ".part")
-    with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w:gz") as tar:
-            for path in sorted(folder.rglob("*")):
-                if path.is_file():
-                    tar.add(path, arcname=str(path.relative_to(folder)))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    dfd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def archive_name(now: float | None = None) -> str:

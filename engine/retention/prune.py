@@ -24,12 +24,18 @@ from typing import Callable
 from engine import logs
 from engine.store.retention import utc_naive
 
-from .bundle import Bundle, archive_name, pack
+from .bundle import Bundle, archive_name
 
 log = logs.get("engine.retention")
 
 RUN_BATCHES = 100  # batches per kind and channel in one run (bounds an archive file)
 ARCHIVE_PAGE = 200
+TICK = 1.0
+# After each batch the run sleeps as long as the batch took: the pruning thread shares the
+# interpreter with the reactor, and building an archive is Python work (JSON, gzip). Measured
+# with 4 MLLP senders on SQLite, batch 500, archive on: without pacing ingest fell from about
+# 1,250 to 440 msg/s while runs went on.
+PACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ class _Run:
         self.now = now
         self.counts: Counter = Counter()
         self.kept = 0
-        self.taken: set[int] = set()
+        self.taken: set[int] = set()  # message ids handled in this run
         self.plan: list[Callable] = []
         self.bundle = None
         self.archive = None
@@ -133,8 +139,7 @@ class _Run:
             folder = Path(r.archive_dir)
             folder.mkdir(parents=True, exist_ok=True)
             self.archive = folder / archive_name(now)
-            self.tmp = folder / (".tmp-" + self.archive.name[:-len(".tar.gz")])
-            self.bundle = Bundle(self.tmp, kind="archive", time_range={"run_at": now})
+            self.bundle = Bundle(self.archive, kind="archive", time_range={"run_at": now}, archive=True)
 
     # -- the op of a batch: at once, or after the archive is on disk --------------------------
     def _do(self, op) -> None:
@@ -160,23 +165,29 @@ class _Run:
                 hi = st.read(lambda c: st.id_bound(c, "queue_entries", "created_at", cut))
                 after = 0
                 for _ in range(RUN_BATCHES):
+                    t0 = time.monotonic()
                     ids, after = st.due_entries(scope, cut, after=after, hi=hi, limit=self.batch, now=self.now)
                     if ids:
                         if self.bundle is not None:
                             for row in st.rows_by_id("queue_entries", ids):
                                 self.bundle.entry(row | {"pruned": "entry"})
                         self._do(lambda c, ids=ids: st.delete_entries_within(c, ids, self.now))
+                        _pace(t0)
                     if after >= hi:
                         break
+            hi = st.read(lambda c: st.id_bound(c, "events", "at", cut))
+            after = 0
             for _ in range(RUN_BATCHES):
-                ids = [i for i in st.due_events(scope, cut, limit=self.batch) if i not in self.taken]
-                if not ids:
+                t0 = time.monotonic()
+                ids, after = st.due_events(scope, cut, after=after, hi=hi, limit=self.batch)
+                if ids:
+                    if self.bundle is not None:
+                        for row in st.rows_by_id("events", ids):
+                            self.bundle.line("events", row)
+                    self._do(lambda c, ids=ids: st.delete_events_within(c, ids))
+                    _pace(t0)
+                if after >= hi:
                     break
-                if self.bundle is not None:
-                    self.taken.update(ids)
-                    for row in st.rows_by_id("events", ids):
-                        self.bundle.line("events", row)
-                self._do(lambda c, ids=ids: st.delete_events_within(c, ids))
 
     def _messages(self, scope, cut: float, *, payloads: bool) -> None:
         st = self.store
@@ -184,6 +195,7 @@ class _Run:
         after = self.p.payload_marks.get(scope, 0) if payloads else 0
         first_kept = None
         for _ in range(RUN_BATCHES):
+            t0 = time.monotonic()
             ids, cursor, kept = st.due_messages(scope, cut, after=after, hi=hi, limit=self.batch,
                                                 payloads=payloads, now=self.now)
             if kept is not None and first_kept is None:
@@ -197,6 +209,7 @@ class _Run:
                     self._do(lambda c, ids=ids: st.prune_payloads_within(c, ids, self.now))
                 else:
                     self._do(lambda c, ids=ids: st.delete_messages_within(c, ids, self.now))
+                _pace(t0)
             after = cursor
             if after >= hi:
                 break
@@ -252,19 +265,23 @@ class _Run:
         if self.bundle is not None:
             if self.plan:
                 self.bundle.close()
-                pack(self.tmp, self.archive)
                 name = self.archive.name
                 for op in self.plan:
+                    t0 = time.monotonic()
                     self._apply(self.p._write(op))
+                    _pace(t0)
             else:
                 self.abandon()
         return {"counts": dict(sorted(self.counts.items())), "kept": self.kept, "archive": name}
 
     def abandon(self) -> None:
-        if self.bundle is not None and self.tmp.exists():
-            import shutil
+        if self.bundle is not None:
+            self.bundle.abandon()
+            self.bundle = None
 
-            shutil.rmtree(self.tmp, ignore_errors=True)
+
+def _pace(t0: float) -> None:
+    time.sleep(min(1.0, PACE * (time.monotonic() - t0)))
 
 
 class RetentionThread:
@@ -286,7 +303,12 @@ class RetentionThread:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while not self._stop.wait(float(self.pruner.config_fn().engine.retention.interval)):
+        last = time.monotonic()
+        # ticks of at most a second: a reload's new interval applies without a restart
+        while not self._stop.wait(min(TICK, float(self.pruner.config_fn().engine.retention.interval))):
+            if time.monotonic() - last < float(self.pruner.config_fn().engine.retention.interval):
+                continue
+            last = time.monotonic()
             try:
                 self.pruner.run()
             except Exception as exc:  # noqa: BLE001 - the next run tries again

@@ -145,12 +145,14 @@ class RetentionMixin:
             ids = self._without_awaited_receipts(conn, ids, now, by="id")
         return ids, (rows[-1][0] if rows else hi)
 
-    def due_events(self, scope, cut: float, *, limit: int) -> list[int]:
-        params = {"cut": cut, "lim": int(limit)}
+    def due_events(self, scope, cut: float, *, after: int, hi: int, limit: int) -> tuple[list[int], int]:
+        """Events before ``cut`` (ids after ``after`` up to ``hi``) and the next cursor."""
+        params = {"cut": cut, "a": after, "hi": hi, "lim": int(limit)}
         with self._read() as conn:
-            return list(conn.execute(_text(
-                "SELECT id FROM events e WHERE at < :cut" + scope_sql(scope, params, "e.channel")
-                + " ORDER BY at LIMIT :lim", params), params).scalars())
+            rows = conn.execute(_text(
+                "SELECT id, CASE WHEN at < :cut THEN 1 ELSE 0 END FROM events e WHERE id > :a AND id <= :hi"
+                + scope_sql(scope, params, "e.channel") + " ORDER BY id LIMIT :lim", params), params).all()
+        return [r[0] for r in rows if r[1]], (rows[-1][0] if rows else hi)
 
     def due_identities(self, cut: datetime, *, limit: int) -> tuple[list[int], list[int]]:
         """Identity history rows written before ``cut`` whose source message is gone, and
@@ -190,10 +192,11 @@ class RetentionMixin:
         if self._sqlite:
             keys = conn.execute(_text("SELECT dedup_key, received_at, id FROM messages WHERE id IN :ids "
                                       "AND dedup_key IS NOT NULL", p), p).all()
-            for k in keys:
-                counts["dedup_index"] += conn.execute(sa.text(
-                    "DELETE FROM dedup_index WHERE dedup_key = :k AND received_at = :at "
-                    "AND message_id = :m"), {"k": k[0], "at": k[1], "m": k[2]}).rowcount
+            if keys:
+                before = conn.execute(sa.text("SELECT total_changes()")).scalar()
+                conn.execute(sa.text("DELETE FROM dedup_index WHERE dedup_key = :k AND received_at = :at "
+                                     "AND message_id = :m"), [{"k": k[0], "at": k[1], "m": k[2]} for k in keys])
+                counts["dedup_index"] = conn.execute(sa.text("SELECT total_changes()")).scalar() - before
         for table, col in (("mail_receipts", "message_id"), ("submissions", "message_id"),
                            ("queue_entries", "message_id"), ("messages", "id")):
             counts[table] = conn.execute(_text(f"DELETE FROM {table} WHERE {col} IN :ids", p), p).rowcount
