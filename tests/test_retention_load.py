@@ -78,7 +78,7 @@ def test_prunes_run_while_ingest_continues(tmp_path, db_url):
         time.sleep(1.5)  # one more run after the last message is due
     finally:
         assert eng.stop() == 0
-        receiver.stop()
+        receiver.close()
     assert set(base_codes) == {"AA"} and set(codes) == {"AA"}, (set(base_codes), set(codes))
     url = db_url or f"sqlite:///{eng.data_dir / 'minipfi.db'}"
     engine = sa.create_engine(url)
