@@ -187,3 +187,41 @@ def test_export_round_trip(store, tmp_path, monkeypatch, capsys):
     assert main(["export", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "must be absent or empty" in err
+
+
+def test_identity_registry_limit(store):
+    from datetime import datetime, timedelta
+
+    kept_msg = add(store, "ADT1", 1)
+    old, new = datetime.utcnow() - timedelta(days=400), datetime.utcnow()
+    with store.engine.begin() as c:
+        def ident(ipp, at, merged_into=None):
+            return c.execute(sa.text(
+                "INSERT INTO identities (ipp, ipp_authority, active, merged_into, created_at, updated_at) "
+                "VALUES (:ipp, 'FAC', :act, :mi, :at, :at) RETURNING id"),
+                {"ipp": ipp, "act": merged_into is None, "mi": merged_into, "at": at}).scalar_one()
+
+        def hist(iid, at, mid=None):
+            c.execute(sa.text("INSERT INTO identity_history (identity_id, at, action, message_id) "
+                              "VALUES (:i, :at, 'updated', :m)"), {"i": iid, "at": at, "m": mid})
+
+        gone = ident("IPP-A", old)
+        hist(gone, old)
+        c.execute(sa.text("INSERT INTO identity_identifiers (identity_id, value, authority, type) "
+                          "VALUES (:i, 'IPP-A', 'FAC', 'PI')"), {"i": gone})
+        named = ident("IPP-B", old)
+        hist(named, old, kept_msg)           # a kept message names it: it stays
+        fresh = ident("IPP-C", new)
+        hist(fresh, old, 999999)              # old row, source message gone: goes
+        hist(fresh, new)
+        survivor = ident("IPP-E", old)
+        ident("IPP-D", old, merged_into=survivor)  # the stub goes first, then the survivor
+    cfg = config("{identities: 365d}")
+    detail = Pruner(store, lambda: cfg).run()
+    with store.engine.connect() as c:
+        left = set(c.execute(sa.text("SELECT ipp FROM identities")).scalars())
+        hist_left = c.execute(sa.text("SELECT count(*) FROM identity_history")).scalar()
+        idents_left = c.execute(sa.text("SELECT count(*) FROM identity_identifiers")).scalar()
+    assert left == {"IPP-B", "IPP-C"}
+    assert hist_left == 2 and idents_left == 0
+    assert detail["counts"]["identities"] == 3 and "IPP" not in json.dumps(detail)
