@@ -189,7 +189,8 @@ def test_export_round_trip(store, tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and "must be absent or empty" in err
 
 
-def test_identity_registry_limit(store):
+@pytest.mark.parametrize("archive", [False, True])
+def test_identity_registry_limit(store, tmp_path, archive):
     from datetime import datetime, timedelta
 
     kept_msg = add(store, "ADT1", 1)
@@ -216,8 +217,16 @@ def test_identity_registry_limit(store):
         hist(fresh, new)
         survivor = ident("IPP-E", old)
         ident("IPP-D", old, merged_into=survivor)  # the stub goes first, then the survivor
-    cfg = config("{identities: 365d}")
+    cfg = config("{identities: 365d" + (f", archive_dir: {tmp_path}" if archive else "") + "}")
     detail = Pruner(store, lambda: cfg).run()
+    if archive:  # one batch per run: the survivor goes in the next run, once its stub is gone
+        with tarfile.open(tmp_path / detail["archive"]) as tar:
+            archived = [json.loads(x)["ipp"] for x in tar.extractfile("identities.jsonl").read().splitlines()]
+            hist = [json.loads(x) for x in tar.extractfile("identity_history.jsonl").read().splitlines()]
+        assert sorted(archived) == ["IPP-A", "IPP-D"] and len(hist) == 2
+        second = Pruner(store, lambda: cfg).run()
+        assert second["counts"]["identities"] == 1
+        detail["counts"]["identities"] += 1
     with store.engine.connect() as c:
         left = set(c.execute(sa.text("SELECT ipp FROM identities")).scalars())
         hist_left = c.execute(sa.text("SELECT count(*) FROM identity_history")).scalar()

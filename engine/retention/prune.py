@@ -248,9 +248,9 @@ class _Run:
                     self.bundle.line("identity_history", row)
                 for row in st.rows_by_id("identities", idents):
                     self.bundle.line("identities", row)
-                for row in st.identity_ids_of_identities(idents):
+                for row in st.rows_by_id("identity_identifiers", idents, "identity_id"):
                     self.bundle.line("identity_identifiers", row)
-                for row in st.history_of_identities(idents):
+                for row in st.rows_by_id("identity_history", idents, "identity_id"):
                     if ("h", row["id"]) not in seen:
                         self.bundle.line("identity_history", row)
             self._do(lambda c, h=hist, i=idents: st.delete_identities_within(c, h, i))

@@ -277,78 +277,62 @@ class RetentionMixin:
     def iter_messages(self, *, since: float | None = None, until: float | None = None,
                       channels: list[str] | None = None, ids: list[int] | None = None) -> Iterator[dict]:
         """Message rows (raw and ACK as bytes) in id order, by reception time or by id."""
-        def stmt(after):
-            s = sa.select(messages).order_by(messages.c.id)
-            if after is not None:
-                s = s.where(messages.c.id > after)
-            if since is not None:
-                s = s.where(messages.c.received_at >= since)
-            if until is not None:
-                s = s.where(messages.c.received_at < until)
-            if channels:
-                s = s.where(messages.c.channel.in_(channels))
-            if ids is not None:
-                s = s.where(messages.c.id.in_(ids))
-            return s
-        for r in self._pages(stmt):
+        for r in self._pages(lambda after: _select(messages, after, messages.c.received_at, since,
+                                                   until, channels, ids)):
             r["raw"], r["ack"] = bytes(r["raw"]), bytes(r["ack"])
             yield r
-
-    def rows_of_messages(self, table: str, message_ids: list[int]) -> list[dict]:
-        """Queue entries, submissions, mail receipts or events of these messages, in id order."""
-        t = {"queue_entries": queue_entries, "submissions": submissions, "events": events}.get(table)
-        with self._read() as conn:
-            if t is None:
-                rows = conn.execute(_text(f"SELECT * FROM {table} WHERE message_id IN :ids ORDER BY id",
-                                          {"ids": 1}), {"ids": message_ids}).mappings().all()
-            else:
-                key = t.c.id if "id" in t.c else t.c.message_id
-                rows = conn.execute(sa.select(t).where(t.c.message_id.in_(message_ids))
-                                    .order_by(key)).mappings().all()
-        return [{k: (_b(v) if isinstance(v, (bytes, memoryview)) else v) for k, v in r.items()}
-                for r in rows]
-
-    def rows_by_id(self, table: str, ids: list[int]) -> list[dict]:
-        """Rows of ``table`` with these ids (what a prune batch is about to delete)."""
-        t = {"queue_entries": queue_entries, "events": events, "identities": identities,
-             "identity_history": identity_history}[table]
-        with self._read() as conn:
-            rows = conn.execute(sa.select(t).where(t.c.id.in_(ids)).order_by(t.c.id)).mappings().all()
-        return [{k: (_b(v) if isinstance(v, (bytes, memoryview)) else v) for k, v in r.items()}
-                for r in rows]
 
     def iter_table(self, table: str, *, since: float | None = None, until: float | None = None,
                    channels: list[str] | None = None) -> Iterator[dict]:
         """Every row of events (by time and channel) or of the identity registry tables."""
-        t = {"events": events, "identities": identities, "identity_identifiers": identity_identifiers,
-             "identity_history": identity_history}[table]
+        t = _TABLES[table]
+        timed = t.c.at if table == "events" else None
+        yield from self._pages(lambda after: _select(t, after, timed, since, until,
+                                                     channels if timed is not None else None))
 
-        def stmt(after):
-            s = sa.select(t).order_by(t.c.id)
-            if after is not None:
-                s = s.where(t.c.id > after)
-            if table == "events":
-                if since is not None:
-                    s = s.where(t.c.at >= since)
-                if until is not None:
-                    s = s.where(t.c.at < until)
-                if channels:
-                    s = s.where(t.c.channel.in_(channels))
-            return s
-        yield from self._pages(stmt)
-
-    def identity_ids_of_identities(self, identity_ids: list[int]) -> list[dict]:
-        """Identifier rows of these identities (archived with them)."""
+    def rows_of_messages(self, table: str, message_ids: list[int]) -> list[dict]:
+        """Queue entries, submissions or mail receipts of these messages, in id order."""
         with self._read() as conn:
-            return [dict(r) for r in conn.execute(sa.select(identity_identifiers).where(
-                identity_identifiers.c.identity_id.in_(identity_ids))
-                .order_by(identity_identifiers.c.id)).mappings()]
+            if table == "mail_receipts":
+                rows = conn.execute(_text("SELECT * FROM mail_receipts WHERE message_id IN :ids ORDER BY id",
+                                          {"ids": 1}), {"ids": message_ids}).mappings().all()
+            else:
+                t = _TABLES[table]
+                key = t.c.id if "id" in t.c else t.c.message_id
+                rows = conn.execute(sa.select(t).where(t.c.message_id.in_(message_ids))
+                                    .order_by(key)).mappings().all()
+        return _plain(rows)
 
-    def history_of_identities(self, identity_ids: list[int]) -> list[dict]:
+    def rows_by_id(self, table: str, ids: list[int], column: str = "id") -> list[dict]:
+        """Rows of ``table`` whose ``column`` is one of ``ids`` (what a prune batch removes)."""
+        t = _TABLES[table]
         with self._read() as conn:
-            return [dict(r) for r in conn.execute(sa.select(identity_history).where(
-                identity_history.c.identity_id.in_(identity_ids))
-                .order_by(identity_history.c.id)).mappings()]
+            return _plain(conn.execute(sa.select(t).where(t.c[column].in_(ids)).order_by(t.c.id)).mappings())
+
+
+_TABLES = {"queue_entries": queue_entries, "submissions": submissions, "events": events,
+           "identities": identities, "identity_identifiers": identity_identifiers,
+           "identity_history": identity_history}
+
+
+def _plain(rows) -> list[dict]:
+    return [{k: (_b(v) if isinstance(v, (bytes, memoryview)) else v) for k, v in r.items()} for r in rows]
+
+
+def _select(t: sa.Table, after, time_col, since, until, channels, ids=None):
+    """Rows of ``t`` after id ``after`` in id order, within [since, until) of ``time_col``."""
+    s = sa.select(t).order_by(t.c.id)
+    if after is not None:
+        s = s.where(t.c.id > after)
+    if time_col is not None and since is not None:
+        s = s.where(time_col >= since)
+    if time_col is not None and until is not None:
+        s = s.where(time_col < until)
+    if channels:
+        s = s.where(t.c.channel.in_(channels))
+    if ids is not None:
+        s = s.where(t.c.id.in_(ids))
+    return s
 
 
 def utc_naive(ts: float) -> datetime:
