@@ -234,3 +234,16 @@ def test_identity_registry_limit(store, tmp_path, archive):
     assert left == {"IPP-B", "IPP-C"}
     assert hist_left == 2 and idents_left == 0
     assert detail["counts"]["identities"] == 3 and "IPP" not in json.dumps(detail)
+
+
+def test_a_message_needed_again_is_kept_and_a_pruned_payload_is_not_replayed(store):
+    a = add(store, "RACE", 100)
+    b = add(store, "PAY", 50)
+    ids_due, _cursor, _kept = store.due_messages(((), ()), time.time() - 90 * DAY, after=0, hi=10**9, limit=10)
+    assert ids_due == [a]
+    store.replay([a], ["ris"])  # an operator replays it between selection and deletion
+    res = run_op(store, lambda c: store.delete_messages_within(c, ids_due))
+    assert res["kept"] == [a] and res["messages"] == 0 and a in ids(store)
+    Pruner(store, lambda: config("{payloads: 30d}")).run()
+    with pytest.raises(ValueError, match="payload pruned"):
+        store.replay([b], ["ris"])
