@@ -283,8 +283,10 @@ class Engine:
             ch.factory.close_all()
         if self.status_port is not None:
             yield defer.maybeDeferred(self.status_port.stopListening)
-        if getattr(self, "retention", None) is not None:
-            self.retention.stop(timeout=0)
+        if getattr(self, "retention", None) is not None:  # its ops need the reactor: join off it
+            from twisted.internet import threads
+
+            yield threads.deferToThread(self.retention.stop, grace)
         self.store.stop(timeout=grace)
         self.store.dispose()
         try:

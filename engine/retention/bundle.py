@@ -281,6 +281,12 @@ def cda_of_wrapped(wrapped: bytes) -> bytes | None:
     return None
 
 
-def archive_name(now: float | None = None) -> str:
-    t = time.gmtime(time.time() if now is None else now)
-    return time.strftime("prune-%Y%m%dT%H%M%SZ", t) + f"-{os.getpid()}.tar.gz"
+def archive_name(folder: Path, now: float | None = None) -> str:
+    """``prune-<UTC time to the millisecond>-<pid>[-n].tar.gz``, not yet in ``folder``."""
+    now = time.time() if now is None else now
+    stem = time.strftime("prune-%Y%m%dT%H%M%S", time.gmtime(now)) + f"{now % 1:.3f}"[1:] + f"Z-{os.getpid()}"
+    name, n = f"{stem}.tar.gz", 1
+    while (Path(folder) / name).exists():
+        n += 1
+        name = f"{stem}-{n}.tar.gz"
+    return name
