@@ -175,36 +175,32 @@ class _Run:
         if pol.deliveries is not None or pol.messages is not None:
             cut = self.now - (pol.deliveries if pol.deliveries is not None else max(pol.messages, window))
             if pol.deliveries is not None:
-                hi = st.read(lambda c: st.id_bound(c, "queue_entries", "created_at", cut))
-                after = 0
-                for _ in range(RUN_BATCHES):
-                    if self.p.stopping.is_set():
-                        break
-                    t0 = time.monotonic()
-                    ids, after = st.due_entries(scope, cut, after=after, hi=hi, limit=self.batch, now=self.now)
-                    if ids:
-                        if self.bundle is not None:
-                            for row in st.rows_by_id("queue_entries", ids):
-                                self.bundle.entry(row | {"pruned": "entry"})
-                        self._do(lambda c, ids=ids: st.delete_entries_within(c, ids, self.now))
-                        self._pace(t0)
-                    if after >= hi:
-                        break
-            hi = st.read(lambda c: st.id_bound(c, "events", "at", cut))
-            after = 0
-            for _ in range(RUN_BATCHES):
-                if self.p.stopping.is_set():
-                    break
-                t0 = time.monotonic()
-                ids, after = st.due_events(scope, cut, after=after, hi=hi, limit=self.batch)
-                if ids:
-                    if self.bundle is not None:
-                        for row in st.rows_by_id("events", ids):
-                            self.bundle.line("events", row)
-                    self._do(lambda c, ids=ids: st.delete_events_within(c, ids))
-                    self._pace(t0)
-                if after >= hi:
-                    break
+                self._sweep("queue_entries", "created_at", cut,
+                            lambda a, hi: st.due_entries(scope, cut, after=a, hi=hi, limit=self.batch, now=self.now),
+                            lambda row: self.bundle.entry(row | {"pruned": "entry"}),
+                            lambda c, ids: st.delete_entries_within(c, ids, self.now))
+            self._sweep("events", "at", cut,
+                        lambda a, hi: st.due_events(scope, cut, after=a, hi=hi, limit=self.batch),
+                        lambda row: self.bundle.line("events", row), st.delete_events_within)
+
+    def _sweep(self, table: str, time_col: str, cut: float, due, archive, delete) -> None:
+        """Batches of ``table`` rows due before ``cut``: archived, then deleted by a writer op."""
+        st = self.store
+        hi = st.read(lambda c: st.id_bound(c, table, time_col, cut))
+        after = 0
+        for _ in range(RUN_BATCHES):
+            if self.p.stopping.is_set():
+                break
+            t0 = time.monotonic()
+            ids, after = due(after, hi)
+            if ids:
+                if self.bundle is not None:
+                    for row in st.rows_by_id(table, ids):
+                        archive(row)
+                self._do(lambda c, ids=ids: delete(c, ids))
+                self._pace(t0)
+            if after >= hi:
+                break
 
     def _messages(self, scope, cut: float, *, payloads: bool) -> None:
         st = self.store
