@@ -7,7 +7,6 @@ import hashlib
 import json
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa

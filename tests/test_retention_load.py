@@ -97,5 +97,7 @@ def test_prunes_run_while_ingest_continues(tmp_path, db_url):
     assert left + pruned == sent
     assert len(archives) == len([a for a in audits if json.loads(a).get("archive")])
     assert p99(lat) < 1.0
+    log = eng.log_text()
+    assert "retention.pruned" in log and "PRENOM" not in log and "IPP" not in log
     # ingest kept its pace while prunes ran (generous: shared CI machine)
     assert len(lat) / 8.0 > 0.3 * len(base_lat) / 3.0
