@@ -8,6 +8,12 @@ established connections: listeners whose address is unchanged keep running, hand
 are swapped in place. Already routed messages keep their queue entries. SIGTERM stops accepting,
 lets in-flight sends finish within ``shutdown_grace``, releases the rest, flushes the writer and
 exits 0.
+
+Operator controls (pause, resume, retry now) are rows of the store: the engine reads them at start,
+polls a change counter every ``CONTROLS_POLL_S`` to notice those made by another process (the
+CLI), and applies at once those made through its own methods (the console). Every reload is
+audited (``config.reload``), and so are the engine's start and stop. With ``engine.audit.syslog``
+each audit row also goes to a syslog collector (``engine.atna``), from a thread of its own.
 """
 from __future__ import annotations
 
@@ -19,9 +25,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, task, threads
 
 from engine import __version__, logs, wiring  # noqa: F401 - wiring registers the plug-ins
+from engine.atna.sender import from_config as syslog_sender
 from engine.channels.mllp import MLLPChannel
 from engine.config import ConfigError, Problem, config_fingerprint, load_config
 from engine.connectors.registry import build as make_connector, problems as connector_problems
@@ -30,7 +37,7 @@ from engine.hl7.ack import ControlIdGenerator
 from engine.ingest import IngestBatcher
 from engine.router import Router
 from engine.status.http import StatusService, build_site
-from engine.store import Store
+from engine.store import Store, UnknownMessage
 from mllp.protocol import ListenerLimits, MLLPServerFactory
 from mllp.tls import TLSFiles, listen
 
@@ -39,6 +46,8 @@ log = logs.get("engine.app")
 PID_FILE = "minipfi.pid"
 RELOAD_FILE = "reload.json"  # the last reload's outcome, read by `minipfi reload` (it waits for it)
 ERROR_TEXT_MAX = 300  # characters of an error text in a log event
+CONTROLS_POLL_S = 1.0  # a pause, resume or retry-now made by another process applies within this
+RELOAD_OUTCOME = {"applied": "ok", "refused": "refused", "failed": "failed"}  # audit outcomes
 
 
 def resolve_store_url(config, data_dir: Path) -> str:
@@ -95,6 +104,10 @@ class Engine:
         self.owner = worker_owner()
         self.store: Store | None = None
         self.status_port = None
+        self.paused: dict[str, dict] = {}  # destination -> {by, at, reason} (engine.store.controls)
+        self._controls_seq = 0
+        self._controls_loop: task.LoopingCall | None = None
+        self.audit_sender = None  # engine.atna.sender.SyslogSender while engine.audit.syslog is set
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,13 +121,21 @@ class Engine:
         self.store = Store(url, dedup_window_seconds=float(eng.duplicates.window))
         self.store.migrate()
         self.store.start()
+        self.store.add_audit_listener(self._export_audit)
+        self._configure_audit_export(self.config)
+        self.store.audit("engine", "engine.start", detail={"version": self.version, "pid": os.getpid()})
         self.batcher = IngestBatcher(self.store, self.reactor)
         self._start_status()
         recovered = self.store.recover_in_flight()
         self.recovery_done = True
         log.info("engine.recovered", in_flight_requeued=recovered, store=self.store.dialect)
+        self._controls_seq = self.store.controls_version()
+        self.paused = self.store.paused_destinations()
         for name, cfg in self.config.destinations.items():
             self._start_worker(name, cfg)
+        self._controls_loop = task.LoopingCall(self._poll_controls)
+        self._controls_loop.clock = self.reactor
+        self._controls_loop.start(CONTROLS_POLL_S, now=False)
         for name, cfg in self.config.channels.items():
             self._start_channel(name, cfg)
         self._start_retention()
@@ -176,7 +197,10 @@ class Engine:
                                    on_follow_ups=self._wake_destinations,
                                    engine_name=self.config.engine.name)
         self.workers[name] = worker
+        worker.paused = name in self.paused
         worker.start()
+        if worker.paused:
+            log.info("destination.paused", destination=name, by=self.paused[name]["by"])
 
     def _business_acks_for(self, route_name: str) -> str | None:
         """The destination of the business acknowledgements of a route, as configured now."""
@@ -191,29 +215,136 @@ class Engine:
             if w is not None:
                 w.wake()
 
+    # -- operator controls ------------------------------------------------------------------------
+    def _poll_controls(self):
+        """Notice a pause, resume or retry-now made by another process (one primary-key read
+        per poll; the paused set only when the counter moved)."""
+        store, seen = self.store, self._controls_seq
+
+        def read():
+            seq = store.controls_version()
+            return seq, (store.paused_destinations() if seq != seen else None)
+
+        def got(result):
+            seq, paused = result
+            if paused is not None and not self.stopping:
+                self._controls_seq = seq
+                self._apply_controls(paused)
+
+        def failed(f):
+            log.error("controls.poll_failed", error=logs.error_text(f.value, ERROR_TEXT_MAX))
+
+        return threads.deferToThread(read).addCallbacks(got, failed)
+
+    def _apply_controls(self, paused: dict[str, dict]) -> None:
+        """Pause and resume workers as the store says; the others look again for due entries
+        (the change may have been a retry-now)."""
+        self.paused = paused
+        for name, w in self.workers.items():
+            now_paused = name in paused
+            if now_paused != w.paused:
+                log.info("destination.paused" if now_paused else "destination.resumed", destination=name,
+                         by=paused[name]["by"] if now_paused else None)
+                w.set_paused(now_paused)
+            elif not now_paused:
+                w.recheck()
+
+    def _configure_audit_export(self, config) -> None:
+        """Start (or replace, at a reload that changed it) the syslog export of audit rows."""
+        cfg = config.engine.audit.syslog
+        old = self.audit_sender
+        if old is not None and cfg == getattr(old, "config", None):
+            return
+        self.audit_sender = None
+        if old is not None:
+            old.stop(0.5)
+        if cfg is not None:
+            self.audit_sender = syslog_sender(cfg, config.engine.name).start()
+            log.info("audit.syslog", transport=cfg.transport, host=cfg.host, port=cfg.resolved_port)
+
+    def _export_audit(self, row) -> None:
+        sender = self.audit_sender
+        if sender is not None:
+            sender.submit(row)
+
+    def _audit(self, actor: str, action: str, **kw) -> defer.Deferred:
+        """One audit row, written off the reactor."""
+        return threads.deferToThread(self.store.audit, actor, action, **kw)
+
+    @defer.inlineCallbacks
+    def pause_destination(self, name: str, by: str, reason: str | None = None, *, source: str | None = None):
+        """Pause a configured destination now (store, audit, worker); fires with False when it
+        was paused already. An unknown name is refused (audited) with :class:`ValueError`."""
+        changed = yield self._control(name, by, source, "destination.pause", lambda: self.store.pause_destination(
+            name, by=by, reason=reason), {"reason": reason})
+        self.paused = {**self.paused, name: {"by": by, "at": time.time(), "reason": reason}} \
+            if changed else self.paused
+        self.workers[name].set_paused(True)
+        return changed
+
+    @defer.inlineCallbacks
+    def resume_destination(self, name: str, by: str, *, source: str | None = None):
+        """Resume a destination now; fires with False when it was not paused."""
+        changed = yield self._control(name, by, source, "destination.resume",
+                                      lambda: self.store.resume_destination(name, by=by), {})
+        self.paused = {k: v for k, v in self.paused.items() if k != name}
+        self.workers[name].set_paused(False)
+        return changed
+
+    @defer.inlineCallbacks
+    def _control(self, name, by, source, action, write, detail):
+        target = f"destination:{name}"
+        if name not in self.workers:
+            yield self._audit(by, action, target=target, outcome="refused", source=source,
+                              detail={**detail, "error": "unknown destination"})
+            raise ValueError(f"unknown destination {name!r}")
+        changed = yield threads.deferToThread(write)
+        yield self._audit(by, action, target=target, source=source, detail={**detail, "changed": changed})
+        return changed
+
+    @defer.inlineCallbacks
+    def retry_now(self, message_id: int, destination: str | None, by: str, *, source: str | None = None):
+        """Make the waiting entries of a message (at ``destination`` if named) due now and send
+        them at once; fires with how many. Unknown message: audited, then :class:`UnknownMessage`."""
+        target = f"message:{int(message_id)}"
+        detail = {"destination": destination}
+        try:
+            n = yield threads.deferToThread(self.store.retry_now, message_id, destination)
+        except UnknownMessage:
+            yield self._audit(by, "message.retry", target=target, outcome="refused", source=source,
+                              detail={**detail, "error": "unknown message"})
+            raise
+        yield self._audit(by, "message.retry", target=target, source=source, detail={**detail, "entries": n})
+        if n:
+            for name, w in self.workers.items():
+                if destination in (None, name) and not w.paused:
+                    w.recheck()
+        return n
+
     def _write_pid(self) -> None:
         (self.data_dir / PID_FILE).write_text(str(os.getpid()))
 
     # -- reload ---------------------------------------------------------------------------------
-    def reload(self) -> bool:
-        """Apply the routes file again if it is valid; the outcome goes to ``/status`` and to
-        ``<data-dir>/reload.json``, which ``minipfi reload`` waits for."""
+    def reload(self, actor: str = "engine", source: str | None = None) -> bool:
+        """Apply the routes file again if it is valid; the outcome goes to ``/status``, to
+        ``<data-dir>/reload.json``, which ``minipfi reload`` waits for, and to the audit trail
+        (``actor``: 'engine' for SIGHUP, which does not say who sent it)."""
         try:
             new = load_config(self.config_path)
         except ConfigError as err:
-            return self._reloaded("refused", str(err))
+            return self._reloaded("refused", str(err), actor, source)
         except Exception as exc:  # noqa: BLE001 - unreadable file and the like
-            return self._reloaded("refused", logs.safe(exc, ERROR_TEXT_MAX))
+            return self._reloaded("refused", logs.safe(exc, ERROR_TEXT_MAX), actor, source)
         bad = connector_problems(new)
         if bad:
-            return self._reloaded("refused", str(ConfigError(bad, source=str(self.config_path))))
+            return self._reloaded("refused", str(ConfigError(bad, source=str(self.config_path))), actor, source)
         try:
             self._apply(new)
         except Exception as exc:  # noqa: BLE001 - e.g. a new port already in use: keep what runs
-            return self._reloaded("failed", logs.error_text(exc, ERROR_TEXT_MAX))
-        return self._reloaded("applied", None)
+            return self._reloaded("failed", logs.error_text(exc, ERROR_TEXT_MAX), actor, source)
+        return self._reloaded("applied", None, actor, source)
 
-    def _reloaded(self, result: str, reason: str | None) -> bool:
+    def _reloaded(self, result: str, reason: str | None, actor: str = "engine", source: str | None = None) -> bool:
         seq = (self.last_reload or {}).get("seq", _reload_seq(self.data_dir)) + 1
         self.last_reload = {"seq": seq, "at": datetime.now(timezone.utc).isoformat(), "result": result,
                             "reason": reason, "fingerprint": self.config_fingerprint}
@@ -229,6 +360,13 @@ class Engine:
             os.replace(tmp, self.data_dir / RELOAD_FILE)
         except OSError as exc:
             log.error("config.reload_not_recorded", error=logs.error_text(exc, ERROR_TEXT_MAX))
+        if self.store is not None:
+            detail = {"result": result, "fingerprint": self.config_fingerprint, "seq": seq}
+            if reason:
+                detail["reason"] = reason[:ERROR_TEXT_MAX]
+            self._audit(actor, "config.reload", target=f"config:{self.config_path.name}", source=source,
+                        outcome=RELOAD_OUTCOME[result], detail=detail).addErrback(
+                lambda f: log.error("audit.failed", action="config.reload", error=logs.error_text(f.value)))
         return result == "applied"
 
     def _apply(self, new) -> None:
@@ -263,6 +401,7 @@ class Engine:
                 self._start_worker(name, cfg)
             elif cfg != w.cfg:
                 w.reconfigure(cfg, make_connector(cfg, self.reactor))
+        self._configure_audit_export(new)
         self.config, self.router = new, router
         self.config_fingerprint = config_fingerprint(new)
         self.batcher  # unchanged: the store URL and data directory are fixed for the process life
@@ -274,6 +413,8 @@ class Engine:
             return
         self.stopping = True
         log.info("engine.stopping")
+        if self._controls_loop is not None and self._controls_loop.running:
+            self._controls_loop.stop()
         for ch in self.channels.values():
             yield defer.maybeDeferred(ch.port.stopListening)
         grace = float(self.config.engine.shutdown_grace)
@@ -284,9 +425,13 @@ class Engine:
         if self.status_port is not None:
             yield defer.maybeDeferred(self.status_port.stopListening)
         if getattr(self, "retention", None) is not None:  # its ops need the reactor: join off it
-            from twisted.internet import threads
-
             yield threads.deferToThread(self.retention.stop, grace)
+        try:
+            yield threads.deferToThread(self.store.audit, "engine", "engine.stop", detail={"pid": os.getpid()})
+        except Exception as exc:  # noqa: BLE001 - the store may be what failed
+            log.error("audit.failed", action="engine.stop", error=logs.error_text(exc))
+        if self.audit_sender is not None:
+            self.audit_sender.stop(min(grace, 2.0))
         self.store.stop(timeout=grace)
         self.store.dispose()
         try:
@@ -302,6 +447,10 @@ class Engine:
             ch.port.stopListening()
         if self.status_port is not None:
             self.status_port.stopListening()
+        if self._controls_loop is not None and self._controls_loop.running:
+            self._controls_loop.stop()
+        if self.audit_sender is not None:
+            self.audit_sender.stop(0.5)
         for w in self.workers.values():
             w.running = False
         if self.store is not None:

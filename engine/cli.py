@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_CONFIG = "engine/routes.yaml"
@@ -29,11 +30,13 @@ def _store(args):
     from engine.store import Store
 
     url = os.environ.get("MINIPFI_DB_URL")
-    if not url and getattr(args, "config", None):
+    config = None
+    if getattr(args, "config", None):
         from engine import wiring  # noqa: F401 - destination types, before reading the file
         from engine.config import load_config
 
-        url = load_config(args.config).engine.store_url
+        config = load_config(args.config)
+        url = url or config.engine.store_url
     url = url or Store.default_url(_data_dir(args))
     u = sa.engine.make_url(url)
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
@@ -49,7 +52,47 @@ def _store(args):
     except BaseException:
         store.dispose()
         raise
+    if config is not None and config.engine.audit.syslog is not None:
+        _export_audit(store, config)
     return store
+
+
+def _export_audit(store, config) -> None:
+    """The audit rows this command writes also go to the routes file's syslog collector, sent
+    before the process exits (at most 2 s more when the collector does not answer)."""
+    import atexit
+
+    from engine.atna.sender import from_config
+
+    sender = from_config(config.engine.audit.syslog, config.engine.name).start()
+    store.add_audit_listener(sender.submit)
+    atexit.register(sender.stop, 2.0)
+
+
+# -- the audit trail of the CLI's own actions (actor 'cli:<os user>', source 'cli') --------------
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no login name in this environment
+        return f"cli:uid{os.getuid()}"
+
+
+@contextmanager
+def _audited(store, action: str, what: str | None = None, /, **detail):
+    """Audit the block as ``action`` on ``what``: ``ok`` when it ends, ``refused`` (with the reason, then
+    a one-line :class:`CLIError`) when it raises a refusal. The block may add to the detail."""
+    from engine.store import UnknownMessage
+
+    try:
+        yield detail
+    except (CLIError, ValueError, UnknownMessage) as err:
+        why = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        store.audit(_actor(), action, target=what, outcome="refused", detail={**detail, "error": why},
+                    source="cli")
+        raise CLIError(why) from None
+    store.audit(_actor(), action, target=what, detail=detail or None, source="cli")
 
 
 def cmd_run(args) -> int:
@@ -133,7 +176,7 @@ def cmd_messages(args) -> int:
     store = _store(args)
     try:
         return {"list": _messages_list, "show": _messages_show, "replay": _messages_replay,
-                "handled": _messages_handled}[args.action](store, args)
+                "handled": _messages_handled, "retry": _messages_retry}[args.action](store, args)
     finally:
         store.dispose()
 
@@ -193,6 +236,7 @@ def _message_ids(store, args) -> list[int]:
 def _messages_show(store, args) -> int:
     for mid in _message_ids(store, args):
         m = store.get_message(mid)
+        store.audit(_actor(), "message.view", target=f"message:{mid}", source="cli")
         d = _row_dict(m)
         sub = _submission_of(store, mid)
         if sub is not None:
@@ -230,13 +274,11 @@ def _ids(values) -> list[int]:
 
 
 def _messages_replay(store, args) -> int:
-    from engine.store import UnknownMessage
-
     report: list = []
-    try:
-        store.replay(_ids(args.ids), args.destination or None, report=report)
-    except (UnknownMessage, ValueError) as err:
-        raise CLIError(str(err).strip('"')) from None
+    with _audited(store, "message.replay", "message:" + ",".join(args.ids),
+                  destinations=args.destination or None) as detail:
+        counts = store.replay(_ids(args.ids), args.destination or None, report=report)
+        detail["entries"] = sum(counts.values())
     if not report:
         which = ", ".join(args.destination) if args.destination else "in error"
         print(f"nothing to replay: no delivery {which} for message(s) {', '.join(args.ids)}")
@@ -252,17 +294,142 @@ def _messages_replay(store, args) -> int:
 
 
 def _messages_handled(store, args) -> int:
-    from engine.store import UnknownMessage
-
     total = 0
     for mid in _ids(args.ids):
-        try:
-            n = store.mark_handled(mid, args.destination, args.target)
-        except UnknownMessage as err:
-            raise CLIError(str(err).strip('"')) from None
+        with _audited(store, "message.handled", f"message:{mid}", destination=args.destination,
+                      target=args.target) as detail:
+            n = detail["entries"] = store.mark_handled(mid, args.destination, args.target)
         total += n
         print(f"message {mid}: {n} error(s) at {args.destination} marked handled")
     return 0 if total else 1
+
+
+def _messages_retry(store, args) -> int:
+    """Entries of the message waiting for a later attempt become due now (the running engine
+    notices within a second or so)."""
+    (mid,) = _ids([args.id])
+    with _audited(store, "message.retry", f"message:{mid}", destination=args.destination) as detail:
+        n = detail["entries"] = store.retry_now(mid, args.destination)
+    where = f" at {args.destination}" if args.destination else ""
+    print(f"message {mid}: {n} entr{'y' if n == 1 else 'ies'}{where} due now")
+    return 0 if n else 1
+
+
+# -- users, audit trail, destination controls -------------------------------------------------
+PASSWORD_MIN = 12  # characters: a local account's password (ANSSI and OWASP advise length)
+
+
+def _password(args, required: bool) -> str | None:
+    """The password from ``--password-file``, the variable ``--password-env`` names, or a
+    prompt (twice); never from the command line."""
+    if args.password_file:
+        pw = Path(args.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    elif args.password_env:
+        pw = os.environ.get(args.password_env)
+        if pw is None:
+            raise CLIError(f"--password-env: ${args.password_env} is not set")
+    elif required:
+        import getpass
+
+        pw = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != pw:
+            raise CLIError("the two passwords differ")
+    else:
+        return None
+    if len(pw) < PASSWORD_MIN:
+        raise CLIError(f"a password needs at least {PASSWORD_MIN} characters")
+    return pw
+
+
+def cmd_users(args) -> int:
+    from engine.passwords import hash_password
+
+    store = _store(args)
+    try:
+        if args.action == "list":
+            for u in store.list_users():
+                d = {"name": u.name, "role": u.role, "active": u.active, "created_at": _iso(u.created_at)}
+                print(json.dumps(d) if args.json else
+                      f"{u.name:<24} {u.role:<9} {'active' if u.active else 'disabled':<9} {d['created_at']}")
+            return 0
+        target = f"user:{args.name}"
+        if args.action == "add":
+            with _audited(store, "user.add", target, role=args.role):
+                store.add_user(args.name, args.role, hash_password(_password(args, True)))
+            print(f"user {args.name} added ({args.role})")
+            return 0
+        active = False if args.disable else True if args.enable else None
+        with _audited(store, "user.change", target, role=args.role, active=active) as detail:
+            pw = _password(args, False)
+            detail["password"] = pw is not None
+            if args.role is None and active is None and pw is None:
+                raise CLIError("nothing to change (give --role, --disable, --enable or a password option)")
+            if not store.set_user(args.name, role=args.role, active=active,
+                                  password_hash=None if pw is None else hash_password(pw)):
+                raise CLIError(f"no user {args.name!r}")
+        print(f"user {args.name} changed")
+        return 0
+    finally:
+        store.dispose()
+
+
+def _iso(epoch: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
+
+
+def cmd_audit(args) -> int:
+    store = _store(args)
+    try:
+        rows = store.audit_list(since=_when(args.since, "--since"), until=_when(args.until, "--until"),
+                                actor=args.actor, action=args.action_name, limit=args.limit,
+                                offset=args.offset)
+        for r in rows:
+            d = {"id": r.id, "at": _iso(r.at), "actor": r.actor, "action": r.action, "target": r.target,
+                 "outcome": r.outcome, "source": r.source, "detail": r.detail}
+            print(json.dumps(d, ensure_ascii=False) if args.json else
+                  f"{r.id:>7}  {d['at']}  {r.actor:<20} {r.action:<20} {r.outcome:<8} {r.target or '-':<24} "
+                  f"{r.source or '-'}  {json.dumps(r.detail, ensure_ascii=False) if r.detail else ''}".rstrip())
+        return 0
+    finally:
+        store.dispose()
+
+
+def cmd_destinations(args) -> int:
+    store = _store(args)
+    try:
+        paused = store.paused_destinations()
+        counts = store.stats().get("destinations", {})
+        known = set(counts) | set(paused)
+        if getattr(args, "config", None):
+            from engine import wiring  # noqa: F401 - destination types, before reading the file
+            from engine.config import load_config
+
+            known |= set(load_config(args.config).destinations)
+        if args.action == "list":
+            for name in sorted(known):
+                c, p = counts.get(name, {}), paused.get(name)
+                state = f"paused since {_iso(p['at'])} by {p['by']}" if p else "active"
+                why = f" ({p['reason']})" if p and p["reason"] else ""
+                print(f"{name:<20} queued {c.get('queued', 0):>6}  in flight {c.get('in_flight', 0):>4}  "
+                      f"errors {c.get('error', 0):>5}  {state}{why}")
+            return 0
+        target = f"destination:{args.name}"
+        action = f"destination.{args.action}"
+        with _audited(store, action, target, **({"reason": args.reason} if args.action == "pause" else {})) as d:
+            if args.name not in known:
+                raise CLIError(f"unknown destination {args.name!r} (no queue entries; give --config "
+                               "to name the configured ones)")
+            if args.action == "pause":
+                d["changed"] = store.pause_destination(args.name, by=_actor(), reason=args.reason)
+            else:
+                d["changed"] = store.resume_destination(args.name, by=_actor())
+        done = "paused" if args.action == "pause" else "resumed"
+        print(f"destination {args.name} {done}" if d["changed"] else f"destination {args.name} was already {done}")
+        return 0
+    finally:
+        store.dispose()
 
 
 def _submission_of(store, message_id: int) -> dict | None:
@@ -331,11 +498,16 @@ def cmd_identities(args) -> int:
                 view = find_identity(conn, ipp=key, ipp_authority=authority)
             return view.to_json() if view is not None else None
 
-        try:
-            found = store.read(lookup)
-        except AmbiguousIdentity as err:
-            print(f"minipfi: {err} (give AUTHORITY:IPP)", file=sys.stderr)
-            return 1
+        # a search by patient identifier: accountability needs the identifier, so it is kept in
+        # the audit row's detail (read by administrators only), never in its target
+        with _audited(store, "search.patient", "identity", key=args.key) as detail:
+            try:
+                found = store.read(lookup)
+            except AmbiguousIdentity as err:
+                detail["found"] = "ambiguous"
+                print(f"minipfi: {err} (give AUTHORITY:IPP)", file=sys.stderr)
+                return 1
+            detail["found"] = found is not None
         if found is None:
             print(f"minipfi: no identity for {args.key}", file=sys.stderr)
             return 1
@@ -584,6 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
     def data_opts(sp):
         sp.add_argument("--data-dir", help="data directory (default $MINIPFI_DATA_DIR or ./data)")
 
+    def store_opts(sp):
+        data_opts(sp)
+        sp.add_argument("--config", help="routes file whose engine.store_url to use")
+
     r = sub.add_parser("run", help="run the engine")
     r.add_argument("--config", default=DEFAULT_CONFIG, help="routes file")
     data_opts(r)
@@ -633,10 +809,64 @@ def build_parser() -> argparse.ArgumentParser:
     mh.add_argument("ids", nargs="+", metavar="ID")
     mh.add_argument("--destination", required=True, metavar="NAME")
     mh.add_argument("--target", help="only this delivery target of the destination")
-    for sp in (ml, ms, mr, mh):
-        data_opts(sp)
-        sp.add_argument("--config", help="routes file whose engine.store_url to use")
+    mt = msub.add_parser("retry", help="retry now: the message's entries waiting for a later attempt "
+                                       "become due at once", formatter_class=fmt)
+    mt.add_argument("id", metavar="ID")
+    mt.add_argument("--destination", metavar="NAME", help="only at this destination")
+    for sp in (ml, ms, mr, mh, mt):
+        store_opts(sp)
     m.set_defaults(fn=cmd_messages)
+
+    def password_opts(sp):
+        sp.add_argument("--password-file", metavar="F", help="read the password from this file (first line)")
+        sp.add_argument("--password-env", metavar="VAR", help="read the password from this environment variable")
+
+    from engine.store.accounts import ROLES
+
+    us = sub.add_parser("users", help="local accounts of the console (roles: " + ", ".join(ROLES) + ")")
+    usub = us.add_subparsers(dest="action", required=True)
+    ua = usub.add_parser("add", help="add an account (password prompted unless a password option is given)")
+    ua.add_argument("name")
+    ua.add_argument("--role", required=True, choices=ROLES)
+    password_opts(ua)
+    ul = usub.add_parser("list", help="accounts, their role and state (never a hash)")
+    ul.add_argument("--json", action="store_true")
+    ust = usub.add_parser("set", help="change an account's role, state or password")
+    ust.add_argument("name")
+    ust.add_argument("--role", choices=ROLES)
+    st = ust.add_mutually_exclusive_group()
+    st.add_argument("--disable", action="store_true", help="refuse its logins (the account stays, for the audit trail)")
+    st.add_argument("--enable", action="store_true")
+    password_opts(ust)
+    for sp in (ua, ul, ust):
+        store_opts(sp)
+    us.set_defaults(fn=cmd_users)
+
+    au = sub.add_parser("audit", help="the audit trail (who did what, when)")
+    ausub = au.add_subparsers(dest="action", required=True)
+    al = ausub.add_parser("list", help="audit rows, newest first", formatter_class=fmt)
+    al.add_argument("--since", help="at or after: ISO date or date-time (local time), or a duration back (2h, 7d)")
+    al.add_argument("--until", help="before (same forms as --since)")
+    al.add_argument("--actor", help="a user name, or cli:<os user>, or engine")
+    al.add_argument("--action", dest="action_name", metavar="ACTION",
+                    help="an action and its dotted children (login also finds login.failed)")
+    al.add_argument("--limit", type=int, default=100)
+    al.add_argument("--offset", type=int, default=0)
+    al.add_argument("--json", action="store_true", help="one JSON object per line")
+    store_opts(al)
+    au.set_defaults(fn=cmd_audit)
+
+    de = sub.add_parser("destinations", help="destinations: state, pause, resume")
+    dsub = de.add_subparsers(dest="action", required=True)
+    dl = dsub.add_parser("list", help="each destination's queue and whether it is paused")
+    dp = dsub.add_parser("pause", help="stop delivering to a destination (its messages stay queued)")
+    dp.add_argument("name")
+    dp.add_argument("--reason", help="shown to the other operators")
+    dr = dsub.add_parser("resume", help="deliver again, at once")
+    dr.add_argument("name")
+    for sp in (dl, dp, dr):
+        store_opts(sp)
+    de.set_defaults(fn=cmd_destinations)
 
     ids = sub.add_parser("identities", help="the identity registry (IHE PAM France feed)")
     isub = ids.add_subparsers(dest="action", required=True)

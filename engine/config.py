@@ -259,12 +259,46 @@ class RetentionConfig(RetentionLimits):
     identities: Duration | None = None      # identity registry rows no kept message names
 
 
+SYSLOG_PORTS = {"udp": 514, "tcp": 601, "tls": 6514}  # RFC 5426, RFC 6587 (IANA), RFC 5425
+
+
+class AuditSyslogConfig(_Model):
+    """Where audit rows go as RFC 5424 syslog messages (IHE ATNA: DICOM PS3.15 A.5 audit message
+    XML). TLS (RFC 5425) is verified against ``ca_file``; ``cert``/``key`` for mutual TLS."""
+
+    host: str
+    port: RemotePort | None = None  # default by transport: 514 udp, 601 tcp, 6514 tls
+    transport: Literal["udp", "tcp", "tls"] = "udp"
+    ca_file: ConfigPath | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "AuditSyslogConfig":
+        if self.transport == "tls" and not self.ca_file:
+            raise ValueError("transport tls needs ca_file (the CA the collector's certificate is checked against)")
+        if self.transport != "tls" and (self.ca_file or self.cert or self.key):
+            raise ValueError("ca_file, cert and key are for transport tls only")
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("cert and key must be given together")
+        return self
+
+    @property
+    def resolved_port(self) -> int:
+        return self.port or SYSLOG_PORTS[self.transport]
+
+
+class AuditConfig(_Model):
+    syslog: AuditSyslogConfig | None = None  # no export when absent (the store keeps every row)
+
+
 class EngineConfig(_Model):
     name: str = "mini-pfi"
     environment: Literal["test", "production"] = "test"
     store_url: str | None = None
     status: StatusConfig = StatusConfig()
     duplicates: DuplicatesConfig = DuplicatesConfig()
+    audit: AuditConfig = AuditConfig()
     on_store_unavailable: Literal["nak", "close"] = "nak"
     shutdown_grace: Duration = 10.0
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"

@@ -17,7 +17,9 @@ something may be due. A destination whose peer does not answer (connection refus
 a transient outcome without a response) is *down*: it sleeps until the next step of its retry
 policy, counted per destination, then probes with one entry (one connection attempt), and
 resumes full windows once the peer answers. A single FIFO whose head waits for its retry sleeps
-until then (new entries are behind it). A disabled destination only polls.
+until then (new entries are behind it). A disabled destination only polls. A destination an
+operator paused claims nothing and sets no timer (its entries stay queued; what is in flight
+finishes, the rest of its windows goes back untried); resuming it claims at once.
 Each entry is one delivery target of the destination (``target``): a message fanned out into
 several targets has one entry each, with its own attempts, so a partial failure retries only
 what failed. The worker hands the connector a :class:`engine.connectors.base.Delivery` (ids,
@@ -171,6 +173,7 @@ class DestinationWorker:
         self.owner = f"{owner or worker_owner()}#{next(_EPOCHS)}"
         self.rng = rng or random.Random()
         self.running = False
+        self.paused = False                    # an operator paused it (engine.store.controls)
         self.held: dict[int, object] = {}      # claimed entries whose outcome is not recorded
         self._lanes: set = set()               # Deferreds of the lanes being sent
         self._claiming = False
@@ -219,10 +222,29 @@ class DestinationWorker:
             self._start_receipts()
         self.wake()
 
+    # -- operator controls ----------------------------------------------------------------------
+    def set_paused(self, paused: bool) -> None:
+        """Pause: claim nothing from now on. Resume: claim at once, without waiting for a retry
+        step or a FIFO head's sleep (a peer still down is probed with one entry)."""
+        if paused == self.paused:
+            return
+        self.paused = paused
+        if paused:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        else:
+            self.recheck()
+
+    def recheck(self) -> None:
+        """An operator made entries due now ("retry now"): forget the sleeps and look again."""
+        self._sleep_until = self._down_until = 0.0
+        self._claim_now()
+
     # -- when to look for work ------------------------------------------------------------------
     def wake(self) -> None:
         """New entries were committed for this destination: look for work if any can be due."""
-        if not self.running:
+        if not self.running or self.paused:
             return
         if not self.cfg.enabled:
             if self._timer is None or not self._timer.active():
@@ -234,7 +256,7 @@ class DestinationWorker:
         self._claim_now()
 
     def _claim_now(self) -> None:
-        if not self.running:
+        if not self.running or self.paused:
             return
         if self._claiming:
             self._rerun = True
@@ -252,7 +274,7 @@ class DestinationWorker:
         self._claim_now()
 
     def _schedule(self, delay: float) -> None:
-        if not self.running:
+        if not self.running or self.paused:
             return
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() <= self.reactor.seconds() + delay:
@@ -333,6 +355,10 @@ class DestinationWorker:
             for i, entry in enumerate(entries):
                 if not self.running:
                     break  # the rest stays held: released by stop()
+                if self.paused:  # the rest goes back to the queue untried
+                    for rest in entries[i:]:
+                        self._record(Completion(rest.id, "released", rest.attempts))
+                    break
                 if time.time() < self._down_until:
                     status = "retry"  # the peer is down: no attempt of our own
                     i -= 1

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOORS = [
     {"engine", "engine.durations", "engine.histogram", "engine.logs", "engine.hl7", "engine.passwords",
      "engine.reactor", "mllp"},
-    {"engine.config", "engine.cda", "engine.identity"},
+    {"engine.config", "engine.cda", "engine.identity", "engine.atna"},
     {"engine.store", "engine.router", "engine.xds"},
     {"engine.steps", "engine.ingest", "engine.connectors", "engine.simulators", "engine.retention"},
     {"engine.transforms"},

@@ -311,7 +311,12 @@ class StatusService:
                 "oldest_queued_age_s": s.get("oldest_queued_age_s"),
                 "last_error": w.last_error if w else None,
                 "last_error_at": _iso(w.last_error_at) if w and w.last_error_at else None,
+                # an operator's pause (who and since when; the reason is in the audit trail)
+                "paused": bool(w and w.paused),
             }
+            p = getattr(eng, "paused", {}).get(name)
+            if p is not None and w is not None and w.paused:
+                body["destinations"][name].update(paused_by=p["by"], paused_since=_iso(p["at"]))
         return 200, body
 
 

@@ -110,10 +110,14 @@ class EngineCollector:
     def _deliveries(eng):
         outcomes = CounterMetricFamily("minipfi_deliveries", "Delivery attempts since start by outcome",
                                        labels=["destination", "outcome"])
+        paused = GaugeMetricFamily("minipfi_destination_paused",
+                                   "1 while an operator has paused the destination", labels=["destination"])
         for name, w in sorted(eng.workers.items()):
             for outcome, n in sorted(dict(w.counters).items()):
                 outcomes.add_metric([name, outcome], n)
+            paused.add_metric([name], 1 if getattr(w, "paused", False) else 0)
         yield outcomes
+        yield paused
 
     def _certificates(self, eng):
         days = GaugeMetricFamily("minipfi_certificate_days_left",

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import sqlalchemy as sa
 
+from .sql import time_range
+
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("ok", "refused", "failed")
@@ -80,12 +82,7 @@ class AuditMixin:
         """Newest first. ``since``/``until`` bound ``at`` (``until`` excluded); ``action``
         matches itself and its dotted children ('login' also finds 'login.failed')."""
         where, params = [], {"lim": int(limit), "off": int(offset)}
-        if since is not None:
-            where.append("at >= :since")
-            params["since"] = float(since)
-        if until is not None:
-            where.append("at < :until")
-            params["until"] = float(until)
+        time_range(where, params, "at", since, until)
         if actor is not None:
             where.append("actor = :actor")
             params["actor"] = actor

@@ -16,7 +16,7 @@ from .models import (
     MessageSummary,
 )
 from .schema import submissions
-from .sql import MSG_COLS, iso
+from .sql import MSG_COLS, iso, time_range
 
 
 T = TypeVar("T")
@@ -71,12 +71,7 @@ class ReadModelMixin:
         if message_type is not None:
             where.append("(m.message_type = :mt OR m.message_type LIKE :mt_prefix)")
             params.update(mt=message_type, mt_prefix=message_type.replace("%", "") + "^%")
-        if since is not None:
-            where.append("m.received_at >= :since")
-            params["since"] = float(since)
-        if until is not None:
-            where.append("m.received_at < :until")
-            params["until"] = float(until)
+        time_range(where, params, "m.received_at", since, until)
         dest = ""
         if destination is not None:
             dest = " AND e.destination = :dest"

@@ -94,6 +94,17 @@ def is_db_level(exc: BaseException) -> bool:
     )
 
 
+def time_range(where: list[str], params: dict, column: str, since: float | None,
+               until: float | None) -> None:
+    """Add ``since <= column < until`` (either bound optional) to a filtered read."""
+    if since is not None:
+        where.append(f"{column} >= :since")
+        params["since"] = float(since)
+    if until is not None:
+        where.append(f"{column} < :until")
+        params["until"] = float(until)
+
+
 def entry_row(mid, e, now: float) -> tuple:
     """The queue_entries row of one EntrySpec (column order of ``ENTRY_COLS``); a held
     destination's entry is first due ``hold`` seconds after reception."""
