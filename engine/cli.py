@@ -675,21 +675,19 @@ def cmd_reload(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Portability export (docs/export.md); audited ``export`` by ``cli:<os user>``."""
-    import getpass
-
+    """Portability export (docs/export.md); audited ``export`` by ``cli:<os user>``, refusals too."""
     from engine.retention.export import ExportError, export
 
     since, until = _when(args.since, "--since"), _when(args.until, "--until")
     store = _store(args)
     try:
-        try:
-            manifest = export(store, Path(args.dir), since=since, until=until, channels=args.channel)
-        except ExportError as err:
-            raise CLIError(str(err)) from None
-        counts = manifest["counts"]
-        store.audit(f"cli:{getpass.getuser()}", "export", target=str(Path(args.dir).resolve()),
-                    detail={"counts": counts, "range": manifest["range"]}, source="cli")
+        target = str(Path(args.dir).resolve())
+        with _audited(store, "export", target, since=since, until=until, channels=args.channel) as detail:
+            try:
+                manifest = export(store, Path(args.dir), since=since, until=until, channels=args.channel)
+            except ExportError as err:
+                raise CLIError(str(err)) from None
+            counts = detail["counts"] = manifest["counts"]
     finally:
         store.dispose()
     print(f"{args.dir}: {counts['messages']} messages, {counts['entries']} delivery entries, "

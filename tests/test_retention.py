@@ -186,6 +186,8 @@ def test_export_round_trip(store, tmp_path, monkeypatch, capsys):
     assert main(["export", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "must be absent or empty" in err
+    refused = store.audit_list(action="export")[0]
+    assert refused.outcome == "refused" and "must be absent or empty" in refused.detail["error"]
 
 
 @pytest.mark.parametrize("archive", [False, True])
