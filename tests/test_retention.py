@@ -248,3 +248,15 @@ def test_a_message_needed_again_is_kept_and_a_pruned_payload_is_not_replayed(sto
     Pruner(store, lambda: config("{payloads: 30d}")).run()
     with pytest.raises(ValueError, match="payload pruned"):
         store.replay([b], ["ris"])
+
+
+def test_payload_of_a_message_released_later_goes_in_a_later_run(store):
+    held = add(store, "HELD", 50, "error")
+    done = add(store, "DONE", 49)
+    pruner = Pruner(store, lambda: config("{payloads: 30d}"))
+    assert pruner.run()["counts"] == {"payloads": 1}
+    assert store.get_message(done).raw == b"" and store.get_message(held).raw != b""
+    store.mark_handled(held, "ris")  # the error is dealt with: its payload may go now
+    assert pruner.run()["counts"] == {"payloads": 1}
+    assert store.get_message(held).raw == b""
+    assert pruner.run()["counts"] == {}
