@@ -236,6 +236,9 @@ class Bundle:
 
     # -- end --------------------------------------------------------------------------------------
     def close(self, *, extra: dict | None = None) -> dict:
+        for name in JSONL:  # every file of the layout exists, empty when there is nothing
+            if name not in self._open:
+                self._open[name] = (self.sink.stream(f"{name}.jsonl"), hashlib.sha256(), [0])
         streams = []
         for name, (fh, h, size) in self._open.items():
             fh.close()
