@@ -75,12 +75,20 @@ def test_prunes_run_while_ingest_continues(tmp_path, db_url):
         eng.config.write_text(routes(port, status_port, receiver.port, arch, True))
         eng.cli("reload", "--data-dir", str(eng.data_dir))
         lat, codes = send_for(port, 8.0, "P")
-        time.sleep(1.5)  # one more run after the last message is due
+        # a loaded host may still be in the run that took the backlog: wait for its audit row
+        url = db_url or f"sqlite:///{eng.data_dir / 'minipfi.db'}"
+        probe = sa.create_engine(url)
+        end = time.monotonic() + 20
+        with probe.connect() as c:
+            while time.monotonic() < end and not c.execute(sa.text(
+                    "SELECT count(*) FROM audit_log WHERE action = 'retention.prune'")).scalar():
+                c.rollback()
+                time.sleep(0.2)
+        probe.dispose()
     finally:
         assert eng.stop() == 0
         receiver.close()
     assert set(base_codes) == {"AA"} and set(codes) == {"AA"}, (set(base_codes), set(codes))
-    url = db_url or f"sqlite:///{eng.data_dir / 'minipfi.db'}"
     engine = sa.create_engine(url)
     with engine.connect() as c:
         left = c.execute(sa.text("SELECT count(*) FROM messages")).scalar()
@@ -93,7 +101,8 @@ def test_prunes_run_while_ingest_continues(tmp_path, db_url):
     print(f"\n[{'postgresql' if db_url else 'sqlite'}] ACK p99 without pruning {1000 * p99(base_lat):.1f} ms "
           f"({len(base_lat)} msgs), with pruning {1000 * p99(lat):.1f} ms ({len(lat)} msgs); "
           f"{len(audits)} prune runs removed {pruned} messages, {len(archives)} archives, {left} left")
-    assert len(audits) >= 1 and pruned > 0.3 * sent, (len(audits), pruned, sent)
+    # at least the run that started with the first phase's messages (all due by then) ended
+    assert len(audits) >= 1 and pruned >= len(base_codes), (len(audits), pruned, sent)
     assert left + pruned == sent
     assert len(archives) == len([a for a in audits if json.loads(a).get("archive")])
     assert p99(lat) < 1.0
