@@ -143,9 +143,18 @@ class Engine:
         for name, cfg in self.config.channels.items():
             self._start_channel(name, cfg)
         self._start_alerts()
+        self._start_retention()
         self._write_pid()
         log.info("engine.started", version=self.version, channels=sorted(self.channels),
                  destinations=sorted(self.workers), data_dir=str(self.data_dir))
+
+    def _start_retention(self) -> None:
+        """Pruning in its own thread; its writer ops go through the reactor (see Pruner)."""
+        from engine.retention.prune import Pruner, RetentionThread
+
+        submit = lambda op, cb: self.reactor.callFromThread(self.store.submit, op, cb)  # noqa: E731
+        self.retention = RetentionThread(Pruner(self.store, lambda: self.config, submit=submit))
+        self.retention.start()
 
     def _configure_cda_validation(self) -> dict:
         """CDA validation resources: ``engine.cda_resources`` or the packaged ones; what is generated
@@ -444,6 +453,8 @@ class Engine:
             yield defer.maybeDeferred(self.status_port.stopListening)
         if self.console_port is not None:
             yield defer.maybeDeferred(self.console_port.stopListening)
+        if getattr(self, "retention", None) is not None:  # its ops need the reactor: join off it
+            yield threads.deferToThread(self.retention.stop, grace)
         try:
             yield threads.deferToThread(self.store.audit, "engine", "engine.stop", detail={"pid": os.getpid()})
         except Exception as exc:  # noqa: BLE001 - the store may be what failed

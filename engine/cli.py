@@ -678,6 +678,28 @@ def cmd_reload(args) -> int:
     return 2
 
 
+def cmd_export(args) -> int:
+    """Portability export (docs/export.md); audited ``export`` by ``cli:<os user>``, refusals too."""
+    from engine.retention.export import ExportError, export
+
+    since, until = _when(args.since, "--since"), _when(args.until, "--until")
+    store = _store(args)
+    try:
+        target = str(Path(args.dir).resolve())
+        with _audited(store, "export", target, since=since, until=until, channels=args.channel) as detail:
+            try:
+                manifest = export(store, Path(args.dir), since=since, until=until, channels=args.channel)
+            except ExportError as err:
+                raise CLIError(str(err)) from None
+            counts = detail["counts"] = manifest["counts"]
+    finally:
+        store.dispose()
+    print(f"{args.dir}: {counts['messages']} messages, {counts['entries']} delivery entries, "
+          f"{counts['events']} events, {counts['submissions']} submissions, "
+          f"{counts['identities']} identities ({len(manifest['files'])} files, manifest.json)")
+    return 0
+
+
 def cmd_version(args) -> int:
     """The engine's version and the CDA validation resources' (those ``--config`` names, else packaged)."""
     from engine import __version__
@@ -889,6 +911,17 @@ def build_parser() -> argparse.ArgumentParser:
     dsim = sub.add_parser("dmp-simulator", help="a DMP (ITI-41 / ITI-57) simulator for tests and demos")
     dmp_simulator_arguments(dsim)
     dsim.set_defaults(fn=cmd_dmp_simulator)
+
+    ex = sub.add_parser("export", help="export stored data (messages, deliveries, documents, identities) "
+                                       "into an empty folder (docs/export.md)", formatter_class=fmt)
+    ex.add_argument("dir", metavar="DIR", help="target folder (absent or empty)")
+    ex.add_argument("--since", help="received at or after: ISO date or date-time (local time), or a "
+                                    "duration back from now")
+    ex.add_argument("--until", help="received before (same forms as --since)")
+    ex.add_argument("--channel", action="append", metavar="NAME", help="only this channel (repeatable)")
+    data_opts(ex)
+    ex.add_argument("--config", help="routes file whose engine.store_url to use")
+    ex.set_defaults(fn=cmd_export)
 
     v = sub.add_parser("version")
     v.add_argument("--config", help="routes file whose engine.cda_resources to report")

@@ -277,6 +277,23 @@ class DuplicatesConfig(_Model):
     on_conflict: Literal["reject", "accept"] = "reject"
 
 
+class RetentionLimits(_Model):
+    """How long a channel's data is kept (None: for ever). See docs/export.md, "Retention"."""
+
+    messages: Duration | None = None     # the message row and all that hangs on it
+    payloads: Duration | None = None     # raw bytes, sent payloads, responses, submission content
+    deliveries: Duration | None = None   # final queue entries and events (delivery history)
+
+
+class RetentionConfig(RetentionLimits):
+    """``engine.retention``: the default limits of every channel, and how pruning runs."""
+
+    interval: Duration = 600.0
+    batch: int = Field(500, ge=1, le=10000)
+    archive_dir: ConfigPath | None = None   # compressed archive of what a run deletes
+    identities: Duration | None = None      # identity registry rows no kept message names
+
+
 SYSLOG_PORTS = {"udp": 514, "tcp": 601, "tls": 6514}  # RFC 5426, RFC 6587 (IANA), RFC 5425
 
 
@@ -324,6 +341,7 @@ class EngineConfig(_Model):
     #: folder of CDA validation resources (CDA XSD, CI-SIS schematrons, value sets) with the layout
     #: of the ANS release, e.g. a newer official one; relative to the routes file; None: packaged
     cda_resources: str | None = None
+    retention: RetentionConfig = RetentionConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,6 +522,7 @@ class MLLPChannelConfig(_Model):
     reports: ReportsConfig = ReportsConfig()
     pacs_reports: PacsReportsConfig = PacsReportsConfig()
     teleradiology: TeleradiologyConfig = TeleradiologyConfig()
+    retention: RetentionLimits | None = None
 
 
 CHANNEL_TYPES: tuple[type[_Model], ...] = (MLLPChannelConfig,)

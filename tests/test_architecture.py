@@ -15,7 +15,7 @@ FLOORS = [
      "engine.reactor", "mllp"},
     {"engine.config", "engine.cda", "engine.identity", "engine.web", "engine.atna", "engine.alerts"},
     {"engine.store", "engine.router", "engine.xds"},
-    {"engine.steps", "engine.ingest", "engine.connectors", "engine.simulators"},
+    {"engine.steps", "engine.ingest", "engine.connectors", "engine.simulators", "engine.retention"},
     {"engine.transforms"},
     {"engine.reports"},
     {"engine.channels", "engine.delivery", "engine.status", "engine.alerting", "engine.console"},

@@ -388,6 +388,12 @@ class QueueMixin:
             missing = [i for i in ids if i not in chans]
             if missing:
                 raise UnknownMessage(f"unknown message id(s): {missing}")
+            emptied = conn.execute(sa.text(
+                "SELECT id FROM messages WHERE id IN :ids AND flags LIKE '%payload_pruned%'").bindparams(expand),
+                {"ids": ids}).scalars().all()
+            if emptied:  # retention removed the bytes: there is nothing left to send
+                raise ValueError(f"message(s) {', '.join(map(str, emptied))}: payload pruned by retention, "
+                                 "nothing to replay")
             # the latest entry of each (destination, target), and whether any entry of it is live
             latest = conn.execute(sa.text(
                 "SELECT e.id, e.message_id, e.destination, e.route, e.order_key, e.transforms, "

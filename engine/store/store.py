@@ -41,6 +41,7 @@ from .dedup import DedupMixin
 from .queue import QueueMixin
 from .read_model import ReadModelMixin
 from .receipts import ReceiptsMixin
+from .retention import RetentionMixin
 from .step_writes import StepWritesMixin
 from .writer import WriterMixin
 
@@ -50,7 +51,7 @@ T = TypeVar("T")
 
 
 class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, ReadModelMixin,
-            ReceiptsMixin, AccountsMixin, AuditMixin, ControlsMixin):
+            ReceiptsMixin, AccountsMixin, AuditMixin, ControlsMixin, RetentionMixin):
     """One store: SQLite or PostgreSQL, one writer thread, pooled connections for the rest."""
 
     def __init__(self, url: str, *, dedup_window_seconds: float = 7 * 86400, pool_size: int = 5):
