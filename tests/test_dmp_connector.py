@@ -119,3 +119,20 @@ def test_check_files_and_production_hold(tmp_path):
     with pytest.raises(ConfigError, match="business_acks must name an mllp destination"):
         load_config_text(dmp_yaml(pki).replace("business_acks: back", "business_acks: dmp"))
     assert dt.datetime.now(dt.timezone.utc) > cert.not_valid_after_utc
+
+
+def test_sample_routes_start_without_the_disabled_dmp_certificates(tmp_path):
+    """`make run` on a fresh checkout: the sample's DMP is disabled and its certificate files
+    do not exist; building every destination's connector must not open them."""
+    from pathlib import Path
+
+    from engine.config import load_config
+    from engine.connectors.registry import build
+
+    sample = Path(__file__).resolve().parent.parent / "engine" / "routes.yaml"
+    (tmp_path / "routes.yaml").write_bytes(sample.read_bytes())
+    cfg = load_config(tmp_path / "routes.yaml")
+    assert cfg.destinations["dmp"].enabled is False
+    assert not (tmp_path / "certs").exists()
+    for name, dest in cfg.destinations.items():
+        assert build(dest, reactor=None) is not None, name

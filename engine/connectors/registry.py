@@ -52,9 +52,30 @@ def registered() -> list[str]:
     return sorted(_TYPES)
 
 
+class DisabledConnector:
+    """Stands for a disabled destination: its worker claims nothing, so this never sends, and
+    the files a real connector opens (a DMP's certificates not issued yet) are left alone, as
+    ``problems`` leaves them unchecked. A reload that enables the destination builds the real one."""
+
+    kind = "disabled"
+    needs_stored = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def send(self, delivery):
+        raise RuntimeError(f"destination type {self.cfg.type} is disabled")
+
+    def close(self):
+        return None
+
+
 def build(cfg, reactor):
     """A new connector for the destination ``cfg`` (its ``type`` picks the factory)."""
-    return connector_type(cfg.type).factory(cfg, reactor)
+    ct = connector_type(cfg.type)
+    if ct.check is not None and not getattr(cfg, "enabled", True):
+        return DisabledConnector(cfg)
+    return ct.factory(cfg, reactor)
 
 
 def expand(cfg, stored: StoredView = NO_STORED_VIEW) -> tuple[str, ...]:
