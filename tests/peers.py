@@ -99,9 +99,10 @@ class Receiver:
 
 class WebhookReceiver:
     """An HTTP(S) receiver of JSON POSTs (alert webhooks): keeps ``(Authorization, body)`` per
-    request and answers 204. ``tls``: a server ``ssl.SSLContext`` for HTTPS."""
+    request and answers ``status`` (204; 200 is sent HTTP/1.0 style, without a length: the body
+    ends with the connection). ``tls``: a server ``ssl.SSLContext`` for HTTPS."""
 
-    def __init__(self, tls=None):
+    def __init__(self, tls=None, status: int = 204):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         import json
 
@@ -114,7 +115,7 @@ class WebhookReceiver:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 with receiver.lock:
                     receiver.posts.append((self.headers.get("Authorization"), body))
-                self.send_response(204)
+                self.send_response(status)
                 self.end_headers()
 
             def log_message(self, *args):

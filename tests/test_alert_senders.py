@@ -55,6 +55,19 @@ def test_webhook_over_https_with_its_ca_and_token(pki, https_hook, monkeypatch):
     assert len(got) == 1
 
 
+def test_webhook_answer_ended_by_close_is_sent_once():
+    """A plain 200 without Content-Length (python's http.server, many small receivers): its
+    body ends with the connection; that is a success, not a failure to try three times more."""
+    hook = WebhookReceiver(status=200)
+    try:
+        cfg = notifier(f'{{type: webhook, url: "http://127.0.0.1:{hook.port}/a"}}')
+        sender = call(make_sender, "n", cfg, reactor, "pfi")
+        assert call(send_with_retry, sender, NOTICE, reactor, (0.01, 0.01)) is True
+        assert len(hook.bodies()) == 1
+    finally:
+        hook.close()
+
+
 def test_mail_refused_when_the_relay_is_not_trusted(pki):
     rig = SmtpRig(pki)
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cryptography import x509
 from twisted.internet import defer, ssl as tssl
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, PartialDownloadError, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -142,7 +142,12 @@ class HttpsClient:
                 raise HttpsFailure(f"answer too large ({response.length} bytes)")
             rb = readBody(response)
             rb.addTimeout(self.timeout, self.reactor)
-            data = yield rb
+            try:
+                data = yield rb
+            except PartialDownloadError as exc:
+                if isinstance(response.length, int):
+                    raise  # fewer bytes than its Content-Length: truncated
+                data = exc.response  # no length given: the close ends the body (RFC 9112, 6.3)
         except HttpsFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - every transport failure becomes one reason
