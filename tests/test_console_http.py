@@ -348,3 +348,28 @@ def test_dashboard_shows_the_firing_alerts(console, clients):
             break
         time.sleep(0.2)
     assert 'id="alerts"' in page and "disk-test" in page and "disk_space" in page
+
+
+def test_message_page_shows_responses_by_line_and_says_when_the_payload_was_pruned():
+    """An ACK's segments end with CR: a browser shows them on one line unless split. A message
+    whose payload retention emptied is not "a message that could not be split"."""
+    from types import SimpleNamespace
+
+    from engine.console.pages import _message_view
+    from engine.console.site import ConsoleResource
+
+    entry = SimpleNamespace(id=7, destination="ris", target="", status="error", attempts=1, created_at=1.0,
+                            updated_at=2.0, next_attempt_at=0.0, last_error="AE", replay_of=None,
+                            response=b"MSH|^~\\&|RIS\rMSA|AE|R-1\r")
+    m = SimpleNamespace(entries=[entry], raw=b"", ack=b"MSA|AA|R-1", charset="UNICODE UTF-8",
+                        flags="payload_pruned")
+    view = _message_view(m, None, phi=True)
+    assert view["targets"][0]["entries"][0]["response"] == "MSH|^~\\&|RIS\nMSA|AE|R-1\n"
+    assert view["pruned"] is True
+    meta = dict(id=9, control_id="R-1", received_at=1.0, channel="in", message_type="ADT^A01", version="2.5",
+                sending_app="GAM", sending_facility="H", receiving_app="PFI", receiving_facility="H", size=1,
+                sha256="0" * 64, status="routed", ack_code="AA", error_code=None)
+    page = ConsoleResource(None, None, None, secure=False).env.get_template("message.html").render(
+        user="o", role="operator", csrf="t", phi=True, admin=False, operator=True,
+        m=SimpleNamespace(**vars(m), **meta), v=view, flash="")
+    assert "could not be split" not in page and "removed by retention" in page

@@ -355,7 +355,8 @@ def _message_view(m, sub: dict | None, *, phi: bool) -> dict:
             "entries": [{"id": e.id, "status": e.status, "attempts": e.attempts, "created": e.created_at,
                          "updated": e.updated_at, "next": e.next_attempt_at if e.status == "queued" else None,
                          "error": e.last_error, "replay_of": e.replay_of,
-                         "response": _text(e.response, m.charset) if phi and e.response else None}
+                         "response": _text(e.response, m.charset).replace("\r", "\n")
+                         if phi and e.response else None}
                         for e in entries]})
     destinations = sorted({d for d, _t in chains})
     errored = sorted({d for (d, _t), es in chains.items() if es[-1].status == "error"})
@@ -377,10 +378,12 @@ def _message_view(m, sub: dict | None, *, phi: bool) -> dict:
     view = {"targets": targets, "destinations": destinations, "errored": errored, "waiting": waiting,
             "findings": findings, "submission_kind": sub["kind"] if sub else None,
             "submission_errors": sub["errors"] if sub else None,
-            "submission": submission, "validation": validation, "raw": None, "segments": None, "ack": None}
+            "submission": submission, "validation": validation, "raw": None, "segments": None, "ack": None,
+            "pruned": "payload_pruned" in (getattr(m, "flags", None) or "")}  # by retention
     if phi:
-        view["raw"] = _text(m.raw, m.charset).replace("\r", "\n")
         view["ack"] = _text(m.ack, m.charset).replace("\r", "\n")
+    if phi and not view["pruned"]:
+        view["raw"] = _text(m.raw, m.charset).replace("\r", "\n")
         try:
             msg = Message.parse(m.raw, codec(m.charset))
             view["segments"] = [(seg.name, [seg.field(i) for i in range(1, len(seg) + 1)]) for seg in msg]
