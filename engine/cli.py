@@ -788,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--limit", type=int, default=100, help="at most this many messages")
     ml.add_argument("--offset", type=int, default=0, help="skip this many (newest first)")
     ml.add_argument("--channel", help="only this channel")
-    ml.add_argument("--status", choices=["sent", "queued", "error", "handled", "filtered", "rejected", "conflict"],
+    ml.add_argument("--status", choices=["sent", "queued", "error", "handled", "cancelled", "filtered", "rejected", "conflict"],
                     help="only messages in this state (with --destination: their state there)")
     ml.add_argument("--destination", help="only messages routed to this destination")
     ml.add_argument("--type", help="message type: CODE^TRIGGER (ORU^R01) or CODE (ADT)")

@@ -173,3 +173,21 @@ def test_concurrent_replays_add_one_entry(store):
         t.join(30)
     assert errors == [] and sorted(added) == [0, 0, 0, 0, 0, 1]
     assert count(store, "SELECT count(*) FROM queue_entries WHERE message_id = :m AND status = 'queued'", m=mid) == 1
+
+
+def test_a_message_whose_deliveries_were_cancelled_is_not_listed_as_sent(store):
+    """A report deleted before it left (its entries cancelled by the deletion) was never
+    delivered: listing it as 'sent' would tell the operator the opposite."""
+    import sqlalchemy as sa
+
+    mid = ingest_one(store, rec("C1", entries=[EntrySpec("ris", "r"), EntrySpec("pacs", "r")])).message_id
+    with store.engine.begin() as c:
+        c.execute(sa.text("UPDATE queue_entries SET status = 'cancelled' WHERE message_id = :m"), {"m": mid})
+    assert [(r.id, r.status) for r in store.list_messages()] == [(mid, "cancelled")]
+    assert [r.id for r in store.list_messages(status="cancelled", destination="ris")] == [mid]
+    assert store.list_messages(status="sent") == []
+    with store.engine.begin() as c:  # one of them sent after all: the message did leave
+        c.execute(sa.text("UPDATE queue_entries SET status = 'sent' WHERE message_id = :m AND destination = 'ris'"),
+                  {"m": mid})
+    assert [r.status for r in store.list_messages()] == ["sent"]
+    assert [r.status for r in store.list_messages(destination="pacs")] == ["cancelled"]

@@ -24,7 +24,7 @@ PAGE_SIZE = 100
 PATIENT_SEARCH_MAX_DAYS = 31      # a search by IPP/INS/accession reads the messages of the range
 PATIENT_SEARCH_MAX_SCAN = 50000   # ... at most this many, newest range first
 PATIENT_SEARCH_MAX_HITS = 500
-STATUSES = ("error", "queued", "sent", "handled", "rejected", "filtered", "conflict")
+STATUSES = ("error", "queued", "sent", "handled", "cancelled", "rejected", "filtered", "conflict")
 FIELD_MAX = 128                   # search inputs are short identifiers
 AUDIT_PAGE = 200
 

@@ -61,7 +61,7 @@ class ReadModelMixin:
         rejected/filtered/conflict; else over the latest entry per destination and target (a
         replay supersedes the earlier attempt): 'error' if any error, 'queued' if any
         queued/in_flight, 'handled' if an error was resolved by an operator and nothing else is
-        pending, else 'sent'. With ``destination`` only that destination's entries count (and
+        pending, 'cancelled' if nothing was sent and a deletion cancelled an entry, else 'sent'. With ``destination`` only that destination's entries count (and
         only messages routed there are listed). ``message_type`` is ``CODE^TRIGGER`` or ``CODE``;
         ``since``/``until`` bound the reception time (epoch seconds, ``until`` excluded);
         ``sending_app`` is MSH-3 (its first component, or the whole field); ``ids`` keeps only
@@ -97,9 +97,11 @@ class ReadModelMixin:
 
         errors, waiting = latest("e.status = 'error'"), latest("e.status IN ('queued', 'in_flight')")
         handled = latest("e.status = 'resolved'")
+        sent, cancelled = latest("e.status = 'sent'"), latest("e.status = 'cancelled'")
         agg = ("CASE WHEN m.status IN ('rejected', 'filtered', 'conflict') THEN m.status "
                f"WHEN {errors} > 0 THEN 'error' WHEN {waiting} > 0 THEN 'queued' "
-               f"WHEN {handled} > 0 THEN 'handled' ELSE 'sent' END")
+               f"WHEN {handled} > 0 THEN 'handled' "
+               f"WHEN {sent} = 0 AND {cancelled} > 0 THEN 'cancelled' ELSE 'sent' END")
         outer = ""
         if status is not None:
             outer = "WHERE x.agg = :status"
