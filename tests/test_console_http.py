@@ -340,6 +340,23 @@ def test_status_gives_last_received_last_sent_and_peer_state(console):
     assert ris["last_sent_at"] is not None and ris["peer_down"] is False
 
 
+def test_a_disabled_destination_is_not_shown_running(console, clients):
+    """enabled: false in routes.yaml: /status says so and the dashboard does not say 'running'."""
+    eng, _port, _ids = console
+    w = eng.workers["ris"]
+    enabled_cfg = w.cfg
+    try:
+        w.cfg = enabled_cfg.model_copy(update={"enabled": False})
+        _code, body = reactor_thread.call(eng.status_service.status)
+        assert body["destinations"]["ris"]["enabled"] is False
+        page = clients["viewer"].get("/")[1]
+        row = page.split('data-destination="ris"', 1)[1].split("</tr>", 1)[0]
+        assert "disabled" in row and "running" not in row
+    finally:
+        w.cfg = enabled_cfg
+    assert reactor_thread.call(eng.status_service.status)[1]["destinations"]["ris"]["enabled"] is True
+
+
 def test_dashboard_shows_the_firing_alerts(console, clients):
     deadline = time.time() + 5
     while True:

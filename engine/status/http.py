@@ -229,6 +229,8 @@ class StatusService:
             w = eng.workers.get(name)
             body["destinations"][name] = {
                 "configured": w is not None,
+                # enabled: false in routes.yaml: nothing is sent, entries wait
+                "enabled": bool(getattr(w.cfg, "enabled", True)) if w else None,
                 "queued": s.get("queued", 0),
                 "in_flight": s.get("in_flight", 0),
                 "sent": s.get("sent", 0),
