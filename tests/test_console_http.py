@@ -227,6 +227,9 @@ def test_actions_are_done_and_audited(console, clients):
     assert audits(eng, "config.reload", "admin")
     r, text = admin.get("/admin/audit?action=message")
     assert r.status == 200 and "message.replay" in text and "login" not in text.split("<tbody>")[1]
+    # reading the trail (it names the patient identifiers searched) is audited, as by the CLI
+    seen = audits(eng, "audit.view", "admin")
+    assert seen and seen[0].detail["action"] == "message" and seen[0].detail["rows"] >= 5
     r, text = admin.get("/admin/users")
     assert r.status == 200 and "viewer" in text and "$argon2" not in text
 

@@ -308,6 +308,9 @@ class Pages:
         rows = yield threads.deferToThread(self.store.audit_list, since=since, until=until,
                                            actor=q["actor"] or None, action=q["action"] or None,
                                            limit=AUDIT_PAGE + 1, offset=offset)
+        # reading the trail is itself audited (DICOM "Audit Log Used"), as `minipfi audit list`
+        yield self.audit(page, "audit.view", detail={**{k: v for k, v in q.items() if v},
+                                                     "offset": offset, "rows": len(rows[:AUDIT_PAGE])})
         return self.web.template("audit.html", page, rows=rows[:AUDIT_PAGE], more=len(rows) > AUDIT_PAGE,
                                  offset=offset, page_size=AUDIT_PAGE, q=q, query=_query_without_offset(q),
                                  detail=_detail_text)
