@@ -260,3 +260,20 @@ def test_payload_of_a_message_released_later_goes_in_a_later_run(store):
     assert pruner.run()["counts"] == {"payloads": 1}
     assert store.get_message(held).raw == b""
     assert pruner.run()["counts"] == {}
+
+
+def test_the_start_of_an_alert_still_firing_is_kept(store):
+    """After a restart the engine takes an alert whose alert_started has no alert_ended as
+    firing, without a new notice: pruning that event would notify the start again."""
+    def alert(kind, subject):
+        store.add_event(kind, detail={"rule": "late", "kind": "queue_age", "subject": subject,
+                                      "since": 1.0, "value": 90})
+    alert("alert_started", "ris")      # still firing
+    alert("alert_started", "pacs")     # ended: both may go
+    alert("alert_ended", "pacs")
+    store.add_event("sent", channel="adt_in")
+    with store.engine.begin() as c:
+        c.execute(sa.text("UPDATE events SET at = :at"), {"at": time.time() - 100 * DAY})
+    Pruner(store, lambda: config("{deliveries: 60d}")).run()
+    assert [a["subject"] for a in store.open_alerts()] == ["ris"]
+    assert count(store, "SELECT count(*) FROM events") == 1

@@ -160,14 +160,8 @@ class ReadModelMixin:
     def open_alerts(self) -> list[dict]:
         """Alerts whose latest event is ``alert_started`` (no ``alert_ended`` after it): the
         details (rule, kind, subject, since, value) of the alerts firing when the engine stopped."""
-        latest: dict[tuple, tuple[str, dict]] = {}
         with self._read() as conn:
-            for kind, detail in conn.execute(sa.text(
-                    "SELECT kind, detail FROM events WHERE kind IN ('alert_started', 'alert_ended') "
-                    "ORDER BY id")).all():
-                d = json.loads(detail or "{}")
-                latest[(d.get("rule"), d.get("subject"))] = (kind, d)
-        return [d for kind, d in latest.values() if kind == "alert_started"]
+            return [d for _id, d in open_alert_events(conn)]
 
     def stats(self) -> dict:
         """Counts per channel and destination for the status endpoint, without scanning the
@@ -246,3 +240,15 @@ class ReadModelMixin:
         by_code = [{"channel": c, "status": st, "ack_code": a, "error_code": e, "count": n}
                    for (c, st, a, e), n in sorted(codes.items())]
         return {"channels": channels, "destinations": dests, "messages_by_code": by_code}
+
+
+def open_alert_events(conn) -> list[tuple[int, dict]]:
+    """``(event id, detail)`` of each ``alert_started`` event with no ``alert_ended`` after it
+    for the same rule and subject (retention keeps these: a restart reads them back)."""
+    latest: dict[tuple, tuple[str, int, dict]] = {}
+    for eid, kind, detail in conn.execute(sa.text(
+            "SELECT id, kind, detail FROM events WHERE kind IN ('alert_started', 'alert_ended') "
+            "ORDER BY id")).all():
+        d = json.loads(detail or "{}")
+        latest[(d.get("rule"), d.get("subject"))] = (kind, eid, d)
+    return [(eid, d) for kind, eid, d in latest.values() if kind == "alert_started"]

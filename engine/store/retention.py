@@ -15,7 +15,7 @@ became live in between, e.g. replayed by an operator, is kept):
   validation NULL); the metadata rows stay and ``flags`` gains :data:`PAYLOAD_PRUNED`.
 * a queue entry in a final state (sent, filtered, cancelled, resolved) of a kept message, under
   the same document and receipt conditions and not replayed by a live entry.
-* events older than the delivery limit; identity history rows (and identities) per
+* events older than the delivery limit (not the ``alert_started`` of an alert still firing); identity history rows (and identities) per
   ``engine/retention``'s rules.
 
 Rows are found by seeking the primary key between an id bound found by bisection on the
@@ -31,6 +31,7 @@ from typing import Iterator
 import sqlalchemy as sa
 
 from .identities import identities, identity_history, identity_identifiers
+from .read_model import open_alert_events
 from .schema import events, messages, queue_entries, submissions
 
 #: a mail sent without any receipt recorded keeps its message this long (DSN/MDN arrive within days)
@@ -147,13 +148,16 @@ class RetentionMixin:
         return ids, (rows[-1][0] if rows else hi)
 
     def due_events(self, scope, cut: float, *, after: int, hi: int, limit: int) -> tuple[list[int], int]:
-        """Events before ``cut`` (ids after ``after`` up to ``hi``) and the next cursor."""
+        """Events before ``cut`` (ids after ``after`` up to ``hi``) and the next cursor; the
+        start of an alert still firing stays (see ``open_alert_events``)."""
         params = {"cut": cut, "a": after, "hi": hi, "lim": int(limit)}
         with self._read() as conn:
             rows = conn.execute(_text(
-                "SELECT id, CASE WHEN at < :cut THEN 1 ELSE 0 END FROM events e WHERE id > :a AND id <= :hi"
+                "SELECT id, CASE WHEN at < :cut THEN 1 ELSE 0 END, kind FROM events e WHERE id > :a AND id <= :hi"
                 + scope_sql(scope, params, "e.channel") + " ORDER BY id LIMIT :lim", params), params).all()
-        return [r[0] for r in rows if r[1]], (rows[-1][0] if rows else hi)
+            keep = ({eid for eid, _d in open_alert_events(conn)}
+                    if any(r[1] and r[2] == "alert_started" for r in rows) else set())
+        return [r[0] for r in rows if r[1] and r[0] not in keep], (rows[-1][0] if rows else hi)
 
     def due_identities(self, cut: datetime, *, limit: int) -> tuple[list[int], list[int]]:
         """Identity history rows written before ``cut`` whose source message is gone, and
