@@ -393,3 +393,7 @@ def test_message_page_shows_responses_by_line_and_says_when_the_payload_was_prun
         user="o", role="operator", csrf="t", phi=True, admin=False, operator=True,
         m=SimpleNamespace(**vars(m), **meta), v=view, flash="")
     assert "could not be split" not in page and "removed by retention" in page
+    held = SimpleNamespace(**{**vars(entry), "status": "queued", "attempts": 0, "next_attempt_at": 9e9})
+    retrying = SimpleNamespace(**{**vars(entry), "destination": "pacs", "status": "queued", "attempts": 2})
+    m.entries = [held, retrying]
+    assert _message_view(m, None, phi=False)["waiting"] == ["pacs"]  # no "retry now" for a hold

@@ -102,3 +102,11 @@ def test_retry_now_makes_a_waiting_entry_due(store):
                  "AND next_attempt_at > :t", m=mid, t=time.time()) == 0
     with pytest.raises(UnknownMessage):
         store.retry_now(mid + 1000)
+
+
+def test_retry_now_leaves_a_deferred_delivery_held(store):
+    """A hold (DMP, DRIMbox: a correction or deletion within the delay wins) is not a retry
+    wait: "retry now" must not send the document before its delay is over."""
+    mid = ingest_one(store, rec("H1", entries=[EntrySpec("dmp", "r", hold=600.0)])).message_id
+    assert store.retry_now(mid) == 0 and store.retry_now(mid, "dmp") == 0
+    assert store.claim_due("dmp", 1, "w", 30) == []

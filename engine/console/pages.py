@@ -363,7 +363,8 @@ def _message_view(m, sub: dict | None, *, phi: bool) -> dict:
                         for e in entries]})
     destinations = sorted({d for d, _t in chains})
     errored = sorted({d for (d, _t), es in chains.items() if es[-1].status == "error"})
-    waiting = sorted({d for (d, _t), es in chains.items() if es[-1].status == "queued"})
+    # retry now: entries waiting for a retry, not those held for deferred delivery (not tried yet)
+    waiting = sorted({d for (d, _t), es in chains.items() if es[-1].status == "queued" and es[-1].attempts})
     findings, submission, validation = [], None, None
     if sub is not None:
         try:

@@ -63,7 +63,9 @@ class ControlsMixin:
 
     def retry_now(self, message_id: int, destination: str | None = None) -> int:
         """The queued entries of this message (at ``destination`` if named) waiting for a later
-        attempt become due now; returns how many. Unknown message: :class:`UnknownMessage`."""
+        attempt become due now; returns how many. An entry not tried yet is held (deferred
+        delivery: a correction within the delay wins) and stays so. Unknown message:
+        :class:`UnknownMessage`."""
         now = time.time()
         one_dest = " AND destination = :d" if destination is not None else ""
         with self._write_tx() as conn:
@@ -71,7 +73,8 @@ class ControlsMixin:
                 raise UnknownMessage(f"unknown message id(s): [{message_id}]")
             ids = conn.execute(sa.text(
                 "UPDATE queue_entries SET next_attempt_at = :now, updated_at = :now "
-                f"WHERE message_id = :m AND status = 'queued' AND next_attempt_at > :now{one_dest} "
+                "WHERE message_id = :m AND status = 'queued' AND attempts > 0 "
+                f"AND next_attempt_at > :now{one_dest} "
                 "RETURNING id"), {"now": now, "m": int(message_id), "d": destination}).scalars().all()
             if ids:
                 conn.execute(sa.text(_BUMP))
