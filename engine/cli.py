@@ -707,6 +707,7 @@ def cmd_version(args) -> int:
 
     folder = None
     if args.config:
+        from engine import wiring  # noqa: F401 - destination and transform types, before reading the file
         from engine.config import ConfigError, load_config
 
         try:

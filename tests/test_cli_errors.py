@@ -80,3 +80,12 @@ def test_help_shows_defaults(argv, shown, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "--help"])
     assert shown in capsys.readouterr().out
+
+
+def test_version_reads_the_sample_routes_file():
+    """README: `minipfi version --config FILE`; the sample has transforms, which can only be
+    checked once the plug-ins are registered (a fresh process: nothing imported them yet)."""
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "version", "--config",
+                          str(ROOT / "engine" / "routes.yaml")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("minipfi ") and "CDA validation resources" in out.stdout
