@@ -397,3 +397,11 @@ def test_message_page_shows_responses_by_line_and_says_when_the_payload_was_prun
     retrying = SimpleNamespace(**{**vars(entry), "destination": "pacs", "status": "queued", "attempts": 2})
     m.entries = [held, retrying]
     assert _message_view(m, None, phi=False)["waiting"] == ["pacs"]  # no "retry now" for a hold
+
+
+def test_an_id_beyond_the_integer_range_is_not_found(console, clients):
+    """A typo'd or forged id longer than a 64-bit integer: 404, not an overflow in the store (500)."""
+    op = clients["op"]
+    assert op.get("/messages/99999999999999999999999")[0].status == 404
+    assert op.post("/messages/99999999999999999999999/retry", {"destination": "ris"})[0].status == 404
+    assert op.get("/messages/1")[0].status in (200, 404)

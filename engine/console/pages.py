@@ -28,16 +28,17 @@ STATUSES = ("error", "queued", "sent", "handled", "cancelled", "rejected", "filt
 FIELD_MAX = 128                   # search inputs are short identifiers
 AUDIT_PAGE = 200
 
+#: message ids: at most 18 digits, within a 64-bit integer column (a longer one is not found)
 _ROUTES = [
     ("GET", r"/login", "login_form"),
     ("POST", r"/login", "login"),
     ("POST", r"/logout", "logout"),
     ("GET", r"/", "dashboard"),
     ("GET", r"/messages", "messages"),
-    ("GET", r"/messages/(\d+)", "message"),
-    ("POST", r"/messages/(\d+)/replay", "replay"),
-    ("POST", r"/messages/(\d+)/retry", "retry"),
-    ("POST", r"/messages/(\d+)/handled", "handled"),
+    ("GET", r"/messages/(\d{1,18})", "message"),
+    ("POST", r"/messages/(\d{1,18})/replay", "replay"),
+    ("POST", r"/messages/(\d{1,18})/retry", "retry"),
+    ("POST", r"/messages/(\d{1,18})/handled", "handled"),
     ("POST", r"/destinations/([^/]+)/(pause|resume)", "pause"),
     ("POST", r"/admin/reload", "reload"),
     ("GET", r"/admin/users", "users"),
