@@ -405,3 +405,18 @@ def test_an_id_beyond_the_integer_range_is_not_found(console, clients):
     assert op.get("/messages/99999999999999999999999")[0].status == 404
     assert op.post("/messages/99999999999999999999999/retry", {"destination": "ris"})[0].status == 404
     assert op.get("/messages/1")[0].status in (200, 404)
+
+
+def test_a_refused_reload_says_why_on_the_admin_dashboard(console, clients):
+    """The admin pressed "Reload": a refusal must say what is wrong in the file, not only 'refused'."""
+    eng, _port, _ids = console
+    good = eng.config_path.read_text()
+    try:
+        eng.config_path.write_text(good + "\nbogus_block: 1\n")
+        assert clients["admin"].post("/admin/reload")[0].status == 303
+        assert reactor_thread.wait_for(lambda: (eng.last_reload or {}).get("result") == "refused", timeout=5)
+        page = clients["admin"].get("/")[1]
+        assert "refused" in page and "bogus_block" in page
+    finally:
+        eng.config_path.write_text(good)
+        assert reactor_thread.call(eng.reload) is True
