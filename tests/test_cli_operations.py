@@ -82,8 +82,6 @@ def test_users_add_list_set_and_their_audit(store, cli, tmp_path, monkeypatch):
 
 def test_destinations_pause_resume_list_and_retry(store, cli):
     mid = ingest_one(store, rec("OP1", entries=[EntrySpec("ris", "r"), EntrySpec("pacs", "r")])).message_id
-    c = store.claim_due("ris", 1, "w", 30)[0]
-    assert store.complete(c.id, "w", status="queued", attempts=1, next_attempt_at=time.time() + 3600)
     rc, out, _ = cli("destinations", "pause", "ris", "--reason", "RIS upgrade until 14:00")
     assert (rc, out) == (0, "destination ris paused\n")
     assert store.paused_destinations()["ris"]["by"] == ME
@@ -95,6 +93,8 @@ def test_destinations_pause_resume_list_and_retry(store, cli):
     assert rc == 1 and "unknown destination 'nowhere'" in err and err.count("\n") == 1
     assert cli("destinations", "resume", "ris")[0] == 0 and store.paused_destinations() == {}
     # retry now: the entry waiting an hour is due at once
+    c = store.claim_due("ris", 1, "w", 30)[0]
+    assert store.complete(c.id, "w", status="queued", attempts=1, next_attempt_at=time.time() + 3600)
     rc, out, _ = cli("messages", "retry", str(mid), "--destination", "ris")
     assert (rc, out) == (0, f"message {mid}: 1 entry at ris due now\n")
     assert cli("messages", "retry", str(mid))[0] == 1              # nothing waits any more

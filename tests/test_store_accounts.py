@@ -110,3 +110,15 @@ def test_retry_now_leaves_a_deferred_delivery_held(store):
     mid = ingest_one(store, rec("H1", entries=[EntrySpec("dmp", "r", hold=600.0)])).message_id
     assert store.retry_now(mid) == 0 and store.retry_now(mid, "dmp") == 0
     assert store.claim_due("dmp", 1, "w", 30) == []
+
+
+def test_resume_sends_at_once_what_waited_for_a_retry(store):
+    """README: `resume` sends again at once. A FIFO head in backoff (the peer was down before the
+    pause) would otherwise hold the whole queue until its next attempt; a hold stays a hold."""
+    mid = ingest_one(store, rec("W1", entries=[EntrySpec("ris", "r")])).message_id
+    ingest_one(store, rec("W2", entries=[EntrySpec("ris", "r", hold=600.0)]))
+    c = store.claim_due("ris", 1, "w", 30)[0]
+    assert c.message_id == mid
+    assert store.complete(c.id, "w", status="queued", attempts=3, next_attempt_at=time.time() + 3600)
+    assert store.pause_destination("ris", by="op") and store.resume_destination("ris", by="op")
+    assert [e.message_id for e in store.claim_due("ris", 5, "w", 30)] == [mid]

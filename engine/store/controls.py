@@ -36,14 +36,19 @@ class ControlsMixin:
             return True
 
     def resume_destination(self, name: str, *, by: str) -> bool:
-        """Resume ``name``; False when it was not paused."""
+        """Resume ``name``; False when it was not paused. Its entries waiting for a retry
+        become due now (resume sends at once, as retry-now would; a hold stays)."""
+        now = time.time()
         with self._write_tx() as conn:
             done = conn.execute(sa.text(
                 "UPDATE destination_controls SET paused = :p, changed_by = :by, changed_at = :at, "
                 "reason = NULL WHERE destination = :d AND paused"),
-                {"d": name, "p": False, "by": by, "at": time.time()})
+                {"d": name, "p": False, "by": by, "at": now})
             if done.rowcount == 0:
                 return False
+            conn.execute(sa.text(
+                "UPDATE queue_entries SET next_attempt_at = :now WHERE destination = :d "
+                "AND status = 'queued' AND attempts > 0 AND next_attempt_at > :now"), {"d": name, "now": now})
             conn.execute(sa.text(_BUMP))
             return True
 
