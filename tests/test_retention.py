@@ -131,6 +131,7 @@ def test_defaults_prune_nothing_and_window_and_channels_bound_it(store):
     # the channel's own limit wins over the default
     Pruner(store, lambda: config("{messages: 90d}", ", retention: {messages: 120d}")).run()
     assert old in ids(store)
+    add(store, "NEWER", 1)  # the newest row always stays (ids are never reused)
     Pruner(store, lambda: config("{messages: 120d}", ", retention: {messages: 90d}")).run()
     assert old not in ids(store)
 
@@ -142,6 +143,7 @@ def test_delivery_history_goes_messages_stay(store):
     with store.engine.begin() as c:
         c.execute(sa.text("UPDATE events SET at = :at"), {"at": time.time() - 100 * DAY})
     fresh = add(store, "FRESH", 1)
+    store.add_event("sent", channel="adt_in", message_id=fresh)  # newer: the old ones may all go
     Pruner(store, lambda: config("{deliveries: 60d}")).run()
     assert ids(store) == {done, err, fresh}
     assert [e.status for e in store.get_message(err).entries] == ["error"]
@@ -274,6 +276,26 @@ def test_the_start_of_an_alert_still_firing_is_kept(store):
     store.add_event("sent", channel="adt_in")
     with store.engine.begin() as c:
         c.execute(sa.text("UPDATE events SET at = :at"), {"at": time.time() - 100 * DAY})
+    store.add_event("sent", channel="adt_in")  # newer: the old ones may all go
     Pruner(store, lambda: config("{deliveries: 60d}")).run()
     assert [a["subject"] for a in store.open_alerts()] == ["ris"]
-    assert count(store, "SELECT count(*) FROM events") == 1
+    assert count(store, "SELECT count(*) FROM events") == 2
+
+
+def test_ids_are_never_reused_after_a_prune(store):
+    """SQLite gives a new row max(id) + 1: had retention removed the newest rows, new messages
+    would take their ids, and the audit trail ("message:42"), the events and the incremental
+    /status counts would name or skip the wrong ones. The newest row stays until a newer one."""
+    old = add(store, "OLD1", 100)
+    newest = add(store, "OLD2", 100)
+    for _ in range(2):
+        store.add_event("sent", channel="adt_in")
+    with store.engine.begin() as c:
+        c.execute(sa.text("UPDATE events SET at = :at"), {"at": time.time() - 100 * DAY})
+    top_event = count(store, "SELECT max(id) FROM events")
+    Pruner(store, lambda: config("{messages: 60d, deliveries: 60d}")).run()
+    assert ids(store) == {newest} and old < newest
+    assert count(store, "SELECT count(*) FROM events WHERE id = :i", i=top_event) == 1
+    assert ingest_one(store, rec("NEW1")).message_id > newest
+    store.add_event("sent", channel="adt_in")
+    assert count(store, "SELECT max(id) FROM events") > top_event

@@ -186,7 +186,7 @@ class _Run:
     def _sweep(self, table: str, time_col: str, cut: float, due, archive, delete) -> None:
         """Batches of ``table`` rows due before ``cut``: archived, then deleted by a writer op."""
         st = self.store
-        hi = st.read(lambda c: st.id_bound(c, table, time_col, cut))
+        hi = st.read(lambda c: st.id_bound(c, table, time_col, cut, keep_newest=True))
         after = 0
         for _ in range(RUN_BATCHES):
             if self.p.stopping.is_set():
@@ -204,7 +204,7 @@ class _Run:
 
     def _messages(self, scope, cut: float, *, payloads: bool) -> None:
         st = self.store
-        hi = st.read(lambda c: st.id_bound(c, "messages", "received_at", cut))
+        hi = st.read(lambda c: st.id_bound(c, "messages", "received_at", cut, keep_newest=not payloads))
         after = self.p.payload_marks.get(scope, 0) if payloads else 0
         first_kept = None
         for _ in range(RUN_BATCHES):

@@ -76,12 +76,17 @@ class RetentionMixin:
 
     # -- bounds --------------------------------------------------------------------------------
     @staticmethod
-    def id_bound(conn: sa.Connection, table: str, time_col: str, cut: float) -> int:
-        """The highest id whose row's time is before ``cut`` (bisection on the primary key)."""
+    def id_bound(conn: sa.Connection, table: str, time_col: str, cut: float, *,
+                 keep_newest: bool = False) -> int:
+        """The highest id whose row's time is before ``cut`` (bisection on the primary key).
+        ``keep_newest``: below the table's newest row, which a deletion must leave (SQLite gives
+        a new row max(id) + 1: ids named by the audit trail and events would be reused)."""
         lo = conn.execute(sa.text(f"SELECT min(id) FROM {table}")).scalar()
         hi = conn.execute(sa.text(f"SELECT max(id) FROM {table}")).scalar()
         if lo is None:
             return 0
+        if keep_newest:
+            hi -= 1
         at = sa.text(f"SELECT id, {time_col} FROM {table} WHERE id >= :i ORDER BY id LIMIT 1")
         best = lo - 1
         while lo <= hi:
