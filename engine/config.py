@@ -245,10 +245,12 @@ class ConsoleTLSConfig(_Model):
 
 class ConsoleThrottleConfig(_Model):
     """Failed logins per user name and per client address: after ``max_failures`` within
-    ``window``, each further failure locks that name (or address) out for ``base_delay``,
-    doubled at each failure up to ``max_delay``."""
+    ``window`` (``max_failures_per_address`` for an address, which several users may share behind
+    a proxy or an SSH tunnel), each further failure locks that name (or address) out for
+    ``base_delay``, doubled at each failure up to ``max_delay``."""
 
     max_failures: Annotated[int, Field(ge=1)] = 5
+    max_failures_per_address: Annotated[int, Field(ge=1)] = 20
     window: Duration = 900.0
     base_delay: Duration = 30.0
     max_delay: Duration = 900.0

@@ -23,7 +23,7 @@ def console(tmp_path_factory):
     ris = Receiver(policy=lambda m: "AE" if b"|BAD-" in m else "AA")
     port, console_port = free_port(), free_port()
     (tmp / "routes.yaml").write_text(textwrap.dedent(rig.config(port, free_port(), console_port, ris.port, throttle=(
-        "login_throttle: {max_failures: 3, base_delay: 30s}"), alerts=rig.ALWAYS_FIRING)))
+        "login_throttle: {max_failures: 3, max_failures_per_address: 3, base_delay: 30s}"), alerts=rig.ALWAYS_FIRING)))
     eng = Engine(tmp / "routes.yaml", tmp / "data", reactor_thread.reactor)
     reactor_thread.call(eng.start)
     for name, pw in rig.PASSWORDS.items():

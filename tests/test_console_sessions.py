@@ -39,6 +39,17 @@ def test_csrf_token_compare():
     assert not csrf_ok(s, None) and not csrf_ok(s, "") and not csrf_ok(s, s.csrf[:-1] + "x")
 
 
+def test_an_address_shared_by_several_users_has_its_own_higher_limit():
+    clock = Clock()
+    t = Throttle(max_failures=3, window=600, base_delay=10, max_delay=40, clock=clock, address_max_failures=6)
+    for _ in range(3):
+        t.failed("user:a", "addr:tunnel")
+    assert t.wait("user:a") == 10 and t.wait("user:b", "addr:tunnel") == 0  # b, same address, may log in
+    for _ in range(3):
+        t.failed("user:c", "addr:tunnel")
+    assert t.wait("user:b", "addr:tunnel") == 10  # the address itself is locked at its own limit
+
+
 def test_lockout_grows_per_failure_and_ends():
     clock = Clock()
     t = Throttle(max_failures=3, window=600, base_delay=10, max_delay=40, clock=clock)

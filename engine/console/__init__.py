@@ -17,7 +17,8 @@ def build_site(engine, status, cfg, *, clock=time.time, **limits) -> ConsoleSite
 
     sessions = Sessions(float(cfg.session_idle_timeout), float(cfg.session_max_age), clock)
     t = cfg.login_throttle
-    throttle = Throttle(t.max_failures, float(t.window), float(t.base_delay), float(t.max_delay), clock)
+    throttle = Throttle(t.max_failures, float(t.window), float(t.base_delay), float(t.max_delay), clock,
+                        address_max_failures=t.max_failures_per_address)
     pages = Pages(engine, status, passwords.verify_password, passwords.hash_password, passwords.needs_rehash,
                   session_max_age=float(cfg.session_max_age))
     root = ConsoleResource(pages, sessions, throttle, secure=cfg.tls is not None)

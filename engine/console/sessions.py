@@ -85,8 +85,12 @@ class Throttle:
 
     MAX_KEYS = 10000
 
-    def __init__(self, max_failures: int, window: float, base_delay: float, max_delay: float, clock):
+    def __init__(self, max_failures: int, window: float, base_delay: float, max_delay: float, clock,
+                 *, address_max_failures: int | None = None):
         self.max_failures, self.window = max_failures, window
+        # a client address is shared by everyone behind one proxy or SSH tunnel: it gets a higher
+        # threshold than a user name, so one user's typos do not lock the others out
+        self.address_max_failures = address_max_failures or max_failures
         self.base_delay, self.max_delay, self.clock = base_delay, max_delay, clock
         self._keys: dict[str, _Failures] = {}
 
@@ -103,7 +107,8 @@ class Throttle:
         for k in keys:
             f = self._keys.setdefault(k, _Failures())
             f.times = [t for t in f.times if now - t < self.window] + [now]
-            over = len(f.times) - self.max_failures
+            limit = self.address_max_failures if k.startswith("addr:") else self.max_failures
+            over = len(f.times) - limit
             if over >= 0:
                 f.locked_until = now + min(self.max_delay, self.base_delay * (2 ** over))
 
