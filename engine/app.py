@@ -46,6 +46,10 @@ log = logs.get("engine.app")
 
 PID_FILE = "minipfi.pid"
 RELOAD_FILE = "reload.json"  # the last reload's outcome, read by `minipfi reload` (it waits for it)
+#: who asks for the next reload: written by `minipfi reload` before its SIGHUP (a signal does not
+#: say who sent it), read and removed by the engine; trusted as far as the data directory is
+RELOAD_REQUEST_FILE = "reload-request.json"
+RELOAD_REQUEST_MAX_AGE_S = 60.0
 ERROR_TEXT_MAX = 300  # characters of an error text in a log event
 CONTROLS_POLL_S = 1.0  # a pause, resume or retry-now made by another process applies within this
 RELOAD_OUTCOME = {"applied": "ok", "refused": "refused", "failed": "failed"}  # audit outcomes
@@ -348,10 +352,25 @@ class Engine:
         (self.data_dir / PID_FILE).write_text(str(os.getpid()))
 
     # -- reload ---------------------------------------------------------------------------------
+    def _reload_on_signal(self) -> bool:
+        """SIGHUP: reload, audited with the requester ``minipfi reload`` named in its request file
+        (fresh and readable), else as the engine's own."""
+        actor, source = "engine", None
+        path = self.data_dir / RELOAD_REQUEST_FILE
+        try:
+            req = json.loads(path.read_text())
+            path.unlink()
+            if (isinstance(req, dict) and isinstance(req.get("actor"), str)
+                    and time.time() - float(req.get("at", 0)) < RELOAD_REQUEST_MAX_AGE_S):
+                actor, source = req["actor"][:64], "cli"
+        except (OSError, ValueError, TypeError):
+            pass
+        return self.reload(actor, source)
+
     def reload(self, actor: str = "engine", source: str | None = None) -> bool:
         """Apply the routes file again if it is valid; the outcome goes to ``/status``, to
         ``<data-dir>/reload.json``, which ``minipfi reload`` waits for, and to the audit trail
-        (``actor``: 'engine' for SIGHUP, which does not say who sent it)."""
+        (``actor``: who asked; "engine" for a bare SIGHUP)."""
         try:
             new = load_config(self.config_path)
         except ConfigError as err:
@@ -497,7 +516,7 @@ class Engine:
             self.reactor.callFromThread(self._stop_and_exit)
 
         def on_hup(signum, frame):
-            self.reactor.callFromThread(self.reload)
+            self.reactor.callFromThread(self._reload_on_signal)
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)

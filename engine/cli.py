@@ -645,13 +645,17 @@ def cmd_reload(args) -> int:
     exit 0 when applied, 1 when refused or failed (the reason printed), 2 without an answer."""
     import time
 
-    from engine.app import PID_FILE, RELOAD_FILE, _reload_seq
+    from engine.app import PID_FILE, RELOAD_FILE, RELOAD_REQUEST_FILE, _reload_seq
 
     data_dir = _data_dir(args)
     pid_file = data_dir / PID_FILE
     before = _reload_seq(data_dir)
     try:
         pid = int(pid_file.read_text().strip())
+        # who asks: the engine audits the reload with this actor (a signal does not say)
+        tmp = data_dir / (RELOAD_REQUEST_FILE + ".tmp")
+        tmp.write_text(json.dumps({"actor": _actor(), "at": time.time()}))
+        tmp.replace(data_dir / RELOAD_REQUEST_FILE)
         os.kill(pid, signal.SIGHUP)
     except FileNotFoundError:
         print(f"minipfi reload: no running engine ({pid_file} not found)", file=sys.stderr)

@@ -106,7 +106,7 @@ def test_cli_pause_resume_retry_now_and_audit(tmp_path, db_url):
         ris.wait_for(5, timeout=10)
         assert ris.control_ids()[-1] == "R-1" and time.monotonic() - t0 < 2.0
 
-        # reloads: audited by the engine (SIGHUP does not say who), ok then refused
+        # reloads asked by `minipfi reload`: audited by the engine with the CLI's user, ok then refused
         eng.cli("reload")
         good = eng.config.read_text()
         eng.config.write_text(good + "\nnonsense: [\n")
@@ -116,11 +116,14 @@ def test_cli_pause_resume_retry_now_and_audit(tmp_path, db_url):
         reloads = wait(lambda: (r := store.audit_list(action="config.reload")) and len(r) == 2 and r,
                        what="reload audit")
         assert [(r.actor, r.outcome, r.detail["result"]) for r in reloads] == [
-            ("engine", "refused", "refused"), ("engine", "ok", "applied")]
+            (ME, "refused", "refused"), (ME, "ok", "applied")]
+        assert {r.source for r in reloads} == {"cli"}
         mine = [(r.action, r.target, r.outcome, r.source) for r in reversed(store.audit_list(actor=ME))]
         assert mine == [("destination.pause", "destination:ris", "ok", "cli"),
                         ("destination.resume", "destination:ris", "ok", "cli"),
-                        ("message.retry", f"message:{mid}", "ok", "cli")]
+                        ("message.retry", f"message:{mid}", "ok", "cli"),
+                        ("config.reload", "config:routes.yaml", "ok", "cli"),
+                        ("config.reload", "config:routes.yaml", "refused", "cli")]
         # exported to syslog: the engine's rows, and those of the CLI commands given the routes file
         msgids = []
         while len(msgids) < 5:
