@@ -15,6 +15,7 @@ from .models import (
     MessageRow,
     MessageSummary,
     ReplayedTarget,
+    StepOp,
     Stored,
     UnknownMessage,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "MessageRow",
     "MessageSummary",
     "ReplayedTarget",
+    "StepOp",
     "Store",
     "Stored",
     "UnknownMessage",

@@ -76,6 +76,7 @@ from engine.logs import error_text
 from .models import (
     IngestRecord,
     IngestResult,
+    StepOp,
 )
 from .sql import is_db_level
 
@@ -312,6 +313,20 @@ class WriterMixin:
         except Exception:  # noqa: BLE001
             log.error("store writer: callback raised: %s", error_text(sys.exc_info()[1]))
 
+    @staticmethod
+    def _run_steps(conn, jobs: list[Job], step_idx: list[int], stored: list, results: list) -> None:
+        """Each run of consecutive StepOps sharing ``run`` in one call, in submit order."""
+        k = 0
+        while k < len(step_idx):
+            run = jobs[step_idx[k]].op.run
+            m = k + 1
+            while m < len(step_idx) and jobs[step_idx[m]].op.run == run:
+                m += 1
+            outs = run(conn, [(jobs[step_idx[x]].op.item, stored[x]) for x in range(k, m)])
+            for x, out in zip(range(k, m), outs):
+                results[step_idx[x]] = out
+            k = m
+
     def _transaction(self, jobs: list[Job]) -> list:
         """Run ``jobs`` in one transaction and COMMIT; raise ``BatchFailed`` (rolled back)."""
         phase = "connect"
@@ -349,14 +364,24 @@ class WriterMixin:
             phase = "begin"
             trans = conn.begin()
             phase = "execute"
+            step_idx = []
             for i, job in enumerate(jobs):
-                if job.op is not None:
-                    results[i] = job.op(conn)
-            if ingest_idx:
-                ingest_jobs = [jobs[i] for i in ingest_idx]
-                outs = self._ingest(raw, ingest_jobs)
-                for i, out in zip(ingest_idx, outs):
+                op = job.op
+                if op is None:
+                    continue
+                if type(op) is StepOp:
+                    step_idx.append(i)
+                else:
+                    results[i] = op(conn)
+            if ingest_idx or step_idx:
+                # the steps' records first (as when each step op stored its own), then the
+                # plain ones: one duplicate lookup and one insert for the whole transaction
+                outs = self._ingest(raw, [Job([jobs[i].op.record], None, None) for i in step_idx]
+                                    + [jobs[i] for i in ingest_idx])
+                for i, out in zip(ingest_idx, outs[len(step_idx):]):
                     results[i] = out
+                if step_idx:
+                    self._run_steps(conn, jobs, step_idx, [out[0] for out in outs], results)
             if self._sqlite:
                 self._merge_keys_if_due(raw)
             phase = "commit"
