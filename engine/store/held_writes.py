@@ -9,7 +9,9 @@ Held writes are sent sorted by the caller's ``rank`` (stable: the order of submi
 within a rank) and grouped by consecutive identical statements. The caller must only hold writes
 that commute across ranks for the rows they touch (the identity registry: deletes, then new
 identities, then identifier rows, then updates, then history rows, see
-:func:`engine.store.identities.apply_events`).
+:func:`engine.store.identities.apply_events`), and INSERTs whose ids it needs must commute with
+every other held write: on PostgreSQL they go first (their ids are read back), then all the
+others in one psycopg pipeline (one wait for all their results instead of one per statement).
 """
 from __future__ import annotations
 
@@ -65,6 +67,17 @@ class HeldWrites:
             return
         self._held = []
         held.sort(key=_rank_of)  # stable
+        pipeline = getattr(self.conn.connection.driver_connection, "pipeline", None)
+        if pipeline is None:  # sqlite3
+            self._send(held)
+            return
+        # psycopg: the INSERTs whose ids are needed first, then every other statement in one
+        # pipeline (sent together, one wait for all their results)
+        self._send([h for h in held if h[3] is not None])
+        with pipeline():
+            self._send([h for h in held if h[3] is None])
+
+    def _send(self, held: list) -> None:
         conn = self.conn
         i, n = 0, len(held)
         while i < n:

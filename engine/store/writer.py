@@ -376,8 +376,11 @@ class WriterMixin:
             if ingest_idx or step_idx:
                 # the steps' records first (as when each step op stored its own), then the
                 # plain ones: one duplicate lookup and one insert for the whole transaction
-                outs = self._ingest(raw, [Job([jobs[i].op.record], None, None) for i in step_idx]
-                                    + [jobs[i] for i in ingest_idx])
+                ing = [Job([jobs[i].op.record], None, None) for i in step_idx] + [jobs[i] for i in ingest_idx]
+                if self._sqlite or not step_idx:
+                    outs = self._ingest(raw, ing)
+                else:  # the one-statement insert (duplicate check included): one round trip
+                    outs = self._ingest_pg_fast(raw, ing, autocommit=False)
                 for i, out in zip(ingest_idx, outs[len(step_idx):]):
                     results[i] = out
                 if step_idx:
