@@ -10,18 +10,17 @@ import pytest
 import sqlalchemy as sa
 
 from engine.config import IdentityFeedConfig
-from engine.steps.identity_feed import IdentityFeed
-from engine.store import Duplicate, StepOp, Store, Stored
-
 from engine.identity import InsPolicy, parse_adt
+from engine.steps.identity_feed import IdentityFeed
+from engine.store import Duplicate, StepOp, Store
 from engine.store.identities import (
     apply_event,
     apply_events,
-    create_tables,
     identities,
     identity_history,
     identity_identifiers,
 )
+from tests.test_identity_registry import db  # noqa: F401 - the registry on both stores
 from tests.test_identity_support import SYNTH_NIR_F, SYNTH_NIR_M, adt, make_nir
 from tests.test_store import rec
 
@@ -85,14 +84,6 @@ BATCHES = {
 }
 
 
-@pytest.fixture
-def engine(store_url):
-    eng = sa.create_engine(store_url)
-    create_tables(eng)
-    yield eng
-    eng.dispose()
-
-
 def _registry(conn) -> dict:
     """Every registry row, without the wall-clock columns and the identifier row ids."""
     idt = [{k: v for k, v in r.items() if k not in ("created_at", "updated_at")}
@@ -136,7 +127,8 @@ def _clear(engine) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(BATCHES))
-def test_batch_equals_one_by_one(engine, name):
+def test_batch_equals_one_by_one(db, name):
+    engine = db
     one_by_one = _run(engine, BATCHES[name], together=False)
     _clear(engine)
     if engine.dialect.name == "postgresql":  # identity ids restart (SQLite: max(id) + 1)
@@ -148,8 +140,9 @@ def test_batch_equals_one_by_one(engine, name):
     assert len(set(actions)) > 1 or name == "distinct_patients"  # the scenarios do branch
 
 
-def test_batch_uses_fewer_statements(engine):
+def test_batch_uses_fewer_statements(db):
     """The point of the batch: the lookups of distinct patients in one read, their writes grouped."""
+    engine = db
     _run(engine, [], together=True)
     batch = [adt("A31", ipp=f"80000{n}", ins=None, status="PROV", birth_name="SYNTH-NEW",
                  evn=_evn(20 + n), control=str(n))

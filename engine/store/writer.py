@@ -31,6 +31,12 @@ Writer (hot path)
       exception although the first pass is committed; a resend is then answered as a duplicate
       with the stored ACK, which is what the sender would have got.
 
+    Batches with ops run in a regular transaction: generic ops first, in order; then the
+    records of the step ops (``StepOp``) and of the plain ingests in one ``_ingest`` (on
+    PostgreSQL the one-statement insert above, inside the transaction); then each run of
+    consecutive step ops sharing a ``run`` in one call (the identity feed applies all the ADTs
+    of the commit together).
+
     Failure: a database-level error (connection lost, database locked or read-only, failed
     COMMIT) fails every callback of the batch, sets ``writer_healthy`` False and drops the
     connection; the next batch reconnects. A non-database error raised by one job (a generic op
