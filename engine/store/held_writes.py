@@ -12,12 +12,19 @@ identities, then identifier rows, then updates, then history rows, see
 :func:`engine.store.identities.apply_events`), and INSERTs whose ids it needs must commute with
 every other held write: on PostgreSQL they go first (their ids are read back), then all the
 others in one psycopg pipeline (one wait for all their results instead of one per statement).
+A group is sent as one DBAPI ``executemany`` of the statement compiled once, its parameters
+passed through the same type processors SQLAlchemy would use, without its per-row handling.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from sqlalchemy.engine import Connection
+
+
+# Per statement (the callers' statements are built once, at most a few dozen variants).
+_RETURNING: dict = {}
+_DRIVER_FORMS: dict = {}
 
 
 class NewId:
@@ -33,13 +40,12 @@ class HeldWrites:
     """A stand-in for a Connection: DML ``execute`` is held, anything else sends the held writes
     first and runs at once."""
 
-    __slots__ = ("conn", "rank", "_held", "_returning")
+    __slots__ = ("conn", "rank", "_held")
 
     def __init__(self, conn: Connection, rank: Callable[[Any], int]):
         self.conn = conn
         self.rank = rank
         self._held: list = []  # (rank, stmt, params, NewId | None)
-        self._returning: dict = {}
 
     def execute(self, stmt, params=None):
         if not stmt.is_dml:
@@ -87,16 +93,44 @@ class HeldWrites:
                 j += 1
             params = [_resolved(h[2]) for h in held[i:j]]
             if held[i][3] is not None:
-                ret = self._returning.get(stmt)
+                ret = _RETURNING.get(stmt)
                 if ret is None:
-                    ret = self._returning[stmt] = stmt.returning(stmt.table.c.id,
-                                                                 sort_by_parameter_order=True)
+                    ret = _RETURNING[stmt] = stmt.returning(stmt.table.c.id,
+                                                            sort_by_parameter_order=True)
                 ids = conn.execute(ret, params).scalars().all()
                 for h, new_id in zip(held[i:j], ids):
                     h[3].value = new_id
             else:
-                conn.execute(stmt, params if len(params) > 1 else params[0])
+                key = (stmt, conn.dialect.name)
+                form = _DRIVER_FORMS.get(key, ...)
+                if form is ...:
+                    form = _DRIVER_FORMS[key] = _driver_form(stmt, conn.dialect)
+                if form is None:
+                    conn.execute(stmt, params if len(params) > 1 else params[0])
+                else:
+                    sql, binds, positional = form
+                    if positional:
+                        rows = [tuple(proc(ps[name]) if proc else ps[name] for name, proc in binds)
+                                for ps in params]
+                    else:
+                        rows = [{name: proc(ps[name]) if proc else ps[name] for name, proc in binds}
+                                for ps in params]
+                    conn.exec_driver_sql(sql, rows if len(rows) > 1 else rows[0])
             i = j
+
+
+def _driver_form(stmt, dialect):
+    """``stmt`` compiled once for the driver: (SQL, [(bind name, processor)], positional), so
+    that a group is one DBAPI ``executemany`` without SQLAlchemy's per-row parameter handling
+    (the same type processors, applied here); None when a bind carries a value of its own."""
+    c = stmt.compile(dialect=dialect, for_executemany=True)
+    if c.escaped_bind_names or c.literal_execute_params or c.post_compile_params:
+        return None
+    if any(b.value is not None or b.callable is not None for b in c.binds.values()):
+        return None
+    names = list(c.positiontup) if c.positional else list(c.binds)
+    return (c.string, [(n, c.binds[n].type.dialect_impl(dialect).bind_processor(dialect))
+                       for n in names], c.positional)
 
 
 def _rank_of(h) -> int:

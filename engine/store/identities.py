@@ -93,7 +93,6 @@ identity_identifiers = sa.Table(
     # Lookups by value (IPP without authority, INS without OID) use this index: no scans.
     sa.Index("ix_identity_identifiers_value_type", "value", "type"),
     sa.Index("ix_identity_identifiers_identity", "identity_id"),
-    implicit_returning=False,  # no RETURNING id on a one-row INSERT: nothing reads it back
 )
 
 identity_history = sa.Table(
@@ -110,7 +109,6 @@ identity_history = sa.Table(
     sa.Column("change", sa.JSON),  # {field: [before, after]}
     sa.Column("note", sa.Text),
     sa.Index("ix_identity_history_identity", "identity_id", "id"),
-    implicit_returning=False,  # (and a RETURNING cannot be read inside a psycopg pipeline)
 )
 
 MAX_MERGE_HOPS = 32
