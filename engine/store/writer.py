@@ -390,7 +390,7 @@ class WriterMixin:
                 for i, out in zip(ingest_idx, outs[len(step_idx):]):
                     results[i] = out
                 if step_idx:
-                    self._run_steps(conn, jobs, step_idx, [out[0] for out in outs], results)
+                    self._run_steps(conn, jobs, step_idx, [out[0] for out in outs[:len(step_idx)]], results)
             if self._sqlite:
                 self._merge_keys_if_due(raw)
             phase = "commit"
