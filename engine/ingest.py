@@ -60,12 +60,13 @@ class IngestBatcher:
         self._after_turn(fn)
 
     def add_op(self, op) -> defer.Deferred:
-        """A writer-thread op (message insert plus work in the same transaction), one Deferred."""
+        """A writer-thread op (message insert plus work in the same transaction), one Deferred,
+        fired with the commit's other results (one reactor wake-up per commit, as for records)."""
         d = defer.Deferred()
-        call_from_thread = self._reactor.callFromThread
+        ready = self._ready
 
-        def done(result):  # runs in the writer thread
-            call_from_thread(_fire, d, result)
+        def done(result):  # runs in the writer thread; _kick follows the commit's callbacks
+            ready.append(((d,), (result,)))
 
         try:
             self._store.submit(op, done)

@@ -5,8 +5,9 @@ Steps are plug-ins of the inbound channel, wired in ``engine.wiring``; this modu
 share: the result type and :func:`finish`, which records the verdict through the store.
 
 A step runs in two parts. ``prepare`` (optional, in a thread: parsing, validation, registry reads)
-computes what the step needs without writing. ``make_op`` returns a writer-thread op that stores
-the message and writes the step's own rows **in the same transaction**, so the message, its
+computes what the step needs without writing. ``make_op`` returns a writer-thread op (or a
+``StepOp``, which the writer batches with the other ADTs of its commit) that stores the message
+and writes the step's own rows **in the same transaction**, so the message, its
 side effects and the ACK that is stored for duplicate replay always agree. The message is stored
 whatever the outcome (nothing lost); a step that finds errors answers AE with one ERR each and,
 unless configured otherwise, removes the message's queue entries (not routed).

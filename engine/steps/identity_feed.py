@@ -21,8 +21,8 @@ from engine.identity.model import IdentityError
 from engine.identity.pamfr import parse_adt
 from engine.router import message_type_matches
 from engine.steps import Answer, StepResult, finish
-from engine.store import Stored
-from engine.store.identities import apply_event
+from engine.store import StepOp, Stored
+from engine.store.identities import apply_events
 
 log = logs.get("engine.identity")
 
@@ -63,35 +63,45 @@ class IdentityFeed:
     name = "identity"
     prepare = None  # parsing happens in the writer op, next to the registry writes
 
-    def make_op(self, store, record, prepared, codec: str, answer: Answer):
-        """The writer-thread op: store the message, apply the ADT, fix the stored ACK."""
-        route_rejected = self.cfg.route_rejected
-        policy = self.policy
+    def make_op(self, store, record, prepared, codec: str, answer: Answer) -> StepOp:
+        """The writer-thread op: store the message, apply the ADT, fix the stored ACK. The
+        writer runs the ADTs of one transaction together (:meth:`apply_batch`)."""
+        return StepOp(record, (store, record, codec, answer), self.apply_batch)
 
-        def op(conn) -> StepResult:  # the writer's connection, handed to the store
-            result = store.ingest_within(conn, [record])[0]
+    def apply_batch(self, conn, items: list) -> list[StepResult]:
+        """``[((store, record, codec, answer), IngestResult), ...]`` in the writer's transaction:
+        the ADTs applied in order (:func:`engine.store.identities.apply_events`), one verdict
+        each."""
+        out: list = [None] * len(items)
+        errors_of: dict[int, list] = {}
+        action_of: dict[int, str] = {}
+        todo = []  # (index, event, message id)
+        for k, ((_store, record, codec, _answer), result) in enumerate(items):
             if not isinstance(result, Stored):
-                return StepResult(result)  # duplicate: the stored ACK is replayed, nothing re-applied
-            mid = result.message_id
+                out[k] = StepResult(result)  # duplicate: the stored ACK is replayed, nothing re-applied
+                continue
             try:
-                event = parse_adt(record.raw, codec)
+                todo.append((k, parse_adt(record.raw, codec), result.message_id))
             except IdentityError as err:
-                errors = [AckError(err.code, f"{err.rule}: {err.text}" if getattr(err, "rule", None) else err.text,
-                                   "E", err_location(getattr(err, "field", None)))]
-                action = "unparsable"
+                errors_of[k] = [AckError(err.code, f"{err.rule}: {err.text}" if getattr(err, "rule", None) else err.text,
+                                         "E", err_location(getattr(err, "field", None)))]
+                action_of[k] = "unparsable"
             except Exception as exc:  # noqa: BLE001 - a reader defect is no store failure: stored, AE
                 # the exception's type only: its text may quote a field value (patient data)
-                log.error("identity.read_failed", message_id=mid, error=type(exc).__name__)
-                errors = [AckError("207", f"the identity feed could not read this message ({type(exc).__name__}); "
-                                          "it is stored, not applied")]
-                action = "unparsable"
-            else:
-                applied = apply_event(conn, event, message_id=mid, policy=policy)
-                errors = [AckError(v.code, f"{v.rule}: {v.text}", v.severity, err_location(v.field))
-                          for v in applied.violations]
-                action = applied.action
-                if applied.action == "rejected":
-                    errors.append(AckError("207", f"identity not applied: {applied.note or 'rejected'}"))
-            return finish(store, conn, record, result, errors, answer, route_rejected=route_rejected, action=action)
-
-        return op
+                log.error("identity.read_failed", message_id=result.message_id, error=type(exc).__name__)
+                errors_of[k] = [AckError("207", f"the identity feed could not read this message "
+                                                f"({type(exc).__name__}); it is stored, not applied")]
+                action_of[k] = "unparsable"
+        applied = apply_events(conn, [(event, mid) for _k, event, mid in todo], policy=self.policy)
+        for (k, _event, _mid), a in zip(todo, applied):
+            errors = [AckError(v.code, f"{v.rule}: {v.text}", v.severity, err_location(v.field))
+                      for v in a.violations]
+            if a.action == "rejected":
+                errors.append(AckError("207", f"identity not applied: {a.note or 'rejected'}"))
+            errors_of[k], action_of[k] = errors, a.action
+        route_rejected = self.cfg.route_rejected
+        for k, ((store, record, _codec, answer), result) in enumerate(items):
+            if out[k] is None:
+                out[k] = finish(store, conn, record, result, errors_of[k], answer,
+                                route_rejected=route_rejected, action=action_of[k])
+        return out

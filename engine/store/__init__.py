@@ -17,6 +17,7 @@ from .models import (
     MessageRow,
     MessageSummary,
     ReplayedTarget,
+    StepOp,
     Stored,
     UnknownMessage,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "MessageRow",
     "MessageSummary",
     "ReplayedTarget",
+    "StepOp",
     "Store",
     "Stored",
     "UnknownMessage",

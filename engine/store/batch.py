@@ -61,12 +61,15 @@ class BatchMixin:
             pool.extend(r[0] for r in cur.fetchall())
         return [pool.popleft() for _ in range(n)]
 
-    def _ingest_pg_fast(self, raw, jobs: list[Job]) -> list[list[IngestResult]]:
+    def _ingest_pg_fast(self, raw, jobs: list[Job], *, autocommit: bool = True) -> list[list[IngestResult]]:
         """PostgreSQL, autocommit: one statement for the common case (no duplicates); records
         whose key exists (or repeats inside the batch) are then handled by ``_ingest`` in a
         regular transaction. If that second pass fails, every callback gets the exception even
         though the first pass is committed: a resend is then answered as a duplicate with the
-        stored ACK, which is the outcome the sender would have had."""
+        stored ACK, which is the outcome the sender would have had.
+
+        ``autocommit=False``: inside the caller's open transaction (a batch with step ops), both
+        passes in it, nothing committed here."""
         cur = raw.cursor()
         now = time.time()
         window = self.dedup_window_seconds
@@ -101,7 +104,7 @@ class BatchMixin:
                 for e in rec.entries:
                     entry_rows.append(entry_row(mid, e, now))
             dumps = json.dumps
-            self._phase_commit = True
+            self._phase_commit = autocommit
             cur.execute(PG_FAST, {"w": window, "m": dumps(msg_rows),
                                    "e": dumps(entry_rows)})
             inserted = {r[0] for r in cur.fetchall()}
@@ -115,6 +118,10 @@ class BatchMixin:
         if deferred:
             deferred.sort(key=lambda t: (t[0], t[1]))
             pseudo = Job([t[2] for t in deferred], None, None)
+            if not autocommit:
+                for (j, i, _rec), res in zip(deferred, self._ingest(raw, [pseudo])[0]):
+                    results[j][i] = res
+                return results
             raw.autocommit = False
             try:
                 self._phase_commit = False

@@ -83,6 +83,19 @@ IngestResult = Union[Stored, Duplicate]
 
 
 @dataclass(slots=True)
+class StepOp:
+    """A writer op of an ACK-deciding step (``Store.submit``) that the writer can batch: its
+    ``record`` is stored with the other records of the transaction (one duplicate lookup, one
+    insert), then ``run(conn, [(item, IngestResult), ...])`` does the step's work for every
+    consecutive StepOp of the transaction sharing the same ``run``, in submit order, and returns
+    one result per pair. If ``run`` raises, the writer retries each job alone, as for any op."""
+
+    record: IngestRecord
+    item: Any
+    run: Callable[[Any, list], list]
+
+
+@dataclass(slots=True)
 class ClaimedEntry:
     id: int
     message_id: int

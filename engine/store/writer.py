@@ -31,6 +31,12 @@ Writer (hot path)
       exception although the first pass is committed; a resend is then answered as a duplicate
       with the stored ACK, which is what the sender would have got.
 
+    Batches with ops run in a regular transaction: generic ops first, in order; then the
+    records of the step ops (``StepOp``) and of the plain ingests in one ``_ingest`` (on
+    PostgreSQL the one-statement insert above, inside the transaction); then each run of
+    consecutive step ops sharing a ``run`` in one call (the identity feed applies all the ADTs
+    of the commit together).
+
     Failure: a database-level error (connection lost, database locked or read-only, failed
     COMMIT) fails every callback of the batch, sets ``writer_healthy`` False and drops the
     connection; the next batch reconnects. A non-database error raised by one job (a generic op
@@ -76,6 +82,7 @@ from engine.logs import error_text
 from .models import (
     IngestRecord,
     IngestResult,
+    StepOp,
 )
 from .sql import is_db_level
 
@@ -312,6 +319,20 @@ class WriterMixin:
         except Exception:  # noqa: BLE001
             log.error("store writer: callback raised: %s", error_text(sys.exc_info()[1]))
 
+    @staticmethod
+    def _run_steps(conn, jobs: list[Job], step_idx: list[int], stored: list, results: list) -> None:
+        """Each run of consecutive StepOps sharing ``run`` in one call, in submit order."""
+        k = 0
+        while k < len(step_idx):
+            run = jobs[step_idx[k]].op.run
+            m = k + 1
+            while m < len(step_idx) and jobs[step_idx[m]].op.run == run:
+                m += 1
+            outs = run(conn, [(jobs[step_idx[x]].op.item, stored[x]) for x in range(k, m)])
+            for x, out in zip(range(k, m), outs):
+                results[step_idx[x]] = out
+            k = m
+
     def _transaction(self, jobs: list[Job]) -> list:
         """Run ``jobs`` in one transaction and COMMIT; raise ``BatchFailed`` (rolled back)."""
         phase = "connect"
@@ -349,14 +370,27 @@ class WriterMixin:
             phase = "begin"
             trans = conn.begin()
             phase = "execute"
+            step_idx = []
             for i, job in enumerate(jobs):
-                if job.op is not None:
-                    results[i] = job.op(conn)
-            if ingest_idx:
-                ingest_jobs = [jobs[i] for i in ingest_idx]
-                outs = self._ingest(raw, ingest_jobs)
-                for i, out in zip(ingest_idx, outs):
+                op = job.op
+                if op is None:
+                    continue
+                if type(op) is StepOp:
+                    step_idx.append(i)
+                else:
+                    results[i] = op(conn)
+            if ingest_idx or step_idx:
+                # the steps' records first (as when each step op stored its own), then the
+                # plain ones: one duplicate lookup and one insert for the whole transaction
+                ing = [Job([jobs[i].op.record], None, None) for i in step_idx] + [jobs[i] for i in ingest_idx]
+                if self._sqlite or not step_idx:
+                    outs = self._ingest(raw, ing)
+                else:  # the one-statement insert (duplicate check included): one round trip
+                    outs = self._ingest_pg_fast(raw, ing, autocommit=False)
+                for i, out in zip(ingest_idx, outs[len(step_idx):]):
                     results[i] = out
+                if step_idx:
+                    self._run_steps(conn, jobs, step_idx, [out[0] for out in outs[:len(step_idx)]], results)
             if self._sqlite:
                 self._merge_keys_if_due(raw)
             phase = "commit"

@@ -1,0 +1,149 @@
+"""Writes held back until the next read, then sent grouped (one ``executemany`` per statement).
+
+The identity feed applies the ADTs of one group commit one after the other; on PostgreSQL every
+statement is a round trip of the single writer, so the registry's writes (history rows, identity
+updates, identifier rows) are held here and sent together. A read through :class:`HeldWrites`
+first sends everything held, so every read sees every earlier write: reads are never reordered.
+
+Held writes are sent sorted by the caller's ``rank`` (stable: the order of submission is kept
+within a rank) and grouped by consecutive identical statements. The caller must only hold writes
+that commute across ranks for the rows they touch (the identity registry: deletes, then new
+identities, then identifier rows, then updates, then history rows, see
+:func:`engine.store.identities.apply_events`), and INSERTs whose ids it needs must commute with
+every other held write: on PostgreSQL they go first (their ids are read back), then all the
+others in one psycopg pipeline (one wait for all their results instead of one per statement).
+A group is sent as one DBAPI ``executemany`` of the statement compiled once, its parameters
+passed through the same type processors SQLAlchemy would use, without its per-row handling.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sqlalchemy.engine import Connection
+
+
+# Per statement (the callers' statements are built once, at most a few dozen variants).
+_RETURNING: dict = {}
+_DRIVER_FORMS: dict = {}
+
+
+class NewId:
+    """The primary key of a held INSERT, known once the held writes are sent."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = None
+
+
+class HeldWrites:
+    """A stand-in for a Connection: DML ``execute`` is held, anything else sends the held writes
+    first and runs at once."""
+
+    __slots__ = ("conn", "rank", "_held")
+
+    def __init__(self, conn: Connection, rank: Callable[[Any], int]):
+        self.conn = conn
+        self.rank = rank
+        self._held: list = []  # (rank, stmt, params, NewId | None)
+
+    def execute(self, stmt, params=None):
+        if not stmt.is_dml:
+            self.flush()
+            return self.conn.execute(stmt, params)
+        rank = self.rank(stmt)
+        held = self._held
+        if type(params) is list:
+            for p in params:
+                held.append((rank, stmt, p, None))
+        else:
+            held.append((rank, stmt, params or {}, None))
+        return None
+
+    def insert_returning_id(self, stmt, params: dict) -> NewId:
+        """Hold an INSERT whose primary key (column ``id``) the caller needs: the placeholder is
+        filled when the held writes are sent, and may be used in held parameters meanwhile."""
+        new = NewId()
+        self._held.append((self.rank(stmt), stmt, params, new))
+        return new
+
+    def flush(self) -> None:
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        held.sort(key=_rank_of)  # stable
+        pipeline = getattr(self.conn.connection.driver_connection, "pipeline", None)
+        if pipeline is None:  # sqlite3
+            self._send(held)
+            return
+        # psycopg: the INSERTs whose ids are needed first, then every other statement in one
+        # pipeline (sent together, one wait for all their results)
+        self._send([h for h in held if h[3] is not None])
+        with pipeline():
+            self._send([h for h in held if h[3] is None])
+
+    def _send(self, held: list) -> None:
+        conn = self.conn
+        i, n = 0, len(held)
+        while i < n:
+            stmt = held[i][1]
+            j = i + 1
+            while j < n and held[j][1] is stmt:
+                j += 1
+            params = [_resolved(h[2]) for h in held[i:j]]
+            if held[i][3] is not None:
+                ret = _RETURNING.get(stmt)
+                if ret is None:
+                    ret = _RETURNING[stmt] = stmt.returning(stmt.table.c.id,
+                                                            sort_by_parameter_order=True)
+                ids = conn.execute(ret, params).scalars().all()
+                for h, new_id in zip(held[i:j], ids):
+                    h[3].value = new_id
+            else:
+                key = (stmt, conn.dialect.name)
+                form = _DRIVER_FORMS.get(key, ...)
+                if form is ...:
+                    form = _DRIVER_FORMS[key] = _driver_form(stmt, conn.dialect)
+                if form is None:
+                    conn.execute(stmt, params if len(params) > 1 else params[0])
+                else:
+                    sql, binds, positional = form
+                    if positional:
+                        rows = [tuple(proc(ps[name]) if proc else ps[name] for name, proc in binds)
+                                for ps in params]
+                    else:
+                        rows = [{name: proc(ps[name]) if proc else ps[name] for name, proc in binds}
+                                for ps in params]
+                    conn.exec_driver_sql(sql, rows if len(rows) > 1 else rows[0])
+            i = j
+
+
+def _driver_form(stmt, dialect):
+    """``stmt`` compiled once for the driver: (SQL, [(bind name, processor)], positional), so
+    that a group is one DBAPI ``executemany`` without SQLAlchemy's per-row parameter handling
+    (the same type processors, applied here); None when a bind carries a value of its own."""
+    c = stmt.compile(dialect=dialect, for_executemany=True)
+    if c.escaped_bind_names or c.literal_execute_params or c.post_compile_params:
+        return None
+    if any(b.value is not None or b.callable is not None for b in c.binds.values()):
+        return None
+    names = list(c.positiontup) if c.positional else list(c.binds)
+    return (c.string, [(n, c.binds[n].type.dialect_impl(dialect).bind_processor(dialect))
+                       for n in names], c.positional)
+
+
+def _rank_of(h) -> int:
+    return h[0]
+
+
+def _resolved(params: dict) -> dict:
+    for v in params.values():
+        if type(v) is NewId:
+            return {k: (x.value if type(x) is NewId else x) for k, x in params.items()}
+    return params
+
+
+def resolved(value):
+    """``value``, or the key a :class:`NewId` stands for (after the flush)."""
+    return value.value if type(value) is NewId else value
