@@ -5,7 +5,8 @@ its rows returned; if the transaction failed, every callback of it gets the exce
 
 Parts (one module each): ``writer`` (group commit, SQLite settings, checkpoints), ``batch``
 (the rows of one ingest batch), ``dedup`` (duplicate keys on SQLite), ``queue`` (claims,
-completion, replay, documents), ``step_writes`` (what processing steps write), ``read_model``
+completion, replay, documents), ``step_writes`` (what processing steps write), ``held_writes``
+(registry writes of a batch held and sent grouped), ``read_model``
 (messages, entries, stats for the CLI and ``/status``), ``sql`` (shared SQL text), ``accounts``
 (local users), ``audit`` (the append-only audit trail), ``controls`` (pause, resume, retry now).
 
