@@ -204,14 +204,23 @@ def test_actions_are_done_and_audited(console, clients):
     r, _ = op.post("/destinations/ris/resume")
     assert r.status == 303 and not eng.store.paused_destinations()
     r, _ = op.post(f"/messages/{mid}/replay", {"destination": "ris"})
-    assert r.status == 303 and "replay" in r.headers["Location"]
+    assert r.status == 303 and r.headers["Location"] == f"/messages/{mid}"
     replays = [e for e in eng.store.get_message(mid).entries if e.replay_of]
     assert replays
+    # the outcome is shown once, from the session; a text in the URL is never shown
+    assert "replay queued to ris" in op.get(f"/messages/{mid}")[1]
+    assert "replay queued to ris" not in op.get(f"/messages/{mid}")[1]
+    assert "Call 01 23" not in op.get(f"/messages/{mid}?done=Call+01+23+45+67+89")[1]
     r, _ = op.post(f"/messages/{mid}/retry", {"destination": "ris"})
     assert r.status == 303
     deadline = time.time() + 10
     while time.time() < deadline and eng.store.get_message(mid).entries[-1].status != "error":
         time.sleep(0.05)
+    before = len(audits(eng, "message.handled", "op"))
+    r, _ = op.post(f"/messages/{mid}/handled", {"destination": "nowhere"})
+    assert r.status == 404
+    refused = audits(eng, "message.handled", "op")
+    assert len(refused) == before + 1 and refused[0].outcome == "refused"
     r, _ = op.post(f"/messages/{mid}/handled", {"destination": "ris"})
     assert r.status == 303
     assert all(e.status != "error" for e in eng.store.get_message(mid).entries)

@@ -180,7 +180,8 @@ def test_export_round_trip(store, tmp_path, monkeypatch, capsys):
     assert (out / sub["document_files"][0]["file"]).read_bytes() == cda_n1()
     assert (out / sub["document_files"][0]["pdf_file"]).read_bytes() == PDF
     assert "raw_bytes_b64" not in json.dumps(sub)
-    assert "README.txt" in {p.name for p in out.iterdir()}
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert on_disk == set(manifest["files"]) | {"manifest.json"} and "README.txt" in on_disk
     audit = store.audit_list(action="export")
     assert len(audit) == 1 and audit[0].actor.startswith("cli:")
     # a non-empty folder is refused, on one line

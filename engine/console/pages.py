@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from twisted.internet import defer, threads
 
@@ -29,6 +29,12 @@ FIELD_MAX = 128                   # search inputs are short identifiers
 AUDIT_PAGE = 200
 
 #: message ids: at most 18 digits, within a 64-bit integer column (a longer one is not found)
+def _done(page, mid: int, text: str) -> "Redirect":
+    """Back to the message's page, with the action's outcome shown there once."""
+    page.session.flash = text[:200]
+    return Redirect(f"/messages/{mid}")
+
+
 _ROUTES = [
     ("GET", r"/login", "login_form"),
     ("POST", r"/login", "login"),
@@ -213,10 +219,11 @@ class Pages:
         if page.phi:
             yield self.audit(page, "message.view", target=f"message:{mid}",
                              detail={"control_id": m.control_id, "channel": m.channel})
-        flash = page.arg("done")
-        return self.web.template("message.html", page, m=m, v=view, flash=flash[:200])
+        flash, page.session.flash = page.session.flash, None
+        return self.web.template("message.html", page, m=m, v=view, flash=flash)
 
     # -- actions --------------------------------------------------------------------------------
+    # each action ends on the message's page, its outcome shown once from the session (_done)
     @defer.inlineCallbacks
     def replay(self, page, mid):
         page.require("operator")
@@ -228,7 +235,7 @@ class Pages:
         except ValueError as err:  # UnknownMessage is a KeyError: 404 below
             yield self.audit(page, "message.replay", target=f"message:{mid}", outcome="refused",
                              detail={"destinations": dests, "reason": str(err)[:200]})
-            return Redirect(f"/messages/{mid}?done=" + _q(f"not replayed: {err}"))
+            return _done(page, mid, f"not replayed: {err}")
         except KeyError:
             raise NotFound(mid) from None
         queued = [[t.destination, t.target, t.entry_id] for t in report if t.entry_id is not None]
@@ -239,7 +246,7 @@ class Pages:
         text = (f"replay queued to {', '.join(sorted({d for d, _t, _e in queued}))}" if queued
                 else "nothing replayed") + (f"; skipped: {', '.join(f'{d} ({why})' for d, _t, why in skipped)}"
                                              if skipped else "")
-        return Redirect(f"/messages/{mid}?done=" + _q(text))
+        return _done(page, mid, text)
 
     def _wake(self, names) -> None:
         for n in set(names):
@@ -255,7 +262,7 @@ class Pages:
             n = yield self.engine.retry_now(mid, dest, page.user, source=page.source)
         except KeyError:  # UnknownMessage (audited by the engine)
             raise NotFound(mid) from None
-        return Redirect(f"/messages/{mid}?done=" + _q(f"retry now: {n or 0} entr{'y' if n == 1 else 'ies'}"))
+        return _done(page, mid, f"retry now: {n or 0} entr{'y' if n == 1 else 'ies'}")
 
     @defer.inlineCallbacks
     def handled(self, page, mid):
@@ -267,8 +274,12 @@ class Pages:
             n = yield threads.deferToThread(self.store.mark_handled, mid, dest)
         except KeyError:
             raise NotFound(mid) from None
+        if n == 0 and dest not in self.engine.config.destinations:
+            yield self.audit(page, "message.handled", target=f"message:{mid}", outcome="refused",
+                             detail={"destination": dest[:FIELD_MAX], "reason": "unknown destination"})
+            raise NotFound(dest)
         yield self.audit(page, "message.handled", target=f"message:{mid}", detail={"destination": dest, "entries": n})
-        return Redirect(f"/messages/{mid}?done=" + _q(f"{n} error(s) at {dest} marked handled"))
+        return _done(page, mid, f"{n} error(s) at {dest} marked handled")
 
     @defer.inlineCallbacks
     def pause(self, page, name, verb):
@@ -327,10 +338,6 @@ def _offset(page) -> int:
         return max(0, int(page.arg("offset") or 0))
     except ValueError:
         return 0
-
-
-def _q(text: str) -> str:
-    return quote(text[:200], safe="")
 
 
 def _query_without_offset(q: dict) -> str:

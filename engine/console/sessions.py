@@ -24,6 +24,9 @@ class Session:
     created: float
     seen: float
     checked: float = 0.0  # when the account was last read from the store (role, active)
+    #: the outcome of the last action, shown once by the next page: kept here, never in the URL,
+    #: so that a crafted link cannot make the console display a text of its author's
+    flash: str | None = None
 
 
 class Sessions:

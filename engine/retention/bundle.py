@@ -246,6 +246,10 @@ class Bundle:
             self._files[f"{name}.jsonl"] = {"sha256": h.hexdigest(), "size": size[0]}
         self._open = {}
         created = datetime.now(timezone.utc).isoformat()
+        # README.txt is listed (hash and size) like every file but the manifest itself
+        readme = README.format(kind=self.kind, format=FORMAT, version=__version__, created=created).encode()
+        self.sink.file("README.txt", readme)
+        self._files["README.txt"] = {"sha256": hashlib.sha256(readme).hexdigest(), "size": len(readme)}
         manifest = {"format": FORMAT, "kind": self.kind, "engine_version": __version__,
                     "created_at": created, "range": self.range,
                     "counts": {k: self.counts.get(k, 0) for k in JSONL} | {
@@ -254,8 +258,6 @@ class Bundle:
         if extra:
             manifest.update(extra)
         self.sink.file("manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-        self.sink.file("README.txt", README.format(kind=self.kind, format=FORMAT, version=__version__,
-                                                   created=created).encode())
         self.sink.close(streams)
         return manifest
 
