@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -66,7 +66,6 @@ class ChannelCounters:
     duplicates: int = 0
     conflicts: int = 0
     store_failures: int = 0
-    by_ack: dict = field(default_factory=dict)
 
 
 class MLLPChannel:
