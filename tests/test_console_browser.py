@@ -67,9 +67,21 @@ def submit(driver, css: str, within=None) -> None:
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from selenium.common.exceptions import WebDriverException
+
+    def gone(_d) -> bool:
+        # the old page's root is gone; chromedriver sometimes answers a check on a node of the
+        # page being replaced with "does not belong to the document" instead of a stale element
+        try:
+            return ec.staleness_of(old)(_d)
+        except WebDriverException as exc:
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+
     old = driver.find_element(By.TAG_NAME, "html")
     (within or driver).find_element(By.CSS_SELECTOR, css).click()
-    WebDriverWait(driver, 15).until(ec.staleness_of(old))
+    WebDriverWait(driver, 15).until(gone)
     WebDriverWait(driver, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
