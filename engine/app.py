@@ -110,6 +110,7 @@ class Engine:
         self.store: Store | None = None
         self.status_port = None
         self.alerts: AlertRunner | None = None
+        self.retention = None  # engine.retention.prune.RetentionThread once started
         self.console_port = None
         self.paused: dict[str, dict] = {}  # destination -> {by, at, reason} (engine.store.controls)
         self._controls_seq = 0
@@ -472,7 +473,7 @@ class Engine:
             yield defer.maybeDeferred(self.status_port.stopListening)
         if self.console_port is not None:
             yield defer.maybeDeferred(self.console_port.stopListening)
-        if getattr(self, "retention", None) is not None:  # its ops need the reactor: join off it
+        if self.retention is not None:  # its ops need the reactor: join off it
             yield threads.deferToThread(self.retention.stop, grace)
         try:
             yield threads.deferToThread(self.store.audit, "engine", "engine.stop", detail={"pid": os.getpid()})
