@@ -33,6 +33,39 @@ from .sql import COMPLETE_KIND, ENTRY_COLS, ENTRY_KEYS, EVENT_COLS, entry_row
 
 
 
+# Outcome groups run per delivery window: their statements are built once, not per group
+# (building a text clause parses its bind parameters again).
+_LIVE = ("SELECT q.id, q.destination, q.message_id, q.replay_of, m.channel FROM queue_entries q "
+         "JOIN messages m ON m.id = q.message_id WHERE q.id IN :ids "
+         "AND q.status = 'in_flight' AND q.lease_owner = :o")
+_LIVE_SQLITE = sa.text(_LIVE).bindparams(sa.bindparam("ids", expanding=True))
+_LIVE_LOCKED = sa.text(_LIVE + " FOR UPDATE OF q").bindparams(sa.bindparam("ids", expanding=True))
+_COMPLETE = sa.text(
+    "UPDATE queue_entries SET status = :s, attempts = :a, "
+    "next_attempt_at = COALESCE(:n, next_attempt_at), last_error = :e, "
+    "response = COALESCE(:r, response), payload = COALESCE(:p, payload), "
+    "lease_owner = NULL, lease_until = NULL, updated_at = :now "
+    "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o")
+_COMPLETE_EVENT = sa.text(f"INSERT INTO events ({EVENT_COLS}) VALUES "
+                          "(:at, :kind, :ch, :dest, :mid, :eid, :detail)")
+_SQL_RELEASE = ("UPDATE queue_entries SET status = 'queued', lease_owner = NULL, "
+                "lease_until = NULL, updated_at = :now "
+                "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o")
+_RELEASE = sa.text(_SQL_RELEASE)
+
+
+def _event_detail(c: Completion, nxt: float | None) -> str:
+    """The JSON detail of an outcome event; the common one (sent, no error) without json.dumps."""
+    if c.last_error is None and c.status != "queued":
+        return f'{{"attempts": {int(c.attempts)}}}'
+    detail: dict[str, Any] = {"attempts": c.attempts}
+    if c.last_error is not None:
+        detail["error"] = c.last_error[:500]
+    if c.status == "queued":
+        detail["next_attempt_at"] = nxt
+    return json.dumps(detail)
+
+
 class QueueMixin:
     """Queue operations of :class:`engine.store.Store`."""
 
@@ -202,12 +235,8 @@ class QueueMixin:
         if not completions:
             return []
         now = time.time()
-        lock = " FOR UPDATE OF q" if not self._sqlite else ""
         live = {r.id: r for r in conn.execute(
-            sa.text("SELECT q.id, q.destination, q.message_id, q.replay_of, m.channel FROM queue_entries q "
-                    "JOIN messages m ON m.id = q.message_id WHERE q.id IN :ids "
-                    f"AND q.status = 'in_flight' AND q.lease_owner = :o{lock}")
-            .bindparams(sa.bindparam("ids", expanding=True)),
+            _LIVE_SQLITE if self._sqlite else _LIVE_LOCKED,
             {"ids": [c.entry_id for c in completions], "o": owner})}
         live_cause = {i: r.message_id for i, r in live.items()}
         live_dest = {i: r.destination for i, r in live.items()}
@@ -228,25 +257,14 @@ class QueueMixin:
                 nxt = now
             updates.append({"s": c.status, "a": c.attempts, "n": nxt, "e": c.last_error,
                             "r": c.response, "p": c.payload, "now": now, "id": c.entry_id, "o": owner})
-            detail: dict[str, Any] = {"attempts": c.attempts}
-            if c.last_error is not None:
-                detail["error"] = c.last_error[:500]
-            if c.status == "queued":
-                detail["next_attempt_at"] = nxt
             events.append({"at": now, "kind": COMPLETE_KIND[c.status], "ch": row.channel,
                            "dest": row.destination, "mid": row.message_id, "eid": c.entry_id,
-                           "detail": json.dumps(detail)})
+                           "detail": _event_detail(c, nxt)})
         if updates:
-            conn.execute(sa.text(
-                "UPDATE queue_entries SET status = :s, attempts = :a, "
-                "next_attempt_at = COALESCE(:n, next_attempt_at), last_error = :e, "
-                "response = COALESCE(:r, response), payload = COALESCE(:p, payload), "
-                "lease_owner = NULL, lease_until = NULL, updated_at = :now "
-                "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o"), updates)
-            conn.execute(sa.text(f"INSERT INTO events ({EVENT_COLS}) VALUES "
-                                 "(:at, :kind, :ch, :dest, :mid, :eid, :detail)"), events)
+            conn.execute(_COMPLETE, updates)
+            conn.execute(_COMPLETE_EVENT, events)
         if releases:
-            conn.execute(sa.text(self._SQL_RELEASE), releases)
+            conn.execute(_RELEASE, releases)
         for c, recorded in zip(completions, ok):
             if recorded and c.status != "released":
                 cause = (live_cause[c.entry_id], c.entry_id)
@@ -260,15 +278,11 @@ class QueueMixin:
                                            live_dest[c.entry_id], now)
         return ok
 
-    _SQL_RELEASE = ("UPDATE queue_entries SET status = 'queued', lease_owner = NULL, "
-                    "lease_until = NULL, updated_at = :now "
-                    "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o")
-
     def release_within(self, conn: sa.Connection, owner: str, entry_ids: list[int]) -> None:
         """Put entries claimed by ``owner`` back in the queue, untried (a worker stopping)."""
         if entry_ids:
             now = time.time()
-            conn.execute(sa.text(self._SQL_RELEASE), [{"id": i, "o": owner, "now": now} for i in entry_ids])
+            conn.execute(_RELEASE, [{"id": i, "o": owner, "now": now} for i in entry_ids])
 
     @staticmethod
     def _insert_follow_up(conn: sa.Connection, f: FollowUp, now: float, *, cause: tuple[int, int]) -> int:
