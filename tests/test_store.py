@@ -618,3 +618,20 @@ def test_sqlite_migration_moves_existing_keys_into_dedup_index(sqlite_url):
     finally:
         s.stop()
         s.dispose()
+
+
+@pytest.mark.parametrize("status,error,nxt", [("sent", None, None), ("filtered", None, None),
+                                              ("error", "bad ACK", None), ("queued", None, 12.5),
+                                              ("queued", "x" * 600, 3.0)])
+def test_outcome_event_detail_is_the_json_of_its_fields(status, error, nxt):
+    """The fast path for plain outcomes writes what json.dumps writes for the same fields."""
+    from engine.store.models import Completion
+    from engine.store.queue import _event_detail
+
+    c = Completion(7, status, 3, nxt, error)
+    expected = {"attempts": 3}
+    if error is not None:
+        expected["error"] = error[:500]
+    if status == "queued":
+        expected["next_attempt_at"] = nxt
+    assert _event_detail(c, nxt) == json.dumps(expected)
