@@ -116,7 +116,7 @@ class MLLPChannel:
 
     def _handle(self, payload: bytes, conn, now: float) -> PendingReply | defer.Deferred | bytes | None:
         self.counters.received += 1
-        self.last_received_at = time.time()
+        self.last_received_at = now
         msh = None
         try:
             msh = read_msh(payload)
