@@ -363,8 +363,7 @@ class DestinationWorker:
                 if not self.running:
                     break  # the rest stays held: released by stop()
                 if self.paused:  # the rest goes back to the queue untried
-                    for rest in entries[i:]:
-                        self._record(Completion(rest.id, "released", rest.attempts))
+                    self._release(entries[i:])
                     break
                 if time.time() < self._down_until:
                     status = "retry"  # the peer is down: no attempt of our own
@@ -373,10 +372,14 @@ class DestinationWorker:
                     status = yield self._attempt(entry)
                 if status == "retry":
                     # order: nothing behind a failed entry of its key goes before it
-                    for rest in entries[i + 1:]:
-                        self._record(Completion(rest.id, "released", rest.attempts))
+                    self._release(entries[i + 1:])
                     break
         yield self._all_recorded()
+
+    def _release(self, entries) -> None:
+        """Give claimed entries back to the queue untried (same attempts, due as they were)."""
+        for rest in entries:
+            self._record(Completion(rest.id, "released", rest.attempts))
 
     @defer.inlineCallbacks
     def _attempt(self, entry):
