@@ -57,3 +57,19 @@ destinations:
     assert lines["minipfi_config_last_reload_ok"] == 0
     assert lines['minipfi_info{version="t"}'] == 1
     assert str(tmp_path) not in text          # names and roles, not file paths
+
+
+def test_certificate_owners_and_roles_are_distinct_labels():
+    from engine.connectors.certificates import _owner
+
+    places = {
+        "channels.in.tls.cert": ("channel", "in", "cert"),
+        "channels.in.tls.ca": ("channel", "in", "ca"),
+        "destinations.dmp.tls.cert": ("destination", "dmp", "cert"),
+        "destinations.dmp.signing.cert": ("destination", "dmp", "signing.cert"),
+        "destinations.mss.identity.cert": ("destination", "mss", "identity.cert"),
+        "engine.console.tls.cert": ("console", "console", "cert"),
+        "alerts.notify.it-mail.client_cert": ("notifier", "it-mail", "client_cert"),
+    }
+    assert {p: _owner(p) for p in places} == places
+    assert len(set(places.values())) == len(places)  # one metric series per certificate

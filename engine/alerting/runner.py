@@ -21,8 +21,8 @@ from engine import logs
 from engine.alerts.ratecap import RateCap
 from engine.alerts.rules import STARTED, Evaluator, Notice
 from engine.alerts.texts import iso, summary
+from engine.connectors.certificates import ConfiguredCertificates
 
-from .certificates import CertificateDays
 from .senders import make_sender, send_with_retry
 
 log = logs.get("engine.alerting")
@@ -37,7 +37,7 @@ class AlertRunner:
         self.senders: dict = {}
         self.caps: dict[str, RateCap] = {}
         self.recent: deque[dict] = deque(maxlen=RECENT)
-        self.certs = CertificateDays()
+        self.certs = ConfiguredCertificates()
         self._loop: task.LoopingCall | None = None
         self._interval = None
         self._busy = False

@@ -1,11 +1,13 @@
 """Every certificate routes.yaml names (channel server certificates, destination client
-certificates, DMP and MSSanté identities, CA bundles, the alert mail's client certificate), by
-its place in the file, with the days left before it expires: what ``certificate_expiry`` reads.
-IGC-Santé certificates are renewed by a planned procedure, so the alert must come early."""
+certificates, DMP and MSSanté identities, CA bundles, the console's and the alert mail's
+certificates), by its place in the file, with its expiry date: one list for ``/metrics``, the
+console and the ``certificate_expiry`` alert. IGC-Santé certificates are renewed by a planned
+procedure, so their dates must be visible early."""
 from __future__ import annotations
 
 import datetime as dt
 import time
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 
@@ -41,6 +43,34 @@ def configured(config) -> dict[str, tuple[str, str | None]]:
     return out
 
 
+@dataclass(frozen=True)
+class Expiry:
+    """One configured certificate: its place in routes.yaml, who it belongs to (``kind``:
+    channel, destination, console, notifier...; ``name``), its ``role`` there (``cert``, ``ca``
+    for a TLS block, else the path below the owner, e.g. ``signing.cert``) and its end date."""
+    place: str
+    kind: str
+    name: str
+    role: str
+    not_after: dt.datetime
+
+
+def _owner(place: str) -> tuple[str, str, str]:
+    parts = place.split(".")
+    if parts[0] in ("channels", "destinations") and len(parts) > 2:
+        kind, name, rest = parts[0][:-1], parts[1], parts[2:]
+    elif parts[0] == "engine" and len(parts) > 2:
+        kind = name = parts[1]
+        rest = parts[2:]
+    elif parts[0] == "alerts" and len(parts) > 3:
+        kind, name, rest = "notifier", parts[2], parts[3:]
+    else:
+        kind = name = parts[0]
+        rest = parts[1:]
+    role = ".".join(rest)
+    return kind, name, role[4:] if role.startswith("tls.") else role
+
+
 def _end(path: str, password_env: str | None) -> dt.datetime | None:
     if path.lower().endswith(PKCS12_SUFFIXES):
         try:
@@ -50,20 +80,24 @@ def _end(path: str, password_env: str | None) -> dt.datetime | None:
     return not_after(path)
 
 
-class CertificateDays:
-    """Days left per configured certificate, files read at most every :data:`CACHE_S`. Run off
-    the reactor (it reads files)."""
+class ConfiguredCertificates:
+    """The expiry of every configured certificate, each file read at most every
+    :data:`CACHE_S`. Run off the reactor (it reads files)."""
 
     def __init__(self):
         self._cache: dict[str, tuple[float, dt.datetime | None]] = {}
 
-    def days_left(self, config, now: dt.datetime | None = None) -> dict[str, float]:
-        now = now or dt.datetime.now(dt.timezone.utc)
-        out = {}
-        for label, (path, password_env) in configured(config).items():
+    def expiries(self, config) -> list[Expiry]:
+        out = []
+        for place, (path, password_env) in configured(config).items():
             hit = self._cache.get(path)
             if hit is None or time.monotonic() - hit[0] >= CACHE_S:
                 hit = self._cache[path] = (time.monotonic(), _end(path, password_env))
             if hit[1] is not None:
-                out[label] = (hit[1] - now).total_seconds() / 86400
+                out.append(Expiry(place, *_owner(place), hit[1]))
         return out
+
+    def days_left(self, config, now: dt.datetime | None = None) -> dict[str, float]:
+        """``{place: days}`` (negative: expired), what the ``certificate_expiry`` alert reads."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        return {e.place: (e.not_after - now).total_seconds() / 86400 for e in self.expiries(config)}

@@ -145,8 +145,8 @@ class Pages:
         _code, st = yield self.status.status()
         certs = yield self.status.certificates()
         now = dt.datetime.now(dt.timezone.utc)
-        cert_rows = [{"kind": k, "name": n, "role": r, "not_after": end.strftime("%Y-%m-%d"),
-                      "days": int((end - now).total_seconds() // 86400)} for k, n, r, end in certs]
+        cert_rows = [{"kind": c.kind, "name": c.name, "role": c.role, "not_after": c.not_after.strftime("%Y-%m-%d"),
+                      "days": int((c.not_after - now).total_seconds() // 86400)} for c in certs]
         return self.web.template("dashboard.html", page, st=st, certs=cert_rows,
                                  last_reload=st.get("config", {}).get("last_reload"))
 

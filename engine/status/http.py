@@ -27,7 +27,8 @@ from twisted.internet import defer, threads
 from twisted.web import resource, server
 
 from engine import logs, web
-from engine.status.metrics import (CONTENT_TYPE_LATEST, CertificateDates, EngineCollector, registry_for,
+from engine.connectors.certificates import ConfiguredCertificates
+from engine.status.metrics import (CONTENT_TYPE_LATEST, EngineCollector, registry_for,
                                    render as render_metrics)
 
 log = logs.get("engine.status")
@@ -159,11 +160,11 @@ class StatusService:
         self.engine = engine
         self._cache = (0.0, None)
         self._stats_ttl = self.STATS_MAX_AGE_S
-        self.certs = CertificateDates()
+        self.certs = ConfiguredCertificates()
 
     def certificates(self) -> defer.Deferred:
-        """``(kind, name, role, not_after)`` of the configured certificates (read in a thread)."""
-        return threads.deferToThread(self.certs.dates, self.engine.config)
+        """The configured certificates' expiries (:class:`Expiry`, read in a thread)."""
+        return threads.deferToThread(self.certs.expiries, self.engine.config)
 
     def health(self):
         return 200, {"status": "alive", "version": self.engine.version}

@@ -9,7 +9,6 @@ never patient data.
 from __future__ import annotations
 
 import datetime as dt
-import time
 from dataclasses import fields
 
 from prometheus_client.core import (
@@ -20,12 +19,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from mllp.tls import not_after
+from engine.connectors.certificates import ConfiguredCertificates
 
 __all__ = ["CONTENT_TYPE_LATEST", "EngineCollector", "registry_for", "render"]
-
-#: a certificate file is read again at most this often (renewals show up within it)
-CERT_CACHE_S = 300.0
 
 
 class EngineCollector:
@@ -34,7 +30,7 @@ class EngineCollector:
     def __init__(self, engine, stats):
         self.engine = engine
         self.stats = stats
-        self.certs = CertificateDates()
+        self.certs = ConfiguredCertificates()
 
     def describe(self):
         return []  # registering must not scrape the engine
@@ -126,42 +122,9 @@ class EngineCollector:
                                  "Days until a configured certificate expires (negative: expired)",
                                  labels=["kind", "name", "role"])
         now = dt.datetime.now(dt.timezone.utc)
-        for kind, name, role, end in self.certs.dates(eng.config):
-            days.add_metric([kind, name, role], round((end - now).total_seconds() / 86400, 2))
+        for e in self.certs.expiries(eng.config):
+            days.add_metric([e.kind, e.name, e.role], round((e.not_after - now).total_seconds() / 86400, 2))
         return days
-
-
-class CertificateDates:
-    """The expiry dates of the certificates the configuration names (channel and destination
-    TLS), each file read again at most every ``CERT_CACHE_S``: for ``/metrics`` and the console."""
-
-    def __init__(self):
-        self._certs: dict[str, tuple[float, dt.datetime | None]] = {}
-
-    def dates(self, cfg) -> list[tuple[str, str, str, dt.datetime]]:
-        """``(kind, name, role, not_after)`` per readable certificate file, kind ``channel``,
-        ``destination`` or ``console``, role ``cert`` or ``ca``."""
-        owners = [("channel", n, getattr(c, "tls", None)) for n, c in cfg.channels.items()]
-        owners += [("destination", n, getattr(d, "tls", None)) for n, d in cfg.destinations.items()]
-        owners.append(("console", "console", cfg.engine.console.tls if cfg.engine.console.enabled else None))
-        out = []
-        for kind, name, tls in owners:
-            if tls is None:
-                continue
-            for role in ("cert", "ca"):
-                path = getattr(tls, role, None)
-                end = self._not_after(path) if path else None
-                if end is not None:
-                    out.append((kind, name, role, end))
-        return out
-
-    def _not_after(self, path: str) -> dt.datetime | None:
-        hit = self._certs.get(path)
-        if hit is not None and time.monotonic() - hit[0] < CERT_CACHE_S:
-            return hit[1]
-        end = not_after(path)
-        self._certs[path] = (time.monotonic(), end)
-        return end
 
 
 def _alerts(eng):
