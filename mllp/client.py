@@ -106,14 +106,14 @@ def _lost_reason(reason) -> str:
 
 
 class _Outstanding:
-    __slots__ = ("payload", "control_id", "d", "proto", "timer")
+    __slots__ = ("payload", "control_id", "d", "proto", "deadline")
 
     def __init__(self, payload: bytes, control_id: Optional[str], d: Deferred) -> None:
         self.payload = payload
         self.control_id = control_id
         self.d = d
         self.proto: Optional[_SenderProtocol] = None
-        self.timer = None
+        self.deadline = 0.0  # reactor time by which its reply must have come
 
 
 class _SenderProtocol(Protocol):
@@ -198,6 +198,11 @@ class MLLPSender:
         self._current: Optional[_Outstanding] = None
         self._proto: Optional[_SenderProtocol] = None
         self._connecting: Optional[Deferred] = None
+        # One timer per sender, not one per message (a DelayedCall made and cancelled per
+        # message was a measurable part of delivery's cost in the reactor): it fires at the
+        # earliest deadline it may find, and either times the message out or waits again
+        # until the deadline of the message then outstanding.
+        self._timer = None
 
     @property
     def idle(self) -> bool:
@@ -231,6 +236,9 @@ class MLLPSender:
                 proto.lost.addBoth(lambda _: waiting.callback(None))
             proto.fail_exc = ConnectionFailed("sender closed", sent=True)
             proto.transport.abortConnection()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         for msg in queued:
             _fail(msg.d, MLLPError("sender closed"))
         return waiting
@@ -249,7 +257,9 @@ class MLLPSender:
         msg = self._queue.popleft()
         msg.proto = proto
         self._current = msg
-        msg.timer = self.reactor.callLater(self.ack_timeout, self._ack_timed_out, msg)
+        msg.deadline = self.reactor.seconds() + self.ack_timeout
+        if self._timer is None:
+            self._timer = self.reactor.callLater(self.ack_timeout, self._check_deadline)
         if proto.direct:
             write_now(proto.transport, encode_frame(msg.payload))
         else:
@@ -291,8 +301,18 @@ class MLLPSender:
             proto.fail_exc = exc
         proto.transport.abortConnection()
 
+    def _check_deadline(self) -> None:
+        self._timer = None
+        msg = self._current
+        if msg is None:
+            return  # nothing outstanding: the next send sets the timer again
+        wait = msg.deadline - self.reactor.seconds()
+        if wait > 0:
+            self._timer = self.reactor.callLater(wait, self._check_deadline)
+            return
+        self._ack_timed_out(msg)
+
     def _ack_timed_out(self, msg: _Outstanding) -> None:
-        msg.timer = None
         if self._current is msg:
             log.warning("mllp ack timeout peer=%s:%s after %ss; closing", self.host, self.port, self.ack_timeout)
             self._abort(msg.proto, AckTimeout(f"no reply within {self.ack_timeout}s"))
@@ -313,10 +333,6 @@ class MLLPSender:
                 self._abort(proto, AckMismatch(msg.control_id, got))
                 return
         self._current = None
-        if msg.timer is not None:
-            if msg.timer.active():
-                msg.timer.cancel()
-            msg.timer = None
         if len(frames) > 1 or too_large:
             log.warning("mllp extra data after the reply from %s:%s; closing", self.host, self.port)
             self._abort(proto, None)
@@ -332,10 +348,6 @@ class MLLPSender:
         msg = self._current
         if msg is not None and msg.proto is proto:
             self._current = None
-            if msg.timer is not None:
-                if msg.timer.active():
-                    msg.timer.cancel()
-                msg.timer = None
             exc = proto.fail_exc or ConnectionFailed(_lost_reason(reason), sent=True)
             _fail(msg.d, exc)
         self._pump()

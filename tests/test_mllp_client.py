@@ -100,6 +100,32 @@ def test_commit_ack_returned_as_is(listener):
     call(sender.close)
 
 
+def test_each_message_gets_its_whole_ack_timeout(listener):
+    """The sender keeps one timer, not one per message: a message sent while the timer of an
+    earlier one is pending must still get the whole timeout, counted from its own send."""
+    def handler(payload, info):
+        d = Deferred()
+        delay = {b"|FIRST|": 0.25, b"|SECOND|": 0.3, b"|THIRD|": 1.0}
+        wait = next((v for k, v in delay.items() if k in payload), 0.0)
+        reactor.callLater(wait, d.callback, ack_for(payload))
+        return d
+
+    factory, port = listener(handler)
+    sender = make_sender(port, ack_timeout=0.4)
+    assert send(sender, make_message("WARM"), "WARM")
+    t0 = time.monotonic()
+    first = make_message("FIRST")
+    assert send(sender, first, "FIRST") == ack_for(first)   # 0.25 s of its 0.4 s
+    second = make_message("SECOND")
+    assert send(sender, second, "SECOND") == ack_for(second)  # ends after the first deadline
+    assert time.monotonic() - t0 > 0.5
+    t1 = time.monotonic()
+    with pytest.raises(AckTimeout):
+        send(sender, make_message("THIRD"), "THIRD")
+    assert 0.35 <= time.monotonic() - t1 < 0.8
+    call(sender.close)
+
+
 def test_ack_timeout_closes_socket_before_failing_and_late_ack_is_never_credited(listener):
     def handler(payload, info):
         d = Deferred()

@@ -18,7 +18,7 @@ from engine.connectors.base import ACCEPTED, ERROR, REJECTED, TRANSIENT, Deliver
 from engine.hl7.ack import read_ack
 from engine.hl7.errors import HL7Error
 from engine.hl7.msh import read_msh
-from mllp.client import MLLPError, MLLPSender
+from mllp.client import MLLPSender
 from mllp.framing import COMMIT_ACK, COMMIT_NAK
 from mllp.tls import TLSFiles, client_creator, file_problems
 
@@ -85,6 +85,12 @@ def make_sender(cfg, reactor) -> MLLPSender:
                       ack_timeout=cfg.ack_timeout)
 
 
+def _transient(fail) -> Outcome:
+    """A send that failed (MLLPError: no reply, timeout, mismatch; connection lost and friends):
+    retry later."""
+    return Outcome(TRANSIENT, None, logs.error_text(fail.value))
+
+
 class MLLPConnector:
     """One connection per delivery lane: one for a FIFO destination, ``concurrency`` where the
     order is per key or per document (each lane sends one message at a time and waits for its
@@ -107,16 +113,15 @@ class MLLPConnector:
                 return sender
         return self.senders[0]  # more lanes than connections (a reload lowered concurrency)
 
-    @defer.inlineCallbacks
-    def send(self, delivery: Delivery):
+    def send(self, delivery: Delivery) -> defer.Deferred:
+        """A plain callback chain (no generator): this runs once per delivered message in the
+        reactor that also serves ingest."""
         sender = self.sender if len(self.senders) == 1 else self._idle_sender()
         try:
-            reply = yield sender.send(delivery.payload, control_id_of(delivery) or None)
-        except MLLPError as exc:
-            return Outcome(TRANSIENT, None, logs.error_text(exc))
-        except Exception as exc:  # noqa: BLE001 - connection lost and friends: retry later
-            return Outcome(TRANSIENT, None, logs.error_text(exc))
-        return classify_reply(reply)
+            d = sender.send(delivery.payload, control_id_of(delivery) or None)
+        except Exception as exc:  # noqa: BLE001 - a send that cannot even start: retry later
+            return defer.succeed(Outcome(TRANSIENT, None, logs.error_text(exc)))
+        return d.addCallbacks(classify_reply, _transient)
 
     def close(self):
         return defer.DeferredList([s.close() for s in self.senders])
