@@ -179,7 +179,9 @@ def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: st
     ``identity_feed`` or ``reports`` block. Returns (process, port, cleanup)."""
     label = label or backend
     port, status_port = free_port(), free_port()
-    if root == ROOT:  # every load-generator connection comes from 127.0.0.1: one peer address
+    # every load-generator connection comes from 127.0.0.1: one peer address (a tree of the
+    # engine older than the per-peer cap does not know the setting)
+    if root == ROOT or "max_connections_per_peer" in (root / "engine" / "config.py").read_text():
         channel_extra = "            framing: {max_connections_per_peer: 256}\n" + channel_extra
     cfg = tmp / f"{label}.yaml"
     cfg.write_text(textwrap.dedent(f"""
