@@ -40,14 +40,15 @@ _LIVE = ("SELECT q.id, q.destination, q.message_id, q.replay_of, m.channel FROM 
          "AND q.status = 'in_flight' AND q.lease_owner = :o")
 _LIVE_SQLITE = sa.text(_LIVE).bindparams(sa.bindparam("ids", expanding=True))
 _LIVE_LOCKED = sa.text(_LIVE + " FOR UPDATE OF q").bindparams(sa.bindparam("ids", expanding=True))
-_COMPLETE = sa.text(
+_SQL_COMPLETE = (
     "UPDATE queue_entries SET status = :s, attempts = :a, "
     "next_attempt_at = COALESCE(:n, next_attempt_at), last_error = :e, "
     "response = COALESCE(:r, response), payload = COALESCE(:p, payload), "
     "lease_owner = NULL, lease_until = NULL, updated_at = :now "
     "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o")
-_COMPLETE_EVENT = sa.text(f"INSERT INTO events ({EVENT_COLS}) VALUES "
-                          "(:at, :kind, :ch, :dest, :mid, :eid, :detail)")
+_SQL_COMPLETE_EVENT = f"INSERT INTO events ({EVENT_COLS}) VALUES (:at, :kind, :ch, :dest, :mid, :eid, :detail)"
+_COMPLETE = sa.text(_SQL_COMPLETE)
+_COMPLETE_EVENT = sa.text(_SQL_COMPLETE_EVENT)
 _SQL_RELEASE = ("UPDATE queue_entries SET status = 'queued', lease_owner = NULL, "
                 "lease_until = NULL, updated_at = :now "
                 "WHERE id = :id AND status = 'in_flight' AND lease_owner = :o")
@@ -273,8 +274,15 @@ class QueueMixin:
                            "dest": row.destination, "mid": row.message_id, "eid": c.entry_id,
                            "detail": _event_detail(c, nxt)})
         if updates:
-            conn.execute(_COMPLETE, updates)
-            conn.execute(_COMPLETE_EVENT, events)
+            if self._sqlite:
+                # one row per delivered message: the driver's executemany, without SQLAlchemy's
+                # per-row parameter handling (plain floats, ints, text and bytes here)
+                cur = conn.connection.dbapi_connection.cursor()
+                cur.executemany(_SQL_COMPLETE, updates)
+                cur.executemany(_SQL_COMPLETE_EVENT, events)
+            else:
+                conn.execute(_COMPLETE, updates)
+                conn.execute(_COMPLETE_EVENT, events)
         if releases:
             conn.execute(_RELEASE, releases)
         for c, recorded in zip(completions, ok):
