@@ -8,7 +8,7 @@ CONFIG ?= engine/routes.yaml
 DATA_DIR ?= data
 TEST_ONLY := aiosmtpd|atheris|atpublic|h11|hypothesis|iniconfig|outcome|pluggy|pygments|pypdf|pysocks|pytest|pytest-timeout|selenium|sniffio|sortedcontainers|trio|trio-websocket|websocket-client|wsproto
 
-.PHONY: install install-test run test fuzz bench bench-e2e bench-dmp bench-mss bench-quick bench-identity bench-reports check clean lock
+.PHONY: install install-test run test fuzz bench bench-e2e bench-matrix bench-dmp bench-mss bench-quick bench-identity bench-reports check clean lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench: install-test          ## durable ingest benchmark against python-hl7's ML
 
 bench-e2e: install-test      ## delivery end to end, destination down, backlog of 100,000 drained (SQLite; about 10 min)
 	$(BIN)/python bench/e2e.py --backends sqlite --connections 8 --seconds 5 --backlog 100000 $(E2E_ARGS)
+
+bench-matrix: install-test   ## every delivery scenario on SQLite and PostgreSQL at 1, 8 and 32 connections (backlog 20,000; about 15 min)
+	for c in 1 8 32; do $(BIN)/python bench/e2e.py --backends sqlite,postgresql --connections $$c --seconds 5 --backlog 20000 --backlog-max-s 120 $(E2E_ARGS) || exit 1; done
+	for c in 1 8 32; do $(BIN)/python bench/identity.py --backends sqlite,postgresql --connections $$c --seconds 8 || exit 1; done
+	$(BIN)/python bench/reports.py --backends sqlite,postgresql --connections 1,8,32 --seconds 8
 
 bench-identity: install-test ## identity feed ADT/s at 8 connections versus plain ingest
 	$(BIN)/python bench/identity.py

@@ -139,14 +139,18 @@ async def _senders(port, conns, seconds, tag, sent, stop_event=None):
     return _figures(time.perf_counter() - t0, lat, len(errors), len(nacks))
 
 
-def measure_e2e(port, receiver: ReceiverProcess, conns, seconds, drain_s) -> dict:
+def measure_e2e(port, receiver: ReceiverProcess, conns, seconds, drain_s, pid=None) -> dict:
     """Closed-loop senders for ``seconds``; then wait (at most ``drain_s``) until the receiver
-    has everything, for the latency of the last messages."""
+    has everything, for the latency of the last messages. ``pid``: the engine's CPU over the
+    senders' window alone (``cpu_window_pct``, % of one core, all threads)."""
     receiver.dump()
     sent: dict = {}
+    cpu0 = thread_cpu(pid) if pid else None
     w0 = time.time()
     r = asyncio.run(_senders(port, conns, seconds, f"E{int(w0 * 1000) % 10**9}", sent))
     w1 = time.time()
+    if cpu0 is not None:
+        r["cpu_window_pct"] = sum(cpu_share(pid, cpu0, w1 - w0))
     arrivals = receiver.dump()
     end = time.time() + drain_s
     while len(arrivals) < len(sent) and time.time() < end:
@@ -244,7 +248,7 @@ def run_scenario(scenario, kind, label, tmp, args, rnd) -> dict:
         if scenario in ("disabled", "unreachable"):
             r = run_load(port, args.connections, args.seconds)
         elif scenario == "e2e":
-            r = measure_e2e(port, receiver, args.connections, args.seconds, args.drain_wait)
+            r = measure_e2e(port, receiver, args.connections, args.seconds, args.drain_wait, proc.pid)
         else:
             r = measure_backlog(port, rport, tmp, args.connections, args.backlog, args.backlog_max_s)
         reactor_pct, others_pct = cpu_share(proc.pid, cpu0, time.time() - t0)
@@ -320,6 +324,23 @@ def main() -> int:
     return 1 if any(r["msa2_mismatches"] or r["not_accepted"] for r in results) else 0
 
 
+def _cpu_bound(results, server, e2e_rounds) -> str:
+    """The engine's CPU per ingested message ``i`` (disabled scenario: CPU share / msg/s) and per
+    delivered message ``d`` (e2e, over the senders' window: what the CPU share leaves after
+    ``i`` per ingested message, per delivered message). On one core, in steady state (delivered
+    <= ingested), the engine delivers at most ``1 / (i + d)`` msg/s: as a ratio to the disabled
+    ingest ``D``, at most ``1 / ((i + d) D)``."""
+    idle = [r for r in results if r["server"] == server and r["scenario"] == "disabled"]
+    if not idle or not all("cpu_window_pct" in r for r in e2e_rounds):
+        return "CPU per message: n/a"
+    i = _median([(r["cpu_reactor_pct"] + r["cpu_other_threads_pct"]) / 100 / r["msg_per_s"] for r in idle])
+    d = _median([max(0.0, r["cpu_window_pct"] / 100 - r["msg_per_s"] * i) / r["delivered_per_s"]
+                 for r in e2e_rounds if r["delivered_per_s"]])
+    disabled = _median([r["msg_per_s"] for r in idle])
+    return (f"CPU per message ingested {i * 1e6:.0f} us, delivered {d * 1e6:.0f} us "
+            f"(one core delivers at most {1 / (i + d):.0f} msg/s = {1 / ((i + d) * disabled):.2f}x)")
+
+
 def _summary(results) -> None:
     """Per server: each scenario's ingest as a ratio to the disabled-destination ingest of the
     same round, and delivered / disabled ingest for e2e (medians over the rounds)."""
@@ -336,6 +357,7 @@ def _summary(results) -> None:
             parts.append(f"{scenario} ingest {ing:.2f}x")
             if scenario == "e2e":
                 parts.append(f"e2e delivered {_median([r['delivered_per_s'] / base[(server, r['round'])] for r in rs]):.2f}x")
+                parts.append(_cpu_bound(results, server, rs))
             if scenario == "backlog":
                 parts.append(f"drain {_median([r['drain_per_s'] for r in rs]):.0f} msg/s")
         print(f"  {server:<34} " + ", ".join(parts))

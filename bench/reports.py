@@ -70,32 +70,42 @@ def load(port, conns, seconds):
     return asyncio.run(main())
 
 
-def start_engine(tmp: Path, reports: bool):
+def start_engine(backend: str, tmp: Path, reports: bool):
     extra = ("            reports: {enabled: true, validation: {xsd: true, schematron: false}}" if reports else "")
-    return start_minipfi("sqlite", tmp, label=f"reports-{reports}", channel_extra=extra)
+    return start_minipfi(backend, tmp, label=f"reports-{backend}-{reports}", channel_extra=extra)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--connections", default="8", help="comma-separated, e.g. 1,8,32")
+    ap.add_argument("--backends", default="sqlite", help="comma-separated: sqlite,postgresql")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--schematron-docs", type=int, default=10)
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
         os.sched_setaffinity(0, {1})
-    print(f"ORU {ORU.stat().st_size // 1024} KB, {args.connections} connections, {args.seconds:.0f} s")
+    print(f"ORU {ORU.stat().st_size // 1024} KB, {args.seconds:.0f} s per measurement")
+    ratios = []
     with tempfile.TemporaryDirectory(prefix="minipfi-bench-reports-") as td:
-        for reports in (False, True):
-            proc, port, _cleanup = start_engine(Path(td), reports)
-            try:
-                load(port, 2, 1.0)  # warm-up (also compiles the XSD once)
-                r = load(port, args.connections, args.seconds)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
-            label = "report step (parse+extract+XSD+submission)" if reports else "plain durable ingest"
-            print(f"{label:<44} {r['msg_per_s']:7.1f} msg/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms"
-                  f"  not AA: {r['not_aa']}")
+        for backend in [b for b in args.backends.split(",") if b]:
+            for conns in [int(c) for c in args.connections.split(",") if c]:
+                rate = {}
+                for reports in (False, True):
+                    proc, port, cleanup = start_engine(backend, Path(td), reports)
+                    try:
+                        load(port, 2, 1.0)  # warm-up (also compiles the XSD once)
+                        r = load(port, conns, args.seconds)
+                    finally:
+                        proc.send_signal(signal.SIGTERM)
+                        proc.wait(30)
+                        cleanup()
+                    rate[reports] = r["msg_per_s"]
+                    label = "report step (parse+extract+XSD+submission)" if reports else "plain durable ingest"
+                    print(f"{backend:<10} {conns:>2} conns  {label:<44} {r['msg_per_s']:7.1f} msg/s  "
+                          f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  not AA: {r['not_aa']}", flush=True)
+                ratios.append(f"  {backend:<10} {conns:>2} conns: {rate[True] / rate[False]:.2f}x")
+    print("report step / plain ingest of the same bytes (same run):")
+    print("\n".join(ratios))
     from engine.reports.cisis import parse_report
     from engine.reports.processing import cda_validator
 
