@@ -13,6 +13,7 @@ from engine.config import IdentityFeedConfig
 from engine.identity import InsPolicy, parse_adt
 from engine.steps.identity_feed import IdentityFeed
 from engine.store import Duplicate, StepOp, Store
+from engine.store import identities as registry
 from engine.store.identities import (
     apply_event,
     apply_events,
@@ -81,6 +82,12 @@ BATCHES = {
         adt("A28", ipp="800010", ins=SYNTH_NIR_M, sex="M", dob="19850712", evn=_evn(14)),  # inactive holder
         adt("A47", ipp="800001", mrg="800010", ins=None, evn=_evn(15)),  # target in use: rejected
     ],
+    "new_identities_around_a_merge_stub": [
+        adt("A28", ipp="800013", ins=None, status="PROV", evn=_evn(10)),
+        adt("A40", ipp="800013", mrg="809998", ins=None, status="PROV", evn=_evn(11)),  # stub
+        adt("A28", ipp="800014", ins=None, status="PROV", evn=_evn(12)),  # id after the stub's
+        adt("A28", ipp="800015", ins=NIR_X, evn=_evn(13)),
+    ],
 }
 
 
@@ -134,6 +141,7 @@ def test_batch_equals_one_by_one(db, name):
     if engine.dialect.name == "postgresql":  # identity ids restart (SQLite: max(id) + 1)
         with engine.begin() as conn:
             conn.exec_driver_sql("ALTER SEQUENCE identities_id_seq RESTART WITH 1")
+        engine.dispose()  # and the blocks of ids held by the pooled connections go
     together = _run(engine, BATCHES[name], together=True)
     assert together == one_by_one
     actions = [r[1] for r in together[0]]
@@ -246,3 +254,37 @@ def test_a_failing_op_in_the_batch_leaves_the_other_verdicts(store_url):
     assert isinstance(results[4].result, Duplicate)
     assert results[4].result.original_id == results[0].result.message_id
     assert stored == {"ID0": "AA", "ID1": "AE", "ID2": "AA"}  # the failed op's message rolled back
+
+
+def _new_patients(engine, first: int, n: int, evn: int) -> list[int]:
+    events = [(parse_adt(adt("A28", ipp=str(first + k), ins=None, status="PROV", evn=_evn(evn + k))),
+               None) for k in range(n)]
+    with engine.begin() as conn:
+        results = apply_events(conn, events, policy=TEST_ENV)
+    assert [r.action for r in results] == ["created"] * n
+    return [r.identity_id for r in results]
+
+
+def test_identity_ids_in_blocks_never_collide(db, store_url, monkeypatch):
+    """New identities take their ids before their INSERT (held with the other writes): on
+    PostgreSQL in blocks from the sequence. Two engines on one database, batches spanning block
+    boundaries, a restart (blocks held by the old connections are lost): no id twice, every
+    identity holds its own IPP."""
+    monkeypatch.setattr(registry, "IDENTITY_ID_BLOCK", 3)
+    other = sa.create_engine(store_url)
+    try:
+        ids = _new_patients(db, 810000, 5, 10)  # a block of 3, then the next
+        ids += _new_patients(other, 811000, 2, 20)
+        ids += _new_patients(db, 812000, 2, 30)  # the rest of db's second block, then a third
+        ids += _new_patients(other, 813000, 4, 40)
+        db.dispose()  # a restart
+        ids += _new_patients(db, 814000, 1, 50)
+    finally:
+        other.dispose()
+    assert len(set(ids)) == len(ids) == 14
+    with db.connect() as conn:
+        ii = identity_identifiers
+        rows = conn.execute(sa.select(ii.c.identity_id, ii.c.value).where(ii.c.type == "PI")).all()
+    assert sorted(int(v) // 1000 for _i, v in rows) == sorted(
+        [810] * 5 + [811] * 2 + [812] * 2 + [813] * 4 + [814])
+    assert sorted(i for i, _v in rows) == sorted(ids)

@@ -33,6 +33,7 @@ Semantics:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any
@@ -43,7 +44,7 @@ from sqlalchemy.engine import Connection
 from engine.identity.ins import InsPolicy, check_identity, ins_decision
 from engine.identity.model import Identifier, IdentityEvent, InsInfo, Violation
 
-from .held_writes import HeldWrites, resolved
+from .held_writes import HeldWrites
 
 identity_metadata = sa.MetaData()
 
@@ -322,15 +323,75 @@ def _update_identity(conn: Connection, identity_id: int, values: dict) -> None:
 
 
 def _insert_identity(conn: Connection, values: dict) -> int:
+    """Insert an identity and return its id; through :class:`_RegistryWrites` the INSERT is held
+    like any other write, with an id allocated beforehand (:class:`_IdentityIds`)."""
+    new_id = None
+    if type(conn) is _RegistryWrites:
+        new_id = conn.ids.take()
+        values = dict(values, id=new_id)
     keys = tuple(values)
     stmt = _INSERT_BY_KEYS.get(keys)
     if stmt is None:
         stmt = _idt.insert().values({k: _B("v_" + k, type_=_idt.c[k].type) for k in keys})
         _INSERT_BY_KEYS[keys] = stmt
     params = {"v_" + k: v for k, v in values.items()}
-    if type(conn) is HeldWrites:
-        return conn.insert_returning_id(stmt, params)  # a NewId, filled when the writes are sent
+    if new_id is not None:
+        conn.execute(stmt, params)
+        return new_id
     return conn.execute(stmt, params).inserted_primary_key[0]
+
+
+# PostgreSQL: ids of new identities taken from the column's sequence this many at a time.
+IDENTITY_ID_BLOCK = 64
+_POOL_KEY = "minipfi_identity_ids"
+
+
+class _IdentityIds:
+    """Ids for new identities, allocated before their INSERT so that it is held and sent with the
+    other writes (no RETURNING, no round trip of its own).
+
+    PostgreSQL: blocks of :data:`IDENTITY_ID_BLOCK` from the ``identities.id`` sequence, kept with
+    the DBAPI connection (``nextval`` never hands a value out twice, even across engines and
+    restarts, nor takes it back on rollback: unused ids of a block are skipped, never reused).
+    SQLite: ``max(id) + 1`` onward, read at the first new identity of the call: the caller's
+    transaction holds the database's write lock, and :meth:`reset` is called before anything
+    else inserts an identity (merge stubs) in the same transaction."""
+
+    __slots__ = ("conn", "next")
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.next = None
+
+    def reset(self) -> None:
+        self.next = None
+
+    def take(self) -> int:
+        conn = self.conn
+        if conn.dialect.name == "postgresql":
+            pool = conn.connection.info.get(_POOL_KEY)
+            if not pool:
+                cur = conn.connection.driver_connection.cursor()
+                cur.execute("SELECT nextval(pg_get_serial_sequence('identities', 'id')) "
+                            "FROM generate_series(1, %s)", (IDENTITY_ID_BLOCK,))
+                pool = conn.connection.info[_POOL_KEY] = [r[0] for r in cur.fetchall()][::-1]
+            return pool.pop()
+        if self.next is None:
+            cur = conn.connection.driver_connection.cursor()
+            cur.execute("SELECT max(id) FROM identities")
+            self.next = (cur.fetchone()[0] or 0) + 1
+        self.next += 1
+        return self.next - 1
+
+
+class _RegistryWrites(HeldWrites):
+    """The registry's held writes, with the id allocator of their new identities."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, conn: Connection):
+        super().__init__(conn, _write_rank)
+        self.ids = _IdentityIds(conn)
 
 
 def _raw_id(conn: Connection, ident: Identifier) -> int | None:
@@ -606,7 +667,7 @@ def apply_events(conn: Connection, events: list[tuple[IdentityEvent, int | None]
     one event matters, and ranking deletes, new identities, identifier rows, updates, history
     keeps it (history ids stay in event order)."""
     policy = policy or InsPolicy()
-    held = HeldWrites(conn, _write_rank)
+    held = _RegistryWrites(conn)
     out: list[ApplyResult] = []
     upserts = [i for i, (ev, _mid) in enumerate(events)
                if ev.kind == "upsert" and ev.ipp is not None]
@@ -621,6 +682,7 @@ def apply_events(conn: Connection, events: list[tuple[IdentityEvent, int | None]
         kw = dict(message_id=message_id, now=ev_now)
         if event.kind != "upsert":
             held.flush()
+            held.ids.reset()  # a merge may insert a stub identity (SQLite: max(id) moves)
             out.append(_apply_other(conn, event, violations, policy, kw))
             prefetched = None  # a merge or an identifier change may touch any identity
             continue
@@ -636,8 +698,6 @@ def apply_events(conn: Connection, events: list[tuple[IdentityEvent, int | None]
         touched.add(("id", r.identity_id))
         out.append(r)
     held.flush()
-    for r in out:
-        r.identity_id = resolved(r.identity_id)
     return out
 
 
@@ -650,13 +710,34 @@ def _write_rank(stmt) -> int:
 
 
 # The upserts' lookups of a batch in one read: every PI and INS identifier row holding one of
-# the IPP or INS values, with its identity and that identity's number of INS identifiers.
+# the IPP or INS values, with its identity and that identity's number of INS identifiers. Run on
+# the DBAPI cursor (compiled once per dialect, SQLAlchemy's result processors applied here): it
+# is the writer's one read per batch, and a plain cursor read is also safe inside the writer's
+# psycopg pipeline (the fetch sends what is queued and waits for this result).
 _pf = _ii.alias("pf")
-_PREFETCH = (sa.select(_pf.c.id.label("pf_row_id"), _pf.c.value.label("pf_value"),
-                       _pf.c.authority.label("pf_authority"), _pf.c.type.label("pf_type"),
-                       *_idt.c, _N_INS.label("n_ins"))
-             .select_from(_pf.join(_idt, _idt.c.id == _pf.c.identity_id))
-             .where(_pf.c.value.in_(_B("values", expanding=True)), _pf.c.type.in_(("PI", "INS"))))
+_PREFETCH_COLS = sa.select(_pf.c.id.label("pf_row_id"), _pf.c.value.label("pf_value"),
+                           _pf.c.authority.label("pf_authority"), _pf.c.type.label("pf_type"),
+                           *_idt.c, _N_INS.label("n_ins")).select_from(
+    _pf.join(_idt, _idt.c.id == _pf.c.identity_id))
+_PREFETCH_WHERE = {  # the list of values as one parameter: one statement whatever its length
+    "sqlite": "pf.value IN (SELECT value FROM json_each(:values)) AND pf.type IN ('PI', 'INS')",
+    "postgresql": "pf.value = ANY(CAST(:values AS TEXT[])) AND pf.type IN ('PI', 'INS')",
+}
+_PREFETCH_FORMS: dict = {}
+
+
+def _prefetch_form(dialect):
+    """(SQL, parameters with ``values`` as None, [(key, result processor)]) of the batch read
+    for ``dialect``."""
+    form = _PREFETCH_FORMS.get(dialect.name)
+    if form is None:
+        c = _PREFETCH_COLS.where(sa.text(_PREFETCH_WHERE[dialect.name])).compile(dialect=dialect)
+        binds = {n: None if n == "values" else c.binds[n].effective_value for n in c.binds}
+        params = [binds[n] for n in c.positiontup] if c.positional else binds
+        cols = [(rc.keyname, rc.type.dialect_impl(dialect).result_processor(dialect, None))
+                for rc in c._result_columns]
+        form = _PREFETCH_FORMS[dialect.name] = (c.string, params, cols)
+    return form
 
 
 def _prefetch(conn, events: list[IdentityEvent]):
@@ -665,9 +746,27 @@ def _prefetch(conn, events: list[IdentityEvent]):
         values.add(ev.ipp.value)
         if ev.ins is not None:
             values.add(ev.ins.value)
+    if type(conn) is _RegistryWrites:
+        conn.flush()
+        conn = conn.conn
+    sql, params, cols = _prefetch_form(conn.dialect)
+    values = sorted(values)
+    if type(params) is list:  # sqlite3: positional, the values as a JSON array (json_each)
+        params = [json.dumps(values) if p is None else p for p in params]
+    else:
+        params = dict(params, values=values)
+    cur = conn.connection.driver_connection.cursor()
+    cur.execute(sql, params)
     pis: dict[str, list] = {}
     inss: dict[tuple, Any] = {}
-    for r in conn.execute(_PREFETCH, {"values": sorted(values)}).mappings():
+    keys = [k for k, _p in cols]
+    procs = [(i, p) for i, (_k, p) in enumerate(cols) if p is not None]
+    for row in cur.fetchall():
+        if procs:
+            row = list(row)
+            for i, p in procs:
+                row[i] = p(row[i])
+        r = dict(zip(keys, row))
         if r["pf_type"] == "PI":
             pis.setdefault(r["pf_value"], []).append(r)
         else:
