@@ -257,6 +257,8 @@ class WriterMixin:
     def _writer_conn(self) -> sa.Connection:
         if self._wconn is None:
             conn = self._wengine.connect()
+            if not self._sqlite:
+                sa.event.listen(conn, "before_cursor_execute", self._pipeline_guard)
             if self._sqlite:
                 try:
                     raw = conn.connection.driver_connection
@@ -268,6 +270,33 @@ class WriterMixin:
             self._wconn = conn
             self._id_pool.clear()
         return self._wconn
+
+    # ------------------------------------------------------------------ PostgreSQL pipeline
+    # A transaction of steps (the identity feed) on PostgreSQL runs in one psycopg pipeline,
+    # its BEGIN and COMMIT sent as statements (the DBAPI connection in autocommit, so that
+    # psycopg sends no BEGIN of its own, which would be one round trip more): writes are queued,
+    # a read on the DBAPI cursor sends them with it and waits once (the BEGIN goes with the
+    # messages insert), and the last held writes go with the COMMIT. 5 round trips per batch
+    # (BEGIN, messages, lookups, writes, COMMIT) become 3. SQLAlchemy reads cannot run in a
+    # pipeline (their result is inspected before it has arrived): the guard below ends the
+    # pipeline first (one sync), and the rest of the transaction runs without it.
+    def _pipeline_guard(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if self._pipe is None or context is None:
+            return
+        compiled = context.compiled
+        if ((context.isinsert or context.isupdate or context.isdelete)
+                and not (compiled is not None and compiled.effective_returning)):
+            return  # plain DML: queued like the others
+        self._end_pipeline()
+
+    def _end_pipeline(self, exc: BaseException | None = None) -> None:
+        """Send what is queued and wait for all of it (raises the first error, if any)."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            if exc is None:
+                pipe.__exit__(None, None, None)
+            else:
+                pipe.__exit__(type(exc), exc, exc.__traceback__)
 
     def _close_wconn(self) -> None:
         conn, self._wconn = self._wconn, None
@@ -338,6 +367,7 @@ class WriterMixin:
         phase = "connect"
         trans = None
         raw = None
+        pipelined = False
         self._phase_commit = False
         self._staged_keys, self._staged_n, self._merging = {}, 0, False
         try:
@@ -368,6 +398,15 @@ class WriterMixin:
                         raw.autocommit = False
                 return results
             phase = "begin"
+            # PostgreSQL, steps and ingests only (other ops may read through SQLAlchemy at any
+            # point): the transaction in one pipeline (see _pipeline_guard)
+            pipelined = not self._sqlite and len(ingest_idx) + sum(
+                type(job.op) is StepOp for job in jobs) == len(jobs)
+            if pipelined:
+                raw.autocommit = True
+                self._pipe = raw.pipeline()
+                self._pipe.__enter__()
+                raw.execute("BEGIN")
             trans = conn.begin()
             phase = "execute"
             step_idx = []
@@ -394,19 +433,31 @@ class WriterMixin:
             if self._sqlite:
                 self._merge_keys_if_due(raw)
             phase = "commit"
-            trans.commit()
+            if pipelined:
+                raw.execute("COMMIT")  # queued after the last writes if the pipeline is open
+                self._end_pipeline()
+                raw.autocommit = False
+            trans.commit()  # pipelined: SQLAlchemy's side only, the DBAPI connection is idle
             if self._sqlite:
                 self._keys_committed()
             return results
         except BaseException as exc:  # noqa: BLE001
             if self._phase_commit:
                 phase = "commit"
-            db_level = phase != "execute" or is_db_level(exc)
+            # in a pipeline, a statement's error may surface at the COMMIT: the server then
+            # skipped the COMMIT (rolled back for sure), so only connection errors count there
+            db_level = (phase != "execute" and not (pipelined and phase == "commit")) or is_db_level(exc)
+            try:
+                self._end_pipeline(exc)
+            except Exception:  # noqa: BLE001
+                db_level = True
             try:
                 if trans is not None:
                     trans.rollback()
                 elif raw is not None:
                     raw.rollback()
+                if pipelined:
+                    raw.autocommit = False
             except Exception:  # noqa: BLE001
                 db_level = True
             if db_level:
