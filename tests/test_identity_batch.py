@@ -277,6 +277,35 @@ def test_a_failing_op_in_the_batch_leaves_the_other_verdicts(store_url):
     assert stored == {"ID0": "AA", "ID1": "AE", "ID2": "AA"}  # the failed op's message rolled back
 
 
+def test_only_the_first_feed_of_a_transaction_reads_ahead(store_url):
+    """The lookups read before the messages insert (``StepOp.read``) are the first group's only:
+    a second feed (another channel) in the same transaction reads after the first one's writes."""
+    feeds = [IdentityFeed(IdentityFeedConfig(enabled=True), "test") for _ in range(2)]
+    reads = []
+
+    def counting(feed):
+        def read(conn, items):
+            reads.append(len(items))
+            return feed.read_ahead(conn, items)
+        return read
+
+    adts = [adt("A28", ipp="700031", ins=SYNTH_NIR_F, evn=_evn(1), control="a"),
+            adt("A28", ipp="700032", ins=None, status="PROV", evn=_evn(2), control="b"),
+            adt("A31", ipp="700031", birth_name="SYNTH-DEUX", evn=_evn(3), control="c"),
+            adt("A31", ipp="700032", birth_name="SYNTH-DEUX", ins=None, status="PROV", evn=_evn(4),
+                control="d")]
+    records = [_record(n, raw) for n, raw in enumerate(adts)]
+
+    def make(s):
+        return [StepOp(r, (s, r, "utf-8", _answer), feeds[n // 2].apply_batch, counting(feeds[n // 2]))
+                for n, r in enumerate(records)]
+
+    results, stored = _one_transaction(store_url, make)
+    assert reads == [2]
+    assert [r.action for r in results] == ["created", "created", "updated", "updated"]
+    assert stored == {"ID0": "AA", "ID1": "AA", "ID2": "AA", "ID3": "AA"}
+
+
 def test_a_write_failing_at_commit_is_isolated(store_url):
     """On PostgreSQL the transaction runs in a pipeline: a queued write's error surfaces with the
     COMMIT (which the server then skips). That is no connection failure: the other ops of the

@@ -655,7 +655,8 @@ def apply_event(conn: Connection, event: IdentityEvent, *, message_id: int | Non
 
 
 def apply_events(conn: Connection, events: list[tuple[IdentityEvent, int | None]], *,
-                 policy: InsPolicy | None = None, now: datetime | None = None) -> list[ApplyResult]:
+                 policy: InsPolicy | None = None, now: datetime | None = None,
+                 lookups: Lookups | None = None) -> list[ApplyResult]:
     """Apply parsed ADTs (with the id of their stored message) in order, inside the caller's
     transaction: the same outcome as :func:`apply_event` on each in turn, in fewer statements.
 
@@ -665,13 +666,18 @@ def apply_events(conn: Connection, events: list[tuple[IdentityEvent, int | None]
     held (:class:`engine.store.held_writes.HeldWrites`) and sent grouped before the next read
     and at the end: between two reads the upserts touch disjoint rows, so only the order within
     one event matters, and ranking deletes, new identities, identifier rows, updates, history
-    keeps it (history ids stay in event order)."""
+    keeps it (history ids stay in event order).
+
+    ``lookups``: the batch read, sent earlier in the same transaction with nothing written to
+    the registry since (:class:`Lookups`); used when it covers every upsert of the list."""
     policy = policy or InsPolicy()
     held = _RegistryWrites(conn)
     out: list[ApplyResult] = []
     upserts = [i for i, (ev, _mid) in enumerate(events)
                if ev.kind == "upsert" and ev.ipp is not None]
     prefetched = None  # (first event index covered, rows) or None: read again
+    if lookups is not None and lookups.covers(events[i][0] for i in upserts):
+        prefetched = (0, lookups.rows())
     touched: set = set()
     for i, (event, message_id) in enumerate(events):
         ev_now = now or _utcnow()
@@ -740,38 +746,66 @@ def _prefetch_form(dialect):
     return form
 
 
-def _prefetch(conn, events: list[IdentityEvent]):
-    values = set()
-    for ev in events:
-        values.add(ev.ipp.value)
-        if ev.ins is not None:
-            values.add(ev.ins.value)
-    if type(conn) is _RegistryWrites:
-        conn.flush()
-        conn = conn.conn
-    sql, params, cols = _prefetch_form(conn.dialect)
-    values = sorted(values)
-    if type(params) is list:  # sqlite3: positional, the values as a JSON array (json_each)
-        params = [json.dumps(values) if p is None else p for p in params]
-    else:
-        params = dict(params, values=values)
-    cur = conn.connection.driver_connection.cursor()
-    cur.execute(sql, params)
-    pis: dict[str, list] = {}
-    inss: dict[tuple, Any] = {}
-    keys = [k for k, _p in cols]
-    procs = [(i, p) for i, (_k, p) in enumerate(cols) if p is not None]
-    for row in cur.fetchall():
-        if procs:
-            row = list(row)
-            for i, p in procs:
-                row[i] = p(row[i])
-        r = dict(zip(keys, row))
-        if r["pf_type"] == "PI":
-            pis.setdefault(r["pf_value"], []).append(r)
+class Lookups:
+    """The batch read of :func:`apply_events`, sent now and read when first needed: the writer
+    sends it before the transaction's messages insert (:meth:`engine.steps.identity_feed.
+    IdentityFeed.read_ahead`), so that on PostgreSQL both share one round trip of its pipeline."""
+
+    __slots__ = ("values", "_cur", "_cols", "_rows")
+
+    def __init__(self, conn, events: list[IdentityEvent]):
+        values = set()
+        for ev in events:
+            if ev.ipp is not None:
+                values.add(ev.ipp.value)
+            if ev.ins is not None:
+                values.add(ev.ins.value)
+        self.values = values
+        self._rows = None
+        if type(conn) is _RegistryWrites:
+            conn.flush()
+            conn = conn.conn
+        sql, params, self._cols = _prefetch_form(conn.dialect)
+        values = sorted(values)
+        if type(params) is list:  # sqlite3: positional, the values as a JSON array (json_each)
+            params = [json.dumps(values) if p is None else p for p in params]
         else:
-            inss[(r["pf_value"], r["pf_authority"])] = r
-    return pis, inss
+            params = dict(params, values=values)
+        self._cur = conn.connection.driver_connection.cursor()
+        self._cur.execute(sql, params)
+        if conn.dialect.name == "sqlite":  # no round trip to save: read at once
+            self.rows()
+
+    def covers(self, events) -> bool:
+        return all(ev.ipp.value in self.values and (ev.ins is None or ev.ins.value in self.values)
+                   for ev in events)
+
+    def rows(self):
+        """(identifier rows of the IPPs by value, of the INS by (value, OID))."""
+        if self._rows is not None:
+            return self._rows
+        cols = self._cols
+        pis: dict[str, list] = {}
+        inss: dict[tuple, Any] = {}
+        keys = [k for k, _p in cols]
+        procs = [(i, p) for i, (_k, p) in enumerate(cols) if p is not None]
+        for row in self._cur.fetchall():
+            if procs:
+                row = list(row)
+                for i, p in procs:
+                    row[i] = p(row[i])
+            r = dict(zip(keys, row))
+            if r["pf_type"] == "PI":
+                pis.setdefault(r["pf_value"], []).append(r)
+            else:
+                inss[(r["pf_value"], r["pf_authority"])] = r
+        self._cur = None
+        self._rows = (pis, inss)
+        return self._rows
+
+
+def _prefetch(conn, events: list[IdentityEvent]):
+    return Lookups(conn, events).rows()
 
 
 def _prefetched(prefetched, event: IdentityEvent) -> dict | None:

@@ -349,18 +349,27 @@ class WriterMixin:
             log.error("store writer: callback raised: %s", error_text(sys.exc_info()[1]))
 
     @staticmethod
-    def _run_steps(conn, jobs: list[Job], step_idx: list[int], stored: list, results: list) -> None:
-        """Each run of consecutive StepOps sharing ``run`` in one call, in submit order."""
+    def _step_groups(jobs: list[Job], step_idx: list[int]):
+        """(start, end) in ``step_idx`` of each run of consecutive StepOps sharing ``run``."""
         k = 0
         while k < len(step_idx):
             run = jobs[step_idx[k]].op.run
             m = k + 1
             while m < len(step_idx) and jobs[step_idx[m]].op.run == run:
                 m += 1
-            outs = run(conn, [(jobs[step_idx[x]].op.item, stored[x]) for x in range(k, m)])
+            yield k, m
+            k = m
+
+    def _run_steps(self, conn, jobs: list[Job], step_idx: list[int], stored: list, results: list,
+                   ahead) -> None:
+        """Each run of consecutive StepOps sharing ``run`` in one call, in submit order; the
+        first with what its ``read`` returned, if it has one."""
+        for k, m in self._step_groups(jobs, step_idx):
+            run = jobs[step_idx[k]].op.run
+            pairs = [(jobs[step_idx[x]].op.item, stored[x]) for x in range(k, m)]
+            outs = run(conn, pairs) if k or ahead is None else run(conn, pairs, ahead)
             for x, out in zip(range(k, m), outs):
                 results[step_idx[x]] = out
-            k = m
 
     def _transaction(self, jobs: list[Job]) -> list:
         """Run ``jobs`` in one transaction and COMMIT; raise ``BatchFailed`` (rolled back)."""
@@ -418,6 +427,10 @@ class WriterMixin:
                     step_idx.append(i)
                 else:
                     results[i] = op(conn)
+            ahead = None
+            if step_idx and jobs[step_idx[0]].op.read is not None:
+                _k, m = next(self._step_groups(jobs, step_idx))
+                ahead = jobs[step_idx[0]].op.read(conn, [jobs[i].op.item for i in step_idx[:m]])
             if ingest_idx or step_idx:
                 # the steps' records first (as when each step op stored its own), then the
                 # plain ones: one duplicate lookup and one insert for the whole transaction
@@ -429,7 +442,8 @@ class WriterMixin:
                 for i, out in zip(ingest_idx, outs[len(step_idx):]):
                     results[i] = out
                 if step_idx:
-                    self._run_steps(conn, jobs, step_idx, [out[0] for out in outs[:len(step_idx)]], results)
+                    self._run_steps(conn, jobs, step_idx, [out[0] for out in outs[:len(step_idx)]], results,
+                                    ahead)
             if self._sqlite:
                 self._merge_keys_if_due(raw)
             phase = "commit"
