@@ -187,8 +187,9 @@ def test_batch_uses_fewer_statements(db, monkeypatch):
     assert all(isinstance(r.identity_id, int) for r in results)
     # one read, the ids of the new identities (SQLite: max(id); PostgreSQL: a block from the
     # sequence), the INS identifiers dropped, the new identities, their identifiers, the
-    # updates, the history rows: 7 statements instead of 3 to 5 per ADT
-    assert len(statements) <= 7, statements
+    # updates (one statement per set of changed columns: two here), the history rows: 8
+    # statements instead of 3 to 5 per ADT
+    assert len(statements) <= 8, statements
 
 
 # --------------------------------------------------------------------------- through the writer
@@ -361,3 +362,33 @@ def test_identity_ids_in_blocks_never_collide(db, store_url, monkeypatch):
     assert sorted(int(v) // 1000 for _i, v in rows) == sorted(
         [810] * 5 + [811] * 2 + [812] * 2 + [813] * 4 + [814])
     assert sorted(i for i, _v in rows) == sorted(ids)
+
+
+@pytest.mark.parametrize("variants", [256, 0])
+def test_an_update_writes_the_columns_that_changed(tmp_path, monkeypatch, variants):
+    """Only the changed columns of the snapshot are written (each costs its conversion), unless
+    MAX_UPDATE_VARIANTS statements are built already: then every column, same outcome."""
+    monkeypatch.setattr(registry, "MAX_UPDATE_VARIANTS", variants)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    registry.create_tables(engine)
+    apply_events_in(engine, adt("A28", ipp="820001", ins=SYNTH_NIR_F, evn=_evn(1)))
+    updates = []
+    with engine.begin() as conn:
+        raw = conn.connection.driver_connection
+        raw.set_trace_callback(lambda sql: sql.startswith("UPDATE identities") and updates.append(sql))
+        apply_events(conn, [(parse_adt(adt("A31", ipp="820001", ins=SYNTH_NIR_F,
+                                           birth_name="SYNTH-DEUX", evn=_evn(2))), None)],
+                     policy=TEST_ENV)
+        raw.set_trace_callback(None)
+    (sql,) = updates
+    assert "birth_name=" in sql and "last_event_time=" in sql
+    assert ("given_names=" in sql) == (variants == 0)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(identities)).mappings().one()
+    assert row["birth_name"] == "SYNTH-DEUX" and row["given_names"] and row["ins_value"]
+    engine.dispose()
+
+
+def apply_events_in(engine, raw: bytes) -> None:
+    with engine.begin() as conn:
+        apply_events(conn, [(parse_adt(raw), None)], policy=TEST_ENV)

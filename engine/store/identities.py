@@ -310,6 +310,20 @@ _UPDATE_BY_KEYS: dict[tuple[str, ...], Any] = {}
 _INSERT_BY_KEYS: dict[tuple[str, ...], Any] = {}
 
 
+# Variants of the upsert's UPDATE (the columns whose value changed): at most this many, then
+# every column of the snapshot is written (built once per column set).
+MAX_UPDATE_VARIANTS = 256
+
+
+def _changed(row, after: dict) -> dict:
+    """The columns of ``after`` whose value differs from ``row`` (strictly: ``""`` against NULL
+    is written), or all of them once :data:`MAX_UPDATE_VARIANTS` column sets are in use: an
+    ADT usually changes a few columns (the movement's dates), and every column written costs
+    its conversion and, for JSON, its serialisation."""
+    upd = {k: v for k, v in after.items() if row[k] != v}
+    return upd if len(_UPDATE_BY_KEYS) < MAX_UPDATE_VARIANTS else dict(after)
+
+
 def _update_identity(conn: Connection, identity_id: int, values: dict) -> None:
     keys = tuple(values)
     stmt = _UPDATE_BY_KEYS.get(keys)
@@ -619,7 +633,8 @@ def _upsert(conn: Connection, event: IdentityEvent, identity_id: int | None,
         after["active"] = True
     change = _diff(row, after)
     last = row["last_event_time"]
-    upd = dict(after, updated_at=now)
+    upd = _changed(row, after)
+    upd["updated_at"] = now
     if event.event_time is not None and (last is None or event.event_time > last):
         upd["last_event_time"] = event.event_time
     _update_identity(conn, identity_id, upd)
