@@ -24,7 +24,7 @@ from typing import Any, Callable
 from sqlalchemy.engine import Connection
 
 
-# Per statement (the callers' statements are built once, at most a few dozen variants).
+# Per statement (the callers' statements are built once: a few hundred variants at most).
 _DRIVER_FORMS: dict = {}
 
 

@@ -694,13 +694,13 @@ def apply_events(conn: Connection, events: list[tuple[IdentityEvent, int | None]
     if lookups is not None and lookups.covers(events[i][0] for i in upserts):
         prefetched = (0, lookups.rows())
     touched: set = set()
+    batch_now = now or _utcnow()  # the transaction's time, for every event of the list
     for i, (event, message_id) in enumerate(events):
-        ev_now = now or _utcnow()
         if event.kind == "passthrough" or event.ipp is None:
             out.append(ApplyResult(None, "passthrough"))
             continue
         violations = check_identity(event, policy)
-        kw = dict(message_id=message_id, now=ev_now)
+        kw = dict(message_id=message_id, now=batch_now)
         if event.kind != "upsert":
             held.flush()
             held.ids.reset()  # a merge may insert a stub identity (SQLite: max(id) moves)
@@ -736,9 +736,14 @@ def _write_rank(stmt) -> int:
 # is the writer's one read per batch, and a plain cursor read is also safe inside the writer's
 # psycopg pipeline (the fetch sends what is queued and waits for this result).
 _pf = _ii.alias("pf")
+# The identity's columns but its timestamps (the upsert never reads them: two conversions less
+# per row); of the rows found by INS only the holder's state is read (see Lookups.rows).
+_LOOKUP_KEYS = tuple(k for k in _ROW_KEYS if k not in ("created_at", "updated_at"))
+_INS_HOLDER_KEYS = frozenset({"pf_row_id", "pf_value", "pf_authority", "pf_type", "id", "active",
+                              "merged_into"})
 _PREFETCH_COLS = sa.select(_pf.c.id.label("pf_row_id"), _pf.c.value.label("pf_value"),
                            _pf.c.authority.label("pf_authority"), _pf.c.type.label("pf_type"),
-                           *_idt.c, _N_INS.label("n_ins")).select_from(
+                           *(_idt.c[k] for k in _LOOKUP_KEYS), _N_INS.label("n_ins")).select_from(
     _pf.join(_idt, _idt.c.id == _pf.c.identity_id))
 _PREFETCH_WHERE = {  # the list of values as one parameter: one statement whatever its length
     "sqlite": "pf.value IN (SELECT value FROM json_each(:values)) AND pf.type IN ('PI', 'INS')",
@@ -804,13 +809,17 @@ class Lookups:
         inss: dict[tuple, Any] = {}
         keys = [k for k, _p in cols]
         procs = [(i, p) for i, (_k, p) in enumerate(cols) if p is not None]
+        ins_procs = [(i, p) for i, p in procs if keys[i] in _INS_HOLDER_KEYS]
+        kind = keys.index("pf_type")
         for row in self._cur.fetchall():
-            if procs:
+            is_pi = row[kind] == "PI"
+            todo = procs if is_pi else ins_procs
+            if todo:
                 row = list(row)
-                for i, p in procs:
+                for i, p in todo:
                     row[i] = p(row[i])
             r = dict(zip(keys, row))
-            if r["pf_type"] == "PI":
+            if is_pi:
                 pis.setdefault(r["pf_value"], []).append(r)
             else:
                 inss[(r["pf_value"], r["pf_authority"])] = r
@@ -836,10 +845,10 @@ def _prefetched(prefetched, event: IdentityEvent) -> dict | None:
         return None
     if cands:
         r = cands[0]
-        found = {k: r[k] for k in _ROW_KEYS}
+        found = {k: r[k] for k in _LOOKUP_KEYS}
         found["raw_id"], found["n_ins"] = r["id"], r["n_ins"]
     else:
-        found = dict.fromkeys(_ROW_KEYS)
+        found = dict.fromkeys(_LOOKUP_KEYS)
         found["raw_id"], found["n_ins"] = None, 0
     h = inss.get((event.ins.value, event.ins.oid)) if event.ins is not None else None
     found["ins_row_id"] = h["pf_row_id"] if h is not None else None
