@@ -31,11 +31,13 @@ Writer (hot path)
       exception although the first pass is committed; a resend is then answered as a duplicate
       with the stored ACK, which is what the sender would have got.
 
-    Batches with ops run in a regular transaction: generic ops first, in order; then the
+    Batches with ops run in a regular transaction: generic ops first, in order; then the first
+    group of step ops' ``read`` (``StepOp.read``: the identity feed's lookups); then the
     records of the step ops (``StepOp``) and of the plain ingests in one ``_ingest`` (on
     PostgreSQL the one-statement insert above, inside the transaction); then each run of
     consecutive step ops sharing a ``run`` in one call (the identity feed applies all the ADTs
-    of the commit together).
+    of the commit together). On PostgreSQL a batch of steps and ingests only runs in one psycopg
+    pipeline (see ``_pipeline_guard``): 2 round trips for the identity feed's batch.
 
     Failure: a database-level error (connection lost, database locked or read-only, failed
     COMMIT) fails every callback of the batch, sets ``writer_healthy`` False and drops the
