@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from ingest import free_port, stop, store_env, wait_port, wait_ready  # noqa: E402
+from ingest import cpu_seconds, free_port, stop, store_env, wait_port, wait_ready  # noqa: E402
 
 MDM = (ROOT.parent / "shared" / "corpus" / "ans-hl7v2" / "Vague 2" / "Trans_Doc-CDA-HL7V2"
        / "TRANSMISSION_DOCS_CDA_EN_HL7V2_V2.1" / "MDM" / "Transmission initiale MDM"
@@ -59,12 +59,6 @@ def variants(n: int, tag: str) -> list[tuple[str, bytes]]:
         msg = msg.replace(CDA_ID_EXT, ext, 1).replace(b"|015|", f"|{cid}|".encode(), 1)
         out.append((cid, msg))
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def config(port, status_port, sim_port, pki: Path, enabled: bool, concurrency: int) -> str:

@@ -17,7 +17,12 @@ For each backend, two fresh engines (new SQLite file / new PostgreSQL schema) ru
 
 The engine is pinned to CPU 0, the load generator to CPU 1 (server and load generator on separate cores), with
 its logs at ``info`` going to a file; the ADT route goes to a disabled destination (no delivery
-traffic), as in ``bench/ingest.py``.
+traffic), as in ``bench/ingest.py``. Besides ADT/s, the engine process's CPU time (user + system,
+``/proc``) per ADT over the measured window: steadier than ADT/s on a shared host.
+
+``--compare-tree DIR`` also measures the engine of another source tree (same venv), e.g. a
+worktree of main: every round runs plain and identity of each tree in turn, so before and after
+ratios come from the same minutes of the host.
 
     python bench/identity.py --backends sqlite,postgresql --connections 8 --patients 2000
 """
@@ -36,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest import EB, SB, msa2, start_minipfi, stop  # noqa: E402
+from ingest import EB, ROOT, SB, cpu_seconds, msa2, start_minipfi, stop  # noqa: E402
 
 from engine.identity.ins import nir_key  # noqa: E402
 
@@ -103,11 +108,15 @@ def run_load(port, conns, seconds, patients, tag, clock):
     return asyncio.run(_load(port, conns, seconds, patients, tag, clock))
 
 
-def start_engine(backend: str, tmp: Path, identity: bool, log_level: str = "info"):
-    """A fresh engine (own SQLite file or PostgreSQL schema); returns (process, port, cleanup)."""
-    label = f"{backend}-{'identity' if identity else 'plain'}"
+def start_engine(backend: str, tmp: Path, identity: bool, log_level: str = "info", root: Path = ROOT,
+                 label: str = ""):
+    """A fresh engine (own SQLite file or PostgreSQL schema) of the source tree ``root``;
+    returns (process, port, cleanup)."""
+    label = f"{backend}-{'identity' if identity else 'plain'}{label}"
     feed = "            identity_feed: {enabled: true}" if identity else ""
-    return start_minipfi(backend, tmp, log_level, label=label, channel_extra=feed)
+    if root != ROOT:  # start_minipfi raises the per-peer connection limit for ROOT only
+        feed = "            framing: {max_connections_per_peer: 256}\n" + feed
+    return start_minipfi(backend, tmp, log_level, label=label, channel_extra=feed, root=root)
 
 
 def main() -> int:
@@ -119,35 +128,51 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--compare-tree", action="append", default=[],
+                    help="also measure the engine of this source tree (same venv), in the same rounds")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds (fresh engines each time)")
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
         os.sched_setaffinity(0, {1})
+    trees = [("", ROOT)] + [(f"@{Path(t).name}", Path(t).resolve()) for t in args.compare_tree]
     results = []
     with tempfile.TemporaryDirectory(prefix="minipfi-bench-id-") as td:
         tmp = Path(td)
-        for backend in [b for b in args.backends.split(",") if b]:
-            for identity in (False, True):
-                proc, port, cleanup = start_engine(backend, tmp, identity, args.log_level)
-                clock = [datetime(2024, 3, 6, 0, 0, 0)]
-                tag = f"I{int(time.time() * 1000) % 10**9}"
-                try:
-                    run_load(port, 4, args.warmup, args.patients, tag + "w", clock)
-                    r = run_load(port, args.connections, args.seconds, args.patients, tag, clock)
-                finally:
-                    stop(proc)
-                    cleanup()
-                mode = "identity" if identity else "plain"
-                r.update(backend=backend, mode=mode, connections=args.connections, patients=args.patients)
-                results.append(r)
-                print(f"{backend:<11} {mode:<9} {args.connections:>3} conns  {r['adt_per_s']:>7.0f} ADT/s  "
-                      f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  ({r['messages']} ADT, "
-                      f"not AA {r['not_aa']})", flush=True)
+        for rnd in range(1, args.repeat + 1):
+            for backend in [b for b in args.backends.split(",") if b]:
+                for tree, root in trees:
+                    for identity in (False, True):
+                        label = f"{tree.replace('@', '-')}-r{rnd}"
+                        proc, port, cleanup = start_engine(backend, tmp, identity, args.log_level,
+                                                           root, label)
+                        clock = [datetime(2024, 3, 6, 0, 0, 0)]
+                        tag = f"I{int(time.time() * 1000) % 10**9}"
+                        try:
+                            run_load(port, 4, args.warmup, args.patients, tag + "w", clock)
+                            cpu0 = cpu_seconds(proc.pid)
+                            r = run_load(port, args.connections, args.seconds, args.patients, tag, clock)
+                            cpu = cpu_seconds(proc.pid) - cpu0
+                        finally:
+                            stop(proc)
+                            cleanup()
+                        mode = "identity" if identity else "plain"
+                        r.update(backend=backend, tree=tree, round=rnd, mode=mode,
+                                 connections=args.connections, patients=args.patients,
+                                 cpu_ms_per_adt=1000 * cpu / max(1, r["messages"]))
+                        results.append(r)
+                        print(f"{backend + tree:<22} {mode:<9} {args.connections:>3} conns  "
+                              f"{r['adt_per_s']:>7.0f} ADT/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+                              f"CPU {r['cpu_ms_per_adt']:.3f} ms/ADT  ({r['messages']} ADT, "
+                              f"not AA {r['not_aa']})", flush=True)
     print("\nidentity feed / plain ingest (same engine, same load):")
-    for backend in dict.fromkeys(r["backend"] for r in results):
-        by = {r["mode"]: r for r in results if r["backend"] == backend}
+    for key in dict.fromkeys((r["round"], r["backend"], r["tree"]) for r in results):
+        by = {r["mode"]: r for r in results if (r["round"], r["backend"], r["tree"]) == key}
         if "plain" in by and "identity" in by:
-            ratio = by["identity"]["adt_per_s"] / by["plain"]["adt_per_s"]
-            print(f"  {backend:<11} {ratio:.2f}x ({by['identity']['adt_per_s']:.0f} vs {by['plain']['adt_per_s']:.0f} ADT/s)")
+            i, p = by["identity"], by["plain"]
+            print(f"  r{key[0]} {key[1] + key[2]:<22} {i['adt_per_s'] / p['adt_per_s']:.2f}x "
+                  f"({i['adt_per_s']:.0f} vs {p['adt_per_s']:.0f} ADT/s); CPU per ADT "
+                  f"{i['cpu_ms_per_adt']:.3f} vs {p['cpu_ms_per_adt']:.3f} ms "
+                  f"({p['cpu_ms_per_adt'] / i['cpu_ms_per_adt']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 1 if any(r["not_aa"] for r in results) else 0

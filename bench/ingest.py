@@ -214,6 +214,13 @@ def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: st
     return proc, port, cleanup
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def store_env(backend: str, label: str):
     """(environment, cleanup) for an engine process on its own store: SQLite in its data
     directory, or a fresh PostgreSQL schema dropped by ``cleanup``."""

@@ -17,12 +17,12 @@ from engine import logs
 from engine.hl7.ack import AckError
 from engine.hl7.fields import parse_path
 from engine.identity.ins import InsPolicy
-from engine.identity.model import IdentityError
+from engine.identity.model import IdentityError, IdentityEvent
 from engine.identity.pamfr import parse_adt
 from engine.router import message_type_matches
 from engine.steps import Answer, StepResult, finish
 from engine.store import StepOp, Stored
-from engine.store.identities import apply_events
+from engine.store.identities import Lookups, apply_events
 
 log = logs.get("engine.identity")
 
@@ -66,33 +66,53 @@ class IdentityFeed:
     def make_op(self, store, record, prepared, codec: str, answer: Answer) -> StepOp:
         """The writer-thread op: store the message, apply the ADT, fix the stored ACK. The
         writer runs the ADTs of one transaction together (:meth:`apply_batch`)."""
-        return StepOp(record, (store, record, codec, answer), self.apply_batch)
+        return StepOp(record, (store, record, codec, answer), self.apply_batch, self.read_ahead)
 
-    def apply_batch(self, conn, items: list) -> list[StepResult]:
+    @staticmethod
+    def _parse(record, codec: str):
+        """The ADT's event, or the exception that reading it raised."""
+        try:
+            return parse_adt(record.raw, codec)
+        except Exception as exc:  # noqa: BLE001 - a reader defect is no store failure: stored, AE
+            return exc
+
+    def read_ahead(self, conn, items: list):
+        """Before the messages are stored (the writer's ``StepOp.read``): the ADTs parsed and
+        the registry lookups of the batch sent (:class:`engine.store.identities.Lookups`),
+        sharing the messages insert's round trip on PostgreSQL. Duplicates (not known yet) are
+        read too, never applied."""
+        parsed = [self._parse(record, codec) for (_store, record, codec, _answer) in items]
+        return parsed, Lookups(conn, [ev for ev in parsed if isinstance(ev, IdentityEvent)])
+
+    def apply_batch(self, conn, items: list, ahead=None) -> list[StepResult]:
         """``[((store, record, codec, answer), IngestResult), ...]`` in the writer's transaction:
         the ADTs applied in order (:func:`engine.store.identities.apply_events`), one verdict
-        each."""
+        each. ``ahead``: what :meth:`read_ahead` returned for these items."""
         out: list = [None] * len(items)
         errors_of: dict[int, list] = {}
         action_of: dict[int, str] = {}
         todo = []  # (index, event, message id)
+        parsed, lookups = ahead if ahead is not None else (None, None)
         for k, ((_store, record, codec, _answer), result) in enumerate(items):
             if not isinstance(result, Stored):
                 out[k] = StepResult(result)  # duplicate: the stored ACK is replayed, nothing re-applied
                 continue
-            try:
-                todo.append((k, parse_adt(record.raw, codec), result.message_id))
-            except IdentityError as err:
+            event = parsed[k] if parsed is not None else self._parse(record, codec)
+            if isinstance(event, IdentityError):
+                err = event
                 errors_of[k] = [AckError(err.code, f"{err.rule}: {err.text}" if getattr(err, "rule", None) else err.text,
                                          "E", err_location(getattr(err, "field", None)))]
                 action_of[k] = "unparsable"
-            except Exception as exc:  # noqa: BLE001 - a reader defect is no store failure: stored, AE
+            elif isinstance(event, Exception):
                 # the exception's type only: its text may quote a field value (patient data)
-                log.error("identity.read_failed", message_id=result.message_id, error=type(exc).__name__)
+                log.error("identity.read_failed", message_id=result.message_id, error=type(event).__name__)
                 errors_of[k] = [AckError("207", f"the identity feed could not read this message "
-                                                f"({type(exc).__name__}); it is stored, not applied")]
+                                                f"({type(event).__name__}); it is stored, not applied")]
                 action_of[k] = "unparsable"
-        applied = apply_events(conn, [(event, mid) for _k, event, mid in todo], policy=self.policy)
+            else:
+                todo.append((k, event, result.message_id))
+        applied = apply_events(conn, [(event, mid) for _k, event, mid in todo], policy=self.policy,
+                               lookups=lookups)
         for (k, _event, _mid), a in zip(todo, applied):
             errors = [AckError(v.code, f"{v.rule}: {v.text}", v.severity, err_location(v.field))
                       for v in a.violations]

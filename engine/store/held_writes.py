@@ -9,11 +9,13 @@ Held writes are sent sorted by the caller's ``rank`` (stable: the order of submi
 within a rank) and grouped by consecutive identical statements. The caller must only hold writes
 that commute across ranks for the rows they touch (the identity registry: deletes, then new
 identities, then identifier rows, then updates, then history rows, see
-:func:`engine.store.identities.apply_events`), and INSERTs whose ids it needs must commute with
-every other held write: on PostgreSQL they go first (their ids are read back), then all the
-others in one psycopg pipeline (one wait for all their results instead of one per statement).
-A group is sent as one DBAPI ``executemany`` of the statement compiled once, its parameters
-passed through the same type processors SQLAlchemy would use, without its per-row handling.
+:func:`engine.store.identities.apply_events`); it allocates the keys of the rows it inserts
+itself, so no held write returns anything. On PostgreSQL they are sent in one psycopg pipeline
+(one wait for all their results instead of one per statement); when the writer already runs the
+transaction in a pipeline, they are only queued there and go with the next read or the COMMIT.
+A group is sent as one DBAPI ``executemany`` (on the DBAPI cursor, errors are the driver's) of
+the statement compiled once, its parameters passed through the same type processors SQLAlchemy
+would use, without its per-row handling.
 """
 from __future__ import annotations
 
@@ -22,18 +24,8 @@ from typing import Any, Callable
 from sqlalchemy.engine import Connection
 
 
-# Per statement (the callers' statements are built once, at most a few dozen variants).
-_RETURNING: dict = {}
+# Per statement (the callers' statements are built once: a few hundred variants at most).
 _DRIVER_FORMS: dict = {}
-
-
-class NewId:
-    """The primary key of a held INSERT, known once the held writes are sent."""
-
-    __slots__ = ("value",)
-
-    def __init__(self):
-        self.value = None
 
 
 class HeldWrites:
@@ -45,7 +37,7 @@ class HeldWrites:
     def __init__(self, conn: Connection, rank: Callable[[Any], int]):
         self.conn = conn
         self.rank = rank
-        self._held: list = []  # (rank, stmt, params, NewId | None)
+        self._held: list = []  # (rank, stmt, params)
 
     def execute(self, stmt, params=None):
         if not stmt.is_dml:
@@ -55,17 +47,10 @@ class HeldWrites:
         held = self._held
         if type(params) is list:
             for p in params:
-                held.append((rank, stmt, p, None))
+                held.append((rank, stmt, p))
         else:
-            held.append((rank, stmt, params or {}, None))
+            held.append((rank, stmt, params or {}))
         return None
-
-    def insert_returning_id(self, stmt, params: dict) -> NewId:
-        """Hold an INSERT whose primary key (column ``id``) the caller needs: the placeholder is
-        filled when the held writes are sent, and may be used in held parameters meanwhile."""
-        new = NewId()
-        self._held.append((self.rank(stmt), stmt, params, new))
-        return new
 
     def flush(self) -> None:
         held = self._held
@@ -73,49 +58,42 @@ class HeldWrites:
             return
         self._held = []
         held.sort(key=_rank_of)  # stable
-        pipeline = getattr(self.conn.connection.driver_connection, "pipeline", None)
-        if pipeline is None:  # sqlite3
+        raw = self.conn.connection.driver_connection
+        pipeline = getattr(raw, "pipeline", None)
+        if pipeline is None or raw.pgconn.pipeline_status:  # sqlite3, or already in a pipeline
             self._send(held)
             return
-        # psycopg: the INSERTs whose ids are needed first, then every other statement in one
-        # pipeline (sent together, one wait for all their results)
-        self._send([h for h in held if h[3] is not None])
-        with pipeline():
-            self._send([h for h in held if h[3] is None])
+        with pipeline():  # psycopg: sent together, one wait for all their results
+            self._send(held)
 
     def _send(self, held: list) -> None:
         conn = self.conn
+        cur = conn.connection.driver_connection.cursor()
         i, n = 0, len(held)
         while i < n:
             stmt = held[i][1]
             j = i + 1
             while j < n and held[j][1] is stmt:
                 j += 1
-            params = [_resolved(h[2]) for h in held[i:j]]
-            if held[i][3] is not None:
-                ret = _RETURNING.get(stmt)
-                if ret is None:
-                    ret = _RETURNING[stmt] = stmt.returning(stmt.table.c.id,
-                                                            sort_by_parameter_order=True)
-                ids = conn.execute(ret, params).scalars().all()
-                for h, new_id in zip(held[i:j], ids):
-                    h[3].value = new_id
+            params = [h[2] for h in held[i:j]]
+            key = (stmt, conn.dialect.name)
+            form = _DRIVER_FORMS.get(key, ...)
+            if form is ...:
+                form = _DRIVER_FORMS[key] = _driver_form(stmt, conn.dialect)
+            if form is None:
+                conn.execute(stmt, params if len(params) > 1 else params[0])
             else:
-                key = (stmt, conn.dialect.name)
-                form = _DRIVER_FORMS.get(key, ...)
-                if form is ...:
-                    form = _DRIVER_FORMS[key] = _driver_form(stmt, conn.dialect)
-                if form is None:
-                    conn.execute(stmt, params if len(params) > 1 else params[0])
+                sql, binds, positional = form
+                if positional:
+                    rows = [tuple(proc(ps[name]) if proc else ps[name] for name, proc in binds)
+                            for ps in params]
                 else:
-                    sql, binds, positional = form
-                    if positional:
-                        rows = [tuple(proc(ps[name]) if proc else ps[name] for name, proc in binds)
-                                for ps in params]
-                    else:
-                        rows = [{name: proc(ps[name]) if proc else ps[name] for name, proc in binds}
-                                for ps in params]
-                    conn.exec_driver_sql(sql, rows if len(rows) > 1 else rows[0])
+                    rows = [{name: proc(ps[name]) if proc else ps[name] for name, proc in binds}
+                            for ps in params]
+                if len(rows) > 1:
+                    cur.executemany(sql, rows)
+                else:
+                    cur.execute(sql, rows[0])
             i = j
 
 
@@ -135,15 +113,3 @@ def _driver_form(stmt, dialect):
 
 def _rank_of(h) -> int:
     return h[0]
-
-
-def _resolved(params: dict) -> dict:
-    for v in params.values():
-        if type(v) is NewId:
-            return {k: (x.value if type(x) is NewId else x) for k, x in params.items()}
-    return params
-
-
-def resolved(value):
-    """``value``, or the key a :class:`NewId` stands for (after the flush)."""
-    return value.value if type(value) is NewId else value

@@ -33,6 +33,7 @@ Semantics:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any
@@ -43,7 +44,7 @@ from sqlalchemy.engine import Connection
 from engine.identity.ins import InsPolicy, check_identity, ins_decision
 from engine.identity.model import Identifier, IdentityEvent, InsInfo, Violation
 
-from .held_writes import HeldWrites, resolved
+from .held_writes import HeldWrites
 
 identity_metadata = sa.MetaData()
 
@@ -309,6 +310,20 @@ _UPDATE_BY_KEYS: dict[tuple[str, ...], Any] = {}
 _INSERT_BY_KEYS: dict[tuple[str, ...], Any] = {}
 
 
+# Variants of the upsert's UPDATE (the columns whose value changed): at most this many, then
+# every column of the snapshot is written (built once per column set).
+MAX_UPDATE_VARIANTS = 256
+
+
+def _changed(row, after: dict) -> dict:
+    """The columns of ``after`` whose value differs from ``row`` (strictly: ``""`` against NULL
+    is written), or all of them once :data:`MAX_UPDATE_VARIANTS` column sets are in use: an
+    ADT usually changes a few columns (the movement's dates), and every column written costs
+    its conversion and, for JSON, its serialisation."""
+    upd = {k: v for k, v in after.items() if row[k] != v}
+    return upd if len(_UPDATE_BY_KEYS) < MAX_UPDATE_VARIANTS else dict(after)
+
+
 def _update_identity(conn: Connection, identity_id: int, values: dict) -> None:
     keys = tuple(values)
     stmt = _UPDATE_BY_KEYS.get(keys)
@@ -322,15 +337,75 @@ def _update_identity(conn: Connection, identity_id: int, values: dict) -> None:
 
 
 def _insert_identity(conn: Connection, values: dict) -> int:
+    """Insert an identity and return its id; through :class:`_RegistryWrites` the INSERT is held
+    like any other write, with an id allocated beforehand (:class:`_IdentityIds`)."""
+    new_id = None
+    if type(conn) is _RegistryWrites:
+        new_id = conn.ids.take()
+        values = dict(values, id=new_id)
     keys = tuple(values)
     stmt = _INSERT_BY_KEYS.get(keys)
     if stmt is None:
         stmt = _idt.insert().values({k: _B("v_" + k, type_=_idt.c[k].type) for k in keys})
         _INSERT_BY_KEYS[keys] = stmt
     params = {"v_" + k: v for k, v in values.items()}
-    if type(conn) is HeldWrites:
-        return conn.insert_returning_id(stmt, params)  # a NewId, filled when the writes are sent
+    if new_id is not None:
+        conn.execute(stmt, params)
+        return new_id
     return conn.execute(stmt, params).inserted_primary_key[0]
+
+
+# PostgreSQL: ids of new identities taken from the column's sequence this many at a time.
+IDENTITY_ID_BLOCK = 64
+_POOL_KEY = "minipfi_identity_ids"
+
+
+class _IdentityIds:
+    """Ids for new identities, allocated before their INSERT so that it is held and sent with the
+    other writes (no RETURNING, no round trip of its own).
+
+    PostgreSQL: blocks of :data:`IDENTITY_ID_BLOCK` from the ``identities.id`` sequence, kept with
+    the DBAPI connection (``nextval`` never hands a value out twice, even across engines and
+    restarts, nor takes it back on rollback: unused ids of a block are skipped, never reused).
+    SQLite: ``max(id) + 1`` onward, read at the first new identity of the call: the caller's
+    transaction holds the database's write lock, and :meth:`reset` is called before anything
+    else inserts an identity (merge stubs) in the same transaction."""
+
+    __slots__ = ("conn", "next")
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.next = None
+
+    def reset(self) -> None:
+        self.next = None
+
+    def take(self) -> int:
+        conn = self.conn
+        if conn.dialect.name == "postgresql":
+            pool = conn.connection.info.get(_POOL_KEY)
+            if not pool:
+                cur = conn.connection.driver_connection.cursor()
+                cur.execute("SELECT nextval(pg_get_serial_sequence('identities', 'id')) "
+                            "FROM generate_series(1, %s)", (IDENTITY_ID_BLOCK,))
+                pool = conn.connection.info[_POOL_KEY] = [r[0] for r in cur.fetchall()][::-1]
+            return pool.pop()
+        if self.next is None:
+            cur = conn.connection.driver_connection.cursor()
+            cur.execute("SELECT max(id) FROM identities")
+            self.next = (cur.fetchone()[0] or 0) + 1
+        self.next += 1
+        return self.next - 1
+
+
+class _RegistryWrites(HeldWrites):
+    """The registry's held writes, with the id allocator of their new identities."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, conn: Connection):
+        super().__init__(conn, _write_rank)
+        self.ids = _IdentityIds(conn)
 
 
 def _raw_id(conn: Connection, ident: Identifier) -> int | None:
@@ -558,7 +633,8 @@ def _upsert(conn: Connection, event: IdentityEvent, identity_id: int | None,
         after["active"] = True
     change = _diff(row, after)
     last = row["last_event_time"]
-    upd = dict(after, updated_at=now)
+    upd = _changed(row, after)
+    upd["updated_at"] = now
     if event.event_time is not None and (last is None or event.event_time > last):
         upd["last_event_time"] = event.event_time
     _update_identity(conn, identity_id, upd)
@@ -594,7 +670,8 @@ def apply_event(conn: Connection, event: IdentityEvent, *, message_id: int | Non
 
 
 def apply_events(conn: Connection, events: list[tuple[IdentityEvent, int | None]], *,
-                 policy: InsPolicy | None = None, now: datetime | None = None) -> list[ApplyResult]:
+                 policy: InsPolicy | None = None, now: datetime | None = None,
+                 lookups: Lookups | None = None) -> list[ApplyResult]:
     """Apply parsed ADTs (with the id of their stored message) in order, inside the caller's
     transaction: the same outcome as :func:`apply_event` on each in turn, in fewer statements.
 
@@ -604,23 +681,29 @@ def apply_events(conn: Connection, events: list[tuple[IdentityEvent, int | None]
     held (:class:`engine.store.held_writes.HeldWrites`) and sent grouped before the next read
     and at the end: between two reads the upserts touch disjoint rows, so only the order within
     one event matters, and ranking deletes, new identities, identifier rows, updates, history
-    keeps it (history ids stay in event order)."""
+    keeps it (history ids stay in event order).
+
+    ``lookups``: the batch read, sent earlier in the same transaction with nothing written to
+    the registry since (:class:`Lookups`); used when it covers every upsert of the list."""
     policy = policy or InsPolicy()
-    held = HeldWrites(conn, _write_rank)
+    held = _RegistryWrites(conn)
     out: list[ApplyResult] = []
     upserts = [i for i, (ev, _mid) in enumerate(events)
                if ev.kind == "upsert" and ev.ipp is not None]
     prefetched = None  # (first event index covered, rows) or None: read again
+    if lookups is not None and lookups.covers(events[i][0] for i in upserts):
+        prefetched = (0, lookups.rows())
     touched: set = set()
+    batch_now = now or _utcnow()  # the transaction's time, for every event of the list
     for i, (event, message_id) in enumerate(events):
-        ev_now = now or _utcnow()
         if event.kind == "passthrough" or event.ipp is None:
             out.append(ApplyResult(None, "passthrough"))
             continue
         violations = check_identity(event, policy)
-        kw = dict(message_id=message_id, now=ev_now)
+        kw = dict(message_id=message_id, now=batch_now)
         if event.kind != "upsert":
             held.flush()
+            held.ids.reset()  # a merge may insert a stub identity (SQLite: max(id) moves)
             out.append(_apply_other(conn, event, violations, policy, kw))
             prefetched = None  # a merge or an identifier change may touch any identity
             continue
@@ -636,8 +719,6 @@ def apply_events(conn: Connection, events: list[tuple[IdentityEvent, int | None]
         touched.add(("id", r.identity_id))
         out.append(r)
     held.flush()
-    for r in out:
-        r.identity_id = resolved(r.identity_id)
     return out
 
 
@@ -650,29 +731,105 @@ def _write_rank(stmt) -> int:
 
 
 # The upserts' lookups of a batch in one read: every PI and INS identifier row holding one of
-# the IPP or INS values, with its identity and that identity's number of INS identifiers.
+# the IPP or INS values, with its identity and that identity's number of INS identifiers. Run on
+# the DBAPI cursor (compiled once per dialect, SQLAlchemy's result processors applied here): it
+# is the writer's one read per batch, and a plain cursor read is also safe inside the writer's
+# psycopg pipeline (the fetch sends what is queued and waits for this result).
 _pf = _ii.alias("pf")
-_PREFETCH = (sa.select(_pf.c.id.label("pf_row_id"), _pf.c.value.label("pf_value"),
-                       _pf.c.authority.label("pf_authority"), _pf.c.type.label("pf_type"),
-                       *_idt.c, _N_INS.label("n_ins"))
-             .select_from(_pf.join(_idt, _idt.c.id == _pf.c.identity_id))
-             .where(_pf.c.value.in_(_B("values", expanding=True)), _pf.c.type.in_(("PI", "INS"))))
+# The identity's columns but its timestamps (the upsert never reads them: two conversions less
+# per row); of the rows found by INS only the holder's state is read (see Lookups.rows).
+_LOOKUP_KEYS = tuple(k for k in _ROW_KEYS if k not in ("created_at", "updated_at"))
+_INS_HOLDER_KEYS = frozenset({"pf_row_id", "pf_value", "pf_authority", "pf_type", "id", "active",
+                              "merged_into"})
+_PREFETCH_COLS = sa.select(_pf.c.id.label("pf_row_id"), _pf.c.value.label("pf_value"),
+                           _pf.c.authority.label("pf_authority"), _pf.c.type.label("pf_type"),
+                           *(_idt.c[k] for k in _LOOKUP_KEYS), _N_INS.label("n_ins")).select_from(
+    _pf.join(_idt, _idt.c.id == _pf.c.identity_id))
+_PREFETCH_WHERE = {  # the list of values as one parameter: one statement whatever its length
+    "sqlite": "pf.value IN (SELECT value FROM json_each(:values)) AND pf.type IN ('PI', 'INS')",
+    "postgresql": "pf.value = ANY(CAST(:values AS TEXT[])) AND pf.type IN ('PI', 'INS')",
+}
+_PREFETCH_FORMS: dict = {}
+
+
+def _prefetch_form(dialect):
+    """(SQL, parameters with ``values`` as None, [(key, result processor)]) of the batch read
+    for ``dialect``."""
+    form = _PREFETCH_FORMS.get(dialect.name)
+    if form is None:
+        c = _PREFETCH_COLS.where(sa.text(_PREFETCH_WHERE[dialect.name])).compile(dialect=dialect)
+        binds = {n: None if n == "values" else c.binds[n].effective_value for n in c.binds}
+        params = [binds[n] for n in c.positiontup] if c.positional else binds
+        cols = [(rc.keyname, rc.type.dialect_impl(dialect).result_processor(dialect, None))
+                for rc in c._result_columns]
+        form = _PREFETCH_FORMS[dialect.name] = (c.string, params, cols)
+    return form
+
+
+class Lookups:
+    """The batch read of :func:`apply_events`, sent now and read when first needed: the writer
+    sends it before the transaction's messages insert (:meth:`engine.steps.identity_feed.
+    IdentityFeed.read_ahead`), so that on PostgreSQL both share one round trip of its pipeline."""
+
+    __slots__ = ("values", "_cur", "_cols", "_rows")
+
+    def __init__(self, conn, events: list[IdentityEvent]):
+        values = set()
+        for ev in events:
+            if ev.ipp is not None:
+                values.add(ev.ipp.value)
+            if ev.ins is not None:
+                values.add(ev.ins.value)
+        self.values = values
+        self._rows = None
+        if type(conn) is _RegistryWrites:
+            conn.flush()
+            conn = conn.conn
+        sql, params, self._cols = _prefetch_form(conn.dialect)
+        values = sorted(values)
+        if type(params) is list:  # sqlite3: positional, the values as a JSON array (json_each)
+            params = [json.dumps(values) if p is None else p for p in params]
+        else:
+            params = dict(params, values=values)
+        self._cur = conn.connection.driver_connection.cursor()
+        self._cur.execute(sql, params)
+        if conn.dialect.name == "sqlite":  # no round trip to save: read at once
+            self.rows()
+
+    def covers(self, events) -> bool:
+        return all(ev.ipp.value in self.values and (ev.ins is None or ev.ins.value in self.values)
+                   for ev in events)
+
+    def rows(self):
+        """(identifier rows of the IPPs by value, of the INS by (value, OID))."""
+        if self._rows is not None:
+            return self._rows
+        cols = self._cols
+        pis: dict[str, list] = {}
+        inss: dict[tuple, Any] = {}
+        keys = [k for k, _p in cols]
+        procs = [(i, p) for i, (_k, p) in enumerate(cols) if p is not None]
+        ins_procs = [(i, p) for i, p in procs if keys[i] in _INS_HOLDER_KEYS]
+        kind = keys.index("pf_type")
+        for row in self._cur.fetchall():
+            is_pi = row[kind] == "PI"
+            todo = procs if is_pi else ins_procs
+            if todo:
+                row = list(row)
+                for i, p in todo:
+                    row[i] = p(row[i])
+            r = dict(zip(keys, row))
+            if is_pi:
+                pis.setdefault(r["pf_value"], []).append(r)
+            else:
+                inss[(r["pf_value"], r["pf_authority"])] = r
+        self._cur = None
+        self._rows = (pis, inss)
+        return self._rows
 
 
 def _prefetch(conn, events: list[IdentityEvent]):
-    values = set()
-    for ev in events:
-        values.add(ev.ipp.value)
-        if ev.ins is not None:
-            values.add(ev.ins.value)
-    pis: dict[str, list] = {}
-    inss: dict[tuple, Any] = {}
-    for r in conn.execute(_PREFETCH, {"values": sorted(values)}).mappings():
-        if r["pf_type"] == "PI":
-            pis.setdefault(r["pf_value"], []).append(r)
-        else:
-            inss[(r["pf_value"], r["pf_authority"])] = r
-    return pis, inss
+    return Lookups(conn, events).rows()
 
 
 def _prefetched(prefetched, event: IdentityEvent) -> dict | None:
@@ -688,10 +845,10 @@ def _prefetched(prefetched, event: IdentityEvent) -> dict | None:
         return None
     if cands:
         r = cands[0]
-        found = {k: r[k] for k in _ROW_KEYS}
+        found = {k: r[k] for k in _LOOKUP_KEYS}
         found["raw_id"], found["n_ins"] = r["id"], r["n_ins"]
     else:
-        found = dict.fromkeys(_ROW_KEYS)
+        found = dict.fromkeys(_LOOKUP_KEYS)
         found["raw_id"], found["n_ins"] = None, 0
     h = inss.get((event.ins.value, event.ins.oid)) if event.ins is not None else None
     found["ins_row_id"] = h["pf_row_id"] if h is not None else None

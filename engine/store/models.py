@@ -88,11 +88,17 @@ class StepOp:
     ``record`` is stored with the other records of the transaction (one duplicate lookup, one
     insert), then ``run(conn, [(item, IngestResult), ...])`` does the step's work for every
     consecutive StepOp of the transaction sharing the same ``run``, in submit order, and returns
-    one result per pair. If ``run`` raises, the writer retries each job alone, as for any op."""
+    one result per pair. If ``run`` raises, the writer retries each job alone, as for any op.
+
+    ``read``, when set: ``read(conn, [item, ...])`` for the transaction's first group of StepOps
+    sharing ``run``, before the records are stored; ``run`` of that group is then called with
+    its result as a third argument. For reads that need nothing the insert writes: on PostgreSQL
+    they share the insert's round trip (the writer's pipeline)."""
 
     record: IngestRecord
     item: Any
-    run: Callable[[Any, list], list]
+    run: Callable[..., list]
+    read: Callable[[Any, list], Any] | None = None
 
 
 @dataclass(slots=True)

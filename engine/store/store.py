@@ -92,6 +92,7 @@ class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, Re
         self._thread: threading.Thread | None = None
         self._wconn: sa.Connection | None = None
         self._id_pool: deque[int] = deque()
+        self._pipe = None  # PostgreSQL: the psycopg pipeline of the running step transaction
         self._phase_commit = False
         self._queued_at_commit = 0
         self._linger_target: int | None = None  # set while lingering: submits wake only at it

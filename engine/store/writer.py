@@ -31,11 +31,13 @@ Writer (hot path)
       exception although the first pass is committed; a resend is then answered as a duplicate
       with the stored ACK, which is what the sender would have got.
 
-    Batches with ops run in a regular transaction: generic ops first, in order; then the
+    Batches with ops run in a regular transaction: generic ops first, in order; then the first
+    group of step ops' ``read`` (``StepOp.read``: the identity feed's lookups); then the
     records of the step ops (``StepOp``) and of the plain ingests in one ``_ingest`` (on
     PostgreSQL the one-statement insert above, inside the transaction); then each run of
     consecutive step ops sharing a ``run`` in one call (the identity feed applies all the ADTs
-    of the commit together).
+    of the commit together). On PostgreSQL a batch of steps and ingests only runs in one psycopg
+    pipeline (see ``_pipeline_guard``): 2 round trips for the identity feed's batch.
 
     Failure: a database-level error (connection lost, database locked or read-only, failed
     COMMIT) fails every callback of the batch, sets ``writer_healthy`` False and drops the
@@ -257,6 +259,8 @@ class WriterMixin:
     def _writer_conn(self) -> sa.Connection:
         if self._wconn is None:
             conn = self._wengine.connect()
+            if not self._sqlite:
+                sa.event.listen(conn, "before_cursor_execute", self._pipeline_guard)
             if self._sqlite:
                 try:
                     raw = conn.connection.driver_connection
@@ -268,6 +272,33 @@ class WriterMixin:
             self._wconn = conn
             self._id_pool.clear()
         return self._wconn
+
+    # ------------------------------------------------------------------ PostgreSQL pipeline
+    # A transaction of steps (the identity feed) on PostgreSQL runs in one psycopg pipeline,
+    # its BEGIN and COMMIT sent as statements (the DBAPI connection in autocommit, so that
+    # psycopg sends no BEGIN of its own, which would be one round trip more): writes are queued,
+    # a read on the DBAPI cursor sends them with it and waits once (the BEGIN goes with the
+    # messages insert), and the last held writes go with the COMMIT. 5 round trips per batch
+    # (BEGIN, messages, lookups, writes, COMMIT) become 3. SQLAlchemy reads cannot run in a
+    # pipeline (their result is inspected before it has arrived): the guard below ends the
+    # pipeline first (one sync), and the rest of the transaction runs without it.
+    def _pipeline_guard(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if self._pipe is None or context is None:
+            return
+        compiled = context.compiled
+        if ((context.isinsert or context.isupdate or context.isdelete)
+                and not (compiled is not None and compiled.effective_returning)):
+            return  # plain DML: queued like the others
+        self._end_pipeline()
+
+    def _end_pipeline(self, exc: BaseException | None = None) -> None:
+        """Send what is queued and wait for all of it (raises the first error, if any)."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            if exc is None:
+                pipe.__exit__(None, None, None)
+            else:
+                pipe.__exit__(type(exc), exc, exc.__traceback__)
 
     def _close_wconn(self) -> None:
         conn, self._wconn = self._wconn, None
@@ -320,24 +351,34 @@ class WriterMixin:
             log.error("store writer: callback raised: %s", error_text(sys.exc_info()[1]))
 
     @staticmethod
-    def _run_steps(conn, jobs: list[Job], step_idx: list[int], stored: list, results: list) -> None:
-        """Each run of consecutive StepOps sharing ``run`` in one call, in submit order."""
+    def _step_groups(jobs: list[Job], step_idx: list[int]):
+        """(start, end) in ``step_idx`` of each run of consecutive StepOps sharing ``run``."""
         k = 0
         while k < len(step_idx):
             run = jobs[step_idx[k]].op.run
             m = k + 1
             while m < len(step_idx) and jobs[step_idx[m]].op.run == run:
                 m += 1
-            outs = run(conn, [(jobs[step_idx[x]].op.item, stored[x]) for x in range(k, m)])
+            yield k, m
+            k = m
+
+    def _run_steps(self, conn, jobs: list[Job], step_idx: list[int], stored: list, results: list,
+                   ahead) -> None:
+        """Each run of consecutive StepOps sharing ``run`` in one call, in submit order; the
+        first with what its ``read`` returned, if it has one."""
+        for k, m in self._step_groups(jobs, step_idx):
+            run = jobs[step_idx[k]].op.run
+            pairs = [(jobs[step_idx[x]].op.item, stored[x]) for x in range(k, m)]
+            outs = run(conn, pairs) if k or ahead is None else run(conn, pairs, ahead)
             for x, out in zip(range(k, m), outs):
                 results[step_idx[x]] = out
-            k = m
 
     def _transaction(self, jobs: list[Job]) -> list:
         """Run ``jobs`` in one transaction and COMMIT; raise ``BatchFailed`` (rolled back)."""
         phase = "connect"
         trans = None
         raw = None
+        pipelined = False
         self._phase_commit = False
         self._staged_keys, self._staged_n, self._merging = {}, 0, False
         try:
@@ -368,6 +409,15 @@ class WriterMixin:
                         raw.autocommit = False
                 return results
             phase = "begin"
+            # PostgreSQL, steps and ingests only (other ops may read through SQLAlchemy at any
+            # point): the transaction in one pipeline (see _pipeline_guard)
+            pipelined = not self._sqlite and len(ingest_idx) + sum(
+                type(job.op) is StepOp for job in jobs) == len(jobs)
+            if pipelined:
+                raw.autocommit = True
+                self._pipe = raw.pipeline()
+                self._pipe.__enter__()
+                raw.execute("BEGIN")
             trans = conn.begin()
             phase = "execute"
             step_idx = []
@@ -379,6 +429,10 @@ class WriterMixin:
                     step_idx.append(i)
                 else:
                     results[i] = op(conn)
+            ahead = None
+            if step_idx and jobs[step_idx[0]].op.read is not None:
+                _k, m = next(self._step_groups(jobs, step_idx))
+                ahead = jobs[step_idx[0]].op.read(conn, [jobs[i].op.item for i in step_idx[:m]])
             if ingest_idx or step_idx:
                 # the steps' records first (as when each step op stored its own), then the
                 # plain ones: one duplicate lookup and one insert for the whole transaction
@@ -390,23 +444,36 @@ class WriterMixin:
                 for i, out in zip(ingest_idx, outs[len(step_idx):]):
                     results[i] = out
                 if step_idx:
-                    self._run_steps(conn, jobs, step_idx, [out[0] for out in outs[:len(step_idx)]], results)
+                    self._run_steps(conn, jobs, step_idx, [out[0] for out in outs[:len(step_idx)]], results,
+                                    ahead)
             if self._sqlite:
                 self._merge_keys_if_due(raw)
             phase = "commit"
-            trans.commit()
+            if pipelined:
+                raw.execute("COMMIT")  # queued after the last writes if the pipeline is open
+                self._end_pipeline()
+                raw.autocommit = False
+            trans.commit()  # pipelined: SQLAlchemy's side only, the DBAPI connection is idle
             if self._sqlite:
                 self._keys_committed()
             return results
         except BaseException as exc:  # noqa: BLE001
             if self._phase_commit:
                 phase = "commit"
-            db_level = phase != "execute" or is_db_level(exc)
+            # in a pipeline, a statement's error may surface at the COMMIT: the server then
+            # skipped the COMMIT (rolled back for sure), so only connection errors count there
+            db_level = (phase != "execute" and not (pipelined and phase == "commit")) or is_db_level(exc)
+            try:
+                self._end_pipeline(exc)
+            except Exception:  # noqa: BLE001
+                db_level = True
             try:
                 if trans is not None:
                     trans.rollback()
                 elif raw is not None:
                     raw.rollback()
+                if pipelined:
+                    raw.autocommit = False
             except Exception:  # noqa: BLE001
                 db_level = True
             if db_level:
