@@ -138,6 +138,12 @@ def _claimed_entry(r) -> ClaimedEntry:
                         doc_key=r[13], action=r[14])
 
 
+def _windows(lanes_ids: list[list[int]], rows, last: str | None, next_due: float | None) -> ClaimedWindows:
+    """The claimed windows, in lane order, from the rows of the claimed entries (any order)."""
+    by_id = {e.id: e for e in map(_claimed_entry, rows)}
+    return ClaimedWindows([[by_id[i] for i in lane] for lane in lanes_ids], last, next_due)
+
+
 def _event_detail(c: Completion, nxt: float | None) -> str:
     """The JSON detail of an outcome event; the common one (sent, no error) without json.dumps."""
     if c.last_error is None and c.status != "queued":
@@ -279,8 +285,7 @@ class QueueMixin:
             return ClaimedWindows([], last, next_due)
         flat = [i for lane in lanes_ids for i in lane]
         conn.execute(_TAKE, {"o": owner, "lu": now + lease_seconds, "now": now, "ids": flat})
-        by_id = {e.id: e for e in self._claimed_rows(conn, flat)}
-        return ClaimedWindows([[by_id[i] for i in lane] for lane in lanes_ids], last, next_due)
+        return _windows(lanes_ids, conn.execute(_CLAIMED, {"ids": flat}), last, next_due)
 
     def _claim_windows_pg(self, conn: sa.Connection, destination: str, keys: int, window: int,
                           owner: str, lease_seconds: float, now: float, cursor: str | None,
@@ -291,13 +296,9 @@ class QueueMixin:
         visit that finds no key after the last one."""
         cur = conn.connection.dbapi_connection.cursor()
         lanes_ids: list[list[int]] = []
-        next_due = None
         seen: set[str] = set()
-        key = cursor
-        wrapped = cursor is None
-        last = cursor
-        first = None
-        taken = 0
+        key = last = cursor
+        wrapped, first, next_due, taken = cursor is None, None, None, 0
         while len(lanes_ids) < keys and len(seen) < max_visit and (max_entries is None or taken < max_entries):
             room = window if max_entries is None else min(window, max_entries - taken)
             cur.execute(_PG_VISIT, {"d": destination, "k": key, "wrap": key is None or not wrapped,
@@ -325,10 +326,9 @@ class QueueMixin:
                     taken += len(ids)
         if not lanes_ids:
             return ClaimedWindows([], last, next_due)
-        flat = [i for lane in lanes_ids for i in lane]
-        cur.execute(_PG_TAKE, {"o": owner, "lu": now + lease_seconds, "now": now, "ids": flat})
-        by_id = {e.id: e for e in map(_claimed_entry, cur.fetchall())}
-        return ClaimedWindows([[by_id[i] for i in lane] for lane in lanes_ids], last, next_due)
+        cur.execute(_PG_TAKE, {"o": owner, "lu": now + lease_seconds, "now": now,
+                               "ids": [i for lane in lanes_ids for i in lane]})
+        return _windows(lanes_ids, cur.fetchall(), last, next_due)
 
     @staticmethod
     def _claimed_rows(conn: sa.Connection, ids: list[int]) -> list[ClaimedEntry]:
