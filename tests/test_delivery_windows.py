@@ -4,11 +4,13 @@ window, and no store work for a destination whose peer does not answer. Real sto
 PostgreSQL), real delivery worker in the reactor thread, a scripted connector (no sockets)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import SimpleNamespace
 
 import pytest
+import sqlalchemy as sa
 from twisted.internet import defer
 
 from engine.config import load_config_text
@@ -117,6 +119,128 @@ def test_crash_in_the_middle_of_a_window_redelivers_the_rest_in_order(store):
         c, "host:2#1", [Completion(e.id, "sent", 1) for e in again])) == [True] * 6
     statuses = [e.status for m in mids for e in store.get_message(m).entries]
     assert statuses == ["sent"] * 10
+
+
+def _entries(store, mids):
+    return {e.id: e for m in mids for e in store.get_message(m).entries}
+
+
+def _group(store, owner, completions):
+    """An outcome group in a transaction of its own (as the worker runs it on PostgreSQL)."""
+    return store.in_transaction(lambda c: store.complete_within(c, owner, completions))
+
+
+def test_a_mixed_outcome_group_records_only_live_entries_of_its_owner(store):
+    """One group with outcomes of live entries, of an entry another worker holds, of an entry
+    already finished, an id given twice, releases and an unknown id: only the first outcome of
+    each entry still in flight under the owner is recorded, with one event (none for a
+    release); a release and an outcome without response keep what the entry had."""
+    a, b = "host:1#2", "host:1#1"
+    mids = _queue(store, ["k0", "k1", "k2", "k3", "k4"])
+    other = _queue(store, [""], dest="pacs")
+    e0, e1, e2, e3, e4 = [lane[0].id for lane in sorted(
+        store.claim_windows("ris", 10, 1, a, 60).lanes, key=lambda lane: lane[0].order_key)]
+    (p0,), = [[e.id for e in lane] for lane in store.claim_windows("pacs", 1, 1, b, 60).lanes]
+    assert _group(store, a, [Completion(e0, "queued", 1, None, "AR", response=b"ACK-AR"),
+                             Completion(e4, "sent", 1)]) == [True, True]
+    (again,) = store.claim_windows("ris", 10, 1, a, 60).lanes
+    assert [e.id for e in again] == [e0]
+    # the owner alone is not the fence: an entry not in flight is never recorded again
+    with store.engine.begin() as c:
+        c.execute(sa.text("UPDATE queue_entries SET lease_owner = :o WHERE id = :i"), {"o": a, "i": e4})
+    last_event = count(store, "SELECT max(id) FROM events")
+    got = _group(store, a, [
+        Completion(e1, "sent", 1, response=b"ACK1", payload=b"P1"),
+        Completion(p0, "sent", 1),                      # held by another worker: fenced
+        Completion(e1, "error", 2, last_error="late"),  # the same id again: recorded once
+        Completion(e2, "released", 0),
+        Completion(e0, "released", 0),                  # keeps attempts, error and response
+        Completion(e3, "error", 1, last_error="AE"),
+        Completion(e4, "sent", 2),                      # already sent: not in flight
+        Completion(10 ** 9, "sent", 1),                 # no such entry
+    ])
+    assert got == [True, False, False, True, True, True, False, False]
+    rows = _entries(store, mids + other)
+    assert (rows[e1].status, rows[e1].attempts, rows[e1].response, rows[e1].payload,
+            rows[e1].last_error, rows[e1].lease_owner) == ("sent", 1, b"ACK1", b"P1", None, None)
+    assert (rows[e2].status, rows[e2].attempts, rows[e2].last_error) == ("queued", 0, None)
+    assert (rows[e0].status, rows[e0].attempts, rows[e0].last_error, rows[e0].response,
+            rows[e0].lease_owner) == ("queued", 1, "AR", b"ACK-AR", None)
+    assert (rows[e3].status, rows[e3].attempts, rows[e3].last_error) == ("error", 1, "AE")
+    assert (rows[p0].status, rows[p0].lease_owner) == ("in_flight", b)
+    assert (rows[e4].status, rows[e4].attempts, rows[e4].lease_owner) == ("sent", 1, a)
+    with store.engine.connect() as c:
+        new = c.execute(sa.text("SELECT kind, entry_id, destination, channel, detail FROM events "
+                                "WHERE id > :n ORDER BY id"), {"n": last_event}).all()
+    assert [(r.kind, r.entry_id, r.destination, r.channel) for r in new] == [
+        ("sent", e1, "ris", "adt_in"), ("error", e3, "ris", "adt_in")]
+    assert json.loads(new[1].detail) == {"attempts": 1, "error": "AE"}
+    # the releases went back to the queue: the next claim takes them again
+    assert sorted(e.id for lane in store.claim_windows("ris", 10, 1, a, 60).lanes
+                  for e in lane) == sorted([e0, e2])
+
+
+def test_an_outcome_waiting_for_a_row_lock_is_fenced_by_what_the_lock_holder_committed(pg_url):
+    """PostgreSQL, two instances on one database: while an outcome group waits for the lock of
+    its entry, another instance takes the entry over (recovery, then its own claim) and
+    commits: the fence is checked again on the committed row, the outcome is dropped."""
+    from engine.store import Store
+
+    store = Store(pg_url)
+    store.migrate()
+    store.start()
+    try:
+        _queue(store, [""])
+        ((entry,),) = store.claim_windows("ris", 1, 1, "host:1#1", 60).lanes
+        other = store.engine.connect()
+        tx = other.begin()
+        other.execute(sa.text("UPDATE queue_entries SET lease_owner = 'host:2#1' WHERE id = :i"),
+                      {"i": entry.id})
+        box = []
+        t = threading.Thread(target=lambda: box.append(
+            _group(store, "host:1#1", [Completion(entry.id, "sent", 1)])))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive()  # waiting for the row lock
+        tx.commit()
+        other.close()
+        t.join(10)
+        assert box == [[False]]
+        (row,) = store.get_message(entry.message_id).entries
+        assert (row.status, row.lease_owner) == ("in_flight", "host:2#1")
+        assert count(store, "SELECT count(*) FROM events WHERE kind = 'sent'") == 0
+    finally:
+        store.stop()
+        store.dispose()
+
+
+def test_a_claim_skips_a_key_whose_head_another_instance_holds(pg_url):
+    """PostgreSQL: a key whose head row is locked by another instance's claim is skipped at
+    once (no wait), the other keys are claimed; once the lock is gone the key is claimed."""
+    from engine.store import Store
+
+    store = Store(pg_url)
+    store.migrate()
+    store.start()
+    try:
+        mids = _queue(store, ["a", "a", "b"])
+        head = store.get_message(mids[0]).entries[0].id
+        other = store.engine.connect()
+        tx = other.begin()
+        other.execute(sa.text("SELECT id FROM queue_entries WHERE id = :i FOR UPDATE"), {"i": head})
+        box = []
+        t = threading.Thread(target=lambda: box.append(store.claim_windows("ris", 10, 5, "host:1#1", 60)))
+        t.start()
+        t.join(3)
+        waited = t.is_alive()
+        tx.rollback()
+        t.join(10)
+        assert not waited and _lanes(box[0]) == [[mids[2]]]
+        other.close()
+        assert _lanes(store.claim_windows("ris", 10, 5, "host:1#1", 60)) == [[mids[0], mids[1]]]
+    finally:
+        store.stop()
+        store.dispose()
 
 
 # --------------------------------------------------------------------------- the worker
