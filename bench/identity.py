@@ -114,8 +114,6 @@ def start_engine(backend: str, tmp: Path, identity: bool, log_level: str = "info
     returns (process, port, cleanup)."""
     label = f"{backend}-{'identity' if identity else 'plain'}{label}"
     feed = "            identity_feed: {enabled: true}" if identity else ""
-    if root != ROOT:  # start_minipfi raises the per-peer connection limit for ROOT only
-        feed = "            framing: {max_connections_per_peer: 256}\n" + feed
     return start_minipfi(backend, tmp, log_level, label=label, channel_extra=feed, root=root)
 
 
