@@ -9,11 +9,19 @@ This reactor dispatches each event straight to ``_doReadOrWrite``, which already
 ``doRead``/``doWrite`` into a closed connection; anything else a handler raises is logged and
 the loop goes on, as with ``callWithLogger``.
 
+Delivery connections can be *expedited*: one outstanding message per MLLP connection makes a
+FIFO destination deliver at most one message per reactor turn, and with 32 ingest connections a
+turn dispatches several ingest messages (measured: ingest 6,600 msg/s, one FIFO delivering
+1,500). An expedited socket (the MLLP sender's, a plain TCP connection) is also watched by a
+second epoll set, polled without waiting after each event of the turn: a reply that arrived
+meanwhile is read at once, and the next message sent, instead of waiting for the next turn.
+
 Installed by ``minipfi run`` before anything imports ``twisted.internet.reactor``.
 """
 from __future__ import annotations
 
 import errno
+import select
 
 from twisted.internet import epollreactor, main
 from twisted.python import log
@@ -23,6 +31,40 @@ class EngineReactor(epollreactor.EPollReactor):
     def __init__(self):
         super().__init__()
         self._after_io: list = []
+        self._expedite_poller = select.epoll()
+        self._expedited: dict = {}  # fd -> selectable
+
+    def expedite(self, selectable) -> None:
+        """Also read ``selectable`` (a TCP connection: ``fileno()``) in the middle of a turn."""
+        fd = selectable.fileno()
+        try:
+            self._expedite_poller.register(fd, select.EPOLLIN)
+        except OSError:
+            return  # closed meanwhile, or already registered
+        self._expedited[fd] = selectable
+
+    def unexpedite(self, selectable) -> None:
+        for fd, sel in list(self._expedited.items()):
+            if sel is selectable:
+                del self._expedited[fd]
+                try:
+                    self._expedite_poller.unregister(fd)
+                except OSError:
+                    pass  # the closed socket left the set by itself
+
+    def _expedite(self, dispatch, selectables) -> None:
+        try:
+            ready = self._expedite_poller.poll(0)
+        except OSError:
+            return
+        for fd, event in ready:
+            selectable = self._expedited.get(fd)
+            if selectable is None or selectables.get(fd) is not selectable:
+                continue  # gone, or the number now belongs to another socket
+            try:
+                dispatch(selectable, fd, event)
+            except Exception:  # noqa: BLE001
+                log.err(None, "reactor: I/O event handler failed")
 
     def call_after_io(self, fn) -> None:
         """Run ``fn()`` once, at the end of this iteration's I/O dispatch (after every event
@@ -47,6 +89,7 @@ class EngineReactor(epollreactor.EPollReactor):
             raise
         dispatch = self._doReadOrWrite
         selectables = self._selectables
+        expedited = self._expedited
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:
@@ -55,6 +98,8 @@ class EngineReactor(epollreactor.EPollReactor):
                 dispatch(selectable, fd, event)
             except Exception:  # noqa: BLE001 - one handler must not stop the reactor
                 log.err(None, "reactor: I/O event handler failed")
+            if expedited and fd not in expedited:
+                self._expedite(dispatch, selectables)
         while self._after_io:
             hooks, self._after_io = self._after_io, []
             for fn in hooks:

@@ -121,6 +121,11 @@ class _SenderProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.direct = can_write_now(self.transport)
+        # a reactor that can read this connection in the middle of its turn (the engine's):
+        # one message outstanding per connection, so each turn waited for costs a message
+        expedite = getattr(self.sender.reactor, "expedite", None)
+        if self.direct and expedite is not None:
+            expedite(self.transport)
         # one message, then wait for its reply: never hold a frame's last segment back for
         # the peer's TCP acknowledgement (Nagle), which the reply itself would carry
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -151,6 +156,9 @@ class _SenderProtocol(Protocol):
             self.sender._on_frames(self, frames, too_large)
 
     def connectionLost(self, reason=None) -> None:
+        unexpedite = getattr(self.sender.reactor, "unexpedite", None)
+        if unexpedite is not None:
+            unexpedite(self.transport)
         self.sender._connection_lost(self, reason)
         d, self.lost = self.lost, None
         if d is not None:
