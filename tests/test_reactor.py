@@ -129,3 +129,58 @@ def test_call_after_io_runs_after_the_dispatch_and_never_waits_for_io():
     finally:
         proc.kill()
         proc.communicate(timeout=10)
+
+
+class _Reader:
+    """A minimal readable selectable on one end of a socket pair."""
+
+    def __init__(self, sock, name, log, on_read=None):
+        self.sock, self.name, self.log, self.on_read = sock, name, log, on_read
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def doRead(self):
+        self.log.append((self.name, self.sock.recv(100)))
+        if self.on_read is not None:
+            self.on_read()
+
+    def logPrefix(self):
+        return self.name
+
+    def connectionLost(self, reason):
+        pass
+
+
+def test_an_expedited_socket_is_read_in_the_middle_of_the_turn():
+    """A reply that arrives while the turn dispatches other events is read in the same turn (a
+    delivery connection: one message outstanding, so each turn waited for costs a message);
+    without ``expedite`` it waits for the next poll."""
+    from engine.reactor import EngineReactor
+
+    for expedite in (True, False):
+        r = EngineReactor()
+        log = []
+        a, a_peer = socket.socketpair()
+        b, b_peer = socket.socketpair()
+        try:
+            ingest = _Reader(a, "ingest", log, on_read=lambda: b_peer.send(b"ACK"))
+            delivery = _Reader(b, "delivery", log)
+            r.addReader(ingest)
+            r.addReader(delivery)
+            if expedite:
+                r.expedite(delivery)
+            a_peer.send(b"MSG")
+            r.doPoll(0)  # only the ingest socket was ready when the turn polled
+            if expedite:
+                assert log == [("ingest", b"MSG"), ("delivery", b"ACK")]
+            else:
+                assert log == [("ingest", b"MSG")]
+                r.doPoll(0)
+                assert log == [("ingest", b"MSG"), ("delivery", b"ACK")]
+            r.unexpedite(delivery)
+            assert not r._expedited
+        finally:
+            r.removeAll()
+            for s in (a, a_peer, b, b_peer):
+                s.close()
