@@ -53,9 +53,38 @@ LEGACY_0445 = frozenset({"VIDE", "DOUB", "DESA", "DPOT", "DOUA", "COLP", "COLV",
 _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?$")
 
 
-def _comp(m: Message, rep: str, n: int, sub: int | None = None) -> str:
-    """Component ``n`` (1-based) of one repetition, or its sub-component ``sub``: unescaped, stripped."""
-    return m.text(rep, n, sub).strip()
+class _Leaves:
+    """Reads the leaves of one message: each repetition or field split once into components
+    (a component's sub-components once too), each leaf unescaped (HL7 v2.5 §2.7) and stripped.
+    ``at(parts, n)`` is the same value as ``Message.text(raw, n).strip()`` on the unsplit text,
+    without its splits and calls per read (about 40 reads per ADT)."""
+
+    __slots__ = ("cs", "ss", "esc", "delims", "charset")
+
+    def __init__(self, m: Message):
+        d = self.delims = m.delims
+        self.cs, self.ss, self.esc, self.charset = d.component, d.subcomponent, d.escape_char, m.charset
+
+    def comps(self, raw: str) -> list[str]:
+        return raw.split(self.cs)
+
+    def subs(self, parts: list[str], n: int) -> list[str]:
+        """Sub-components of component ``n`` (1-based) of a split repetition."""
+        return parts[n - 1].split(self.ss) if n <= len(parts) else [""]
+
+    def at(self, parts: list[str], n: int) -> str:
+        v = parts[n - 1] if n <= len(parts) else ""
+        if self.esc in v:
+            v = self.delims.unescape(v, self.charset)
+        return v.strip()
+
+    def first(self, raw: str) -> str:
+        """Component 1 of a raw field or repetition."""
+        i = raw.find(self.cs)
+        v = raw if i < 0 else raw[:i]
+        if self.esc in v:
+            v = self.delims.unescape(v, self.charset)
+        return v.strip()
 
 
 def _field(seg: Segment | None, n: int) -> str:
@@ -96,45 +125,50 @@ def parse_date8(raw: str) -> date | None:
         return None
 
 
-def _cx(m: Message, rep: str, index: int) -> Identifier:
-    hd_type = _comp(m, rep, 4, 3)
-    universal = _comp(m, rep, 4, 2)
+def _cx(r: _Leaves, rep: str, index: int) -> Identifier:
+    c = r.comps(rep)
+    hd = r.subs(c, 4)
+    hd_type = r.at(hd, 3)
+    universal = r.at(hd, 2)
+    upper = hd_type.upper()
     return Identifier(
-        value=_comp(m, rep, 1),
-        authority_name=_comp(m, rep, 4, 1),
-        authority_oid=universal if hd_type.upper() == "ISO" else "",
-        id_type=_comp(m, rep, 5),
+        value=r.at(c, 1),
+        authority_name=r.at(hd, 1),
+        authority_oid=universal if upper == "ISO" else "",
+        id_type=r.at(c, 5),
         # PAM FR: HD-3 "M" = FINESS of the legal entity, "N" = FINESS of the site.
-        finess=universal if hd_type.upper() in ("M", "N") else "",
+        finess=universal if upper in ("M", "N") else "",
         authority_type=hd_type,
-        effective_date=_comp(m, rep, 7),
+        effective_date=r.at(c, 7),
         rep=index,
     )
 
 
-def _traits(m: Message, pid: Segment) -> StrictTraits:
+def _traits(r: _Leaves, pid: Segment) -> StrictTraits:
     birth_name = first_given = used_name = used_given = ""
     given: tuple[str, ...] = ()
     name_rep = None
     for i, rep in enumerate(pid.repetitions(5), start=1):
-        xpn7 = _comp(m, rep, 7)
+        c = r.comps(rep)
+        xpn7 = r.at(c, 7)
         # PAM FR 2.11 / INS: XPN-7 "L" = birth name (nom de naissance); XPN-2 first birth given
         # name; XPN-3 = the list of birth given names, space separated (IHE PAM France 2.11, PID-5).
         if xpn7 == "L" and name_rep is None:
             name_rep = i
-            birth_name = _comp(m, rep, 1, 1)
-            first_given = _comp(m, rep, 2)
-            given = tuple(p for p in _comp(m, rep, 3).split(" ") if p)
+            birth_name = r.at(r.subs(c, 1), 1)
+            first_given = r.at(c, 2)
+            given = tuple(p for p in r.at(c, 3).split(" ") if p)
         elif xpn7 == "D" and not used_name:
             # XPN-7 "D" = used name (nom utilisé), with the used given name in XPN-2.
-            used_name = _comp(m, rep, 1, 1)
-            used_given = _comp(m, rep, 2)
-    raw_birth = _comp(m, _field(pid, 7), 1)
+            used_name = r.at(r.subs(c, 1), 1)
+            used_given = r.at(c, 2)
+    raw_birth = r.first(pid.field(7))
     cog, bp_rep = "", None
     for i, rep in enumerate(pid.repetitions(11), start=1):
         # PAM FR: birth place = the PID-11 repetition with XAD-7 "BDL", XAD-9 = INSEE COG code.
-        if _comp(m, rep, 7) == "BDL":
-            cog, bp_rep = _comp(m, rep, 9), i
+        c = r.comps(rep)
+        if r.at(c, 7) == "BDL":
+            cog, bp_rep = r.at(c, 9), i
             break
     return StrictTraits(
         birth_name=birth_name,
@@ -144,15 +178,15 @@ def _traits(m: Message, pid: Segment) -> StrictTraits:
         used_given_name=used_given,
         birth_date=parse_date8(raw_birth) if len(raw_birth) >= 8 else None,
         birth_date_raw=raw_birth,
-        sex=_comp(m, _field(pid, 8), 1),
+        sex=r.first(pid.field(8)),
         birth_place_cog=cog,
         name_rep=name_rep,
         birth_place_rep=bp_rep,
     )
 
 
-def _status(m: Message, pid: Segment) -> IdentityStatus:
-    raw = tuple(v for v in (_comp(m, r, 1) for r in pid.repetitions(32)) if v)
+def _status(r: _Leaves, pid: Segment) -> IdentityStatus:
+    raw = tuple(v for v in map(r.first, pid.repetitions(32)) if v)
     upper = [v.upper() for v in raw]
     code = next((c for c in RNIV_STATUSES if c in upper), "")
     if not code:
@@ -161,45 +195,53 @@ def _status(m: Message, pid: Segment) -> IdentityStatus:
     return IdentityStatus(code=code, attributes=attrs, raw=raw)
 
 
-def _consent(m: Message) -> DmpConsent | None:
+def _firsts(r: _Leaves, seg: Segment, wanted: tuple[int, ...]) -> dict[int, str]:
+    """Component 1 of the fields ``wanted`` of ``seg`` (``""`` for fields not sent)."""
+    f = seg.fields()
+    n = len(f)
+    first = r.first
+    return {i: first(f[i]) if i < n else "" for i in wanted}
+
+
+def _consent(r: _Leaves, m: Message) -> DmpConsent | None:
     zfa = m.segment("ZFA")
     if zfa is None:
         return None
-    f = lambda n: _comp(m, zfa.field(n), 1)  # noqa: E731
+    f = _firsts(r, zfa, (1, 2, 3, 9, 10, 11, 12))
     return DmpConsent(
-        dmp_status=f(1), dmp_status_date=f(2), dmp_closing_date=f(3),
-        feeding_opposition=f(9), feeding_opposition_date=f(10),
-        consultation_consent=f(11), consultation_consent_date=f(12),
+        dmp_status=f[1], dmp_status_date=f[2], dmp_closing_date=f[3],
+        feeding_opposition=f[9], feeding_opposition_date=f[10],
+        consultation_consent=f[11], consultation_consent_date=f[12],
     )
 
 
-def _zfd(m: Message) -> ObtainedVia | None:
+def _zfd(r: _Leaves, m: Message) -> ObtainedVia | None:
     zfd = m.segment("ZFD")
     if zfd is None:
         return None
-    f = lambda n: _comp(m, zfd.field(n), 1)  # noqa: E731
+    f = _firsts(r, zfd, (3, 4, 5, 6, 7, 8))
     # ZFD-1 "date lunaire": kept raw; it may be sent as one date (YYYYMMDD) or as components
     # (day^month^year) [UNVERIFIED against the PAM FR PDF]; see ins.birth_date_has_zero_part.
     lunar_raw = zfd.value(1).strip()
-    insi_raw = f(6)
+    insi_raw = f[6]
     return ObtainedVia(
-        mode=f(5),
+        mode=f[5],
         insi_query_date=parse_date8(insi_raw),
         insi_query_date_raw=insi_raw,
         lunar_birth_date=lunar_raw if lunar_raw.strip(m.delims.component) else "",
-        sms_consent=f(3),
-        corrected_birth_date=f(4),
-        id_document_type=f(7),
-        id_document_expiry=f(8),
+        sms_consent=f[3],
+        corrected_birth_date=f[4],
+        id_document_type=f[7],
+        id_document_expiry=f[8],
     )
 
 
-def _mrg_identifier(m: Message, trigger: str) -> Identifier:
+def _mrg_identifier(r: _Leaves, m: Message, trigger: str) -> Identifier:
     mrg = m.segment("MRG")
     if mrg is None:
         raise IdentityError("100", "MRG", "MRG-REQUIRED", f"{trigger} requires an MRG segment")
     reps = mrg.repetitions(1)
-    ids = [_cx(m, r, i) for i, r in enumerate(reps, start=1)]
+    ids = [_cx(r, rep, i) for i, rep in enumerate(reps, start=1)]
     ids = [i for i in ids if i.value]
     if not ids:
         raise IdentityError("101", "MRG-1", "MRG-IDENTIFIER", "MRG-1 has no identifier")
@@ -223,13 +265,15 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
     where = m.nul_field()  # the registry's text columns cannot hold a NUL
     if where is not None:
         raise IdentityError("102", where, "NUL", f"{where} contains a NUL character")
+    r = _Leaves(m)
     msh = m.segment("MSH")
-    msg_type = _comp(m, _field(msh, 9), 1)
-    trigger = _comp(m, _field(msh, 9), 2)
-    control_id = _comp(m, _field(msh, 10), 1)
+    msh9 = r.comps(_field(msh, 9))
+    msg_type = r.at(msh9, 1)
+    trigger = r.at(msh9, 2)
+    control_id = r.first(_field(msh, 10))
     evn = m.segment("EVN")
     # Event ordering time: EVN-2 (recorded date/time), else MSH-7 (HL7 v2.5 chapter 3, segment EVN).
-    ts_raw = _comp(m, _field(evn, 2), 1) or _comp(m, _field(msh, 7), 1)
+    ts_raw = r.first(_field(evn, 2)) or r.first(_field(msh, 7))
     common = dict(trigger=trigger, message_type=msg_type, control_id=control_id,
                   event_time=parse_ts(ts_raw), event_time_raw=ts_raw)
 
@@ -249,7 +293,8 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
     pid = m.segment("PID")
     if pid is None:
         raise IdentityError("100", "PID", "PID-REQUIRED", f"ADT^{trigger} has no PID segment")
-    identifiers = tuple(_cx(m, r, i) for i, r in enumerate(pid.repetitions(3), start=1))
+    pid3 = pid.repetitions(3)
+    identifiers = tuple(_cx(r, rep, i) for i, rep in enumerate(pid3, start=1))
     # PAM FR: the IPP is the PID-3 repetition with CX-5 = PI.
     ipp = next((i for i in identifiers if i.id_type == "PI" and i.value), None)
     if ipp is None:
@@ -260,15 +305,15 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
     if ins_ids:
         first = ins_ids[0]
         # The OID is CX-4.2 (HD universal id), whatever HD-3 says.
-        oid = _comp(m, pid.repetitions(3)[first.rep - 1], 4, 2)
+        oid = r.at(r.subs(r.comps(pid3[first.rep - 1]), 4), 2)
         ins = InsInfo(value=first.value, oid=oid, kind=INS_KIND_BY_OID.get(oid, "UNKNOWN"),
                       effective_date=first.effective_date, rep=first.rep)
 
     merge_from = old_ipp = None
     if kind == "merge":
-        merge_from = _mrg_identifier(m, trigger)
+        merge_from = _mrg_identifier(r, m, trigger)
     elif kind == "change_id":
-        old_ipp = _mrg_identifier(m, trigger)
+        old_ipp = _mrg_identifier(r, m, trigger)
 
     return IdentityEvent(
         kind=kind,
@@ -276,10 +321,10 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
         identifiers=identifiers,
         ins=ins,
         ins_count=len(ins_ids),
-        traits=_traits(m, pid),
-        status=_status(m, pid),
-        consent=_consent(m),
-        zfd=_zfd(m),
+        traits=_traits(r, pid),
+        status=_status(r, pid),
+        consent=_consent(r, m),
+        zfd=_zfd(r, m),
         merge_from=merge_from,
         old_ipp=old_ipp,
         **common,

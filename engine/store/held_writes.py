@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from sqlalchemy import Date, DateTime
 from sqlalchemy.engine import Connection
 
 
@@ -107,8 +108,31 @@ def _driver_form(stmt, dialect):
     if any(b.value is not None or b.callable is not None for b in c.binds.values()):
         return None
     names = list(c.positiontup) if c.positional else list(c.binds)
-    return (c.string, [(n, c.binds[n].type.dialect_impl(dialect).bind_processor(dialect))
-                       for n in names], c.positional)
+    binds = []
+    for n in names:
+        t = c.binds[n].type
+        proc = t.dialect_impl(dialect).bind_processor(dialect)
+        if proc is not None and isinstance(t, (DateTime, Date)):
+            proc = _last_value_memo(proc)
+        binds.append((n, proc))
+    return (c.string, binds, c.positional)
+
+
+def _last_value_memo(proc):
+    """``proc`` remembering its last value (by identity): a batch's ADTs share one clock reading
+    (``updated_at``, the history's ``at``), converted once instead of once per row. Only for
+    dates and times: immutable, so the same object always converts to the same value."""
+    last = [(None, None)]  # one (value, converted) pair, replaced whole: no torn read
+
+    def memo(value):
+        seen, out = last[0]
+        if value is seen and value is not None:
+            return out
+        out = proc(value)
+        last[0] = (value, out)
+        return out
+
+    return memo
 
 
 def _rank_of(h) -> int:

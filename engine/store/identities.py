@@ -631,9 +631,9 @@ def _upsert(conn: Connection, event: IdentityEvent, identity_id: int | None,
     after = state
     if not row["active"]:
         after["active"] = True
-    change = _diff(row, after)
-    last = row["last_event_time"]
     upd = _changed(row, after)
+    change = _diff(row, upd)  # a column _changed left out is equal: never in the diff
+    last = row["last_event_time"]
     upd["updated_at"] = now
     if event.event_time is not None and (last is None or event.event_time > last):
         upd["last_event_time"] = event.event_time
