@@ -126,6 +126,7 @@ class _SenderProtocol(Protocol):
         expedite = getattr(self.sender.reactor, "expedite", None)
         if self.direct and expedite is not None:
             expedite(self.transport)
+            self.awaiting = self.sender.reactor.awaiting_reply
         # one message, then wait for its reply: never hold a frame's last segment back for
         # the peer's TCP acknowledgement (Nagle), which the reply itself would carry
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -141,6 +142,7 @@ class _SenderProtocol(Protocol):
         self.gone = False  # detached from the sender: its bytes are ignored
         self.fail_exc: Optional[Exception] = None  # reported when the connection is lost
         self.lost = Deferred()
+        self.awaiting = None  # the reactor's awaiting_reply, for an expedited connection
 
     def dataReceived(self, data: bytes) -> None:
         if self.gone:
@@ -268,6 +270,8 @@ class MLLPSender:
         msg.deadline = self.reactor.seconds() + self.ack_timeout
         if self._timer is None:
             self._timer = self.reactor.callLater(self.ack_timeout, self._check_deadline)
+        if proto.awaiting is not None:
+            proto.awaiting(proto.transport, True)
         if proto.direct:
             write_now(proto.transport, encode_frame(msg.payload))
         else:
@@ -341,6 +345,8 @@ class MLLPSender:
                 self._abort(proto, AckMismatch(msg.control_id, got))
                 return
         self._current = None
+        if proto.awaiting is not None:
+            proto.awaiting(proto.transport, False)
         if len(frames) > 1 or too_large:
             log.warning("mllp extra data after the reply from %s:%s; closing", self.host, self.port)
             self._abort(proto, None)

@@ -155,10 +155,11 @@ class _Reader:
 def test_an_expedited_socket_is_read_in_the_middle_of_the_turn():
     """A reply that arrives while the turn dispatches other events is read in the same turn (a
     delivery connection: one message outstanding, so each turn waited for costs a message);
-    without ``expedite`` it waits for the next poll."""
+    without ``expedite``, or while the connection awaits no reply (idle: no poll of its own on
+    the ingest path), it waits for the next poll."""
     from engine.reactor import EngineReactor
 
-    for expedite in (True, False):
+    for expedite, awaiting in ((True, True), (False, False), (True, False)):
         r = EngineReactor()
         log = []
         a, a_peer = socket.socketpair()
@@ -170,16 +171,17 @@ def test_an_expedited_socket_is_read_in_the_middle_of_the_turn():
             r.addReader(delivery)
             if expedite:
                 r.expedite(delivery)
+                r.awaiting_reply(delivery, awaiting)
             a_peer.send(b"MSG")
             r.doPoll(0)  # only the ingest socket was ready when the turn polled
-            if expedite:
+            if expedite and awaiting:
                 assert log == [("ingest", b"MSG"), ("delivery", b"ACK")]
             else:
                 assert log == [("ingest", b"MSG")]
                 r.doPoll(0)
                 assert log == [("ingest", b"MSG"), ("delivery", b"ACK")]
             r.unexpedite(delivery)
-            assert not r._expedited
+            assert not r._expedited and not r._awaiting
         finally:
             r.removeAll()
             for s in (a, a_peer, b, b_peer):
