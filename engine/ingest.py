@@ -13,7 +13,9 @@ batches per commit).
 
 Two ways to add a record: ``add`` returns a Deferred; ``add_call(record, fn, *args)`` calls
 ``fn(result, *args)`` in the reactor thread, ``result`` being the store result or the exception,
-with no Deferred (the per-message hot path: a Deferred chain per message was measurable).
+with no Deferred (the per-message hot path: a Deferred chain per message was measurable). A
+writer op (a record with a step's work in the same transaction) likewise: ``add_op`` or
+``add_op_call``.
 ``later(fn)`` runs ``fn`` once after the current reactor turn (coalescing per-batch work).
 """
 from __future__ import annotations
@@ -73,6 +75,20 @@ class IngestBatcher:
         except BaseException as exc:  # noqa: BLE001
             _fire(d, exc)
         return d
+
+    def add_op_call(self, op, fn, *args) -> None:
+        """:meth:`add_op` without a Deferred: ``fn(result_or_exception, *args)`` in the reactor
+        thread once the commit is done (a step's per-message path, as ``add_call`` for records)."""
+        sink = (fn, args)
+        ready = self._ready
+
+        def done(result):  # runs in the writer thread; _kick follows the commit's callbacks
+            ready.append(((sink,), (result,)))
+
+        try:
+            self._store.submit(op, done)
+        except BaseException as exc:  # noqa: BLE001
+            _deliver((sink,), exc)
 
     def _flush(self) -> None:
         self._scheduled = False

@@ -40,6 +40,21 @@ def call(fn, *args, **kwargs):
     return blockingCallFromThread(reactor, fn, *args, **kwargs)
 
 
+def reply_of(handle, *args):
+    """``handle(*args)`` (a channel's ``handle``) with a ``PendingReply`` turned into a Deferred,
+    for :func:`call`: the reply the protocol would write."""
+    from twisted.internet import defer
+
+    from mllp.protocol import PendingReply
+
+    result = handle(*args)
+    if type(result) is not PendingReply:
+        return result
+    d = defer.Deferred()
+    result.then(lambda value, _arg: d.callback(value), lambda exc, _arg: d.errback(exc), None)
+    return d
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
     """Poll ``predicate`` (evaluated in the reactor thread) until true or timeout."""
     deadline = time.monotonic() + timeout

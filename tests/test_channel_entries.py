@@ -80,7 +80,7 @@ def assert_ae_207_and_stored(ch, store, cid: str, says: bytes):
     """Send one ADT: AE with ERR-3 207 whose text ``says``, the message stored as rejected."""
     from tests import reactor_thread
 
-    ack = reactor_thread.call(ch.handle, adt(cid, "IPP-A"), Conn())
+    ack = reactor_thread.call(reactor_thread.reply_of, ch.handle, adt(cid, "IPP-A"), Conn())
     segs = ack.split(b"\r")
     assert segs[1].startswith(b"MSA|AE|" + cid.encode()), ack
     err = next(s for s in segs if s.startswith(b"ERR")).split(b"|")

@@ -185,8 +185,12 @@ class MLLPChannel:
                 d.addErrback(lambda f: _PrepareFailed(f.value))
                 d.addCallback(self._after_prepare, step, record, targets, codec, answer,
                               payload, msh, now, conn)
-            else:
-                d = self.batcher.add_op(step.make_op(self.store, record, None, codec, answer))
+            else:  # the step's work in the writer op: no Deferred chain per message
+                reply = PendingReply()
+                self.batcher.add_op_call(step.make_op(self.store, record, None, codec, answer),
+                                         self._on_step_result, reply, step, msh, ack, entries,
+                                         conn, now)
+                return reply
             d.addCallback(self._step_done, step, msh, conn)
             d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msh, ack, entries, conn),
                            errbackArgs=(msh, now, conn))
@@ -239,6 +243,25 @@ class MLLPChannel:
         try:
             value = self._stored(result, msh, ack, entries, conn)
         except Exception as exc:  # noqa: BLE001 - the protocol logs it and closes, as with a Deferred
+            reply.fail(exc)
+            return
+        reply.resolve(value)
+
+    def _on_step_result(self, result, reply, step, msh, ack, entries, conn, now):
+        """A step op's outcome, as the Deferred path would have it: ``_step_done`` then
+        ``_stored``, or ``_store_failed`` when the store (or ``_step_done``) failed."""
+        self.ack_latency.observe(self.clock() - now)
+        try:
+            if not isinstance(result, BaseException):
+                try:
+                    result = self._step_done(result, step, msh, conn)
+                except Exception as exc:  # noqa: BLE001 - answered as a store failure
+                    result = exc
+            if isinstance(result, BaseException):
+                value = self._store_failed(Failure(result), msh, now, conn)
+            else:
+                value = self._stored(result, msh, ack, entries, conn)
+        except Exception as exc:  # noqa: BLE001 - the protocol logs it and closes
             reply.fail(exc)
             return
         reply.resolve(value)
