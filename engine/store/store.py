@@ -120,6 +120,7 @@ class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, Re
         self.batched_records = 0
         self.busy_s = 0.0           # time in transactions + callbacks
         self.linger_s = 0.0
+        self.commit_s = 0.0         # time in COMMIT (SQLite: the WAL write and its fsync)
         self.commit_time = Histogram()  # seconds per committed transaction of the writer (/metrics)
         # stats(): message and duplicate counts up to these ids (see stats)
         self._stats_lock = threading.Lock()

@@ -148,9 +148,10 @@ class WriterMixin:
             self._thread.join(timeout)
         self._stopped = True
         if self.batches:
-            log.info("store writer: %d batches, %.1f records/batch, %.3f ms/batch busy, "
-                     "%.1f s lingering", self.batches, self.batched_records / self.batches,
-                     1000 * self.busy_s / self.batches, self.linger_s)
+            log.info("store writer: %d batches, %.1f records/batch, %.3f ms/batch busy "
+                     "(%.3f in COMMIT), %.1f s lingering", self.batches,
+                     self.batched_records / self.batches, 1000 * self.busy_s / self.batches,
+                     1000 * self.commit_s / self.batches, self.linger_s)
 
     def submit_ingest(self, records: list[IngestRecord],
                       callback: Callable[[list[IngestResult] | BaseException], None]) -> None:
@@ -396,7 +397,9 @@ class WriterMixin:
                     results = self._ingest(raw, jobs)
                     self._merge_keys_if_due(raw)
                     phase = "commit"
+                    tc = time.monotonic()
                     raw.commit()
+                    self.commit_s += time.monotonic() - tc
                     self._keys_committed()
                 else:
                     # Autocommit: the dedup lookup, then ONE statement writing every row of the
@@ -449,11 +452,13 @@ class WriterMixin:
             if self._sqlite:
                 self._merge_keys_if_due(raw)
             phase = "commit"
+            tc = time.monotonic()
             if pipelined:
                 raw.execute("COMMIT")  # queued after the last writes if the pipeline is open
                 self._end_pipeline()
                 raw.autocommit = False
             trans.commit()  # pipelined: SQLAlchemy's side only, the DBAPI connection is idle
+            self.commit_s += time.monotonic() - tc
             if self._sqlite:
                 self._keys_committed()
             return results
