@@ -150,3 +150,25 @@ def test_an_identity_feed_reader_failure_answers_ae_and_stores_it(sqlite_url, mo
     feed = lambda cfg: identity_feed.IdentityFeed(cfg.channels["in"].identity_feed, "test")  # noqa: E731
     with channel_with_step(sqlite_url, feed, text) as (ch, store):
         assert_ae_207_and_stored(ch, store, "C2", b"RuntimeError")
+
+
+def test_an_identity_feed_adt_is_answered_aa_then_ar_207_once_the_store_is_gone(sqlite_url):
+    """The identity feed's per-message path (a writer op answered without a Deferred): AA once
+    committed; with the store writer stopped, AR 207 "store unavailable" and a store failure
+    counted, never a positive ACK nor a hang."""
+    import engine.steps.identity_feed as identity_feed
+    from tests import reactor_thread
+
+    text = CONFIG.replace("port: 2575}", "port: 2575, identity_feed: {enabled: true}}")
+    feed = lambda cfg: identity_feed.IdentityFeed(cfg.channels["in"].identity_feed, "test")  # noqa: E731
+    with channel_with_step(sqlite_url, feed, text) as (ch, store):
+        ack = reactor_thread.call(reactor_thread.reply_of, ch.handle, adt("C3", "IPP-A"), Conn())
+        assert ack.split(b"\r")[1].startswith(b"MSA|AA|C3"), ack
+        assert ch.counters.accepted == 1 and ch.counters.store_failures == 0
+        store.stop()
+        ack = reactor_thread.call(reactor_thread.reply_of, ch.handle, adt("C4", "IPP-B"), Conn())
+        segs = ack.split(b"\r")
+        assert segs[1].startswith(b"MSA|AR|C4"), ack
+        err = next(s for s in segs if s.startswith(b"ERR")).split(b"|")
+        assert err[3].startswith(b"207") and b"unavailable" in err[8], err
+        assert ch.counters.store_failures == 1 and len(store.list_messages()) == 1
