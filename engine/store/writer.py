@@ -421,6 +421,8 @@ class WriterMixin:
                 self._pipe = raw.pipeline()
                 self._pipe.__enter__()
                 raw.execute("BEGIN")
+            if self._sqlite:  # on the driver (SQLAlchemy's begin then finds it begun)
+                raw.execute("BEGIN IMMEDIATE")
             trans = conn.begin()
             phase = "execute"
             step_idx = []
