@@ -157,7 +157,7 @@ class Message:
             lines = text.split("\n")
         else:  # CRLF or mixed: two copies of the text, so only when needed
             lines = text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
-        lines = [s for s in lines if s.strip()]
+        lines = [s for s in lines if s and not s.isspace()]  # as s.strip(), without a copy
         first = lines[0] if lines else ""
         if not first.startswith("MSH") or len(first) < 8:
             raise HL7Error("100", "message does not start with an MSH segment", "MSH^1")

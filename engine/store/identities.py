@@ -858,9 +858,8 @@ def _prefetched(prefetched, event: IdentityEvent) -> dict | None:
     if len(cands) > 1:
         return None
     if cands:
-        r = cands[0]
-        found = {k: r[k] for k in _LOOKUP_KEYS}
-        found["raw_id"], found["n_ins"] = r["id"], r["n_ins"]
+        found = dict(cands[0])  # the row's identity columns (and its pf_* columns, unread)
+        found["raw_id"] = found["id"]
     else:
         found = dict.fromkeys(_LOOKUP_KEYS)
         found["raw_id"], found["n_ins"] = None, 0
