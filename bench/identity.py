@@ -18,7 +18,8 @@ For each backend, two fresh engines (new SQLite file / new PostgreSQL schema) ru
 The engine is pinned to CPU 0, the load generator to CPU 1 (server and load generator on separate cores), with
 its logs at ``info`` going to a file; the ADT route goes to a disabled destination (no delivery
 traffic), as in ``bench/ingest.py``. Besides ADT/s, the engine process's CPU time (user + system,
-``/proc``) per ADT over the measured window: steadier than ADT/s on a shared host.
+``/proc``) per ADT over the measured window, and its reactor thread's share (the rest is the
+store writer's, mostly): steadier than ADT/s on a shared host.
 
 ``--compare-tree DIR`` also measures the engine of another source tree (same venv), e.g. a
 worktree of main: every round runs plain and identity of each tree in turn, so before and after
@@ -41,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest import EB, ROOT, SB, cpu_seconds, msa2, start_minipfi, stop  # noqa: E402
+from ingest import EB, ROOT, SB, cpu_seconds, msa2, reactor_cpu_seconds, start_minipfi, stop  # noqa: E402
 
 from engine.identity.ins import nir_key  # noqa: E402
 
@@ -147,20 +148,23 @@ def main() -> int:
                         tag = f"I{int(time.time() * 1000) % 10**9}"
                         try:
                             run_load(port, 4, args.warmup, args.patients, tag + "w", clock)
-                            cpu0 = cpu_seconds(proc.pid)
+                            cpu0, rcpu0 = cpu_seconds(proc.pid), reactor_cpu_seconds(proc.pid)
                             r = run_load(port, args.connections, args.seconds, args.patients, tag, clock)
                             cpu = cpu_seconds(proc.pid) - cpu0
+                            rcpu = reactor_cpu_seconds(proc.pid) - rcpu0
                         finally:
                             stop(proc)
                             cleanup()
                         mode = "identity" if identity else "plain"
                         r.update(backend=backend, tree=tree, round=rnd, mode=mode,
                                  connections=args.connections, patients=args.patients,
-                                 cpu_ms_per_adt=1000 * cpu / max(1, r["messages"]))
+                                 cpu_ms_per_adt=1000 * cpu / max(1, r["messages"]),
+                                 reactor_cpu_ms_per_adt=1000 * rcpu / max(1, r["messages"]))
                         results.append(r)
                         print(f"{backend + tree:<22} {mode:<9} {args.connections:>3} conns  "
                               f"{r['adt_per_s']:>7.0f} ADT/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
-                              f"CPU {r['cpu_ms_per_adt']:.3f} ms/ADT  ({r['messages']} ADT, "
+                              f"CPU {r['cpu_ms_per_adt']:.3f} ms/ADT (reactor {r['reactor_cpu_ms_per_adt']:.3f})  "
+                              f"({r['messages']} ADT, "
                               f"not AA {r['not_aa']})", flush=True)
     print("\nidentity feed / plain ingest (same engine, same load):")
     for key in dict.fromkeys((r["round"], r["backend"], r["tree"]) for r in results):
