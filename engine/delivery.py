@@ -510,11 +510,11 @@ class DestinationWorker:
     # -- outcomes: one writer op per reactor turn -----------------------------------------------
     def _write(self, op) -> defer.Deferred:
         """Run ``op(conn)`` and commit; fires in the reactor thread once it committed (or with
-        the error). SQLite: in the store writer's next transaction (one writer: no wait for the
-        write lock, and the COMMIT is shared with ingest). PostgreSQL: in a transaction of its
-        own in a pool thread, so that ingest keeps its one-statement autocommit path (a writer
-        transaction holding an op takes the general path: measured, ingest fell to 0.27x of the
-        disabled case while delivering)."""
+        the error). SQLite: a *background* op of the store writer (one writer: no wait for the
+        write lock; never in the transaction of an ingest record, whose ACK waits for its
+        commit). PostgreSQL: in a transaction of its own in a pool thread, so that ingest keeps
+        its one-statement autocommit path (a writer transaction holding an op takes the general
+        path: measured, ingest fell to 0.27x of the disabled case while delivering)."""
         d = defer.Deferred()
         reactor = self.reactor
 
@@ -524,7 +524,7 @@ class DestinationWorker:
         try:
             if getattr(self.store, "dialect", "sqlite") == "postgresql":
                 return threads.deferToThread(self.store.in_transaction, op)
-            self.store.submit(op, done)
+            self.store.submit(op, done, background=True)
         except Exception as exc:  # noqa: BLE001 - no store: the caller retries later
             d.errback(exc)
         return d

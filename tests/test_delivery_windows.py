@@ -253,9 +253,9 @@ class CountingStore:
         self._store = store
         self.ops = 0
 
-    def submit(self, op, callback):
+    def submit(self, op, callback, **kw):
         self.ops += 1
-        return self._store.submit(op, callback)
+        return self._store.submit(op, callback, **kw)
 
     def in_transaction(self, op):
         self.ops += 1
