@@ -226,7 +226,7 @@ class WriterMixin:
             # costs more than the inserts it moves off the critical path.)
             target = served + self._queued_at_commit
             # jobs put back by _take_jobs are due now: no waiting for more records first
-            lingering = bool(self.linger) and not self._stopping and not queue
+            lingering = bool(self.linger) and not self._stopping and not self._put_back
             if lingering:
                 # Set before the results go out: the producers they answer wake the writer
                 # only once the target is reached, not at each submit (every wake-up is a
@@ -254,6 +254,8 @@ class WriterMixin:
                 self._checkpoint()
         self._close_wconn()
 
+    _put_back = False  # the last _take_jobs left jobs in the queue
+
     def _take_jobs(self, queue) -> list[Job]:
         """Everything queued, unless foreground jobs (ingest, steps, ops submitted without
         ``background``) and background ones are both waiting. Then the foreground ones, while
@@ -268,9 +270,11 @@ class WriterMixin:
         pop = queue.popleft
         while queue:
             jobs.append(pop())
+        self._put_back = False
         background = [j for j in jobs if j.background]
         if not background or len(background) == len(jobs):
             return jobs
+        self._put_back = True
         foreground = [j for j in jobs if not j.background]
         if time.monotonic() - background[0].since >= BACKGROUND_WAIT_S:
             queue.extendleft(reversed(foreground))
