@@ -524,9 +524,9 @@ class DestinationWorker:
         ingest record, whose ACK waits for its commit (their claims and outcomes rewrite about
         one page per entry; a FIFO's, a few pages per window, share the commit of ingest: held
         back, they delayed the FIFO's next window, measured 0.49x delivered against 0.57x in
-        e2e, and drained 1,876 msg/s against 2,500). PostgreSQL: in a transaction of its own in a pool thread, so that ingest keeps
-        its one-statement autocommit path (a writer transaction holding an op takes the general
-        path: measured, ingest fell to 0.27x of the disabled case while delivering)."""
+        e2e). PostgreSQL: in a transaction of its own in a pool thread, so that ingest keeps
+        its one-statement autocommit path (a writer transaction holding an op takes the
+        general path: measured, ingest fell to 0.27x of the disabled case while delivering)."""
         d = defer.Deferred()
         reactor = self.reactor
 
