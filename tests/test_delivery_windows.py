@@ -252,10 +252,12 @@ class CountingStore:
     def __init__(self, store):
         self._store = store
         self.ops = 0
+        self.background: set[bool] = set()  # how the writer ops were submitted
 
-    def submit(self, op, callback):
+    def submit(self, op, callback, **kw):
         self.ops += 1
-        return self._store.submit(op, callback)
+        self.background.add(kw.get("background", False))
+        return self._store.submit(op, callback, **kw)
 
     def in_transaction(self, op):
         self.ops += 1
@@ -388,6 +390,54 @@ def test_a_fifo_waiting_for_its_head_is_not_woken_by_commits(store):
         time.sleep(0.3)
         looks = counting.ops - ops
         assert looks <= 1 + int(time.monotonic() - t0) and len(connector.sent) == 1
+        # a FIFO's claims and outcomes share the commit of ingest (small, and its next window
+        # waits for them); on PostgreSQL they are transactions of their own
+        assert counting.background <= {False}
+    finally:
+        reactor_thread.call(worker.stop, 1.0)
+
+
+class SizingStore(CountingStore):
+    """Records the entries of each claim and the outcomes of each group the worker writes."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.claimed: list[int] = []
+        self.groups: list[int] = []
+
+    def claim_windows_within(self, conn, *args, **kw):
+        claimed = self._store.claim_windows_within(conn, *args, **kw)
+        self.claimed.append(sum(len(w) for w in claimed.lanes))
+        return claimed
+
+    def complete_within(self, conn, owner, completions):
+        self.groups.append(len(completions))
+        return self._store.complete_within(conn, owner, completions)
+
+
+def test_keyed_lanes_claim_and_record_in_bounded_writer_ops(store):
+    """Several lanes (``ordering: key``): a claim takes at most ``KEYED_CLAIM_MAX`` entries and
+    an outcome group holds at most ``FLUSH_AT`` outcomes (SQLite: as background writer ops), however many lanes are free or how
+    many outcomes came in while the previous group was written (each such op holds the store
+    writer, and the ACKs of the ingest behind it); the keys still go out whole and in order."""
+    from engine import delivery
+
+    keys = [f"k{i % 60}" for i in range(300)]
+    _queue(store, keys)
+    sizing = SizingStore(store)
+    connector = Scripted(lambda d: Outcome(ACCEPTED, b"MSA|AA", "AA"))
+    worker = DestinationWorker("ris", _cfg("key", 4), sizing, connector, reactor_thread.reactor)
+    try:
+        assert _run(worker, lambda: worker.counters["sent"] >= 300)
+        assert reactor_thread.wait_for(lambda: worker._committed >= 300, timeout=10)
+        assert 0 < max(sizing.claimed) <= delivery.KEYED_CLAIM_MAX
+        assert 0 < max(sizing.groups) <= delivery.FLUSH_AT and sum(sizing.groups) == 300
+        if sizing.dialect == "sqlite":  # never in a transaction with ingest records
+            assert sizing.background == {True}
+        sent = [int(cid[4:]) for cid, _attempt in connector.sent]
+        for k in range(60):
+            of_key = [i for i in sent if i % 60 == k]
+            assert of_key == sorted(of_key) and len(of_key) == 5
     finally:
         reactor_thread.call(worker.stop, 1.0)
 

@@ -393,3 +393,71 @@ def test_after_batch_runs_once_per_transaction_after_its_callbacks(sqlite_url):
     box = []
     s.submit_ingest([rec("LATE")], box.append)
     assert isinstance(box[0], RuntimeError) and [e[0] for e in events] == ["after"]
+
+
+# --------------------------------------------------------------------------- background work
+
+
+def test_background_op_waits_for_the_ingest_queued_with_it(sqlite_url, monkeypatch):
+    """A background op (delivery's claims and outcomes) never shares a transaction with ingest
+    records queued at the same time, and the records go first: their ACKs wait for their own
+    commit, not for the op."""
+    from engine.store import writer as store_mod
+
+    monkeypatch.setattr(store_mod, "BACKGROUND_WAIT_S", 30.0)
+    s = Store(sqlite_url)
+    s.migrate()
+    order = []
+    gate = threading.Event()
+    s.submit(lambda c: gate.wait(5), lambda r: None)  # holds the writer while jobs queue up
+    s.start()
+    try:
+        done = threading.Event()
+
+        def seen(conn):  # in the background op's transaction: is the record committed?
+            return conn.execute(sa.text("SELECT count(*) FROM messages WHERE control_id = 'FG1'")).scalar()
+
+        s.submit(seen, lambda r: (order.append(("background", r)), done.set()), background=True)
+        s.submit_ingest([rec("FG1")], lambda r: order.append(("ingest", type(r[0]).__name__)))
+        gate.set()
+        assert done.wait(10)
+        assert order == [("ingest", "Stored"), ("background", 1)]
+    finally:
+        s.stop()
+        s.dispose()
+
+
+def test_background_op_runs_under_continuous_ingest(sqlite_url, monkeypatch):
+    """Ingest that never stops does not hold a background op back for more than about
+    ``BACKGROUND_WAIT_S``: delivery keeps its share of the writer."""
+    from engine.store import writer as store_mod
+
+    monkeypatch.setattr(store_mod, "BACKGROUND_WAIT_S", 0.05)
+    s = Store(sqlite_url)
+    s.migrate()
+    s.start()
+    stop = threading.Event()
+
+    def producer(n):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            submit_wait(s, [rec(f"P{n}-{i}")])
+
+    producers = [threading.Thread(target=producer, args=(n,), daemon=True) for n in range(4)]
+    try:
+        for t in producers:
+            t.start()
+        time.sleep(0.2)
+        for _ in range(5):
+            t0 = time.monotonic()
+            done = threading.Event()
+            s.submit(lambda c: None, lambda r: done.set(), background=True)
+            assert done.wait(5)
+            assert time.monotonic() - t0 < 2.0
+    finally:
+        stop.set()
+        for t in producers:
+            t.join(10)
+        s.stop()
+        s.dispose()
