@@ -65,15 +65,7 @@ class IngestBatcher:
         """A writer-thread op (message insert plus work in the same transaction), one Deferred,
         fired with the commit's other results (one reactor wake-up per commit, as for records)."""
         d = defer.Deferred()
-        ready = self._ready
-
-        def done(result):  # runs in the writer thread; _kick follows the commit's callbacks
-            ready.append(((d,), (result,)))
-
-        try:
-            self._store.submit(op, done)
-        except BaseException as exc:  # noqa: BLE001
-            _fire(d, exc)
+        self.add_op_call(op, _settle, d)
         return d
 
     def add_op_call(self, op, fn, *args) -> None:
@@ -144,7 +136,7 @@ def _deliver(sinks, results) -> None:
             twlog.err(None, "ingest result handler failed")
 
 
-def _fire(d, result) -> None:
+def _settle(result, d) -> None:
     if isinstance(result, BaseException):
         d.errback(result)
     else:
