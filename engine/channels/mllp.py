@@ -248,23 +248,14 @@ class MLLPChannel:
         reply.resolve(value)
 
     def _on_step_result(self, result, reply, step, msh, ack, entries, conn, now):
-        """A step op's outcome, as the Deferred path would have it: ``_step_done`` then
-        ``_stored``, or ``_store_failed`` when the store (or ``_step_done``) failed."""
-        self.ack_latency.observe(self.clock() - now)
-        try:
-            if not isinstance(result, BaseException):
-                try:
-                    result = self._step_done(result, step, msh, conn)
-                except Exception as exc:  # noqa: BLE001 - answered as a store failure
-                    result = exc
-            if isinstance(result, BaseException):
-                value = self._store_failed(Failure(result), msh, now, conn)
-            else:
-                value = self._stored(result, msh, ack, entries, conn)
-        except Exception as exc:  # noqa: BLE001 - the protocol logs it and closes
-            reply.fail(exc)
-            return
-        reply.resolve(value)
+        """A step op's outcome, as the Deferred path had it: ``_step_done`` first (its failure
+        is answered as a store failure), then as a plain record's (:meth:`_on_result`)."""
+        if not isinstance(result, BaseException):
+            try:
+                result = self._step_done(result, step, msh, conn)
+            except Exception as exc:  # noqa: BLE001
+                result = exc
+        self._on_result(result, reply, msh, ack, entries, conn, now)
 
     def _step_for(self, msh):
         if self.store is None:
