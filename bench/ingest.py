@@ -214,22 +214,22 @@ def start_minipfi(backend: str, tmp: Path, log_level: str = "info", *, label: st
     return proc, port, cleanup
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``)."""
-    with open(f"/proc/{pid}/stat") as f:
+def _stat_cpu(path: str) -> float:
+    """User + system CPU seconds in a ``/proc`` ``stat`` file."""
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``)."""
+    return _stat_cpu(f"/proc/{pid}/stat")
+
+
 def reactor_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of the process's main thread (the engine's reactor) so far; the
-    rest of :func:`cpu_seconds` is the other threads' (the store writer's, mostly)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """Of :func:`cpu_seconds`, the main thread's (the engine's reactor); the rest is the other
+    threads' (the store writer's, mostly)."""
+    return _stat_cpu(f"/proc/{pid}/task/{pid}/stat")
 
 
 def store_env(backend: str, label: str):
