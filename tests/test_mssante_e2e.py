@@ -298,8 +298,11 @@ def test_4xx_then_2xx_is_delivered_once(rig_factory):
 def test_server_down_for_a_while_then_delivered(rig_factory, pki):
     r = rig_factory(smtp_down=True)
     r.send(INIT)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 20  # the first attempt builds the mail before it connects
     st = r.eng.status()["destinations"]["mss"]
+    while not st["last_error"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        st = r.eng.status()["destinations"]["mss"]
     assert st["sent"] == 0 and st["queue_depth"] == 1 and "connection refused" in (st["last_error"] or ""), st
     r.smtp = SmtpRig(pki, port=r.smtp_port)
     (got,) = r.smtp.wait_for(1, timeout=20)
