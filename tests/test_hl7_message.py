@@ -138,6 +138,10 @@ def test_lf_file_bom_and_crlf():
     ("MSH|^~\\&|A|B|C|D|1||ADT^A01|X|P|2.5\rPID|1||9^^^H^PI||ZZ\\X00\\^AL\r", "PID-5"),
     ("MSH|^~\\&|A|B|C|D|1||ADT^A01|X|P|2.5\rPID|1||9^^^H^PI||ZZ\\X4100\\^AL\r", "PID-5"),
     ("MSH|^~\\&|A|B|C|D|1||ADT^A01|X|P|2.5\rPID|1||9^^^H^PI||ZZ\\X41\\^AL\r", None),
+    ("MSH|^~\\&|A|B|C|D|1||ADT^A01|X|P|2.5\rPID|1||9^^^H^PI||ZZ\\x00\\^AL\r", "PID-5"),
+    ("MSH|^~#&|A|B|C|D|1||ADT^A01|X|P|2.5\rPID|1||9^^^H^PI||ZZ#X00#^AL\r", "PID-5"),
+    ("MSH|^~|A|B|C|D|1||ADT^A01|X|P|2.5\rPID|1||9^^^H^PI||ZZ\\X00\\^AL\r", "PID-5"),  # "\\" by default
+    ("MSH|^~\\X|A|B|C|D|1||ADT^A01|X|P|2.5\rPID|1||9^^^H^PI||ZZ^AL\r", None),  # MSH-2's own "\\X"
     ("MSH|^~\\&|A|B|C|D|1||ADT^A01|X|P|2.5\rPID|1||9^^^H^PI||ZZ^AL\r", None),
 ])
 def test_nul_field_names_the_field_holding_a_nul(text, field):

@@ -47,6 +47,21 @@ __all__ = ["Delimiters", "Message", "Segment"]
 _DEFAULT_ENC = "^~\\&"
 
 
+def _has_hex_escape(text: str, esc: str) -> bool:
+    """Whether ``text`` holds ``esc`` followed by ``X`` or ``x`` (the start of a ``\\Xhh\\`` escape,
+    HL7 v2.5 §2.7): the answer of ``f"{esc}X" in text or f"{esc}x" in text``, cheaper.
+
+    Those two-character searches scan the text at about 1 ns a character (1.4 µs for an 800-byte
+    ADT); one character is found by ``memchr``, much faster. So when the text holds the escape
+    character once (in MSH-2: an ADT without escapes), two one-character searches answer."""
+    i = text.find(esc)
+    if i < 0:
+        return False
+    if text.find(esc, i + 1) < 0:
+        return text.startswith(("X", "x"), i + 1)
+    return f"{esc}X" in text or f"{esc}x" in text
+
+
 class Delimiters:
     """The separators of one message (MSH-1 and MSH-2) and the splits they define."""
 
@@ -165,7 +180,7 @@ class Message:
         d = self.delims = Delimiters(fs, first[4:].split(fs, 1)[0])
         self._cs, self._ss, self._esc = d.component, d.subcomponent, d.escape_char  # for ``text``
         esc = self._esc
-        self._maybe_nul = "\x00" in text or f"{esc}X" in text or f"{esc}x" in text  # for ``nul_field``
+        self._maybe_nul = "\x00" in text or _has_hex_escape(text, esc)  # for ``nul_field``
         self.charset = charset
         self.segments: list[Segment] = []
         self._by_name: dict[str, list[Segment]] = {}
