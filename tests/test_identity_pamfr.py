@@ -251,3 +251,33 @@ def test_parse_ts_offset_of_a_day_or_more_is_unreadable(raw):
     from engine.identity.pamfr import parse_ts
 
     assert parse_ts(raw) is None
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("20240306111154", datetime(2024, 3, 6, 11, 11, 54)),
+    (" 20240229235959 ", datetime(2024, 2, 29, 23, 59, 59)),
+    ("20230229111154", None),
+    ("20240306241154", None),
+    ("20240306111160", None),
+    ("00000306111154", None),
+    ("٢٠٢٤٠٣٠٦١١١١٥٤", datetime(2024, 3, 6, 11, 11, 54)),  # Arabic-Indic digits: \d and int() read them
+    ("²⁰²⁴0306111154", None),
+])
+def test_parse_ts_fourteen_digits(raw, expected):
+    from engine.identity.pamfr import parse_ts
+
+    assert parse_ts(raw) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("19850712", date(1985, 7, 12)),
+    ("1985071299", date(1985, 7, 12)),
+    ("19850230", None),
+    ("00000101", None),
+    ("١٩٨٥٠٧١٢", date(1985, 7, 12)),
+    ("¹⁹⁸⁵0712", None),
+])
+def test_parse_date8(raw, expected):
+    from engine.identity.pamfr import parse_date8
+
+    assert parse_date8(raw) == expected

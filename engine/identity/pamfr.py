@@ -97,7 +97,15 @@ def parse_ts(raw: str) -> datetime | None:
     With an offset the value is converted to UTC; without one it is kept as sent (sender local
     time). Returns None for an empty or unreadable value.
     """
-    m = _TS.match(raw.strip()) if raw else None
+    raw = raw.strip() if raw else ""
+    if len(raw) == 14 and raw.isascii() and raw.isdigit():
+        # YYYYMMDDHHMMSS, the usual form: read in one call (ISO 8601 basic format), with the
+        # range checks of ``datetime()`` below
+        try:
+            return datetime.fromisoformat(f"{raw[:8]}T{raw[8:]}")
+        except ValueError:
+            return None
+    m = _TS.match(raw) if raw else None
     if not m:
         return None
     y, mo, d, h, mi, s, frac, off = m.groups()
@@ -120,7 +128,9 @@ def parse_date8(raw: str) -> date | None:
     if len(raw) < 8 or not raw[:8].isdigit():
         return None
     try:
-        return date(int(raw[:4]), int(raw[4:6]), int(raw[6:8]))
+        if raw[:8].isascii():  # the usual case, in one call (ISO 8601 basic format)
+            return date.fromisoformat(raw[:8])
+        return date(int(raw[:4]), int(raw[4:6]), int(raw[6:8]))  # other Unicode digits
     except ValueError:
         return None
 
