@@ -1,6 +1,7 @@
 """PAM FR 2.11 ADT parsing: every ADT of the ANS corpus, field by field, plus synthetic variants."""
 from __future__ import annotations
 
+import dataclasses
 from datetime import date, datetime
 
 import pytest
@@ -281,3 +282,41 @@ def test_parse_date8(raw, expected):
     from engine.identity.pamfr import parse_date8
 
     assert parse_date8(raw) == expected
+
+
+def _models(ev) -> list:
+    """The event and every model object it holds."""
+    out = [ev]
+    for v in vars(ev).values():
+        for item in (v if isinstance(v, tuple) else (v,)):
+            if dataclasses.is_dataclass(item):
+                out.append(item)
+    return out
+
+
+READER_CASES = {
+    "corpus": lambda: (SGL / "admission.er7").read_bytes(),
+    "a31": lambda: adt("A31", used_name="SYNTH-EPOUX", status="PROV~DOUT"),
+    "a40": lambda: adt("A40", mrg="900002"),
+    "a47": lambda: adt("A47", mrg="900001", ins=None, zfa=None, zfd=None),
+}
+
+
+@pytest.mark.parametrize("case", list(READER_CASES))
+def test_reader_objects_are_the_frozen_dataclasses_init_would_build(case):
+    # the reader builds them without __init__ (model._new_frozen): same fields, in order, same
+    # equality and hash as through __init__, and still immutable
+    ev = parse_adt(READER_CASES[case]())
+    models = _models(ev)
+    assert {type(o).__name__ for o in models} >= {"IdentityEvent", "Identifier", "StrictTraits",
+                                                   "IdentityStatus"}
+    for obj in models:
+        names = [f.name for f in dataclasses.fields(obj)]
+        assert list(vars(obj)) == names
+        rebuilt = dataclasses.replace(obj)  # every field through __init__
+        assert obj == rebuilt and hash(obj) == hash(rebuilt)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, names[0], getattr(obj, names[0]))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            delattr(obj, names[-1])
+        assert "masked" in repr(obj)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime, timedelta, timezone
+from operator import itemgetter
+from typing import Callable
 
 from engine.hl7.errors import HL7Error
 from engine.hl7.message import Message, Segment
@@ -32,6 +34,7 @@ from .model import (
     InsInfo,
     ObtainedVia,
     StrictTraits,
+    _new_frozen,
 )
 
 UPSERT_TRIGGERS = frozenset(
@@ -50,45 +53,51 @@ STATUS_ATTRIBUTES = frozenset({"DOUT", "FICT"})
 LEGACY_0445 = frozenset({"VIDE", "DOUB", "DESA", "DPOT", "DOUA", "COLP", "COLV", "FILI", "CACH",
                          "ANOM", "IDVER", "RECD", "IDRA", "USUR", "HOMD", "HOMA", "INVA"})
 
+_ZFA_READ = itemgetter(1, 2, 3, 9, 10, 11, 12)  # the ZFA fields of DmpConsent
 _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?$")
 
 
-class _Leaves:
-    """Reads the leaves of one message: each repetition or field split once into components
-    (a component's sub-components once too), each leaf unescaped (HL7 v2.5 §2.7) and stripped.
-    ``at(parts, n)`` is the same value as ``Message.text(raw, n).strip()`` on the unsplit text,
-    without its splits and calls per read (about 40 reads per ADT)."""
+class _Reader:
+    """The separators of one message and its leaf readers. Each field or repetition read is split
+    once, its leaves taken by index; a leaf is unescaped (HL7 v2.5 §2.7) and stripped, the value
+    ``Message.text(raw, n).strip()`` would give, without that method's splits and calls per read
+    (about 40 leaves per ADT, read in the store writer's thread)."""
 
-    __slots__ = ("cs", "ss", "esc", "delims", "charset")
+    __slots__ = ("cs", "ss", "rs", "esc", "unescaped")
 
     def __init__(self, m: Message):
-        d = self.delims = m.delims
-        self.cs, self.ss, self.esc, self.charset = d.component, d.subcomponent, d.escape_char, m.charset
+        d = m.delims
+        self.cs, self.ss, self.rs, self.esc = d.component, d.subcomponent, d.repetition, d.escape_char
+        charset = m.charset
 
-    def comps(self, raw: str) -> list[str]:
-        return raw.split(self.cs)
+        def unescaped(v: str) -> str:
+            return d.unescape(v, charset).strip()
 
-    def subs(self, parts: list[str], n: int) -> list[str]:
-        """Sub-components of component ``n`` (1-based) of a split repetition."""
-        return parts[n - 1].split(self.ss) if n <= len(parts) else [""]
+        self.unescaped = unescaped
 
-    def at(self, parts: list[str], n: int) -> str:
-        v = parts[n - 1] if n <= len(parts) else ""
-        if self.esc in v:
-            v = self.delims.unescape(v, self.charset)
-        return v.strip()
+    def leaf(self, text: str) -> Callable[[str], str]:
+        """The leaf reader for values taken from ``text``: a plain strip when ``text`` holds no
+        escape character (the usual segment), so most leaves cost one C call."""
+        return self.unescaped if self.esc in text else str.strip
 
-    def first(self, raw: str) -> str:
-        """Component 1 of a raw field or repetition."""
-        i = raw.find(self.cs)
-        v = raw if i < 0 else raw[:i]
-        if self.esc in v:
-            v = self.delims.unescape(v, self.charset)
-        return v.strip()
+    def reps(self, raw: str) -> list[str]:
+        """Repetitions of a raw field; ``[]`` for an empty field (as ``Segment.repetitions``)."""
+        return raw.split(self.rs) if raw else []
 
 
-def _field(seg: Segment | None, n: int) -> str:
-    return seg.field(n) if seg is not None else ""
+def _parts(raw: str, sep: str, n: int) -> list[str]:
+    """At least ``n`` items: the first ``n`` parts of ``raw`` split on ``sep``, ``""`` for those not
+    sent (a longer list ends with the unsplit rest, never read)."""
+    p = raw.split(sep, n)
+    if len(p) < n:
+        p += [""] * (n - len(p))
+    return p
+
+
+def _fields(seg: Segment, n: int) -> list[str]:
+    """Fields 0 to ``n`` - 1 of ``seg`` at least, ``""`` for those not sent (as ``Segment.field``)."""
+    f = seg.fields()
+    return f if len(f) >= n else f + [""] * (n - len(f))
 
 
 def parse_ts(raw: str) -> datetime | None:
@@ -135,127 +144,147 @@ def parse_date8(raw: str) -> date | None:
         return None
 
 
-def _cx(r: _Leaves, rep: str, index: int) -> Identifier:
-    c = r.comps(rep)
-    hd = r.subs(c, 4)
-    hd_type = r.at(hd, 3)
-    universal = r.at(hd, 2)
+def _cx(r: _Reader, leaf: Callable[[str], str], rep: str, index: int) -> tuple[Identifier, str]:
+    """One CX repetition, and its CX-4.2 (HD universal id) whatever HD-3 says."""
+    c = _parts(rep, r.cs, 7)
+    hd = _parts(c[3], r.ss, 3)
+    universal = leaf(hd[1])
+    hd_type = leaf(hd[2])
     upper = hd_type.upper()
-    return Identifier(
-        value=r.at(c, 1),
-        authority_name=r.at(hd, 1),
-        authority_oid=universal if upper == "ISO" else "",
-        id_type=r.at(c, 5),
+    return _new_frozen(Identifier, {
+        "value": leaf(c[0]),
+        "authority_name": leaf(hd[0]),
+        "authority_oid": universal if upper == "ISO" else "",
+        "id_type": leaf(c[4]),
         # PAM FR: HD-3 "M" = FINESS of the legal entity, "N" = FINESS of the site.
-        finess=universal if upper in ("M", "N") else "",
-        authority_type=hd_type,
-        effective_date=r.at(c, 7),
-        rep=index,
-    )
+        "finess": universal if upper in ("M", "N") else "",
+        "authority_type": hd_type,
+        "effective_date": leaf(c[6]),
+        "rep": index,
+    }), universal
 
 
-def _traits(r: _Leaves, pid: Segment) -> StrictTraits:
+def _traits(r: _Reader, leaf: Callable[[str], str], pid: list[str]) -> StrictTraits:
+    cs = r.cs
     birth_name = first_given = used_name = used_given = ""
     given: tuple[str, ...] = ()
     name_rep = None
-    for i, rep in enumerate(pid.repetitions(5), start=1):
-        c = r.comps(rep)
-        xpn7 = r.at(c, 7)
+    # An empty field splits into one empty repetition, which matches nothing below.
+    for i, rep in enumerate(pid[5].split(r.rs), start=1):
+        c = _parts(rep, cs, 7)
+        xpn7 = leaf(c[6])
         # PAM FR 2.11 / INS: XPN-7 "L" = birth name (nom de naissance); XPN-2 first birth given
         # name; XPN-3 = the list of birth given names, space separated (IHE PAM France 2.11, PID-5).
         if xpn7 == "L" and name_rep is None:
             name_rep = i
-            birth_name = r.at(r.subs(c, 1), 1)
-            first_given = r.at(c, 2)
-            given = tuple(p for p in r.at(c, 3).split(" ") if p)
+            birth_name = leaf(c[0].split(r.ss, 1)[0])
+            first_given = leaf(c[1])
+            given = tuple(filter(None, leaf(c[2]).split(" ")))
         elif xpn7 == "D" and not used_name:
             # XPN-7 "D" = used name (nom utilisé), with the used given name in XPN-2.
-            used_name = r.at(r.subs(c, 1), 1)
-            used_given = r.at(c, 2)
-    raw_birth = r.first(pid.field(7))
+            used_name = leaf(c[0].split(r.ss, 1)[0])
+            used_given = leaf(c[1])
+    raw_birth = leaf(pid[7].split(cs, 1)[0])
     cog, bp_rep = "", None
-    for i, rep in enumerate(pid.repetitions(11), start=1):
+    for i, rep in enumerate(pid[11].split(r.rs), start=1):
         # PAM FR: birth place = the PID-11 repetition with XAD-7 "BDL", XAD-9 = INSEE COG code.
-        c = r.comps(rep)
-        if r.at(c, 7) == "BDL":
-            cog, bp_rep = r.at(c, 9), i
+        c = _parts(rep, cs, 9)
+        if leaf(c[6]) == "BDL":
+            cog, bp_rep = leaf(c[8]), i
             break
-    return StrictTraits(
-        birth_name=birth_name,
-        first_given_name=first_given,
-        given_names=given,
-        used_name=used_name,
-        used_given_name=used_given,
-        birth_date=parse_date8(raw_birth) if len(raw_birth) >= 8 else None,
-        birth_date_raw=raw_birth,
-        sex=r.first(pid.field(8)),
-        birth_place_cog=cog,
-        name_rep=name_rep,
-        birth_place_rep=bp_rep,
-    )
+    return _new_frozen(StrictTraits, {
+        "birth_name": birth_name,
+        "first_given_name": first_given,
+        "given_names": given,
+        "used_name": used_name,
+        "used_given_name": used_given,
+        "birth_date": parse_date8(raw_birth) if len(raw_birth) >= 8 else None,
+        "birth_date_raw": raw_birth,
+        "sex": leaf(pid[8].split(cs, 1)[0]),
+        "birth_place_cog": cog,
+        "name_rep": name_rep,
+        "birth_place_rep": bp_rep,
+    })
 
 
-def _status(r: _Leaves, pid: Segment) -> IdentityStatus:
-    raw = tuple(v for v in map(r.first, pid.repetitions(32)) if v)
-    upper = [v.upper() for v in raw]
-    code = next((c for c in RNIV_STATUSES if c in upper), "")
-    if not code:
+def _status(r: _Reader, leaf: Callable[[str], str], pid32: str) -> IdentityStatus:
+    cs = r.cs
+    raw = tuple(filter(None, [leaf(rep.split(cs, 1)[0]) for rep in pid32.split(r.rs)]))  # empty ones out
+    upper = list(map(str.upper, raw))
+    for code in RNIV_STATUSES:  # an RNIV status wins over any other code sent with it
+        if code in upper:
+            break
+    else:
         code = next((c for c in upper if c not in STATUS_ATTRIBUTES), "")
-    attrs = frozenset(c for c in upper if c in STATUS_ATTRIBUTES)
-    return IdentityStatus(code=code, attributes=attrs, raw=raw)
+    return _new_frozen(IdentityStatus, {
+        "code": code, "attributes": STATUS_ATTRIBUTES.intersection(upper), "raw": raw,
+    })
 
 
-def _firsts(r: _Leaves, seg: Segment, wanted: tuple[int, ...]) -> dict[int, str]:
-    """Component 1 of the fields ``wanted`` of ``seg`` (``""`` for fields not sent)."""
-    f = seg.fields()
-    n = len(f)
-    first = r.first
-    return {i: first(f[i]) if i < n else "" for i in wanted}
+def _firsts(cs: str, leaf: Callable[[str], str], values: tuple[str, ...]) -> list[str]:
+    """Component 1 of each of the raw fields ``values`` (most hold no component separator: no split)."""
+    return [leaf(v.split(cs, 1)[0] if cs in v else v) for v in values]
 
 
-def _consent(r: _Leaves, m: Message) -> DmpConsent | None:
+def _consent(r: _Reader, m: Message) -> DmpConsent | None:
     zfa = m.segment("ZFA")
     if zfa is None:
         return None
-    f = _firsts(r, zfa, (1, 2, 3, 9, 10, 11, 12))
-    return DmpConsent(
-        dmp_status=f[1], dmp_status_date=f[2], dmp_closing_date=f[3],
-        feeding_opposition=f[9], feeding_opposition_date=f[10],
-        consultation_consent=f[11], consultation_consent_date=f[12],
-    )
+    status, status_date, closing, feeding, feeding_date, consult, consult_date = \
+        _firsts(r.cs, r.leaf(zfa.raw), _ZFA_READ(_fields(zfa, 13)))
+    return _new_frozen(DmpConsent, {
+        "dmp_status": status, "dmp_status_date": status_date, "dmp_closing_date": closing,
+        "feeding_opposition": feeding, "feeding_opposition_date": feeding_date,
+        "consultation_consent": consult, "consultation_consent_date": consult_date,
+    })
 
 
-def _zfd(r: _Leaves, m: Message) -> ObtainedVia | None:
+def _zfd(r: _Reader, m: Message) -> ObtainedVia | None:
     zfd = m.segment("ZFD")
     if zfd is None:
         return None
-    f = _firsts(r, zfd, (3, 4, 5, 6, 7, 8))
+    f, leaf = _fields(zfd, 9), r.leaf(zfd.raw)
+    sms, corrected, mode, insi_raw, doc_type, doc_expiry = _firsts(r.cs, leaf, f[3:9])
     # ZFD-1 "date lunaire": kept raw; it may be sent as one date (YYYYMMDD) or as components
     # (day^month^year) [UNVERIFIED against the PAM FR PDF]; see ins.birth_date_has_zero_part.
-    lunar_raw = zfd.value(1).strip()
-    insi_raw = f[6]
-    return ObtainedVia(
-        mode=f[5],
-        insi_query_date=parse_date8(insi_raw),
-        insi_query_date_raw=insi_raw,
-        lunar_birth_date=lunar_raw if lunar_raw.strip(m.delims.component) else "",
-        sms_consent=f[3],
-        corrected_birth_date=f[4],
-        id_document_type=f[7],
-        id_document_expiry=f[8],
-    )
+    lunar_raw = leaf(f[1])
+    return _new_frozen(ObtainedVia, {
+        "mode": mode,
+        "insi_query_date": parse_date8(insi_raw),
+        "insi_query_date_raw": insi_raw,
+        "lunar_birth_date": lunar_raw if lunar_raw.strip(r.cs) else "",
+        "sms_consent": sms,
+        "corrected_birth_date": corrected,
+        "id_document_type": doc_type,
+        "id_document_expiry": doc_expiry,
+    })
 
 
-def _mrg_identifier(r: _Leaves, m: Message, trigger: str) -> Identifier:
+def _mrg_identifier(r: _Reader, m: Message, trigger: str) -> Identifier:
     mrg = m.segment("MRG")
     if mrg is None:
         raise IdentityError("100", "MRG", "MRG-REQUIRED", f"{trigger} requires an MRG segment")
-    reps = mrg.repetitions(1)
-    ids = [_cx(r, rep, i) for i, rep in enumerate(reps, start=1)]
+    leaf = r.leaf(mrg.raw)
+    ids = [_cx(r, leaf, rep, i)[0] for i, rep in enumerate(r.reps(mrg.field(1)), start=1)]
     ids = [i for i in ids if i.value]
     if not ids:
         raise IdentityError("101", "MRG-1", "MRG-IDENTIFIER", "MRG-1 has no identifier")
     return next((i for i in ids if i.id_type == "PI"), ids[0])
+
+
+def _kind(msg_type: str, trigger: str) -> str:
+    """The event family of a trigger (see the module docstring)."""
+    if msg_type != "ADT":
+        return "passthrough"
+    if trigger in UPSERT_TRIGGERS:
+        return "upsert"
+    if trigger in DELETE_TRIGGERS:
+        return "delete"
+    if trigger in MERGE_TRIGGERS:
+        return "merge"
+    if trigger in CHANGE_ID_TRIGGERS:
+        return "change_id"
+    return "passthrough"
 
 
 def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
@@ -275,49 +304,50 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
     where = m.nul_field()  # the registry's text columns cannot hold a NUL
     if where is not None:
         raise IdentityError("102", where, "NUL", f"{where} contains a NUL character")
-    r = _Leaves(m)
-    msh = m.segment("MSH")
-    msh9 = r.comps(_field(msh, 9))
-    msg_type = r.at(msh9, 1)
-    trigger = r.at(msh9, 2)
-    control_id = r.first(_field(msh, 10))
+    r = _Reader(m)
+    cs = r.cs
+    msh_seg = m.segment("MSH")
+    msh = _fields(msh_seg, 11) if msh_seg is not None else [""] * 11
+    msh_leaf = r.leaf(msh[7] + msh[9] + msh[10])  # not MSH-2, which holds the escape character
+    msh9 = _parts(msh[9], cs, 2)
+    msg_type = msh_leaf(msh9[0])
+    trigger = msh_leaf(msh9[1])
+    control_id = msh_leaf(msh[10].split(cs, 1)[0])
     evn = m.segment("EVN")
     # Event ordering time: EVN-2 (recorded date/time), else MSH-7 (HL7 v2.5 chapter 3, segment EVN).
-    ts_raw = r.first(_field(evn, 2)) or r.first(_field(msh, 7))
-    common = dict(trigger=trigger, message_type=msg_type, control_id=control_id,
-                  event_time=parse_ts(ts_raw), event_time_raw=ts_raw)
+    ts_raw = r.unescaped(evn.field(2).split(cs, 1)[0]) if evn is not None else ""
+    ts_raw = ts_raw or msh_leaf(msh[7].split(cs, 1)[0])
+    event_time = parse_ts(ts_raw)
 
-    if msg_type != "ADT":
-        return IdentityEvent(kind="passthrough", **common)
-    if trigger in UPSERT_TRIGGERS:
-        kind = "upsert"
-    elif trigger in DELETE_TRIGGERS:
-        kind = "delete"
-    elif trigger in MERGE_TRIGGERS:
-        kind = "merge"
-    elif trigger in CHANGE_ID_TRIGGERS:
-        kind = "change_id"
-    else:
-        return IdentityEvent(kind="passthrough", **common)
-
-    pid = m.segment("PID")
-    if pid is None:
+    kind = _kind(msg_type, trigger)
+    if kind == "passthrough":
+        return IdentityEvent(kind=kind, trigger=trigger, message_type=msg_type, control_id=control_id,
+                             event_time=event_time, event_time_raw=ts_raw)
+    pid_seg = m.segment("PID")
+    if pid_seg is None:
         raise IdentityError("100", "PID", "PID-REQUIRED", f"ADT^{trigger} has no PID segment")
-    pid3 = pid.repetitions(3)
-    identifiers = tuple(_cx(r, rep, i) for i, rep in enumerate(pid3, start=1))
-    # PAM FR: the IPP is the PID-3 repetition with CX-5 = PI.
-    ipp = next((i for i in identifiers if i.id_type == "PI" and i.value), None)
+    pid = _fields(pid_seg, 33)
+    leaf = r.leaf(pid_seg.raw)
+    identifiers: list[Identifier] = []
+    ipp = ins = None
+    ins_count = 0
+    for i, rep in enumerate(r.reps(pid[3]), start=1):
+        cx, universal = _cx(r, leaf, rep, i)
+        identifiers.append(cx)
+        # PAM FR: the IPP is the (first) PID-3 repetition with CX-5 = PI.
+        if ipp is None and cx.id_type == "PI" and cx.value:
+            ipp = cx
+        # PAM FR / CI-SIS: the INS matricule is the PID-3 repetition with CX-5 = INS; its OID is
+        # CX-4.2 (HD universal id), whatever HD-3 says.
+        if cx.id_type == "INS" and cx.value:
+            ins_count += 1
+            if ins is None:
+                ins = _new_frozen(InsInfo, {
+                    "value": cx.value, "oid": universal, "kind": INS_KIND_BY_OID.get(universal, "UNKNOWN"),
+                    "effective_date": cx.effective_date, "rep": i,
+                })
     if ipp is None:
         raise IdentityError("101", "PID-3", "IPP-REQUIRED", "PID-3 has no identifier of type PI")
-    # PAM FR / CI-SIS: the INS matricule is the PID-3 repetition with CX-5 = INS.
-    ins_ids = [i for i in identifiers if i.id_type == "INS" and i.value]
-    ins = None
-    if ins_ids:
-        first = ins_ids[0]
-        # The OID is CX-4.2 (HD universal id), whatever HD-3 says.
-        oid = r.at(r.subs(r.comps(pid3[first.rep - 1]), 4), 2)
-        ins = InsInfo(value=first.value, oid=oid, kind=INS_KIND_BY_OID.get(oid, "UNKNOWN"),
-                      effective_date=first.effective_date, rep=first.rep)
 
     merge_from = old_ipp = None
     if kind == "merge":
@@ -325,17 +355,21 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
     elif kind == "change_id":
         old_ipp = _mrg_identifier(r, m, trigger)
 
-    return IdentityEvent(
-        kind=kind,
-        ipp=ipp,
-        identifiers=identifiers,
-        ins=ins,
-        ins_count=len(ins_ids),
-        traits=_traits(r, pid),
-        status=_status(r, pid),
-        consent=_consent(r, m),
-        zfd=_zfd(r, m),
-        merge_from=merge_from,
-        old_ipp=old_ipp,
-        **common,
-    )
+    return _new_frozen(IdentityEvent, {
+        "trigger": trigger,
+        "kind": kind,
+        "message_type": msg_type,
+        "event_time": event_time,
+        "event_time_raw": ts_raw,
+        "control_id": control_id,
+        "ipp": ipp,
+        "identifiers": tuple(identifiers),
+        "ins": ins,
+        "ins_count": ins_count,
+        "traits": _traits(r, leaf, pid),
+        "status": _status(r, leaf, pid[32]),
+        "consent": _consent(r, m),
+        "zfd": _zfd(r, m),
+        "merge_from": merge_from,
+        "old_ipp": old_ipp,
+    })
