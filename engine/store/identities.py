@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection
 from engine.identity.ins import InsPolicy, check_identity, ins_decision
 from engine.identity.model import Identifier, IdentityEvent, InsInfo, Violation
 
-from .held_writes import HeldWrites
+from .held_writes import HeldWrites, bulk
 
 identity_metadata = sa.MetaData()
 
@@ -260,12 +260,13 @@ _DELETE_INS_OF_IDENTITY = _ii.delete().where(_ii.c.identity_id == _B("identity_i
                                              _ii.c.type == "INS")
 _DELETE_OTHER_INS = _ii.delete().where(_ii.c.identity_id == _B("identity_id"), _ii.c.type == "INS",
                                        _ii.c.id != _B("keep_id"))
-_INSERT_IDENTIFIER = _ii.insert().values(identity_id=_B("identity_id"), value=_B("value"),
-                                         authority=_B("authority"), type=_B("type"))
-_INSERT_HISTORY = _hist.insert().values(
-    identity_id=_B("identity_id"), at=_B("at"), event_time=_B("event_time"),
-    trigger=_B("trigger"), control_id=_B("control_id"), message_id=_B("message_id"),
-    action=_B("action"), change=_B("change", type_=_hist.c.change.type), note=_B("note"))
+_INSERT_IDENTIFIER = bulk(_ii.insert().values(identity_id=_B("identity_id"), value=_B("value"),
+                                              authority=_B("authority"), type=_B("type")),
+                          _ii, [(c, c) for c in ("identity_id", "value", "authority", "type")])
+_HISTORY_COLS = ("identity_id", "at", "event_time", "trigger", "control_id", "message_id", "action",
+                 "change", "note")
+_INSERT_HISTORY = bulk(_hist.insert().values({c: _B(c, type_=_hist.c[c].type) for c in _HISTORY_COLS}),
+                       _hist, [(c, c) for c in _HISTORY_COLS])
 _CHANGE_IPP = _ii.update().where(
     _ii.c.identity_id == _B("of_identity"), _ii.c.type == "PI", _ii.c.value == _B("old_value"),
     _ii.c.authority == _B("old_authority")).values(value=_B("new_value"),
@@ -328,8 +329,9 @@ def _update_identity(conn: Connection, identity_id: int, values: dict) -> None:
     keys = tuple(values)
     stmt = _UPDATE_BY_KEYS.get(keys)
     if stmt is None:
-        stmt = _idt.update().where(_idt.c.id == _B("_id")).values(
-            {k: _B("v_" + k, type_=_idt.c[k].type) for k in keys})
+        stmt = bulk(_idt.update().where(_idt.c.id == _B("_id")).values(
+            {k: _B("v_" + k, type_=_idt.c[k].type) for k in keys}),
+            _idt, [("id", "_id")] + [(k, "v_" + k) for k in keys], key="id")
         _UPDATE_BY_KEYS[keys] = stmt
     params = {"v_" + k: v for k, v in values.items()}
     params["_id"] = identity_id
@@ -346,7 +348,8 @@ def _insert_identity(conn: Connection, values: dict) -> int:
     keys = tuple(values)
     stmt = _INSERT_BY_KEYS.get(keys)
     if stmt is None:
-        stmt = _idt.insert().values({k: _B("v_" + k, type_=_idt.c[k].type) for k in keys})
+        stmt = bulk(_idt.insert().values({k: _B("v_" + k, type_=_idt.c[k].type) for k in keys}),
+                    _idt, [(k, "v_" + k) for k in keys])
         _INSERT_BY_KEYS[keys] = stmt
     params = {"v_" + k: v for k, v in values.items()}
     if new_id is not None:
