@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, Callable
 
 from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, Integer, String, Text
@@ -110,10 +111,14 @@ class HeldWrites:
             if form is None:
                 conn.execute(stmt, params if len(params) > 1 else params[0])
             else:
-                sql, binds, positional = form
+                sql, binds, positional, values_of, procs = form
                 if positional:
-                    rows = [tuple(proc(ps[name]) if proc else ps[name] for name, proc in binds)
-                            for ps in params]
+                    rows = [values_of(ps) for ps in params]
+                    if procs:
+                        for k, row in enumerate(rows):
+                            row = rows[k] = list(row)
+                            for x, proc in procs:
+                                row[x] = proc(row[x])
                 else:
                     rows = [{name: proc(ps[name]) if proc else ps[name] for name, proc in binds}
                             for ps in params]
@@ -125,9 +130,11 @@ class HeldWrites:
 
 
 def _driver_form(stmt, dialect):
-    """``stmt`` compiled once for the driver: (SQL, [(bind name, processor)], positional), so
-    that a group is one DBAPI ``executemany`` without SQLAlchemy's per-row parameter handling
-    (the same type processors, applied here); None when a bind carries a value of its own."""
+    """``stmt`` compiled once for the driver: (SQL, [(bind name, processor)], positional, the
+    positional values of a parameter dict, [(position, processor)]), so that a group is one
+    DBAPI ``executemany`` without SQLAlchemy's per-row parameter handling (the same type
+    processors, applied here: a row's values taken by one ``itemgetter``, then converted only
+    where a column has a processor); None when a bind carries a value of its own."""
     c = stmt.compile(dialect=dialect, for_executemany=True)
     if c.escaped_bind_names or c.literal_execute_params or c.post_compile_params:
         return None
@@ -141,7 +148,10 @@ def _driver_form(stmt, dialect):
         if proc is not None and isinstance(t, (DateTime, Date)):
             proc = _last_value_memo(proc)
         binds.append((n, proc))
-    return (c.string, binds, c.positional)
+    get = itemgetter(*names) if names else (lambda _ps: ())
+    values_of = get if len(names) != 1 else (lambda ps: (get(ps),))
+    procs = [(x, proc) for x, (_n, proc) in enumerate(binds) if proc is not None]
+    return (c.string, binds, c.positional, values_of, procs)
 
 
 def _bulk_sql(stmt, dialect):
