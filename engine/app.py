@@ -157,7 +157,7 @@ class Engine:
         """Pruning in its own thread; its writer ops go through the reactor (see Pruner)."""
         from engine.retention.prune import Pruner, RetentionThread
 
-        submit = lambda op, cb: self.reactor.callFromThread(self.store.submit, op, cb)  # noqa: E731
+        submit = lambda op, cb, **kw: self.reactor.callFromThread(self.store.submit, op, cb, **kw)  # noqa: E731
         self.retention = RetentionThread(Pruner(self.store, lambda: self.config, submit=submit))
         self.retention.start()
 

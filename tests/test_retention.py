@@ -136,6 +136,22 @@ def test_defaults_prune_nothing_and_window_and_channels_bound_it(store):
     assert old not in ids(store)
 
 
+def test_prune_ops_are_background_jobs_of_the_writer(store):
+    """No ACK waits for retention: each of its writer ops is submitted as a background job, which
+    the writer never puts in a transaction with ingest."""
+    old = add(store, "OLD", 100)
+    add(store, "NEWER", 1)
+    seen = []
+
+    def submit(op, callback, **kw):
+        seen.append(kw)
+        store.submit(op, callback, **kw)
+
+    detail = Pruner(store, lambda: config("{messages: 90d}"), submit=submit).run()
+    assert detail["counts"]["messages"] == 1 and old not in ids(store)
+    assert seen and all(kw == {"background": True} for kw in seen)
+
+
 def test_delivery_history_goes_messages_stay(store):
     done = add(store, "DONE", 100)
     err = add(store, "ERR", 100, "error")

@@ -71,8 +71,10 @@ def policies(config) -> list[tuple[tuple, Policy]]:
 
 
 class Pruner:
-    """One run at a time; ``submit(op, callback)`` hands writer ops to the store (the engine
-    passes them through the reactor thread, which owns the writer's submit counters)."""
+    """One run at a time; ``submit(op, callback, background=True)`` hands writer ops to the
+    store (the engine passes them through the reactor thread, which owns the writer's submit
+    counters). They are background jobs: no ACK waits for them, so a prune op that deletes
+    thousands of rows never shares a transaction with ingest (``WriterMixin._take_jobs``)."""
 
     def __init__(self, store, config_fn: Callable[[], object], *,
                  submit: Callable | None = None):
@@ -91,7 +93,7 @@ class Pruner:
             box.append(value)
             done.set()
 
-        self.submit(op, callback)
+        self.submit(op, callback, background=True)
         done.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
