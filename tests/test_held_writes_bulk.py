@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from engine.store import held_writes
 from engine.store.held_writes import HeldWrites, bulk
+from engine.store.sql import json_text
 
 meta = sa.MetaData()
 things = sa.Table(
@@ -45,7 +46,7 @@ ROWS = [
 
 @pytest.fixture
 def pg(pg_url):
-    eng = sa.create_engine(pg_url, json_serializer=held_writes._bulk_text)
+    eng = sa.create_engine(pg_url, json_serializer=json_text)
     meta.create_all(eng)
     yield eng
     eng.dispose()
@@ -68,8 +69,8 @@ def _apply(eng, stmt, params: list) -> None:
 
 def test_an_insert_group_is_one_statement_with_the_rows_of_executemany(pg, monkeypatch):
     sent = []
-    real = held_writes._bulk_rows
-    monkeypatch.setattr(held_writes, "_bulk_rows",
+    real = held_writes._bulk_statement
+    monkeypatch.setattr(held_writes, "_bulk_statement",
                         lambda *a: sent.append(a[0]) or real(*a))
     _apply(pg, INSERT, [dict(r) for r in ROWS])
     assert sent == [INSERT]
@@ -96,8 +97,8 @@ def test_an_update_group_updates_each_row(pg):
 def test_groups_one_statement_cannot_write_go_row_by_row(pg, case, monkeypatch):
     _apply(pg, INSERT_MANY, [dict(r) for r in ROWS])
     used = []
-    real = held_writes._bulk_rows
-    monkeypatch.setattr(held_writes, "_bulk_rows", lambda *a: used.append(real(*a)) or used[-1])
+    real = held_writes._bulk_statement
+    monkeypatch.setattr(held_writes, "_bulk_statement", lambda *a: used.append(real(*a)) or used[-1])
     if case == "same_row_twice":  # one UPDATE ... FROM would apply only one of them
         _apply(pg, UPDATE, [{"_id": 1, "v_name": "first", "v_doc": {}},
                             {"_id": 1, "v_name": "second", "v_doc": {"n": 2}}])

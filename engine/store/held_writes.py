@@ -25,13 +25,14 @@ each: the identity's UPDATE and its history row).
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from operator import itemgetter
 from typing import Any, Callable
 
 from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, Integer, String, Text
 from sqlalchemy.engine import Connection
+
+from .sql import json_text
 
 
 # Per statement (the callers' statements are built once: a few hundred variants at most).
@@ -99,9 +100,9 @@ class HeldWrites:
                 j += 1
             params = [h[2] for h in held[i:j]]
             if len(params) > 1 and stmt in _BULK and conn.dialect.name == "postgresql":
-                rows = _bulk_rows(stmt, params, conn.dialect)
-                if rows is not None:
-                    cur.execute(_BULK_SQL[stmt][0], (rows,))
+                one = _bulk_statement(stmt, params, conn.dialect)
+                if one is not None:
+                    cur.execute(*one)
                     i = j
                     continue
             key = (stmt, conn.dialect.name)
@@ -176,16 +177,12 @@ def _bulk_sql(stmt, dialect):
     return form
 
 
-_bulk_text = json.JSONEncoder().encode  # as the store's JSON columns (see Store)
-
-
-def _bulk_rows(stmt, params: list, dialect) -> str | None:
-    """The group's rows as the JSON array of :func:`_bulk_sql`'s statement, or None when the
-    one-statement form would not write exactly what ``executemany`` writes: an UPDATE of the
-    same row twice (one statement updates it once), a JSON column's None (written as JSON
-    ``null`` by SQLAlchemy, SQL NULL here), a date-time with a time zone."""
-    form = _BULK_SQL.get(stmt) or _bulk_sql(stmt, dialect)
-    _sql, kinds, key_bind = form
+def _bulk_statement(stmt, params: list, dialect) -> tuple[str, tuple[str]] | None:
+    """(SQL, (the group's rows as one JSON array,)): the group in one statement; or None when
+    that statement would not write exactly what ``executemany`` writes: an UPDATE of the same
+    row twice (one statement updates it once), a JSON column's None (written as JSON ``null``
+    by SQLAlchemy, SQL NULL here), a date-time with a time zone."""
+    sql, kinds, key_bind = _BULK_SQL.get(stmt) or _bulk_sql(stmt, dialect)
     if key_bind is not None and len({ps[key_bind] for ps in params}) < len(params):
         return None
     rows = []
@@ -201,7 +198,7 @@ def _bulk_rows(stmt, params: list, dialect) -> str | None:
                 return None
             row[col] = v
         rows.append(row)
-    return _bulk_text(rows)
+    return sql, (json_text(rows),)
 
 
 def _last_value_memo(proc):

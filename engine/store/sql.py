@@ -3,9 +3,16 @@ row builders, and small helpers about database errors and times.
 """
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
+
+# JSON columns: json.dumps's text (same encoder settings) without its per-call keyword
+# handling (1.3 against 1.7 us for ``{}``; an identity update writes two or three). The store's
+# engines serialise with it, and so do the PostgreSQL held writes that send rows as one JSON
+# array: the same text either way.
+json_text = json.JSONEncoder().encode
 
 
 
