@@ -80,10 +80,6 @@ class _Reader:
         escape character (the usual segment), so most leaves cost one C call."""
         return self.unescaped if self.esc in text else str.strip
 
-    def reps(self, raw: str) -> list[str]:
-        """Repetitions of a raw field; ``[]`` for an empty field (as ``Segment.repetitions``)."""
-        return raw.split(self.rs) if raw else []
-
 
 def _parts(raw: str, sep: str, n: int) -> list[str]:
     """At least ``n`` items: the first ``n`` parts of ``raw`` split on ``sep``, ``""`` for those not
@@ -265,7 +261,7 @@ def _mrg_identifier(r: _Reader, m: Message, trigger: str) -> Identifier:
     if mrg is None:
         raise IdentityError("100", "MRG", "MRG-REQUIRED", f"{trigger} requires an MRG segment")
     leaf = r.leaf(mrg.raw)
-    ids = [_cx(r, leaf, rep, i)[0] for i, rep in enumerate(r.reps(mrg.field(1)), start=1)]
+    ids = [_cx(r, leaf, rep, i)[0] for i, rep in enumerate(mrg.repetitions(1), start=1)]
     ids = [i for i in ids if i.value]
     if not ids:
         raise IdentityError("101", "MRG-1", "MRG-IDENTIFIER", "MRG-1 has no identifier")
@@ -331,7 +327,7 @@ def parse_adt(raw: bytes | str, codec: str = "utf-8") -> IdentityEvent:
     identifiers: list[Identifier] = []
     ipp = ins = None
     ins_count = 0
-    for i, rep in enumerate(r.reps(pid[3]), start=1):
+    for i, rep in enumerate(pid_seg.delims.repetitions(pid[3]), start=1):
         cx, universal = _cx(r, leaf, rep, i)
         identifiers.append(cx)
         # PAM FR: the IPP is the (first) PID-3 repetition with CX-5 = PI.
