@@ -4,6 +4,7 @@ marked handled, CLI search, the status endpoint's probes, JSON errors and header
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -155,6 +156,13 @@ def test_operations(tmp_path, db_url):
         assert 'minipfi_deliveries_total{destination="ris",outcome="error"} 2.0' in text
         assert 'minipfi_deliveries_total{destination="archive",outcome="sent"} 3.0' in text
         assert "minipfi_store_commit_seconds_count" in text and "minipfi_store_up 1.0" in text
+        if db_url is None:  # SQLite: the WAL's length and its checkpoints
+            assert re.search(r"^minipfi_store_wal_frames \d+\.0$", text, re.M), text
+            assert re.search(r"^minipfi_store_checkpoints_total \d+\.0$", text, re.M), text
+            assert "minipfi_store_checkpoint_seconds_total" in text
+            assert "minipfi_store_checkpoint_failures_total 0.0" in text
+        else:
+            assert "minipfi_store_wal_frames" not in text
         for canary in PHI_CANARIES + ("BAD-1", "OK-1"):   # no patient data, no message field
             assert canary not in text, canary
             assert canary not in json.dumps(status(eng))

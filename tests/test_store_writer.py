@@ -328,35 +328,6 @@ def test_linger_wakes_when_the_target_is_reached(sqlite_url):
         s.dispose()
 
 
-def test_checkpoints_keep_the_wal_below_the_journal_size_limit(sqlite_url, monkeypatch):
-    """The WAL is checkpointed by its estimated size (pages, not only message bytes), so it stays
-    below journal_size_limit and is overwritten from its start rather than grown (an appending
-    WAL makes every commit's fdatasync also journal the file size)."""
-    from engine.store import writer as store_mod
-
-    monkeypatch.setattr(store_mod, "CHECKPOINT_FORCE_BYTES", 4 * 1024 * 1024)
-    s = Store(sqlite_url)
-    s.migrate()
-    s.linger = 0
-    s.start()
-    try:
-        big = b"MSH|^~\\&|A|F|R|RF|20250101||ADT^A01|%s|P|2.5\rPID|1||X\r"
-        path = sa.engine.make_url(sqlite_url).database + "-wal"
-        for n in range(800):
-            recs = [IngestRecord("ch", big % f"W{n}-{i}".encode(), time.time(), "A", "F", "R", "RF",
-                                 "ADT^A01", f"W{n}-{i}", "2.5", "", "routed", b"ACK", "AA",
-                                 entries=[EntrySpec("dest", "route")]) for i in range(8)]
-            assert isinstance(submit_wait(s, recs)[0], Stored)
-        assert 0 < s._ckpt_bytes < store_mod.CHECKPOINT_FORCE_BYTES
-        assert os.path.getsize(path) < store_mod.JOURNAL_SIZE_LIMIT
-        # 800 commits of 8 small records: about 7 frames each, i.e. 23 MB of WAL without the
-        # checkpoints; with them the file stays near the (here 4 MiB) threshold
-        assert os.path.getsize(path) <= store_mod.CHECKPOINT_FORCE_BYTES + 2 * 1024 * 1024
-    finally:
-        s.stop()
-        s.dispose()
-
-
 def test_after_batch_runs_once_per_transaction_after_its_callbacks(sqlite_url):
     """The hook that lets the engine hand a commit's results to the reactor in one wake-up runs
     in the writer thread after every callback of the transaction, once per transaction, and

@@ -55,6 +55,7 @@ class EngineCollector:
         if store is not None:
             yield _histogram("minipfi_store_commit_seconds", "Duration of the writer's transactions",
                              [], [([], store.commit_time)])
+            yield from _checkpoints(store.checkpoint_stats())
         yield self._certificates(eng)
         yield _alerts(eng)
         reload_ok = GaugeMetricFamily("minipfi_config_last_reload_ok",
@@ -154,3 +155,25 @@ def registry_for(collector: EngineCollector) -> CollectorRegistry:
 def render(registry: CollectorRegistry) -> bytes:
     """The Prometheus text exposition of one scrape (run it off the reactor: it reads the store)."""
     return generate_latest(registry)
+
+
+def _checkpoints(stats):
+    """SQLite: the WAL's length and the writer's checkpoints since start (engine.store.writer)."""
+    if stats is None:
+        return
+    if stats["wal_frames"] is not None:
+        frames = GaugeMetricFamily("minipfi_store_wal_frames",
+                                   "SQLite: pages in the write-ahead log since its last restart")
+        frames.add_metric([], stats["wal_frames"])
+        yield frames
+    runs = CounterMetricFamily("minipfi_store_checkpoints", "SQLite: checkpoints run since start")
+    runs.add_metric([], stats["checkpoints"])
+    yield runs
+    took = CounterMetricFamily("minipfi_store_checkpoint_seconds",
+                               "SQLite: time the writer spent in checkpoints since start")
+    took.add_metric([], stats["seconds"])
+    yield took
+    failed = CounterMetricFamily("minipfi_store_checkpoint_failures",
+                                 "SQLite: checkpoints that failed since start (see the logs)")
+    failed.add_metric([], stats["failed"])
+    yield failed

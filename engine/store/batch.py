@@ -30,7 +30,7 @@ from .sql import (
     entry_row,
 )
 
-from .writer import PG_ID_BLOCK, SQLITE_PAGE_SIZE, WAL_PAGES_PER_COMMIT, WAL_PAGES_PER_RECORD, Job
+from .writer import PG_ID_BLOCK, Job
 
 
 class BatchMixin:
@@ -109,7 +109,6 @@ class BatchMixin:
                                    "e": dumps(entry_rows)})
             inserted = {r[0] for r in cur.fetchall()}
             self._phase_commit = False
-            self._ckpt_bytes += sum(len(r[M_RAW]) for r in msg_rows)
             for j, i, rec, row in first:
                 if row[M_ID] in inserted:
                     results[j][i] = Stored(row[M_ID])
@@ -200,7 +199,6 @@ class BatchMixin:
         entry_rows = []
         event_rows = []
         pending_ids: list = []  # message rows whose id is allocated after the loop
-        nbytes = 0
         for j, rec, sha, key in prepared:
             status = rec.status
             ack = rec.ack
@@ -234,7 +232,6 @@ class BatchMixin:
                    rec.receiving_app, rec.receiving_facility, rec.message_type, rec.control_id,
                    rec.version, rec.charset, len(rec.raw), sha, key, status, ack_code, ack,
                    error_code, rec.raw, rec.flags]
-            nbytes += len(rec.raw) + len(ack) + WAL_PAGES_PER_RECORD * SQLITE_PAGE_SIZE
             msg_rows.append(row)
             res_list = results[j]
             if status == "conflict":
@@ -294,5 +291,4 @@ class BatchMixin:
             dumps = json.dumps
             cur.execute(PG_INSERT_ALL, {"m": dumps(msg_rows), "e": dumps(entry_rows),
                                          "v": dumps(event_rows)})
-        self._ckpt_bytes += nbytes + WAL_PAGES_PER_COMMIT * SQLITE_PAGE_SIZE
         return results

@@ -31,6 +31,7 @@ from sqlalchemy import event
 from engine.histogram import Histogram
 
 
+from . import wal_index
 from .sql import ENTRY_COLS, EVENT_COLS, MSG_COLS, json_text
 from .writer import JOURNAL_SIZE_LIMIT, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PAGE_SIZE, WRITER_LINGER_FACTOR, WRITER_LINGER_MAX_S, Job
 
@@ -101,7 +102,15 @@ class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, Re
         # refused submit's callback): lets a consumer hand the results of one commit over to
         # another thread in ONE wake-up (engine.ingest.IngestBatcher).
         self.after_batch: Callable[[], None] | None = None
-        self._ckpt_bytes = 0
+        # SQLite checkpoints (see engine.store.writer): the WAL-index read after each
+        # transaction, and the writer's checkpoints
+        self._shm = wal_index.shm_path(u.database) if self._sqlite else None
+        self._wal_written = False
+        self._wal_ckpt_frames = 0
+        self._wal_next_check = 0.0
+        self.checkpoints = 0
+        self.checkpoint_failures = 0
+        self.checkpoint_s = 0.0
         # SQLite duplicate keys not yet in dedup_index (see "Duplicate keys on SQLite"):
         # committed ones, and those of the open transaction; key -> [(id, sha256, received_at, ack)]
         self._recent_keys: dict[str, list] = {}

@@ -52,21 +52,21 @@ when it returns), ``busy_timeout=10000``, ``foreign_keys=ON``, ``journal_size_li
 large (200 KB) ORU messages are not optimised at their expense.
 Checkpoints: the writer connection runs with ``wal_autocheckpoint=0`` (an automatic checkpoint
 runs inside the COMMIT, i.e. before the callbacks, and was the p99 source) and checkpoints
-(PASSIVE) itself after its callbacks once about 48 MiB went into the WAL, or when idle for 0.5 s
-after writing. Other connections keep SQLite's default autocheckpoint. The WAL volume is
-estimated from what a commit writes: whole pages, so a small message costs its bytes plus about
-one page (its share of the table, queue and index pages) and each commit about four more (page
-1, the queue table's and indexes' last leaves). Measured for a commit of 8 ADTs from 8 senders:
-22.6 WAL frames while ``messages`` had the dedup index (8 of its leaves per commit), about 11
-since migration 0005; the estimate (about 59 KB) stays above what is written. Counting only
-the message bytes (as before) let the WAL grow to about 150 MB between checkpoints, past
-``journal_size_limit``: SQLite then truncates it at each restart and every commit appends to a
-growing file, whose ``fdatasync`` also has to journal the new size (measured
-on this VM: 0.42 ms per 8-message commit appending, 0.24-0.34 ms overwriting a WAL kept below
-the limit; 0.56 against 0.47 ms per batch, checkpoints included). 48 MiB rather than 16: a
-checkpoint stalls the writer for a few milliseconds, and at 13k msg/s a 16 MiB WAL is
-checkpointed about 8 times a second, enough stalls to show in the p99 (32 connections: 9.4-10.7
-ms at 16 MiB, 4.1-5.5 ms at 48 MiB; same throughput).
+(PASSIVE) itself after its callbacks, once the WAL holds ``WAL_CHECKPOINT_FRAMES`` (32 MiB), or
+when idle for 0.5 s after writing. Other connections keep SQLite's default autocheckpoint. The
+WAL's length is read from the WAL-index after each transaction (:mod:`engine.store.wal_index`:
+exact, whatever wrote the frames). It was estimated from the messages' bytes before, which
+missed delivery's claims and outcomes: while per-patient lanes drained a backlog, the WAL grew
+to 300-400 MB and its checkpoint, of pages all over the queue, stalled the writer for 100-190
+ms. The WAL is kept below ``journal_size_limit`` (64 MiB) on purpose: SQLite truncates a longer
+one at each restart, and every commit then appends to a growing file, whose ``fdatasync`` also
+has to journal the new size (measured on this VM: 0.42 ms per 8-message commit appending,
+0.24-0.34 ms overwriting a WAL kept below the limit). A checkpoint of 32 MiB stalls the writer
+for 10-27 ms (measured: ingest and per-patient drains alike); at 16 MiB, more frequent stalls
+showed in the 32-connection ingest p99 (9.4-10.7 ms against 4.1-5.5). Checkpoints run by a
+thread of their own, concurrent with the writer, were measured and dropped: their syncs of the
+database file slowed the writer's commit syncs (ingest at 32 connections 3-8 % slower, p99 +1.5
+ms), for a better p99 only while per-patient lanes drained (14 ms against 21-23).
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ import sqlalchemy as sa
 
 from engine.logs import error_text
 
+from . import wal_index
 from .models import (
     IngestRecord,
     IngestResult,
@@ -97,10 +98,14 @@ SQLITE_PAGE_SIZE = 4096
 SQLITE_BUSY_TIMEOUT_MS = 10000
 WRITER_WAL_AUTOCHECKPOINT = 0
 CHECKPOINT_IDLE_S = 0.5
-CHECKPOINT_FORCE_BYTES = 48 * 1024 * 1024  # estimated WAL bytes (below JOURNAL_SIZE_LIMIT)
-WAL_PAGES_PER_RECORD = 1
-WAL_PAGES_PER_COMMIT = 4
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+# WAL lengths in frames (one page each, SQLITE_PAGE_SIZE): the writer checkpoints once the WAL
+# holds WAL_CHECKPOINT_FRAMES (below JOURNAL_SIZE_LIMIT); after a checkpoint that could not copy
+# every frame (a reader still needs older ones), it tries again WAL_RETRY_FRAMES later. The
+# WAL-index is read at most every WAL_CHECK_S.
+WAL_CHECKPOINT_FRAMES = 32 * 1024 * 1024 // SQLITE_PAGE_SIZE
+WAL_RETRY_FRAMES = 512
+WAL_CHECK_S = 0.005
 PG_ID_BLOCK = 1024
 # SQLite: keys held in memory before they are written into dedup_index, in the transaction of
 # the batch that reaches the count. A merge writes about two leaves per sender, whatever the
@@ -158,6 +163,9 @@ class WriterMixin:
                      "(%.3f in COMMIT), %.1f s lingering", self.batches,
                      self.batched_records / self.batches, 1000 * self.busy_s / self.batches,
                      1000 * self.commit_s / self.batches, self.linger_s)
+        if self.checkpoints:
+            log.info("store checkpoints: %d, %.1f ms each", self.checkpoints,
+                     1000 * self.checkpoint_s / self.checkpoints)
 
     def submit_ingest(self, records: list[IngestRecord],
                       callback: Callable[[list[IngestResult] | BaseException], None]) -> None:
@@ -185,7 +193,7 @@ class WriterMixin:
         wake = self._wake
         last_write = 0.0
         while True:
-            idle_ckpt = self._sqlite and self._ckpt_bytes > 0
+            idle_ckpt = self._wal_written
             if not queue and not self._stopping:
                 woke = wake.wait(CHECKPOINT_IDLE_S if idle_ckpt else None)
                 if not woke and idle_ckpt and time.monotonic() - last_write >= CHECKPOINT_IDLE_S:
@@ -212,6 +220,7 @@ class WriterMixin:
                 for job in jobs:
                     self._callback(job, failure)
             last_write = time.monotonic()
+            self._wal_written = self._sqlite
             self.batched_records += served
             self.busy_s += last_write - t0
             # Linger, counted in RECORDS (the engine submits one job per reactor turn, holding
@@ -251,8 +260,8 @@ class WriterMixin:
                 self.linger_s += time.monotonic() - last_write
             else:
                 self._linger_target = None
-            if self._sqlite and self._ckpt_bytes >= CHECKPOINT_FORCE_BYTES:
-                self._checkpoint()
+            if self._sqlite:
+                self._wal_check()
         self._close_wconn()
 
     _put_back = False  # the last _take_jobs left jobs in the queue
@@ -283,13 +292,45 @@ class WriterMixin:
         queue.extendleft(reversed(background))
         return foreground
 
+    def checkpoint_stats(self) -> dict | None:
+        """SQLite (None on PostgreSQL): the WAL's length in frames now (None when unreadable),
+        the checkpoints run since start, their seconds, and the failed ones."""
+        if not self._sqlite:
+            return None
+        state = wal_index.read(self._shm)
+        return {"wal_frames": state.frames if state is not None else None,
+                "checkpoints": self.checkpoints, "seconds": self.checkpoint_s,
+                "failed": self.checkpoint_failures}
+
+    def _wal_check(self) -> None:
+        """After a transaction: checkpoint when the WAL is long enough (at most every
+        ``WAL_CHECK_S``: the WAL-index read is three system calls)."""
+        now = time.monotonic()
+        if now < self._wal_next_check:
+            return
+        self._wal_next_check = now + WAL_CHECK_S
+        state = wal_index.read(self._shm)
+        if state is None:
+            return
+        if state.frames < self._wal_ckpt_frames:
+            self._wal_ckpt_frames = 0  # the WAL restarted
+        if (state.frames >= WAL_CHECKPOINT_FRAMES
+                and state.frames >= self._wal_ckpt_frames + WAL_RETRY_FRAMES):
+            self._wal_ckpt_frames = state.frames
+            self._checkpoint()
+
     def _checkpoint(self) -> None:
-        self._ckpt_bytes = 0
+        self._wal_written = False
+        t0 = time.monotonic()
         try:
             conn = self._writer_conn()
             conn.connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except Exception as exc:  # noqa: BLE001
+            self.checkpoint_failures += 1
             log.warning("store writer: checkpoint failed: %s", type(exc).__name__)
+            return
+        self.checkpoint_s += time.monotonic() - t0
+        self.checkpoints += 1
 
     def _writer_conn(self) -> sa.Connection:
         if self._wconn is None:
