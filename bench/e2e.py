@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -224,6 +225,31 @@ def measure_backlog(port, receiver_port, tmp, conns, backlog, max_s) -> dict:
     return r
 
 
+class WalPeak:
+    """The largest size the engine's SQLite WAL file reached (sampled every 0.1 s): the disk
+    the WAL takes while delivery and ingest write."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            for f in self.data_dir.glob("*-wal"):
+                try:
+                    self.peak = max(self.peak, f.stat().st_size)
+                except OSError:
+                    pass
+
+    def close(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 2**20
+
+
 def run_scenario(scenario, kind, label, tmp, args, rnd) -> dict:
     backend, _, tree = kind.partition("@")
     root = Path(tree) if tree else ROOT
@@ -234,8 +260,10 @@ def run_scenario(scenario, kind, label, tmp, args, rnd) -> dict:
     else:
         sink = sink_yaml(rport, args.ordering)
     extra = {} if sink is None else {"sink": sink}
-    proc, port, cleanup = start_minipfi(backend, tmp, args.log_level, label=f"{scenario}-{backend}-{rnd}-{len(label)}",
+    engine_label = f"{scenario}-{backend}-{rnd}-{len(label)}"
+    proc, port, cleanup = start_minipfi(backend, tmp, args.log_level, label=engine_label,
                                         root=root, **extra)
+    wal = WalPeak(tmp / f"data-{engine_label}") if backend == "sqlite" else None
     try:
         if scenario == "e2e":
             receiver = ReceiverProcess(tmp, rport)
@@ -254,9 +282,11 @@ def run_scenario(scenario, kind, label, tmp, args, rnd) -> dict:
         reactor_pct, others_pct = cpu_share(proc.pid, cpu0, time.time() - t0)
         r.update(scenario=scenario, server=label, round=rnd, connections=args.connections,
                  host_steal_pct=host_steal(steal0), loadavg=load0, cpu_reactor_pct=reactor_pct,
-                 cpu_other_threads_pct=others_pct)
+                 cpu_other_threads_pct=others_pct, wal_peak_mb=wal.close() if wal else None)
         return r
     finally:
+        if wal is not None:
+            wal.close()
         if receiver is not None:
             receiver.close()
         stop(proc)
@@ -273,6 +303,8 @@ def describe(r) -> str:
         drain = f"{r['drain_s']:.1f} s" if r["drain_s"] else "NOT DRAINED"
         s += (f"  backlog {r['backlog']} (filled at {r['fill_per_s']:.0f} msg/s) drained in {drain}: "
               f"{r['drain_per_s']:.0f} msg/s ({r['backlog_delivered']} delivered)")
+    if r.get("wal_peak_mb") is not None:
+        s += f"  WAL peak {r['wal_peak_mb']:.0f} MB"
     s += (f"  [CPU reactor {r['cpu_reactor_pct']:.0f} %, writer+pool {r['cpu_other_threads_pct']:.0f} %;"
           f" load {r['loadavg']:.1f}, steal {r['host_steal_pct']:.1f} %]")
     bad = r["msa2_mismatches"] + r["not_accepted"]
@@ -299,6 +331,7 @@ def main() -> int:
     ap.add_argument("--compare-tree", action="append", default=[])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--log-level", default="info")
+    ap.add_argument("--keep-logs", help="copy the engines' and receivers' logs into this directory")
     ap.add_argument("--json")
     args = ap.parse_args()
     ingest.PATIENTS = args.patients
@@ -318,6 +351,12 @@ def main() -> int:
                     r = run_scenario(scenario, kind, label, tmp, args, rnd)
                     print(describe(r), flush=True)
                     results.append(r)
+        if args.keep_logs:
+            import shutil
+
+            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+            for f in tmp.glob("*.log"):
+                shutil.copy(f, Path(args.keep_logs) / f.name)
     _summary(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
