@@ -31,7 +31,7 @@ from sqlalchemy import event
 from engine.histogram import Histogram
 
 
-from . import wal_index
+from .wal_index import shm_path
 from .sql import ENTRY_COLS, EVENT_COLS, MSG_COLS, json_text
 from .writer import JOURNAL_SIZE_LIMIT, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PAGE_SIZE, WRITER_LINGER_FACTOR, WRITER_LINGER_MAX_S, Job
 
@@ -104,7 +104,7 @@ class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, Re
         self.after_batch: Callable[[], None] | None = None
         # SQLite checkpoints (see engine.store.writer): the WAL-index read after each
         # transaction, and the writer's checkpoints
-        self._shm = wal_index.shm_path(u.database) if self._sqlite else None
+        self._shm = shm_path(u.database) if self._sqlite else None
         self._wal_written = False
         self._wal_ckpt_frames = 0
         self._wal_next_check = 0.0

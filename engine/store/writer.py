@@ -81,7 +81,7 @@ import sqlalchemy as sa
 
 from engine.logs import error_text
 
-from . import wal_index
+from .wal_index import read as read_wal_index
 from .models import (
     IngestRecord,
     IngestResult,
@@ -297,7 +297,7 @@ class WriterMixin:
         the checkpoints run since start, their seconds, and the failed ones."""
         if not self._sqlite:
             return None
-        state = wal_index.read(self._shm)
+        state = read_wal_index(self._shm)
         return {"wal_frames": state.frames if state is not None else None,
                 "checkpoints": self.checkpoints, "seconds": self.checkpoint_s,
                 "failed": self.checkpoint_failures}
@@ -309,7 +309,7 @@ class WriterMixin:
         if now < self._wal_next_check:
             return
         self._wal_next_check = now + WAL_CHECK_S
-        state = wal_index.read(self._shm)
+        state = read_wal_index(self._shm)
         if state is None:
             return
         if state.frames < self._wal_ckpt_frames:
