@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -65,6 +67,65 @@ def test_wal_index_refuses_a_header_being_rewritten_or_not_initialised(tmp_path)
     assert wal_index.read(str(tmp_path / "none-shm")) is None
     assert wal_index.shm_path(":memory:") is None and wal_index.shm_path(None) is None
     assert wal_index.shm_path("file:/d/x.db?mode=rwc") == "/d/x.db-shm"
+    conn.close()
+
+
+_DMS_PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)  # SQLite's unix VFS: the DMS byte
+except OSError:
+    print("held")
+else:
+    print("free")
+"""
+
+
+def _dms_lock_seen_from_another_process(shm: str) -> str:
+    return subprocess.run([sys.executable, "-c", _DMS_PROBE, shm], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_reading_the_wal_index_keeps_sqlite_s_locks(tmp_path):
+    """POSIX record locks belong to the process and the file: closing ANY descriptor of the
+    ``-shm`` releases every lock SQLite's connections of this process hold on it. Without its
+    dead-man-switch lock another connection takes the WAL-index for abandoned and rebuilds it
+    under the feet of the others (a SIGBUS of the engine, seen in a test run). The reader keeps
+    one descriptor open per file instead of opening and closing one per read."""
+    path = str(tmp_path / "x.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t (v)")
+    shm = wal_index.shm_path(path)
+    assert _dms_lock_seen_from_another_process(shm) == "held"
+    for _ in range(3):
+        assert wal_index.read(shm) is not None
+    assert _dms_lock_seen_from_another_process(shm) == "held"
+    conn.execute("INSERT INTO t VALUES (1)")
+    assert wal_index.read(shm).frames >= 1
+    conn.close()
+
+
+def test_the_reader_follows_a_wal_index_recreated_by_sqlite(tmp_path):
+    """The last connection's close deletes the ``-shm``; the next one creates a new file, which
+    the reader then reads (not the deleted one it still had open)."""
+    path = str(tmp_path / "x.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute("CREATE TABLE t (v)")
+    shm = wal_index.shm_path(path)
+    first = wal_index.read(shm).frames
+    conn.close()
+    assert not os.path.exists(shm)
+    assert wal_index.read(shm) is None
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    for _ in range(20):
+        conn.execute("INSERT INTO t VALUES (randomblob(5000))")
+    assert wal_index.read(shm).frames > first + 20
+    assert _dms_lock_seen_from_another_process(shm) == "held"
     conn.close()
 
 
@@ -190,6 +251,9 @@ def test_the_writer_checkpoints_when_idle_and_the_wal_restarts(sqlite_url):
         assert state.pending == 0
         run_op(s, _scatter([1, 2]))
         assert wal_index.read(s._shm).frames < state.frames  # restarted at its first frame
+        assert s._shm in wal_index._open
     finally:
         s.stop()
         s.dispose()
+    # the last connection closed, SQLite deleted the -shm: its descriptor is closed too
+    assert not os.path.exists(s._shm) and s._shm not in wal_index._open

@@ -31,6 +31,7 @@ from sqlalchemy import event
 from engine.histogram import Histogram
 
 
+from .wal_index import release as release_wal_index
 from .wal_index import shm_path
 from .sql import ENTRY_COLS, EVENT_COLS, MSG_COLS, json_text
 from .writer import JOURNAL_SIZE_LIMIT, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PAGE_SIZE, WRITER_LINGER_FACTOR, WRITER_LINGER_MAX_S, Job
@@ -189,6 +190,7 @@ class Store(WriterMixin, DedupMixin, BatchMixin, QueueMixin, StepWritesMixin, Re
         if self._thread is not None and self._thread.is_alive():
             self.stop()
         self.engine.dispose()
+        release_wal_index(self._shm)
 
     # ------------------------------------------------------------------ sync API
     @contextmanager

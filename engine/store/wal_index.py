@@ -12,12 +12,22 @@ other: a reader that finds them different reads nothing (as SQLite's own readers
 
 The store writer counts every transaction this way (ingest, delivery's claims and outcomes,
 retention), where an estimate of what each writes missed the ones it did not know about.
+
+The file is read through ONE descriptor per file and process, never closed while the file is
+in use: SQLite's unix VFS holds POSIX record locks on it, and POSIX releases every lock a
+process holds on a file when the process closes any descriptor of that file (SQLite's own
+source warns of this in os_unix.c, "posix advisory locks"). Opening and closing the file for
+each read dropped the lock that tells other connections the WAL-index is in use; one of them
+then rebuilt it under the others' feet (the engine died of SIGBUS in a test run). A descriptor
+is closed only once its file was deleted and replaced (SQLite deletes the ``-shm`` when its
+last connection closes): no lock of this process is left on a deleted file.
 """
 from __future__ import annotations
 
 import os
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 
 _HEADER = 48
@@ -62,18 +72,62 @@ def shm_path(database: str | None) -> str | None:
     return database + "-shm"
 
 
+_open: dict[str, tuple[int, int, int]] = {}  # path -> (descriptor, st_dev, st_ino)
+_open_lock = threading.Lock()
+
+
 def read(path: str | None) -> WalState | None:
-    """The WAL-index at ``path`` now (opened for each read: SQLite may recreate the file); None
-    when there is none or it cannot be read."""
+    """The WAL-index at ``path`` now; None when there is none or it cannot be read."""
     if path is None:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        st = os.stat(path)
     except OSError:
+        release(path)
         return None
+    with _open_lock:
+        fd = _descriptor(path, st)
+        if fd is None:
+            return None
+        try:
+            return parse(os.pread(fd, _READ, 0))
+        except OSError:
+            return None
+
+
+def _descriptor(path: str, st: os.stat_result) -> int | None:
+    """The descriptor of the file now at ``path`` (opened once; see the module's docstring)."""
+    known = _open.get(path)
+    if known is not None:
+        fd, dev, ino = known
+        if (dev, ino) == (st.st_dev, st.st_ino):
+            return fd
+        del _open[path]
+        os.close(fd)  # a deleted file, replaced: nobody locks it any more
     try:
-        return parse(os.pread(fd, _READ, 0))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    finally:
-        os.close(fd)
+    now = os.fstat(fd)  # the file opened (it may have been replaced since the stat)
+    _open[path] = (fd, now.st_dev, now.st_ino)
+    return fd
+
+
+def release(path: str | None) -> None:
+    """Close the descriptor kept for ``path`` if its file is gone or was replaced (a store's
+    ``dispose``: SQLite deleted the ``-shm`` if that store held the last connection); else
+    keep it, other connections of this process may hold locks on that file."""
+    if path is None:
+        return
+    with _open_lock:
+        known = _open.get(path)
+        if known is None:
+            return
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == known[1:]:
+                return
+        except OSError:
+            pass
+        del _open[path]
+        os.close(known[0])
