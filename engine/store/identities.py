@@ -33,7 +33,6 @@ Semantics:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any
@@ -46,6 +45,7 @@ from engine.identity.ins import InsPolicy, check_identity, ins_decision
 from engine.identity.model import Identifier, IdentityEvent, InsInfo, Violation
 
 from .held_writes import HeldWrites, bulk
+from .sql import json_reader, json_text
 
 identity_metadata = sa.MetaData()
 
@@ -806,6 +806,16 @@ def _prefetch_select(dialect_name: str):
 _PREFETCH_FORMS: dict = {}
 
 
+def _result_processor(type_, dialect):
+    """SQLAlchemy's result processor of ``type_``; for a JSON column read as text with the
+    default ``json.loads``, :func:`engine.store.sql.json_reader` (same values, less per call)."""
+    proc = type_.dialect_impl(dialect).result_processor(dialect, None)
+    if (proc is not None and isinstance(type_, sa.JSON) and dialect._json_deserializer is None
+            and type_.dialect_impl(dialect)._str_impl.result_processor(dialect, None) is None):
+        return json_reader
+    return proc
+
+
 def _prefetch_form(dialect):
     """(SQL, parameters with ``values`` as None, [(key, result processor)]) of the batch read
     for ``dialect``."""
@@ -814,8 +824,7 @@ def _prefetch_form(dialect):
         c = _prefetch_select(dialect.name).compile(dialect=dialect)
         binds = {n: None if n == "values" else c.binds[n].effective_value for n in c.binds}
         params = [binds[n] for n in c.positiontup] if c.positional else binds
-        cols = [(rc.keyname, rc.type.dialect_impl(dialect).result_processor(dialect, None))
-                for rc in c._result_columns]
+        cols = [(rc.keyname, _result_processor(rc.type, dialect)) for rc in c._result_columns]
         form = _PREFETCH_FORMS[dialect.name] = (c.string, params, cols)
     return form
 
@@ -842,7 +851,7 @@ class Lookups:
         sql, params, self._cols = _prefetch_form(conn.dialect)
         values = sorted(values)
         if type(params) is list:  # sqlite3: positional, the values as a JSON array (json_each)
-            params = [json.dumps(values) if p is None else p for p in params]
+            params = [json_text(values) if p is None else p for p in params]
         else:
             params = dict(params, values=values)
         self._cur = conn.connection.driver_connection.cursor()
@@ -855,28 +864,34 @@ class Lookups:
                    for ev in events)
 
     def rows(self):
-        """(identifier rows of the IPPs by value, of the INS by (value, OID))."""
+        """(identifier rows of the IPPs by value, of the INS by (value, OID)): an IPP's row as a
+        dict of its columns, an INS's as the list [identifier row id, holder id, active,
+        merged_into]: the only columns :func:`_prefetched` reads of it."""
         if self._rows is not None:
             return self._rows
         cols = self._cols
         pis: dict[str, list] = {}
-        inss: dict[tuple, Any] = {}
+        inss: dict[tuple, list] = {}
         keys = [k for k, _p in cols]
         procs = [(i, p) for i, (_k, p) in enumerate(cols) if p is not None]
-        ins_procs = [(i, p) for i, p in procs if keys[i] in _INS_HOLDER_KEYS]
-        kind = keys.index("pf_type")
+        kind, value, authority, row_id, holder, active, merged = (
+            keys.index(k) for k in ("pf_type", "pf_value", "pf_authority", "pf_row_id", "id",
+                                    "active", "merged_into"))
+        ins_procs = [(n, cols[i][1]) for n, i in enumerate((row_id, holder, active, merged))
+                     if cols[i][1] is not None]  # SQLite: active (an integer read as a bool)
         for row in self._cur.fetchall():
-            is_pi = row[kind] == "PI"
-            todo = procs if is_pi else ins_procs
-            if todo:
-                row = list(row)
-                for i, p in todo:
-                    row[i] = p(row[i])
-            r = dict(zip(keys, row))
-            if is_pi:
+            if row[kind] == "PI":
+                if procs:
+                    row = list(row)
+                    for i, p in procs:
+                        row[i] = p(row[i])
+                r = dict(zip(keys, row))
                 pis.setdefault(r["pf_value"], []).append(r)
             else:
-                inss[(r["pf_value"], r["pf_authority"])] = r
+                h = [row[row_id], row[holder], row[active], row[merged]]
+                for n, p in ins_procs:
+                    h[n] = p(h[n])
+                inss[(row[value], row[authority])] = h
         self._cur = None
         self._rows = (pis, inss)
         return self._rows
@@ -904,11 +919,12 @@ def _prefetched(prefetched, event: IdentityEvent) -> dict | None:
         found = dict.fromkeys(_LOOKUP_KEYS)
         found["raw_id"], found["n_ins"] = None, 0
     h = inss.get((event.ins.value, event.ins.oid)) if event.ins is not None else None
-    found["ins_row_id"] = h["pf_row_id"] if h is not None else None
-    found["ins_holder_id"] = h["id"] if h is not None else None
-    found["ins_holder_active"] = h["active"] if h is not None else None
-    found["ins_holder_merged_into"] = h["merged_into"] if h is not None else None
+    (found["ins_row_id"], found["ins_holder_id"], found["ins_holder_active"],
+     found["ins_holder_merged_into"]) = h if h is not None else _NO_HOLDER
     return found
+
+
+_NO_HOLDER = (None, None, None, None)
 
 
 def _keys(found, event: IdentityEvent) -> list:
