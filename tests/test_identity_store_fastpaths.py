@@ -101,3 +101,16 @@ def test_looked_up_values_are_one_json_array(db):
     values = sorted({ev.ipp.value for ev in events} | {ev.ins.value for ev in events if ev.ins})
     assert len(sent) == 1 and "'" + json.dumps(values) + "'" in sent[0]
 
+
+def test_state_stores_empty_texts_as_null():
+    ev = parse_adt(adt("A28", ipp="810009", ins=None, status="PROV", used_name=None, cog=None,
+                       zfa=None, zfd="ZFD|||Y|N||||"))
+    s = registry._state(ev, None, "")
+    for k in ("ins_value", "ins_oid", "ins_kind", "ins_rejected_reason", "used_name",
+              "birth_place_cog", "obtained_via"):
+        assert s[k] is None, k
+    assert s["birth_name"] == "SYNTH-UN" and s["given_names"] == "ALEX CAMILLE"
+    ev = parse_adt(adt("A28", ipp="810010", ins=SYNTH_NIR_F))
+    s = registry._state(ev, ev.ins, "why")
+    assert (s["ins_value"], s["ins_oid"], s["ins_kind"], s["ins_rejected_reason"]) == (
+        ev.ins.value, ev.ins.oid, ev.ins.kind, "why")

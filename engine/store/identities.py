@@ -211,10 +211,6 @@ def _iso(v: Any) -> Any:
     return v.isoformat() if isinstance(v, (date, datetime)) else v
 
 
-def _n(v: str | None) -> str | None:
-    return v if v else None
-
-
 def ipp_lookup_stmt(value: str, authority: str | None = None) -> sa.Select:
     """The indexed lookup of an IPP (identity_identifiers type PI)."""
     ii = identity_identifiers
@@ -459,31 +455,36 @@ def _history(conn: Connection, identity_id: int, event: IdentityEvent, action: s
 
 
 def _state(event: IdentityEvent, ins: InsInfo | None, reason: str) -> dict:
-    """Column values taken from the event (PID snapshot; ZFA/ZFD only when present)."""
+    """Column values taken from the event (PID snapshot; ZFA/ZFD only when present); an empty
+    text is stored as NULL (``or None``)."""
     t, st = event.traits, event.status
+    if ins is not None:
+        ins_value, ins_oid, ins_kind = ins.value, ins.oid, ins.kind
+    else:
+        ins_value = ins_oid = ins_kind = None
     s: dict[str, Any] = {
-        "ipp_finess": _n(event.ipp.finess),
-        "ins_value": ins.value if ins else None,
-        "ins_oid": ins.oid if ins else None,
-        "ins_kind": ins.kind if ins else None,
-        "ins_rejected_reason": _n(reason),
-        "birth_name": _n(t.birth_name),
-        "first_given_name": _n(t.first_given_name),
-        "given_names": _n(" ".join(t.given_names)),
-        "used_name": _n(t.used_name),
-        "used_given_name": _n(t.used_given_name),
+        "ipp_finess": event.ipp.finess or None,
+        "ins_value": ins_value,
+        "ins_oid": ins_oid,
+        "ins_kind": ins_kind,
+        "ins_rejected_reason": reason or None,
+        "birth_name": t.birth_name or None,
+        "first_given_name": t.first_given_name or None,
+        "given_names": " ".join(t.given_names) or None,
+        "used_name": t.used_name or None,
+        "used_given_name": t.used_given_name or None,
         "birth_date": t.birth_date,
-        "birth_date_raw": _n(t.birth_date_raw),
-        "sex": _n(t.sex),
-        "birth_place_cog": _n(t.birth_place_cog),
-        "status_code": _n(st.code),
-        "status_raw": _n("~".join(st.raw)),
+        "birth_date_raw": t.birth_date_raw or None,
+        "sex": t.sex or None,
+        "birth_place_cog": t.birth_place_cog or None,
+        "status_code": st.code or None,
+        "status_raw": "~".join(st.raw) or None,
     }
     if event.consent is not None:
         s["consent"] = event.consent.to_json()
     if event.zfd is not None:
         z = event.zfd
-        s["obtained_via"] = _n(z.mode)
+        s["obtained_via"] = z.mode or None
         s["insi_query_date"] = z.insi_query_date
         s["zfd"] = {"mode": z.mode, "insi_query_date": z.insi_query_date_raw,
                     "lunar_birth_date": z.lunar_birth_date, "sms_consent": z.sms_consent,
@@ -1002,7 +1003,7 @@ def _apply_merge(conn, event, violations, policy, *, message_id, now) -> ApplyRe
     notes = [u.note] if u.note else []
     if merged_id is None:
         stub = _insert_identity(conn, dict(
-            ipp=old.value, ipp_authority=old.authority, ipp_finess=_n(old.finess), active=False,
+            ipp=old.value, ipp_authority=old.authority, ipp_finess=old.finess or None, active=False,
             merged_into=survivor, last_event_time=event.event_time, created_at=now,
             updated_at=now))
         conn.execute(_INSERT_IDENTIFIER, {"identity_id": stub, "value": old.value,
