@@ -15,7 +15,8 @@ itself, so no held write returns anything. On PostgreSQL they are sent in one ps
 transaction in a pipeline, they are only queued there and go with the next read or the COMMIT.
 A group is sent as one DBAPI ``executemany`` (on the DBAPI cursor, errors are the driver's) of
 the statement compiled once, its parameters passed through the same type processors SQLAlchemy
-would use, without its per-row handling.
+would use, without its per-row handling (SQLite dates and date-times: their ``isoformat``, the
+same text as SQLAlchemy's processor, see :func:`_sqlite_iso`).
 
 On PostgreSQL, a group of several rows of a statement registered with :func:`bulk` is instead
 ONE statement reading its rows from a JSON array (``json_to_recordset``): psycopg's
@@ -25,11 +26,12 @@ each: the identity's UPDATE and its history row).
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from operator import itemgetter
 from typing import Any, Callable
 
 from sqlalchemy import JSON, BigInteger, Boolean, Date, DateTime, Integer, String, Text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
 from .sql import json_text
@@ -147,7 +149,7 @@ def _driver_form(stmt, dialect):
         t = c.binds[n].type
         proc = t.dialect_impl(dialect).bind_processor(dialect)
         if proc is not None and isinstance(t, (DateTime, Date)):
-            proc = _last_value_memo(proc)
+            proc = _last_value_memo(_sqlite_iso(t.dialect_impl(dialect), proc))
         binds.append((n, proc))
     get = itemgetter(*names) if names else (lambda _ps: ())
     values_of = get if len(names) != 1 else (lambda ps: (get(ps),))
@@ -199,6 +201,42 @@ def _bulk_statement(stmt, params: list, dialect) -> tuple[str, tuple[str]] | Non
             row[col] = v
         rows.append(row)
     return sql, (json_text(rows),)
+
+
+# SQLAlchemy's SQLite DATETIME and DATE store ``"%(year)04d-%(month)02d-%(day)02d
+# %(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d"`` and ``"%(year)04d-%(month)02d-%(day)02d"``
+# (SQLAlchemy documentation, SQLite dialect, "DATETIME" and "DATE"): for a naive ``datetime``
+# exactly ``isoformat(" ", "microseconds")``, for a ``date`` exactly ``isoformat()``.
+_SQLITE_DATETIME_FORMAT = sqlite.DATETIME._storage_format
+_SQLITE_DATE_FORMAT = sqlite.DATE._storage_format
+
+
+def _sqlite_iso(impl, proc):
+    """``proc`` (the bind processor of ``impl``) with the usual values converted by their C
+    ``isoformat``: the same text without the dict and ``%`` formatting of SQLAlchemy's processor.
+    Only for SQLite's DATETIME / DATE with their default storage format whose processor gives
+    that text for sample values, and only for a naive ``datetime`` (a DATETIME) or a plain
+    ``date`` (a DATE); anything else (time zone, subclass, a date in a DATETIME, None) goes to
+    ``proc``."""
+    if isinstance(impl, sqlite.DATETIME) and impl._storage_format == _SQLITE_DATETIME_FORMAT:
+        if all(proc(v) == v.isoformat(" ", "microseconds") for v in _DATETIME_SAMPLES):
+            def datetime_iso(value, _datetime=datetime):
+                if type(value) is _datetime and value.tzinfo is None:
+                    return value.isoformat(" ", "microseconds")
+                return proc(value)
+            return datetime_iso
+    elif isinstance(impl, sqlite.DATE) and impl._storage_format == _SQLITE_DATE_FORMAT:
+        if all(proc(v) == v.isoformat() for v in _DATE_SAMPLES):
+            def date_iso(value, _date=date):
+                if type(value) is _date:
+                    return value.isoformat()
+                return proc(value)
+            return date_iso
+    return proc
+
+
+_DATETIME_SAMPLES = (datetime(2026, 3, 1, 8, 0), datetime(987, 12, 31, 23, 59, 58, 5))
+_DATE_SAMPLES = (date(2026, 3, 1), date(987, 12, 31))
 
 
 def _last_value_memo(proc):

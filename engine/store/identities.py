@@ -33,7 +33,6 @@ Semantics:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any
@@ -46,6 +45,7 @@ from engine.identity.ins import InsPolicy, check_identity, ins_decision
 from engine.identity.model import Identifier, IdentityEvent, InsInfo, Violation
 
 from .held_writes import HeldWrites, bulk
+from .sql import json_reader, json_text
 
 identity_metadata = sa.MetaData()
 
@@ -209,10 +209,6 @@ def _utcnow() -> datetime:
 
 def _iso(v: Any) -> Any:
     return v.isoformat() if isinstance(v, (date, datetime)) else v
-
-
-def _n(v: str | None) -> str | None:
-    return v if v else None
 
 
 def ipp_lookup_stmt(value: str, authority: str | None = None) -> sa.Select:
@@ -459,31 +455,36 @@ def _history(conn: Connection, identity_id: int, event: IdentityEvent, action: s
 
 
 def _state(event: IdentityEvent, ins: InsInfo | None, reason: str) -> dict:
-    """Column values taken from the event (PID snapshot; ZFA/ZFD only when present)."""
+    """Column values taken from the event (PID snapshot; ZFA/ZFD only when present); an empty
+    text is stored as NULL (``or None``)."""
     t, st = event.traits, event.status
+    if ins is not None:
+        ins_value, ins_oid, ins_kind = ins.value, ins.oid, ins.kind
+    else:
+        ins_value = ins_oid = ins_kind = None
     s: dict[str, Any] = {
-        "ipp_finess": _n(event.ipp.finess),
-        "ins_value": ins.value if ins else None,
-        "ins_oid": ins.oid if ins else None,
-        "ins_kind": ins.kind if ins else None,
-        "ins_rejected_reason": _n(reason),
-        "birth_name": _n(t.birth_name),
-        "first_given_name": _n(t.first_given_name),
-        "given_names": _n(" ".join(t.given_names)),
-        "used_name": _n(t.used_name),
-        "used_given_name": _n(t.used_given_name),
+        "ipp_finess": event.ipp.finess or None,
+        "ins_value": ins_value,
+        "ins_oid": ins_oid,
+        "ins_kind": ins_kind,
+        "ins_rejected_reason": reason or None,
+        "birth_name": t.birth_name or None,
+        "first_given_name": t.first_given_name or None,
+        "given_names": " ".join(t.given_names) or None,
+        "used_name": t.used_name or None,
+        "used_given_name": t.used_given_name or None,
         "birth_date": t.birth_date,
-        "birth_date_raw": _n(t.birth_date_raw),
-        "sex": _n(t.sex),
-        "birth_place_cog": _n(t.birth_place_cog),
-        "status_code": _n(st.code),
-        "status_raw": _n("~".join(st.raw)),
+        "birth_date_raw": t.birth_date_raw or None,
+        "sex": t.sex or None,
+        "birth_place_cog": t.birth_place_cog or None,
+        "status_code": st.code or None,
+        "status_raw": "~".join(st.raw) or None,
     }
     if event.consent is not None:
         s["consent"] = event.consent.to_json()
     if event.zfd is not None:
         z = event.zfd
-        s["obtained_via"] = _n(z.mode)
+        s["obtained_via"] = z.mode or None
         s["insi_query_date"] = z.insi_query_date
         s["zfd"] = {"mode": z.mode, "insi_query_date": z.insi_query_date_raw,
                     "lunar_birth_date": z.lunar_birth_date, "sms_consent": z.sms_consent,
@@ -806,6 +807,16 @@ def _prefetch_select(dialect_name: str):
 _PREFETCH_FORMS: dict = {}
 
 
+def _result_processor(type_, dialect):
+    """SQLAlchemy's result processor of ``type_``; for a JSON column read as text with the
+    default ``json.loads``, :func:`engine.store.sql.json_reader` (same values, less per call)."""
+    proc = type_.dialect_impl(dialect).result_processor(dialect, None)
+    if (proc is not None and isinstance(type_, sa.JSON) and dialect._json_deserializer is None
+            and type_.dialect_impl(dialect)._str_impl.result_processor(dialect, None) is None):
+        return json_reader
+    return proc
+
+
 def _prefetch_form(dialect):
     """(SQL, parameters with ``values`` as None, [(key, result processor)]) of the batch read
     for ``dialect``."""
@@ -814,8 +825,7 @@ def _prefetch_form(dialect):
         c = _prefetch_select(dialect.name).compile(dialect=dialect)
         binds = {n: None if n == "values" else c.binds[n].effective_value for n in c.binds}
         params = [binds[n] for n in c.positiontup] if c.positional else binds
-        cols = [(rc.keyname, rc.type.dialect_impl(dialect).result_processor(dialect, None))
-                for rc in c._result_columns]
+        cols = [(rc.keyname, _result_processor(rc.type, dialect)) for rc in c._result_columns]
         form = _PREFETCH_FORMS[dialect.name] = (c.string, params, cols)
     return form
 
@@ -842,7 +852,7 @@ class Lookups:
         sql, params, self._cols = _prefetch_form(conn.dialect)
         values = sorted(values)
         if type(params) is list:  # sqlite3: positional, the values as a JSON array (json_each)
-            params = [json.dumps(values) if p is None else p for p in params]
+            params = [json_text(values) if p is None else p for p in params]
         else:
             params = dict(params, values=values)
         self._cur = conn.connection.driver_connection.cursor()
@@ -855,28 +865,34 @@ class Lookups:
                    for ev in events)
 
     def rows(self):
-        """(identifier rows of the IPPs by value, of the INS by (value, OID))."""
+        """(identifier rows of the IPPs by value, of the INS by (value, OID)): an IPP's row as a
+        dict of its columns, an INS's as the list [identifier row id, holder id, active,
+        merged_into]: the only columns :func:`_prefetched` reads of it."""
         if self._rows is not None:
             return self._rows
         cols = self._cols
         pis: dict[str, list] = {}
-        inss: dict[tuple, Any] = {}
+        inss: dict[tuple, list] = {}
         keys = [k for k, _p in cols]
         procs = [(i, p) for i, (_k, p) in enumerate(cols) if p is not None]
-        ins_procs = [(i, p) for i, p in procs if keys[i] in _INS_HOLDER_KEYS]
-        kind = keys.index("pf_type")
+        kind, value, authority, row_id, holder, active, merged = (
+            keys.index(k) for k in ("pf_type", "pf_value", "pf_authority", "pf_row_id", "id",
+                                    "active", "merged_into"))
+        ins_procs = [(n, cols[i][1]) for n, i in enumerate((row_id, holder, active, merged))
+                     if cols[i][1] is not None]  # SQLite: active (an integer read as a bool)
         for row in self._cur.fetchall():
-            is_pi = row[kind] == "PI"
-            todo = procs if is_pi else ins_procs
-            if todo:
-                row = list(row)
-                for i, p in todo:
-                    row[i] = p(row[i])
-            r = dict(zip(keys, row))
-            if is_pi:
+            if row[kind] == "PI":
+                if procs:
+                    row = list(row)
+                    for i, p in procs:
+                        row[i] = p(row[i])
+                r = dict(zip(keys, row))
                 pis.setdefault(r["pf_value"], []).append(r)
             else:
-                inss[(r["pf_value"], r["pf_authority"])] = r
+                h = [row[row_id], row[holder], row[active], row[merged]]
+                for n, p in ins_procs:
+                    h[n] = p(h[n])
+                inss[(row[value], row[authority])] = h
         self._cur = None
         self._rows = (pis, inss)
         return self._rows
@@ -904,11 +920,12 @@ def _prefetched(prefetched, event: IdentityEvent) -> dict | None:
         found = dict.fromkeys(_LOOKUP_KEYS)
         found["raw_id"], found["n_ins"] = None, 0
     h = inss.get((event.ins.value, event.ins.oid)) if event.ins is not None else None
-    found["ins_row_id"] = h["pf_row_id"] if h is not None else None
-    found["ins_holder_id"] = h["id"] if h is not None else None
-    found["ins_holder_active"] = h["active"] if h is not None else None
-    found["ins_holder_merged_into"] = h["merged_into"] if h is not None else None
+    (found["ins_row_id"], found["ins_holder_id"], found["ins_holder_active"],
+     found["ins_holder_merged_into"]) = h if h is not None else _NO_HOLDER
     return found
+
+
+_NO_HOLDER = (None, None, None, None)
 
 
 def _keys(found, event: IdentityEvent) -> list:
@@ -986,7 +1003,7 @@ def _apply_merge(conn, event, violations, policy, *, message_id, now) -> ApplyRe
     notes = [u.note] if u.note else []
     if merged_id is None:
         stub = _insert_identity(conn, dict(
-            ipp=old.value, ipp_authority=old.authority, ipp_finess=_n(old.finess), active=False,
+            ipp=old.value, ipp_authority=old.authority, ipp_finess=old.finess or None, active=False,
             merged_into=survivor, last_event_time=event.event_time, created_at=now,
             updated_at=now))
         conn.execute(_INSERT_IDENTIFIER, {"identity_id": stub, "value": old.value,

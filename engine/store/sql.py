@@ -4,17 +4,69 @@ row builders, and small helpers about database errors and times.
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime, timezone
+from json import encoder as _json_encoder
 
 import sqlalchemy as sa
 
 # JSON columns: json.dumps's text (same encoder settings) without its per-call keyword
-# handling (1.3 against 1.7 us for ``{}``; an identity update writes two or three). The store's
-# engines serialise with it, and so do the PostgreSQL held writes that send rows as one JSON
-# array: the same text either way.
-json_text = json.JSONEncoder().encode
+# handling; an identity update writes two or three. The store's engines serialise with it, and
+# so do the PostgreSQL held writes that send rows as one JSON array: the same text either way.
+_DEFAULTS = json.JSONEncoder()
+_c_make_encoder = _json_encoder.c_make_encoder
+_local = threading.local()
 
 
+def _thread_encoder():
+    """This thread's C encoder and its circular-reference markers, built once:
+    ``JSONEncoder.encode`` builds both (and a closure) on every call. Per thread because the
+    markers are state: a ``default`` that runs Python code may let another thread in while they
+    are in use."""
+    d = _DEFAULTS
+    markers: dict = {}
+    enc = _c_make_encoder(markers, d.default, _json_encoder.encode_basestring_ascii, d.indent,
+                          d.key_separator, d.item_separator, d.sort_keys, d.skipkeys,
+                          d.allow_nan)
+    _local.enc = (enc, markers)
+    return enc, markers
+
+
+def _json_text(obj) -> str:
+    """``json.dumps(obj)``'s text through this thread's encoder. After an error (circular
+    structure, a value JSON cannot hold) the markers of the containers left open are cleared,
+    or the next call would take their reused ids for a circular reference."""
+    try:
+        enc, markers = _local.enc
+    except AttributeError:
+        enc, markers = _thread_encoder()
+    try:
+        return "".join(enc(obj, 0))
+    except BaseException:
+        markers.clear()
+        raise
+
+
+# CPython without the C accelerator: the plain encoder (no shared state between calls).
+json_text = _json_text if _c_make_encoder is not None else _DEFAULTS.encode
+
+_scan_once = json.JSONDecoder().scan_once
+
+
+def json_reader(text):
+    """``json.loads(text)`` (None stays None) for JSON text written by :data:`json_text`: its
+    C scanner called directly, without ``loads``' type and BOM checks and ``decode``'s two
+    whitespace matches; anything else (bytes, surrounding whitespace, not one JSON value) goes
+    through ``json.loads``, which also raises its errors."""
+    if type(text) is not str:
+        return None if text is None else json.loads(text)
+    try:
+        value, end = _scan_once(text, 0)
+    except StopIteration:
+        return json.loads(text)
+    if end != len(text):
+        return json.loads(text)
+    return value
 
 
 MSG_COLS = (
