@@ -31,9 +31,8 @@ from sqlalchemy import event
 from engine.histogram import Histogram
 
 
-from .wal_index import release as release_wal_index
-from .wal_index import shm_path
 from .sql import ENTRY_COLS, EVENT_COLS, MSG_COLS, json_text
+from .wal_index import release as release_wal_index, shm_path
 from .writer import JOURNAL_SIZE_LIMIT, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PAGE_SIZE, WRITER_LINGER_FACTOR, WRITER_LINGER_MAX_S, Job
 
 from .accounts import AccountsMixin

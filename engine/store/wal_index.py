@@ -80,37 +80,19 @@ def read(path: str | None) -> WalState | None:
     """The WAL-index at ``path`` now; None when there is none or it cannot be read."""
     if path is None:
         return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        release(path)
-        return None
     with _open_lock:
-        fd = _descriptor(path, st)
+        fd = _kept(path)
         if fd is None:
-            return None
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            st = os.fstat(fd)
+            _open[path] = (fd, st.st_dev, st.st_ino)
         try:
             return parse(os.pread(fd, _READ, 0))
         except OSError:
             return None
-
-
-def _descriptor(path: str, st: os.stat_result) -> int | None:
-    """The descriptor of the file now at ``path`` (opened once; see the module's docstring)."""
-    known = _open.get(path)
-    if known is not None:
-        fd, dev, ino = known
-        if (dev, ino) == (st.st_dev, st.st_ino):
-            return fd
-        del _open[path]
-        os.close(fd)  # a deleted file, replaced: nobody locks it any more
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    now = os.fstat(fd)  # the file opened (it may have been replaced since the stat)
-    _open[path] = (fd, now.st_dev, now.st_ino)
-    return fd
 
 
 def release(path: str | None) -> None:
@@ -120,14 +102,22 @@ def release(path: str | None) -> None:
     if path is None:
         return
     with _open_lock:
-        known = _open.get(path)
-        if known is None:
-            return
-        try:
-            st = os.stat(path)
-            if (st.st_dev, st.st_ino) == known[1:]:
-                return
-        except OSError:
-            pass
-        del _open[path]
-        os.close(known[0])
+        _kept(path)
+
+
+def _kept(path: str) -> int | None:
+    """The descriptor kept for ``path`` if it is still the file at ``path``; else None, the
+    descriptor of a deleted or replaced file closed (no lock of this process is left on it)."""
+    known = _open.get(path)
+    if known is None:
+        return None
+    fd, dev, ino = known
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            return fd
+    except OSError:
+        pass
+    del _open[path]
+    os.close(fd)
+    return None
