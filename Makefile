@@ -43,8 +43,9 @@ test: install-test           ## the whole suite (SQLite and PostgreSQL); install
 bench: install-test          ## durable ingest benchmark against python-hl7's MLLP server, 3 rounds (about 4 min)
 	$(BIN)/python bench/ingest.py --connections 1,8,32 --backends sqlite,postgresql --peer --seconds 5 --repeat 3
 
-bench-e2e: install-test      ## delivery end to end, destination down, backlog of 100,000 drained (SQLite; about 10 min)
+bench-e2e: install-test      ## delivery end to end, destination down, backlog of 100,000 drained (SQLite), the floor of one send (about 10 min)
 	$(BIN)/python bench/e2e.py --backends sqlite --connections 8 --seconds 5 --backlog 100000 $(E2E_ARGS)
+	$(BIN)/python bench/send_floor.py
 
 bench-matrix: install-test   ## every delivery scenario on SQLite and PostgreSQL at 1, 8 and 32 connections (backlog 20,000; about 15 min)
 	for c in 1 8 32; do $(BIN)/python bench/e2e.py --backends sqlite,postgresql --connections $$c --seconds 5 --backlog 20000 --backlog-max-s 120 $(E2E_ARGS) || exit 1; done
