@@ -4,6 +4,7 @@ what its own single read gives; the state row stores empty texts as NULL."""
 from __future__ import annotations
 
 import json
+from datetime import date
 
 import sqlalchemy as sa
 
@@ -114,3 +115,35 @@ def test_state_stores_empty_texts_as_null():
     s = registry._state(ev, ev.ins, "why")
     assert (s["ins_value"], s["ins_oid"], s["ins_kind"], s["ins_rejected_reason"]) == (
         ev.ins.value, ev.ins.oid, ev.ins.kind, "why")
+
+
+def _diff_reference(before, after: dict) -> dict:
+    """The history's change as written before :func:`registry._diff` skipped ``_iso`` by type."""
+    out = {}
+    for k, v in after.items():
+        old = before.get(k) if before is not None else None
+        if old != v and not (old is None and v in ("", {}, [])):
+            out[k] = [registry._iso(old), registry._iso(v)]
+    return out
+
+
+class _Day(date):
+    """A date subclass: still a date for the history (its ISO text)."""
+
+
+def test_diff_gives_the_change_the_plain_loop_gives():
+    from datetime import datetime
+    values = [None, "", "x", "0", 0, 1, True, False, 1.5, {}, {"a": 1}, [], ["a"],
+              date(2024, 3, 6), _Day(2024, 3, 7), datetime(2024, 3, 6, 10, 0, 5, 120)]
+    keys = [f"c{n}" for n in range(len(values))]
+    after = dict(zip(keys, values))
+    assert registry._diff(None, after) == _diff_reference(None, after)
+    for shift in range(1, len(values)):
+        before = dict(zip(keys, values[shift:] + values[:shift]))
+        got = registry._diff(before, after)
+        assert got == _diff_reference(before, after)
+        assert [type(x) for pair in got.values() for x in pair] == \
+            [type(x) for pair in _diff_reference(before, after).values() for x in pair]
+    # every date of the change is text
+    got = registry._diff({"d": None, "t": date(2020, 1, 1)}, {"d": _Day(2024, 3, 7), "t": None})
+    assert got == {"d": [None, "2024-03-07"], "t": ["2020-01-01", None]}
