@@ -7,9 +7,10 @@ a small ORM^O01 framed by MLLP on one connection and reads its ACK, against ``be
 ``bench/e2e.py``. Two ways of waiting for the ACK: a blocking ``recv``, and ``epoll`` then
 ``recv`` as a reactor does. What it prints (CPU per round trip, user and system, from
 ``getrusage``) is a lower bound of the CPU the engine spends per delivered message on its core:
-the end-to-end target "delivered >= 0.8x the disabled-destination ingest" needs the engine's
-delivery CPU per message ``d <= i / 4`` on one core (``i``: its CPU per ingested message),
-which this floor alone exceeds when ``i`` is about 120 us (docs/benchmarks.md).
+the end-to-end target "delivered >= 0.8x the disabled-destination ingest ``D``" needs the
+engine's delivery CPU per message ``d <= 1 / (0.8 D) - i`` on one core (``i``: its CPU per
+ingested message), 68-92 us on the benchmark VM, of which this floor alone takes a third to a
+half (docs/benchmarks.md, "the floor of one send").
 
     python bench/send_floor.py --messages 30000 --rounds 2
 """
