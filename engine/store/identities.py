@@ -498,13 +498,14 @@ def _state(event: IdentityEvent, ins: InsInfo | None, reason: str) -> dict:
 # checked by ``type(v) in`` before calling it, since most values of a diff are texts or None.
 _NOT_DATES = frozenset({str, type(None), bool, int, float, dict, list})
 _EMPTY = ("", {}, [])  # read only: compared with, never changed
+_NO_ROW: dict = {}  # a creation's "before" (read only)
 
 
 def _diff(before: Any, after: dict) -> dict:
     """The history's change, ``{column: [before, after]}`` (dates as ISO text); a column going
     from NULL to an empty value is no change. Runs once per ADT (every column on a creation)."""
     out = {}
-    get = before.get if before is not None else _no_value
+    get = before.get if before is not None else _NO_ROW.get
     not_dates = _NOT_DATES
     for k, v in after.items():
         old = get(k)
@@ -512,10 +513,6 @@ def _diff(before: Any, after: dict) -> dict:
             out[k] = [old if type(old) in not_dates else _iso(old),
                       v if type(v) in not_dates else _iso(v)]
     return out
-
-
-def _no_value(_key: str) -> None:
-    return None
 
 
 def _is_older(event: IdentityEvent, last: datetime | None) -> bool:
